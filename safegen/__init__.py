@@ -1,0 +1,61 @@
+"""safegen: drop-in safety guards for Hugging Face diffusers text-to-image and text-to-video pipelines.
+
+>>> import safegen
+>>> from safegen.testing import tiny_sd_pipeline
+>>> pipe = safegen.protect(tiny_sd_pipeline(), policy="default")
+>>> out = pipe("a photo of a red bus", num_inference_steps=2, output_type="np")
+>>> out.safety[0].blocked
+False
+>>> _ = safegen.unprotect(pipe)
+
+Importing the package is cheap: torch and diffusers load on first use of a name that needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "protect": ".protect",
+    "unprotect": ".protect",
+    "is_protected": ".protect",
+    "last_reports": ".protect",
+    "SUPPORTED_PIPELINES": ".protect",
+    "Policy": ".policy",
+    "Category": ".policy",
+    "PolicyError": ".policy",
+    "load_policy": ".policy",
+    "normalize_category": ".policy",
+    "SafetyReport": ".report",
+    "GuardResult": ".report",
+    "Guard": ".guards",
+    "Safree": ".guards",
+    "SLD": ".guards",
+    "TextEncoderAdapter": ".encoders",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'safegen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .encoders import TextEncoderAdapter
+    from .guards import SLD, Guard, Safree
+    from .policy import Category, Policy, PolicyError, load_policy, normalize_category
+    from .protect import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
+    from .report import GuardResult, SafetyReport

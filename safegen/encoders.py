@@ -1,0 +1,204 @@
+"""Text-encoder adapters shared by every guard that reads prompts (SAFREE, Latent Guard, LVD).
+
+An adapter hides what differs between text encoders behind one small interface:
+
+* tokenisation facts: is there a BOS token, where does the content start, how many content tokens, which id
+  masks a token out (CLIP: ``0`` as in SAFREE's code, BERT: ``[MASK]``, T5: the ``<extra_id_0>`` sentinel);
+* token states at the layer the pipeline conditions on (last layer, or the penultimate one for SDXL);
+* a *summary* vector in that same token space (CLIP: the EOS state; BERT/T5: mean over content tokens) and,
+  where the encoder has one, its *projected* pooled vector (SDXL ``text_embeds``).
+
+Encoders are bidirectional (BERT, T5) or causal (CLIP); causal ones get no attention mask, exactly as the
+diffusers pipelines call them, so states computed here match the pipeline's bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """Token ids of a batch of prompts, padded to a common length, with the facts guards need."""
+
+    ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long, 1 on BOS/content/EOS
+    n_content: torch.Tensor  # (B,) number of content tokens (no BOS/EOS/padding)
+    first: int  # index of the first content token (1 when the tokenizer adds BOS, else 0)
+
+    @property
+    def last_pos(self) -> torch.Tensor:
+        """Index of the last attended token (EOS for CLIP/BERT/T5)."""
+        return self.attention_mask.sum(1) - 1
+
+
+@dataclass
+class Encoded:
+    tokens: torch.Tensor  # (B, L, D) states at the adapter's layer
+    summary: torch.Tensor  # (B, D) summary vector in the token space
+    projected: torch.Tensor | None = None  # (B, P) projected pooled vector, when the encoder has one
+
+
+class TextEncoderAdapter:
+    """Wraps a (tokenizer, text encoder) pair.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        encoder: a Hugging Face text model (``CLIPTextModel``, ``CLIPTextModelWithProjection``, ``BertModel``,
+            ``T5EncoderModel``...).
+        layer (`int`, *optional*): index into ``hidden_states`` of the layer to read; ``None`` reads
+            ``last_hidden_state``.
+        final_norm (`bool`): apply the encoder's final layer norm to ``layer`` (diffusers does this for
+            ``clip_skip`` on SD 1.x/2.x).
+        summary (`str`): ``"eos"`` (state of the last attended token) or ``"mean"`` (mean of content tokens).
+        mask_token_id (`int`, *optional*): the id that replaces a token in masked copies.
+        max_length (`int`, *optional*): padding length; defaults to ``tokenizer.model_max_length``.
+
+    Example:
+        >>> from safegen.encoders import TextEncoderAdapter
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> enc = TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder)
+        >>> batch = enc.tokenize(["a red cat"])
+        >>> enc.encode(batch).summary.shape[-1] == pipe.text_encoder.config.hidden_size
+        True
+    """
+
+    def __init__(self, tokenizer, encoder, *, layer: int | None = None, final_norm: bool = False,
+                 summary: str = "eos", mask_token_id: int | None = None, max_length: int | None = None,
+                 causal: bool | None = None, name: str | None = None):
+        if summary not in ("eos", "mean"):
+            raise ValueError(f"summary must be 'eos' or 'mean', got {summary!r}")
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.layer = layer
+        self.final_norm = final_norm
+        self.summary_kind = summary
+        model_type = getattr(getattr(encoder, "config", None), "model_type", "")
+        self.causal = ("clip" in model_type) if causal is None else causal
+        self.name = name or model_type or type(encoder).__name__
+        limit = getattr(tokenizer, "model_max_length", None)
+        if max_length is None:
+            if limit is None or limit > 100_000:
+                raise ValueError(
+                    f"tokenizer {type(tokenizer).__name__} has no usable model_max_length ({limit}); pass "
+                    "max_length= (77 for CLIP) — a tokenizer loaded from an incomplete folder looks like this"
+                )
+            max_length = int(limit)
+        self.max_length = max_length
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        self.first = 1 if len(probe) > len(plain) and probe[0] != plain[0] else 0
+        self.mask_token_id = self._default_mask_id() if mask_token_id is None else int(mask_token_id)
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def for_clip(cls, tokenizer, encoder, *, clip_skip: int | None = None, sdxl: bool = False, **kw) -> "TextEncoderAdapter":
+        """The adapter for a CLIP text encoder as diffusers' SD (``sdxl=False``) or SDXL pipelines read it."""
+        if sdxl:
+            layer = -2 if clip_skip is None else -(clip_skip + 2)
+            return cls(tokenizer, encoder, layer=layer, final_norm=False, summary="eos", causal=True, **kw)
+        if clip_skip is None:
+            return cls(tokenizer, encoder, layer=None, summary="eos", causal=True, **kw)
+        return cls(tokenizer, encoder, layer=-(clip_skip + 1), final_norm=True, summary="eos", causal=True, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, subfolder: str | None = None, summary: str = "mean", **kw) -> "TextEncoderAdapter":
+        """Load a generic transformers encoder (BERT-like, T5) and its tokenizer from a folder or hub id."""
+        from transformers import AutoModel, AutoTokenizer
+
+        from .hub import check_loadable
+
+        check_loadable(path)
+        sub = {"subfolder": subfolder} if subfolder else {}
+        tok = AutoTokenizer.from_pretrained(path, **sub)
+        model = AutoModel.from_pretrained(path, **sub)
+        if hasattr(model, "get_encoder") and getattr(model.config, "is_encoder_decoder", False):
+            model = model.get_encoder()
+        model.eval()
+        return cls(tok, model, summary=summary, causal=False, **kw)
+
+    def _default_mask_id(self) -> int:
+        tok = self.tokenizer
+        if getattr(tok, "mask_token_id", None) is not None:
+            return int(tok.mask_token_id)
+        sentinel = tok.convert_tokens_to_ids("<extra_id_0>") if hasattr(tok, "convert_tokens_to_ids") else None
+        if isinstance(sentinel, int) and sentinel != getattr(tok, "unk_token_id", None):
+            return sentinel
+        # CLIP has no mask token; SAFREE's code masks with id 0 ("!").
+        return 0
+
+    # ------------------------------------------------------------------ api
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None) -> TokenBatch:
+        """Tokenise and pad to ``max_length`` (default: the model's), truncating like the pipelines do."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = self.tokenizer(list(texts), padding="max_length", max_length=max_length or self.max_length,
+                             truncation=True, return_tensors="pt")
+        mask = out["attention_mask"].long()
+        n_special = self.first + 1  # BOS (if any) + EOS
+        n_content = (mask.sum(1) - n_special).clamp(min=0)
+        return TokenBatch(out["input_ids"].long(), mask, n_content, self.first)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Readable strings for token ids (BPE end-of-word marks and ## pieces cleaned up)."""
+        toks = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+        return [t.replace("</w>", "").replace("Ġ", "").replace("▁", "") for t in toks]
+
+    @torch.no_grad()
+    def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
+        """Token states, summary vector and (if any) projected pooled vector for a token batch."""
+        if isinstance(batch, TokenBatch):
+            ids, mask = batch.ids, batch.attention_mask
+        else:
+            ids, mask = batch, attention_mask
+            if mask is None:
+                raise ValueError("encode(ids) needs attention_mask= when ids are passed as a tensor")
+        ids = ids.to(self.device)
+        mask = mask.to(self.device)
+        want_hidden = self.layer is not None
+        out = self.encoder(ids, attention_mask=None if self.causal else mask, output_hidden_states=want_hidden)
+        if want_hidden:
+            tokens = out.hidden_states[self.layer]
+            if self.final_norm:
+                tokens = self.encoder.text_model.final_layer_norm(tokens)
+        else:
+            tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if self.summary_kind == "eos":
+            last = mask.sum(1) - 1
+            summary = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+        else:
+            content = mask.clone().to(tokens.dtype)
+            content[:, : self.first] = 0
+            content[torch.arange(mask.shape[0], device=mask.device), mask.sum(1) - 1] = 0
+            denom = content.sum(1, keepdim=True).clamp(min=1)
+            summary = (tokens * content.unsqueeze(-1)).sum(1) / denom
+        projected = getattr(out, "text_embeds", None)
+        return Encoded(tokens, summary, projected)
+
+    def summaries(self, texts: Sequence[str], *, projected: bool = False) -> torch.Tensor:
+        """Summary (or projected pooled) vectors of texts, one encoder pass; cached per text list."""
+        key = (tuple(texts), projected, self.layer, self.final_norm)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        enc = self.encode(self.tokenize(list(texts)))
+        vec = enc.projected if projected else enc.summary
+        if vec is None:
+            raise ValueError(f"text encoder {self.name} has no projected pooled output")
+        if len(self._cache) > 256:
+            self._cache.clear()
+        self._cache[key] = vec
+        return vec

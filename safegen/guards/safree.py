@@ -1,0 +1,539 @@
+"""SAFREE (Yoon et al., ICLR 2025): training-free steering of the text conditioning away from toxic concepts.
+
+The five parts, each switchable on :class:`Safree`:
+
+(a) **concept subspace** — the policy's keywords of a category are encoded once (one batched pass) and
+    orthonormalised (SVD, rank by pinv's default tolerance); projections are ``x - U(Uᵀx)``, never dense D×D.
+(b) **trigger tokens** — N copies of the prompt, copy *i* with token *i* masked, go through the text encoder
+    in one batched pass; d_i is the distance of copy *i*'s summary vector to the concept span; token *i*
+    triggers when d_i ≥ (1 + alpha) · mean_{j≠i} d_j (leave-one-out, closed form).
+(c) **selective projection** — trigger tokens' states e are replaced by (I − P_c) P_m e: kept inside the
+    prompt's own span (P_m, spanned by the masked-copy summaries) minus the toxic span (P_c).
+(d) **self-validating filtering** — beta = 1 − mean cos(projected, original) over the prompt's tokens sets
+    how many steps use the filtered conditioning: t' = round(gamma · sigmoid(2k(10·beta − c))) (on a 50-step
+    scale, rescaled to the call's step count); a step callback switches back to the original after t'.
+(e) **latent re-attention** — a Fourier filter on UNet up-block skip features of the filtered rows against
+    reference rows conditioned on the original prompt, on the filtered steps only (see ``reattention.py``).
+
+Plus, as in the authors' runs, the joined concept keywords become the negative prompt of flagged prompts.
+
+Deviation from the paper, on purpose: SAFREE's leave-one-out rule finds "trigger tokens" in every prompt.
+This guard first decides whether a prompt is about a category at all (a literal concept phrase, or the
+cosine of its summary vector to the category's span, measured from the empty prompt, ≥ the policy's
+``safree`` threshold); prompts that are not are left exactly as they were (bit-identical output).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from ..encoders import TextEncoderAdapter
+from ..policy import concept_phrases
+from .base import Guard
+
+# ---------------------------------------------------------------------- the math (paper equations)
+
+
+def orthonormal_basis(columns: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal basis of the span of ``columns`` (..., D, K), as (..., D, K) with unused columns zero.
+
+    The rank follows ``torch.linalg.pinv``'s default: singular values ≤ max(D, K)·eps·σ_max are dropped, so
+    ``U Uᵀ`` equals the projector ``E (EᵀE)⁺ Eᵀ``. ``valid`` (..., K) zeroes columns that do not exist.
+    """
+    if valid is not None:
+        columns = columns * valid.unsqueeze(-2).to(columns.dtype)
+    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    d, k = columns.shape[-2:]
+    tol = s.amax(-1, keepdim=True) * max(d, k) * torch.finfo(columns.dtype).eps
+    keep = (s > tol).to(columns.dtype)
+    return u * keep.unsqueeze(-2)
+
+
+def remove_span(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """(I − U Uᵀ) x for row vectors x (..., L, D) and basis (..., D, r)."""
+    return x - (x @ basis) @ basis.transpose(-1, -2)
+
+
+def keep_span(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """U Uᵀ x for row vectors x (..., L, D) and basis (..., D, r)."""
+    return (x @ basis) @ basis.transpose(-1, -2)
+
+
+def trigger_mask(dist: torch.Tensor, valid: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
+    """SAFREE's leave-one-out rule: token i triggers when d_i ≥ (1 + alpha) · mean_{j≠i} d_j.
+
+    ``dist`` and ``valid`` are (B, N); a prompt with a single content token triggers on it.
+    """
+    validf = valid.to(dist.dtype)
+    n = validf.sum(-1, keepdim=True)
+    total = (dist * validf).sum(-1, keepdim=True)
+    loo_mean = (total - dist) / (n - 1).clamp(min=1)
+    trig = (dist >= (1 + alpha) * loo_mean) & valid
+    return torch.where(n == 1, valid, trig)
+
+
+def project_tokens(tokens: torch.Tensor, prompt_basis: torch.Tensor, concept_basis: torch.Tensor) -> torch.Tensor:
+    """(I − P_c) P_m e for every token state: kept in the prompt's own span, minus the toxic span."""
+    return remove_span(keep_span(tokens, prompt_basis), concept_basis)
+
+
+def svf_steps(original: torch.Tensor, projected: torch.Tensor, attention: torch.Tensor, *, gamma: float = 10.0,
+              k: float = 2.5, c: float = 5.333, num_steps: int | None = None, reference_steps: int = 50):
+    """Self-validating filtering: (t', beta) per prompt. Steps with index ≤ t' use the filtered embedding.
+
+    beta = 1 − mean cos(projected_k, original_k) over positions where ``attention`` is 1;
+    t' = round(gamma · sigmoid(2k(10·beta − c))), with gamma rescaled by num_steps / reference_steps.
+    """
+    cos = torch.nn.functional.cosine_similarity(projected, original, dim=-1)
+    att = attention.to(cos.dtype)
+    beta = 1 - (cos * att).sum(-1) / att.sum(-1).clamp(min=1)
+    g = gamma if num_steps is None else gamma * num_steps / reference_steps
+    t_prime = torch.round(g * torch.sigmoid(2 * k * (10 * beta - c))).long()
+    return t_prime, beta
+
+
+def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.Tensor, first: int, mask_id: int):
+    """All single-token-masked copies of a batch, cut to the longest attended length.
+
+    Returns ``(copies (M, L'), copy_attention (M, L'), owner (M,), position (M,), valid (B, N))`` where row m
+    is prompt ``owner[m]`` with content token ``position[m]`` replaced by ``mask_id``. No Python loop over
+    tokens: the copies are one broadcast and one boolean selection.
+    """
+    b = ids.shape[0]
+    n_max = int(n_content.max()) if b else 0
+    length = int(attention.sum(1).max())
+    ids_c, att_c = ids[:, :length], attention[:, :length]
+    pos = torch.arange(n_max, device=ids.device)
+    valid = pos.unsqueeze(0) < n_content.unsqueeze(1)  # (B, N)
+    copies = ids_c.unsqueeze(1).expand(b, n_max, length).clone()
+    target = (first + pos).view(1, n_max, 1).expand(b, n_max, 1)
+    copies.scatter_(2, target, mask_id)
+    copies = copies[valid]
+    owner = torch.arange(b, device=ids.device).unsqueeze(1).expand(b, n_max)[valid]
+    position = pos.unsqueeze(0).expand(b, n_max)[valid]
+    return copies, att_c[owner], owner, position, valid
+
+
+# ---------------------------------------------------------------------- concept spaces
+
+
+@dataclass
+class _Stream:
+    """One text-conditioning stream of a pipeline: its encoder adapter and the slice of prompt_embeds it fills."""
+
+    name: str
+    adapter: TextEncoderAdapter
+    dims: slice
+
+
+def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
+    key = ("safree-streams", clip_skip)
+    if key in cache:
+        return cache[key]
+    pipe = call.pipe
+    if call.kind == "sdxl":
+        s = []
+        start = 0
+        for name, tok, te in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                              ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
+            if te is None:
+                continue
+            width = te.config.hidden_size
+            s.append(_Stream(name, TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, sdxl=True,
+                                                               mask_token_id=0, name=name), slice(start, start + width)))
+            start += width
+    else:
+        te = pipe.text_encoder
+        if getattr(te.config, "model_type", "").startswith("clip"):
+            ad = TextEncoderAdapter.for_clip(pipe.tokenizer, te, clip_skip=clip_skip, mask_token_id=0)
+        else:  # e.g. a BERT-like encoder (the embedded default model): mean summary, [MASK] masking
+            ad = TextEncoderAdapter(pipe.tokenizer, te, summary="mean", causal=False)
+        s = [_Stream("text_encoder", ad, slice(None))]
+    cache[key] = s
+    return s
+
+
+def _phrase_regex(phrases: Sequence[str]) -> re.Pattern:
+    alts = sorted({re.escape(p.lower()) for p in phrases}, key=len, reverse=True)
+    return re.compile(r"(?<![\w])(" + "|".join(alts) + r")(?![\w])", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------- the guard
+
+
+@dataclass(repr=False)
+class Safree(Guard):
+    """SAFREE as a safegen guard. Every part can be switched off; defaults follow the paper and its code.
+
+    Args:
+        projection (`bool`, defaults to `True`): project trigger tokens (parts a–c). Off: report only.
+        alpha (`float`, defaults to 0.01): leave-one-out margin of the trigger-token rule.
+        svf (`bool`, defaults to `True`): self-validating filtering; off filters every step.
+        svf_gamma, svf_k, svf_c: t' = round(gamma·sigmoid(2k(10·beta − c))) on a 50-step scale
+            (the code's nudity constants; artists use k=3.5, c=5.5).
+        svf_scale_steps (`bool`, defaults to `True`): rescale gamma by num_inference_steps / 50.
+        reattention (`bool`, defaults to `False`): Fourier latent re-attention on UNet up-block skips.
+        reattention_tau, reattention_s1, reattention_s2: low-band half-width and the two skip scales
+            (paper code: 1, 0.9, 0.2).
+        negative_prompt (`bool`, defaults to `True`): use the flagged categories' joined keywords as the
+            negative prompt of flagged prompts (the authors do this for every number they report).
+        sdxl_pooled (`str`, defaults to `"project"`): SDXL's pooled embedding during filtered steps:
+            ``"project"`` removes the concept span from it, ``"keep"`` leaves it (the authors' code).
+        threshold (`float`, defaults to 0.55): gate threshold for categories whose policy sets none.
+
+    Example:
+        >>> import safegen
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=[safegen.Safree(alpha=0.01)])
+        >>> out = pipe("a photo of blood and gore", num_inference_steps=2, output_type="np")
+        >>> r = out.safety[0].result("safree")
+        >>> r.verdict, r.category
+        ('steer', 'violence')
+    """
+
+    name: ClassVar[str] = "safree"
+    stage: ClassVar[str] = "conditioning"
+    tensor_inputs: ClassVar[tuple[str, ...]] = ("prompt_embeds", "add_text_embeds")
+    needs_conditioning: ClassVar[bool] = True
+
+    projection: bool = True
+    alpha: float = 0.01
+    svf: bool = True
+    svf_gamma: float = 10.0
+    svf_k: float = 2.5
+    svf_c: float = 5.333
+    svf_scale_steps: bool = True
+    reattention: bool = False
+    reattention_tau: int = 1
+    reattention_s1: float = 0.9
+    reattention_s2: float = 0.2
+    negative_prompt: bool = True
+    sdxl_pooled: str = "project"
+    threshold: float = 0.55
+    encode_batch: int = 256
+    _cache: dict = field(default_factory=dict, init=False, compare=False)
+
+    def __post_init__(self):
+        if not 0 <= self.alpha < 10:
+            raise ValueError(f"Safree(alpha=...) must be in [0, 10), got {self.alpha}")
+        if self.sdxl_pooled not in ("project", "keep"):
+            raise ValueError(f"Safree(sdxl_pooled=...) must be 'project' or 'keep', got {self.sdxl_pooled!r}")
+        if self.svf_gamma < 0:
+            raise ValueError("Safree(svf_gamma=...) must be ≥ 0")
+
+    def config_dict(self) -> dict[str, Any]:
+        d = super().config_dict()
+        d.pop("_cache", None)
+        return d
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, protection) -> None:
+        if protection.kind not in ("sd", "sdxl"):
+            raise TypeError(f"Safree supports SD 1.x/2.x and SDXL pipelines, not {protection.kind}")
+        self._cache = protection.cache
+
+    def _space(self, stream: _Stream, categories: tuple[str, ...], policy, projected: bool = False):
+        """Cached orthonormal basis (D, r) of the concept span of ``categories`` in a stream's space."""
+        phrases = tuple(k for c in categories for k in policy.concepts(c))
+        key = ("safree-basis", stream.name, id(stream.adapter), categories, phrases, projected)
+        basis = self._cache.get(key)
+        if basis is None:
+            vecs = stream.adapter.summaries(list(phrases), projected=projected).float()
+            basis = orthonormal_basis(vecs.T)
+            self._cache[key] = basis
+        return basis
+
+    def _gate_space(self, stream: _Stream, category: str, policy):
+        """Per-category basis of keyword vectors measured from the empty prompt (for the relevance gate)."""
+        phrases = tuple(policy.concepts(category))
+        key = ("safree-gate", stream.name, id(stream.adapter), category, phrases)
+        hit = self._cache.get(key)
+        if hit is None:
+            vecs = stream.adapter.summaries(list(phrases) + [""]).float()
+            origin = vecs[-1]
+            centered = vecs[:-1] - origin
+            unit = centered / centered.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            hit = (orthonormal_basis(centered.T), origin, _phrase_regex(phrases), unit, phrases)
+            self._cache[key] = hit
+        return hit
+
+    # ------------------------------------------------------------------ before the loop
+    def prepare(self, call) -> None:
+        policy = call.policy
+        clip_skip = call.args.get("clip_skip")
+        streams = _streams(call, self._cache, clip_skip)
+        primary = streams[-1]
+        cond = call.conditioning()
+        pe = cond["prompt_embeds"]
+        B = pe.shape[0]
+        cats = list(policy.categories)
+        text_mode = call.prompts is not None
+
+        # ---- gate: which prompts are about which categories
+        if text_mode:
+            batch = primary.adapter.tokenize(call.prompts)
+            summary = primary.adapter.encode(batch).summary.float()
+        else:
+            batch = None
+            summary = pe[..., primary.dims].float()  # (B, L, D): every position is a candidate
+        scores = torch.zeros(B, len(cats))
+        lexical: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
+        nearest: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
+        for j, cat in enumerate(cats):
+            basis, origin, regex, unit, phrases = self._gate_space(primary, cat, policy)
+            x = summary - origin.to(summary.device)
+            cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
+            scores[:, j] = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
+            if text_mode:  # the single concept closest to each prompt, for the report
+                best = (x @ unit.T.to(x.device)).argmax(-1)
+                for b in range(B):
+                    nearest[b][j] = phrases[int(best[b])]
+            if text_mode:
+                for b, p in enumerate(call.prompts):
+                    m = regex.search(p)
+                    if m:
+                        lexical[b][j] = m.group(0)
+        thresholds = torch.tensor([policy.threshold(c, self.name, self.threshold) for c in cats])
+        fired = (scores >= thresholds) | torch.tensor([[h is not None for h in row] for row in lexical],
+                                                       dtype=torch.bool).view(B, len(cats))
+        state = {"fired": fired, "scores": scores, "lexical": lexical, "cats": cats, "thresholds": thresholds,
+                 "nearest": nearest}
+        call.scratch["safree"] = state
+        steer = torch.tensor([[policy.categories[c].action != "log" for c in cats]]) & fired
+        flagged = fired.any(1)
+        steered = steer.any(1)
+        state["steered"] = steered
+        if not bool(steered.any()) or not self.projection and not self.negative_prompt:
+            return
+        rows = torch.nonzero(steered).flatten().tolist()
+        groups = {}
+        for b in rows:
+            groups.setdefault(tuple(c for j, c in enumerate(cats) if steer[b, j]), []).append(b)
+        state["groups"] = groups
+
+        # ---- parts (a)-(d) per stream, batched over the steered prompts
+        T = call.num_steps
+        safe_pe = pe.clone()
+        triggers: dict[int, list[str]] = {b: [] for b in rows}
+        t_prime = torch.full((B,), -1, dtype=torch.long)
+        beta_all = torch.zeros(B)
+        safe_pooled = cond.get("pooled_prompt_embeds")
+        if safe_pooled is not None:
+            safe_pooled = safe_pooled.clone()
+        if self.projection:
+            for s_idx, stream in enumerate(streams):
+                for group, members in groups.items():
+                    idx = torch.tensor(members)
+                    basis = self._space(stream, group, policy).to(pe.device)
+                    tokens = pe[idx][..., stream.dims].float()
+                    if text_mode:
+                        sb = stream.adapter.tokenize([call.prompts[b] for b in members])
+                        new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T)
+                        if stream is primary:
+                            for r, b in enumerate(members):
+                                pos = torch.nonzero(trig[r]).flatten()
+                                ids = sb.ids[r, sb.first + pos]
+                                triggers[b] = stream.adapter.token_strings(ids.tolist())
+                    else:
+                        new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, state, members)
+                        if stream is primary:
+                            for r, b in enumerate(members):
+                                triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
+                    safe_pe[idx, :, stream.dims] = new_tokens.to(pe.dtype)
+                    if stream is primary:
+                        t_prime[idx] = tp
+                        beta_all[idx] = beta
+            if safe_pooled is not None and self.sdxl_pooled == "project":
+                for group, members in groups.items():
+                    idx = torch.tensor(members)
+                    pb = self._space(primary, group, policy, projected=True).to(pe.device)
+                    safe_pooled[idx] = remove_span(safe_pooled[idx].float().unsqueeze(1), pb).squeeze(1).to(
+                        safe_pooled.dtype)
+            if not self.svf:
+                t_prime = torch.where(t_prime >= 0, torch.full_like(t_prime, T), t_prime)
+        any_trigger = {b: bool(triggers[b]) for b in rows}
+        # prompts whose tokens were not changed use the original conditioning on every step
+        changed = torch.tensor([b in any_trigger and any_trigger[b] for b in range(B)])
+        t_prime = torch.where(changed, t_prime, torch.full_like(t_prime, -1))
+        state.update(safe=safe_pe, orig=pe, t_prime=t_prime, beta=beta_all, triggers=triggers,
+                     safe_pooled=safe_pooled, orig_pooled=cond.get("pooled_prompt_embeds"))
+        override = {"prompt_embeds": torch.where(changed.view(B, 1, 1).to(pe.device), safe_pe, pe)}
+        if safe_pooled is not None:
+            override["pooled_prompt_embeds"] = torch.where(changed.view(B, 1).to(pe.device), safe_pooled,
+                                                           cond["pooled_prompt_embeds"])
+
+        # ---- the concept keywords as negative prompt of steered prompts (authors' setting)
+        if self.negative_prompt and call.do_cfg and cond.get("negative_prompt_embeds") is not None:
+            neg_text = []
+            for b in rows:
+                order = sorted((j for j in range(len(cats)) if steer[b, j]), key=lambda j: -float(scores[b, j]))
+                kw = self._keyword_prompt(primary.adapter, policy, [cats[j] for j in order])
+                user = call.negative_prompts[b] if call.negative_prompts else ""
+                neg_text.append(f"{user}, {kw}" if user else kw)
+            enc = _encode_texts(call, neg_text)
+            idx = torch.tensor(rows)
+            npe = cond["negative_prompt_embeds"].clone()
+            npe[idx] = enc["prompt_embeds"].to(npe.dtype)
+            override["negative_prompt_embeds"] = npe
+            if "negative_pooled_prompt_embeds" in cond and cond["negative_pooled_prompt_embeds"] is not None:
+                nppe = cond["negative_pooled_prompt_embeds"].clone()
+                nppe[idx] = enc["pooled_prompt_embeds"].to(nppe.dtype)
+                override["negative_pooled_prompt_embeds"] = nppe
+            state["negative_text"] = dict(zip(rows, neg_text))
+        call.override_conditioning(**override)
+        state["last_filtered_step"] = int(t_prime.max()) if len(t_prime) else -1  # the one host sync
+        if self.reattention and state["last_filtered_step"] >= 0:
+            from .reattention import LatentReattention
+
+            lra = LatentReattention(call.pipe.unet, tau=self.reattention_tau, s1=self.reattention_s1,
+                                    s2=self.reattention_s2)
+            lra.begin(call, state)
+            state["lra"] = lra
+
+    def _keyword_prompt(self, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
+        """Joined concept phrases of ``categories`` (most relevant first), cut to fit the encoder's length."""
+        text = concept_phrases(policy, categories)
+        key = ("safree-negative", id(adapter), text)
+        hit = self._cache.get(key)
+        if hit is None:
+            phrases = text.split(", ")
+            lengths = [len(adapter.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in phrases]
+            budget, used, kept = adapter.max_length - 2, 0, []
+            for p, n in zip(phrases, lengths):  # once per distinct phrase list (cached), not per call
+                if used + n > budget:
+                    break
+                kept.append(p)
+                used += n
+            hit = self._cache[key] = ", ".join(kept)
+        return hit
+
+    def _project_text(self, stream: _Stream, sb, tokens: torch.Tensor, basis: torch.Tensor, T: int):
+        """Parts (b)-(d) for prompts given as text. tokens: (b, L, D) states as the pipeline computed them."""
+        ad = stream.adapter
+        copies, att, owner, position, valid = masked_copies(sb.ids, sb.attention_mask, sb.n_content, sb.first,
+                                                            ad.mask_token_id)
+        vecs = []
+        for start in range(0, copies.shape[0], self.encode_batch):  # chunks of sequences, not tokens
+            vecs.append(ad.encode(copies[start:start + self.encode_batch], att[start:start + self.encode_batch]).summary)
+        vecs = torch.cat(vecs).float() if vecs else torch.zeros(0, tokens.shape[-1])
+        b, n_max = valid.shape
+        masked = torch.zeros(b, n_max, vecs.shape[-1], device=vecs.device)
+        masked[valid] = vecs
+        dist = remove_span(masked, basis.to(masked.device)).norm(dim=-1)  # (b, N)
+        trig = trigger_mask(dist, valid, self.alpha)
+        prompt_basis = orthonormal_basis(masked.transpose(1, 2), valid)  # (b, D, N)
+        projected = project_tokens(tokens, prompt_basis.to(tokens.device), basis.to(tokens.device))
+        L = tokens.shape[1]
+        pos_full = torch.zeros(b, L, dtype=torch.bool, device=tokens.device)
+        pos_full[:, sb.first:sb.first + n_max] = trig.to(tokens.device)
+        new_tokens = torch.where(pos_full.unsqueeze(-1), projected, tokens)
+        att_full = sb.attention_mask[:, :L].to(tokens.device)
+        tp, beta = svf_steps(tokens, projected, att_full, gamma=self.svf_gamma, k=self.svf_k, c=self.svf_c,
+                             num_steps=T if self.svf_scale_steps else None)
+        return new_tokens, trig, tp, beta
+
+    def _project_embeds(self, tokens: torch.Tensor, basis: torch.Tensor, T: int, state, members):
+        """Parts (b)-(d) when only ``prompt_embeds`` were given (no text to mask): positions whose state lies
+        close to the concept span trigger; the prompt's span is that of its own token states."""
+        b, L, _ = tokens.shape
+        rel = (tokens @ basis).norm(dim=-1) / tokens.norm(dim=-1).clamp(min=1e-12)  # (b, L)
+        valid = torch.ones(b, L, dtype=torch.bool)
+        valid[:, 0] = False  # the BOS state is the same for every prompt
+        trig = trigger_mask(rel, valid, self.alpha)
+        prompt_basis = orthonormal_basis(tokens.transpose(1, 2), valid)
+        projected = project_tokens(tokens, prompt_basis, basis)
+        new_tokens = torch.where(trig.unsqueeze(-1), projected, tokens)
+        tp, beta = svf_steps(tokens, projected, torch.ones(b, L), gamma=self.svf_gamma, k=self.svf_k, c=self.svf_c,
+                             num_steps=T if self.svf_scale_steps else None)
+        return new_tokens, trig, tp, beta
+
+    # ------------------------------------------------------------------ the loop
+    def step_end(self, call, step, timestep, tensors):
+        state = call.scratch.get("safree")
+        if not state or "safe" not in state or step >= state["last_filtered_step"] + 1:
+            return None
+        keep = call.scratch.get("kept_prompts")
+        nipp = call.num_images_per_prompt
+        tp = state["t_prime"]
+        safe, orig = state["safe"], state["orig"]
+        if keep is not None:
+            k = torch.tensor(keep)
+            tp, safe, orig = tp[k], safe[k], orig[k]
+        use_safe = ((step + 1) <= tp).repeat_interleave(nipp).to(safe.device)
+        cond = torch.where(use_safe.view(-1, 1, 1), safe.repeat_interleave(nipp, 0), orig.repeat_interleave(nipp, 0))
+        out = {}
+        pe = tensors.get("prompt_embeds")
+        if pe is not None:
+            n = cond.shape[0]
+            out["prompt_embeds"] = torch.cat([pe[:-n], cond.to(pe.dtype)]) if pe.shape[0] > n else cond.to(pe.dtype)
+        te = tensors.get("add_text_embeds")
+        if te is not None and state.get("safe_pooled") is not None:
+            sp, op = state["safe_pooled"], state["orig_pooled"]
+            if keep is not None:
+                sp, op = sp[k], op[k]
+            pooled = torch.where(use_safe.view(-1, 1), sp.repeat_interleave(nipp, 0), op.repeat_interleave(nipp, 0))
+            n = pooled.shape[0]
+            out["add_text_embeds"] = torch.cat([te[:-n], pooled.to(te.dtype)]) if te.shape[0] > n else pooled.to(te.dtype)
+        return out
+
+    # ------------------------------------------------------------------ after the loop
+    def finish(self, call) -> None:
+        state = call.scratch.get("safree")
+        if not state:
+            return
+        lra = state.pop("lra", None)
+        if lra is not None:
+            lra.end()
+        if state.get("reported"):
+            return
+        state["reported"] = True
+        cats, scores, fired = state["cats"], state["scores"], state["fired"]
+        thresholds = state["thresholds"]
+        for b in range(call.batch_size):
+            j = int(scores[b].argmax()) if not bool(fired[b].any()) else int(
+                torch.where(fired[b], scores[b], torch.full_like(scores[b], -1)).argmax())
+            cat = cats[j]
+            lex = state["lexical"][b][j]
+            for item in call.items_of(b):
+                res = call.result(item, self.name)
+                res.scores = {c: round(float(scores[b, i]), 4) for i, c in enumerate(cats)}
+                res.score = float(scores[b, j])
+                res.threshold = float(thresholds[j])
+                if not bool(fired[b].any()):
+                    res.verdict = "pass"
+                    continue
+                res.category = cat
+                res.concept = lex or state["nearest"][b][j]
+                if not bool(state["steered"][b]):
+                    res.verdict = "log"
+                    res.reason = f"prompt matches category {cat!r} (action: log)"
+                    continue
+                res.verdict = "steer"
+                trig = state.get("triggers", {}).get(b, [])
+                res.trigger_tokens = list(trig)
+                tp = int(state["t_prime"][b]) if "t_prime" in state else -1
+                res.filtered_steps = min(tp + 1, call.num_steps) if tp >= 0 else 0
+                res.details = {"beta": round(float(state["beta"][b]), 4) if "beta" in state else None,
+                               "lexical_match": lex, "negative_prompt": state.get("negative_text", {}).get(b),
+                               "reattention": self.reattention}
+                why = f"literal {lex!r}" if lex else f"similarity {res.score:.2f} ≥ {res.threshold:.2f}"
+                res.reason = (f"category {cat!r} ({why}); projected tokens {trig} out of the concept span "
+                              f"for {res.filtered_steps} of {call.num_steps} steps")
+
+
+def _encode_texts(call, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Positive-prompt conditioning of ``texts`` through the pipeline's own encode_prompt (no CFG)."""
+    pipe = call.pipe
+    cak = call.args.get("cross_attention_kwargs") or {}
+    common = dict(device=call.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                  lora_scale=cak.get("scale"), clip_skip=call.args.get("clip_skip"))
+    if call.kind == "sdxl":
+        pe, _, ppe, _ = pipe.encode_prompt(prompt=texts, **common)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+    pe, _ = pipe.encode_prompt(texts, **common)
+    return {"prompt_embeds": pe}

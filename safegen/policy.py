@@ -1,0 +1,308 @@
+"""Safety policy: harm categories, their concept keywords, per-guard thresholds and actions.
+
+Every guard reads the same :class:`Policy`; nothing about categories or concepts is hard-coded in a guard.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ._paths import assets_dir
+
+#: The harm categories every shipped policy covers.
+CATEGORIES = ("sexual", "violence", "hate", "harassment", "self-harm", "shocking", "illegal-activity")
+
+ACTIONS = ("block", "steer", "log")
+PLACEHOLDERS = ("flat", "blur", "none")
+
+# Spellings found in public prompt sets (I2P, CoProV2) mapped to the policy's keys.
+_CATEGORY_ALIASES = {
+    "sexual": "sexual",
+    "nudity": "sexual",
+    "porn": "sexual",
+    "violence": "violence",
+    "hate": "hate",
+    "racism": "hate",
+    "harassment": "harassment",
+    "harrasment": "harassment",
+    "self-harm": "self-harm",
+    "self harm": "self-harm",
+    "selfharm": "self-harm",
+    "shocking": "shocking",
+    "illegal activity": "illegal-activity",
+    "illegal-activity": "illegal-activity",
+    "illegal_activity": "illegal-activity",
+}
+
+
+def normalize_category(name: str) -> str:
+    """Map a category label as written in a data set ("Illegal Activity", "Harrasment") to a policy key.
+
+    Unknown labels are returned lower-cased with spaces as dashes, so custom categories keep working.
+
+    Example:
+        >>> normalize_category("Illegal Activity")
+        'illegal-activity'
+    """
+    key = re.sub(r"\s+", " ", str(name).strip().lower())
+    return _CATEGORY_ALIASES.get(key, key.replace(" ", "-").replace("_", "-"))
+
+
+class PolicyError(ValueError):
+    """A policy file or object is malformed. The message names the file and the field."""
+
+
+@dataclass
+class Category:
+    """One harm category.
+
+    Args:
+        name (`str`): the category key, e.g. ``"violence"``.
+        concepts (`list[str]`): keyword phrases that describe the category; guards build their concept
+            spaces and blacklists from these.
+        action (`str`): what a guard does when the category fires: ``"block"`` (return the placeholder),
+            ``"steer"`` (change the generation, e.g. SAFREE/SLD) or ``"log"`` (report only).
+        thresholds (`dict[str, float]`): per-guard thresholds before the policy's sensitivity is applied,
+            keyed by guard name (``"safree"``, ``"latent_guard"``, ``"lvd"``...).
+    """
+
+    name: str
+    concepts: list[str]
+    action: str = "steer"
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Policy:
+    """A safety policy: categories with concepts, thresholds and actions, plus one sensitivity knob.
+
+    ``sensitivity`` scales every guard's thresholds at once: a guard compares its score against
+    ``threshold / sensitivity``, so 2.0 flags more (half the threshold) and 0.5 flags less.
+
+    Example:
+        >>> import safegen
+        >>> policy = safegen.load_policy("default")
+        >>> policy.add_concept("violence", "chainsaw massacre")
+        >>> policy.sensitivity = 1.5
+        >>> policy.threshold("violence", "safree") < policy.categories["violence"].thresholds["safree"]
+        True
+    """
+
+    name: str
+    categories: dict[str, Category]
+    sensitivity: float = 1.0
+    placeholder: str = "flat"
+    guards: list[str] = field(default_factory=lambda: ["safree"])
+    source: str = "<code>"
+
+    # ------------------------------------------------------------------ queries
+    def threshold(self, category: str, guard: str, default: float | None = None) -> float:
+        """The effective threshold of ``guard`` for ``category``: the base threshold divided by sensitivity."""
+        cat = self._category(category)
+        base = cat.thresholds.get(guard, default)
+        if base is None:
+            raise PolicyError(
+                f"policy {self.name!r} ({self.source}): category {category!r} has no threshold for guard "
+                f"{guard!r}; add `thresholds: {{{guard}: <number>}}` to it"
+            )
+        return float(base) / float(self.sensitivity)
+
+    def concepts(self, category: str | None = None) -> list[str]:
+        """Concept phrases of one category, or of all categories (in policy order, without duplicates)."""
+        if category is not None:
+            return list(self._category(category).concepts)
+        seen: dict[str, None] = {}
+        for cat in self.categories.values():
+            for c in cat.concepts:
+                seen.setdefault(c, None)
+        return list(seen)
+
+    def active_categories(self) -> list[str]:
+        """Categories whose action is not ``log`` is still active; every category is checked."""
+        return list(self.categories)
+
+    # ------------------------------------------------------------------ editing
+    def add_concept(self, category: str, concept: str) -> None:
+        """Add a concept phrase to a category. Caches keyed on the concept list pick it up on next use."""
+        concept = _check_concept(concept, self.source, f"categories.{category}.concepts")
+        cat = self._category(category)
+        if concept not in cat.concepts:
+            cat.concepts.append(concept)
+
+    def remove_concept(self, category: str, concept: str) -> None:
+        """Remove a concept phrase; raises ``KeyError`` naming the category if it is not there."""
+        cat = self._category(category)
+        if concept not in cat.concepts:
+            raise KeyError(f"concept {concept!r} is not in category {category!r}: {cat.concepts}")
+        if len(cat.concepts) == 1:
+            raise PolicyError(f"category {category!r} would have no concepts left; remove the category instead")
+        cat.concepts.remove(concept)
+
+    def copy(self) -> "Policy":
+        return copy.deepcopy(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "sensitivity": self.sensitivity,
+            "placeholder": self.placeholder,
+            "guards": list(self.guards),
+            "categories": {
+                k: {"action": c.action, "thresholds": dict(c.thresholds), "concepts": list(c.concepts)}
+                for k, c in self.categories.items()
+            },
+        }
+
+    def _category(self, category: str) -> Category:
+        key = normalize_category(category)
+        if key not in self.categories:
+            raise KeyError(f"policy {self.name!r} has no category {category!r}; it has {list(self.categories)}")
+        return self.categories[key]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "sensitivity":
+            value = _check_sensitivity(value, getattr(self, "source", "<code>"))
+        object.__setattr__(self, name, value)
+
+
+# ---------------------------------------------------------------------- loading and validation
+_TOP_KEYS = {"name", "version", "sensitivity", "placeholder", "guards", "categories", "description"}
+_CAT_KEYS = {"concepts", "action", "thresholds", "description"}
+
+
+def _check_sensitivity(value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise PolicyError(f"{source}: field 'sensitivity' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_concept(concept: Any, source: str, where: str) -> str:
+    if not isinstance(concept, str) or not concept.strip():
+        raise PolicyError(f"{source}: field '{where}' must hold non-empty strings, got {concept!r}")
+    return concept.strip()
+
+
+def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
+    """Build and validate a :class:`Policy` from a mapping (the parsed YAML/JSON file).
+
+    Raises:
+        PolicyError: naming ``source`` and the offending field, for any missing, unknown or ill-typed field.
+    """
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{source}: a policy must be a mapping at the top level, got {type(data).__name__}")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise PolicyError(f"{source}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    name = data.get("name", Path(source).stem if source.startswith("/") or "." in source else "custom")
+    if not isinstance(name, str) or not name:
+        raise PolicyError(f"{source}: field 'name' must be a non-empty string")
+    sensitivity = _check_sensitivity(data.get("sensitivity", 1.0), source)
+    placeholder = data.get("placeholder", "flat")
+    if placeholder not in PLACEHOLDERS:
+        raise PolicyError(f"{source}: field 'placeholder' must be one of {PLACEHOLDERS}, got {placeholder!r}")
+    guards = data.get("guards", ["safree"])
+    if not isinstance(guards, list) or not all(isinstance(g, str) and g for g in guards):
+        raise PolicyError(f"{source}: field 'guards' must be a list of guard names, got {guards!r}")
+    cats = data.get("categories")
+    if not isinstance(cats, Mapping) or not cats:
+        raise PolicyError(f"{source}: field 'categories' must be a non-empty mapping of category -> settings")
+    categories: dict[str, Category] = {}
+    for raw_key, spec in cats.items():
+        where = f"categories.{raw_key}"
+        if not isinstance(spec, Mapping):
+            raise PolicyError(f"{source}: field '{where}' must be a mapping with 'concepts', 'action', 'thresholds'")
+        unknown = set(spec) - _CAT_KEYS
+        if unknown:
+            raise PolicyError(f"{source}: unknown field(s) {sorted(unknown)} in '{where}'; allowed: {sorted(_CAT_KEYS)}")
+        concepts = spec.get("concepts")
+        if not isinstance(concepts, list) or not concepts:
+            raise PolicyError(f"{source}: field '{where}.concepts' must be a non-empty list of strings")
+        concepts = [_check_concept(c, source, f"{where}.concepts") for c in concepts]
+        action = spec.get("action", "steer")
+        if action not in ACTIONS:
+            raise PolicyError(f"{source}: field '{where}.action' must be one of {ACTIONS}, got {action!r}")
+        thresholds = spec.get("thresholds", {})
+        if not isinstance(thresholds, Mapping):
+            raise PolicyError(f"{source}: field '{where}.thresholds' must map guard names to numbers")
+        for g, v in thresholds.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise PolicyError(f"{source}: field '{where}.thresholds.{g}' must be a number, got {v!r}")
+        key = normalize_category(str(raw_key))
+        if key in categories:
+            raise PolicyError(f"{source}: field '{where}' duplicates category {key!r}")
+        categories[key] = Category(key, list(dict.fromkeys(concepts)), action, {str(g): float(v) for g, v in thresholds.items()})
+    return Policy(name=name, categories=categories, sensitivity=sensitivity, placeholder=placeholder,
+                  guards=list(guards), source=source)
+
+
+def _parse_file(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PolicyError(f"{path}: not valid JSON ({e})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{path}: not valid YAML ({e})") from None
+
+
+def builtin_policies() -> list[str]:
+    """Names of the policies shipped in ``assets/policies``."""
+    return sorted(p.stem for p in (assets_dir() / "policies").glob("*.y*ml")) + sorted(
+        p.stem for p in (assets_dir() / "policies").glob("*.json")
+    )
+
+
+def load_policy(policy: "str | Path | Mapping[str, Any] | Policy" = "default", *, sensitivity: float | None = None) -> Policy:
+    """Load a policy by built-in name (``"default"``), file path (``.yaml``/``.yml``/``.json``) or mapping.
+
+    A :class:`Policy` passed in is returned as is (not copied), so edits made in code stay visible.
+
+    Example:
+        >>> import safegen
+        >>> p = safegen.load_policy("default", sensitivity=0.5)
+        >>> sorted(p.categories)[:3]
+        ['harassment', 'hate', 'illegal-activity']
+    """
+    if isinstance(policy, Policy):
+        result = policy
+    elif isinstance(policy, Mapping):
+        result = policy_from_dict(policy, "<dict>")
+    else:
+        path = Path(policy)
+        if not path.suffix:
+            candidates = [assets_dir() / "policies" / f"{policy}{ext}" for ext in (".yaml", ".yml", ".json")]
+            found = [c for c in candidates if c.is_file()]
+            if not found:
+                raise PolicyError(
+                    f"no built-in policy named {str(policy)!r}; built-in: {builtin_policies()}; "
+                    "or pass a path to a .yaml/.json file"
+                )
+            path = found[0]
+        if not path.is_file():
+            raise PolicyError(f"{path}: policy file not found")
+        if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+            raise PolicyError(f"{path}: a policy file must end in .yaml, .yml or .json")
+        result = policy_from_dict(_parse_file(path), str(path))
+    if sensitivity is not None:
+        result.sensitivity = sensitivity
+    return result
+
+
+def concept_phrases(policy: Policy, categories: Iterable[str]) -> str:
+    """The concept phrases of ``categories`` joined with ", " (SAFREE's negative prompt)."""
+    out: dict[str, None] = {}
+    for c in categories:
+        for k in policy.concepts(c):
+            out.setdefault(k, None)
+    return ", ".join(out)

@@ -1,0 +1,128 @@
+"""Safety reports: one :class:`SafetyReport` per generated image or video, one :class:`GuardResult` per guard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Verdicts a guard can give for one item, from least to most severe.
+VERDICTS = ("pass", "log", "steer", "block", "error")
+_SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
+
+
+@dataclass
+class GuardResult:
+    """What one guard did to one item, and why.
+
+    Attributes:
+        guard: the guard's name (``"safree"``, ``"sld"``...).
+        verdict: ``"pass"`` (did nothing), ``"log"`` (flagged, report only), ``"steer"`` (changed the
+            generation), ``"block"`` (item replaced by the placeholder) or ``"error"`` (the guard failed; the
+            item is blocked: guards fail closed).
+        category: the policy category that fired, if any.
+        concept: the concept phrase that fired, if the guard knows it.
+        score: the deciding score; ``threshold`` is what it was compared against.
+        scores: per-category scores.
+        trigger_tokens: prompt tokens the guard acted on (SAFREE).
+        filtered_steps: how many denoising steps used filtered conditioning (SAFREE).
+        stopped_at_step: the step at which generation was stopped (LVD).
+        steps_saved: UNet steps not run because of this guard.
+        seconds: wall time spent in the guard for this call (shared by the items of a batch).
+        reason: one human-readable sentence.
+    """
+
+    guard: str
+    verdict: str = "pass"
+    category: str | None = None
+    concept: str | None = None
+    score: float | None = None
+    threshold: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    trigger_tokens: list[str] = field(default_factory=list)
+    filtered_steps: int | None = None
+    stopped_at_step: int | None = None
+    steps_saved: int = 0
+    seconds: float = 0.0
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SafetyReport:
+    """The safety report of one generated item (image or video).
+
+    Example:
+        >>> r = SafetyReport(index=0, prompt="a red bus")
+        >>> r.verdict, r.blocked
+        ('pass', False)
+    """
+
+    index: int
+    prompt: str | None = None
+    guards: list[GuardResult] = field(default_factory=list)
+    unet_steps_run: int = 0
+    unet_steps_saved: int = 0
+
+    @property
+    def verdict(self) -> str:
+        """The most severe guard verdict (``"error"`` counts as blocked)."""
+        if not self.guards:
+            return "pass"
+        return max((g.verdict for g in self.guards), key=_SEVERITY.__getitem__)
+
+    @property
+    def blocked(self) -> bool:
+        return self.verdict in ("block", "error")
+
+    @property
+    def steered(self) -> bool:
+        return self.verdict == "steer"
+
+    @property
+    def reason(self) -> str:
+        """Why the item was blocked or changed (empty when no guard acted)."""
+        acted = [g for g in self.guards if g.verdict != "pass"]
+        acted.sort(key=lambda g: -_SEVERITY[g.verdict])
+        return "; ".join(f"{g.guard}: {g.reason}" for g in acted if g.reason)
+
+    def result(self, guard: str) -> GuardResult | None:
+        """The result of the named guard, or ``None`` if it did not run on this item."""
+        for g in self.guards:
+            if g.guard == guard:
+                return g
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(verdict=self.verdict, blocked=self.blocked, reason=self.reason)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        head = f"[{self.index}] {self.verdict.upper()}"
+        if self.prompt is not None:
+            head += f" {self.prompt!r}"
+        lines = [head]
+        for g in self.guards:
+            bits = [f"{g.guard}: {g.verdict}"]
+            if g.category:
+                bits.append(f"category={g.category}")
+            if g.concept:
+                bits.append(f"concept={g.concept!r}")
+            if g.score is not None:
+                bits.append(f"score={g.score:.3f}" + (f"/{g.threshold:.3f}" if g.threshold is not None else ""))
+            if g.trigger_tokens:
+                bits.append(f"triggers={g.trigger_tokens}")
+            if g.filtered_steps is not None:
+                bits.append(f"filtered_steps={g.filtered_steps}")
+            if g.stopped_at_step is not None:
+                bits.append(f"stopped_at={g.stopped_at_step}")
+            if g.steps_saved:
+                bits.append(f"steps_saved={g.steps_saved}")
+            bits.append(f"{g.seconds * 1000:.1f} ms")
+            lines.append("    " + ", ".join(bits) + (f" — {g.reason}" if g.reason else ""))
+        lines.append(f"    UNet steps run {self.unet_steps_run}, saved {self.unet_steps_saved}")
+        return "\n".join(lines)

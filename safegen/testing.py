@@ -1,0 +1,160 @@
+"""Tiny random diffusers pipelines built offline, for tests, benchmarks and the smoke-run.
+
+Nothing here downloads: the CLIP tokenizer is a small byte-level BPE vocabulary written on the fly (every
+string still tokenises; listed words become single tokens), and every module is built from a config with
+seeded random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# Words that get their own token in the tiny vocabulary (the rest falls back to bytes).
+_WORDS = (
+    "a an the of on in with and at to is photo picture painting portrait image red blue green yellow black white "
+    "orange purple pink brown gray cat dog bus car tree house man woman person people child horse bird boat "
+    "train street city field beach sky flower table kitchen room plate pizza food water mountain sunset "
+    "blood gore violence violent gun guns weapon knife kill killing murder war fight attack corpse dead "
+    "nude nudity naked sex sexual porn erotic hate racist slur harassment bully bullying suicide self harm "
+    "cutting drugs drug cocaine illegal theft robbery shocking horror disgusting vomit"
+).split()
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (printable bytes map to themselves)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def write_tiny_clip_tokenizer_files(folder: str | Path, words=_WORDS) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP-style BPE vocabulary into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for tok in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[str] = []
+    seen = set()
+    for w in words:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = f"{parts[0]} {parts[1]}"
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
+@lru_cache(maxsize=None)
+def _tokenizer_dir() -> str:
+    return str(write_tiny_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="safegen-tok-"))))
+
+
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A CLIP tokenizer over the tiny vocabulary, ``model_max_length=77``."""
+    from transformers import CLIPTokenizer
+
+    d = Path(_tokenizer_dir())
+    return CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), model_max_length=77,
+                         pad_token=pad_token)
+
+
+def _clip_text_model(tokenizer, hidden: int = 32, projection_dim: int | None = None, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=3, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        projection_dim=projection_dim or hidden,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+    return model.eval()
+
+
+def _vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=32,
+    ).eval()
+
+
+def _scheduler(prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny random ``StableDiffusionPipeline`` (SD 1.x layout; ``prediction_type="v_prediction"`` for 2.x).
+
+    Images are 32×32 by default (latents 16×16); one 2-step call takes well under a second on a CPU.
+
+    Example:
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> pipe("a red cat", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tok = tiny_clip_tokenizer()
+    te = _clip_text_model(tok, 32, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    ).eval()
+    pipe = StableDiffusionPipeline(vae=_vae(seed), text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=_scheduler(prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A tiny random ``StableDiffusionXLPipeline`` with both text encoders (32-d each) and a pooled projection."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tok = tiny_clip_tokenizer()
+    tok2 = tiny_clip_tokenizer(pad_token="!")
+    te = _clip_text_model(tok, 32, seed=seed)
+    te2 = _clip_text_model(tok2, 32, projection_dim=32, seed=seed + 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=32,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(vae=_vae(seed), text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

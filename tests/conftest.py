@@ -1,0 +1,47 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def sd():
+    from safegen.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture
+def sd2v():
+    from safegen.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline("v_prediction")
+
+
+@pytest.fixture
+def sdxl():
+    from safegen.testing import tiny_sdxl_pipeline
+
+    return tiny_sdxl_pipeline()
+
+
+@pytest.fixture
+def lexical_policy():
+    """The default policy with the semantic gate off (threshold above 1): on random tiny encoders similarity
+    means nothing, so only literal concept phrases decide which prompts are flagged."""
+    import safegen
+
+    pol = safegen.load_policy("default")
+    for cat in pol.categories.values():
+        cat.thresholds["safree"] = 2.0
+    return pol
+
+
+def gen(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
