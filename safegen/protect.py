@@ -394,7 +394,9 @@ def _run(pipe, base_call, args, kwargs):
     out.safety = call.reports
     if want_dict:
         return out
-    return out.to_tuple()
+    import dataclasses
+
+    return tuple(getattr(out, f.name) for f in dataclasses.fields(out))  # as the pipeline does, Nones kept
 
 
 def _cleanup(call: Call) -> None:
