@@ -176,17 +176,20 @@ class TextEncoderAdapter:
                 tokens = self.encoder.text_model.final_layer_norm(tokens)
         else:
             tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        if self.summary_kind == "eos":
-            last = mask.sum(1) - 1
-            summary = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
-        else:
-            content = mask.clone().to(tokens.dtype)
-            content[:, : self.first] = 0
-            content[torch.arange(mask.shape[0], device=mask.device), mask.sum(1) - 1] = 0
-            denom = content.sum(1, keepdim=True).clamp(min=1)
-            summary = (tokens * content.unsqueeze(-1)).sum(1) / denom
         projected = getattr(out, "text_embeds", None)
-        return Encoded(tokens, summary, projected)
+        return Encoded(tokens, self.summarize(tokens, mask), projected)
+
+    def summarize(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The summary vector of token states already computed (e.g. the pipeline's ``prompt_embeds``)."""
+        mask = attention_mask.to(tokens.device)[:, : tokens.shape[1]]
+        last = mask.sum(1) - 1
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        if self.summary_kind == "eos":
+            return tokens[rows, last]
+        content = mask.to(tokens.dtype).clone()
+        content[:, : self.first] = 0
+        content[rows, last] = 0
+        return (tokens * content.unsqueeze(-1)).sum(1) / content.sum(1, keepdim=True).clamp(min=1)
 
     def summaries(self, texts: Sequence[str], *, projected: bool = False) -> torch.Tensor:
         """Summary (or projected pooled) vectors of texts, one encoder pass; cached per text list."""

@@ -275,9 +275,9 @@ class Safree(Guard):
         text_mode = call.prompts is not None
 
         # ---- gate: which prompts are about which categories
-        if text_mode:
+        if text_mode:  # the pipeline's own token states: no extra encoder pass for the gate
             batch = primary.adapter.tokenize(call.prompts)
-            summary = primary.adapter.encode(batch).summary.float()
+            summary = primary.adapter.summarize(pe[..., primary.dims], batch.attention_mask).float()
         else:
             batch = None
             summary = pe[..., primary.dims].float()  # (B, L, D): every position is a candidate
