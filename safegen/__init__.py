@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "protect": ".protect",
-    "unprotect": ".protect",
-    "is_protected": ".protect",
-    "last_reports": ".protect",
-    "SUPPORTED_PIPELINES": ".protect",
+    "protect": ".protection",
+    "unprotect": ".protection",
+    "is_protected": ".protection",
+    "last_reports": ".protection",
+    "SUPPORTED_PIPELINES": ".protection",
     "Policy": ".policy",
     "Category": ".policy",
     "PolicyError": ".policy",
@@ -44,9 +44,12 @@ def __getattr__(name: str):
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'safegen' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod, __name__), name)
-    globals()[name] = value
-    return value
+    module = importlib.import_module(mod, __name__)
+    # bind every public name of that module at once (one import, later lookups are plain attributes)
+    for other, where in _LAZY.items():
+        if where == mod:
+            globals()[other] = getattr(module, other)
+    return globals()[name]
 
 
 def __dir__():
@@ -57,5 +60,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
     from .guards import SLD, Guard, Safree
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
-    from .protect import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
+    from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
     from .report import GuardResult, SafetyReport

@@ -45,5 +45,5 @@ def check_loadable(name_or_path: str | os.PathLike) -> None:
         if s not in cached:
             raise OfflineModelError(
                 f"{s!r} looks like a Hugging Face hub id, but HF_HUB_OFFLINE=1 and it is not in the local cache. "
-                "Pass a local folder, or unset HF_HUB_OFFLINE on a machine with internet access to download it."
+                "Pass a local folder, or `export HF_HUB_OFFLINE=0` on a machine with internet access to download it."
             )

@@ -59,8 +59,31 @@ def write_tiny_clip_tokenizer_files(folder: str | Path, words=_WORDS) -> Path:
             vocab.setdefault(parts[0], len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+    def write():
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+    write()
+    # BPE applies merges by rank across words, so a word can end up split; append merges (lowest priority)
+    # that join its final pieces until every listed word is one token
+    from transformers import CLIPTokenizer
+
+    for _ in range(4):
+        tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+        split = [tok.tokenize(w) for w in words]
+        split = [p for p in split if len(p) > 1]
+        if not split:
+            break
+        for parts in split:
+            while len(parts) > 1:
+                pair = f"{parts[0]} {parts[1]}"
+                if pair not in seen:
+                    seen.add(pair)
+                    merges.append(pair)
+                parts = [parts[0] + parts[1]] + parts[2:]
+                vocab.setdefault(parts[0], len(vocab))
+        write()
     return folder
 
 

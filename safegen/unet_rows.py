@@ -39,13 +39,17 @@ class RowExtender:
     unet: torch.nn.Module
     provide: Callable[[int, dict[str, Any]], ExtraRows | None]
     consume: Callable[[torch.Tensor, torch.Tensor, ExtraRows, int], torch.Tensor | None]
+    guard: str = "guard"  # errors in the hooks fail the call closed in this guard's name
     _stack: list = field(default_factory=list)
     _handles: list = field(default_factory=list)
 
     def install(self) -> "RowExtender":
-        self._handles.append(self.unet.register_forward_pre_hook(self._pre, with_kwargs=True))
+        from .guards.base import guarded
+
+        self._handles.append(self.unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True))
         # prepend: the last extender to add rows is the first to strip them
-        self._handles.append(self.unet.register_forward_hook(self._post, with_kwargs=True, prepend=True))
+        self._handles.append(self.unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True,
+                                                             prepend=True))
         return self
 
     def remove(self) -> None:
@@ -73,9 +77,9 @@ class RowExtender:
             add = given if given is not None else value.index_select(0, src)
             if add.shape[0] != e:
                 raise ValueError(f"extra rows for {name!r}: got {add.shape[0]}, expected {e}")
-            return torch.cat([value, add.to(value.dtype)], 0)
+            return torch.cat([value, add.to(device=value.device, dtype=value.dtype)], 0)
 
-        new_sample = torch.cat([sample, extra.tensors["sample"].to(sample.dtype)], 0)
+        new_sample = torch.cat([sample, extra.tensors["sample"].to(device=sample.device, dtype=sample.dtype)], 0)
         if args:
             args[0] = new_sample
         else:

@@ -259,3 +259,31 @@ def test_sensitivity_scales_gate(sd):
     pol.sensitivity = 4.0  # edits in code apply to the next call
     res = run(sd, BENIGN).safety[0].result("safree")
     assert res.threshold == pytest.approx(base / 4)
+
+
+class BrokenUNetHook(Guard):
+    """A guard whose UNet-level hook raises mid-loop: must fail closed, not leak the exception."""
+
+    name = "broken_hook"
+    stage = "loop"
+
+    def prepare(self, call):
+        from safegen.unet_rows import RowExtender
+
+        def provide(batch, inputs):
+            if call.step == 1:
+                raise RuntimeError("hook exploded")
+            return None
+
+        self.ext = RowExtender(call.pipe.unet, provide, lambda *a: None, guard=self.name).install()
+
+    def finish(self, call):
+        self.ext.remove()
+
+
+def test_unet_hook_failure_fails_closed(sd, lexical_policy):
+    safegen.protect(sd, policy=lexical_policy, guards=[BrokenUNetHook()])
+    out = run(sd, [BENIGN, UNSAFE], num_inference_steps=3)
+    assert all(r.verdict == "error" and "hook exploded" in r.reason for r in out.safety)
+    assert np.allclose(out.images, 0.5)
+    assert not sd.unet._forward_pre_hooks and not sd.unet._forward_hooks

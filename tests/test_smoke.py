@@ -25,3 +25,10 @@ def test_protect_roundtrip_bit_identical(sd, lexical_policy):
     safegen.unprotect(sd)
     again = sd(prompts, generator=torch.Generator().manual_seed(0), **kw).images
     assert np.array_equal(again, ref)
+
+
+def test_lazy_names_are_not_shadowed_by_submodules():
+    code = ("import safegen; safegen.unprotect; safegen.load_policy; "
+            "import types; assert not isinstance(safegen.protect, types.ModuleType), safegen.protect; "
+            "assert callable(safegen.protect) and callable(safegen.Safree)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import functools
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..protect import Call, Protection
+    from ..protection import Call, Protection
 
 #: Order in which guards run inside one call, whatever order the user lists them in.
 STAGES = ("prompt", "conditioning", "loop", "weights", "output")
@@ -18,6 +19,22 @@ class GuardError(RuntimeError):
         super().__init__(f"guard {guard!r} failed: {type(error).__name__}: {error}")
         self.guard = guard
         self.error = error
+
+
+def guarded(guard: str, fn: Callable) -> Callable:
+    """Wrap a hook that runs inside the pipeline (UNet/module hooks): its errors become :class:`GuardError`,
+    so the orchestrator fails the call closed instead of passing a raw exception to the user."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GuardError:
+            raise
+        except Exception as e:
+            raise GuardError(guard, e) from e
+
+    return run
 
 
 class Guard:

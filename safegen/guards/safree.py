@@ -345,9 +345,9 @@ class Safree(Guard):
                             for r, b in enumerate(members):
                                 triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
                     safe_pe[idx, :, stream.dims] = new_tokens.to(pe.dtype)
-                    if stream is primary:
-                        t_prime[idx] = tp
-                        beta_all[idx] = beta
+                    if stream is primary:  # host-side bookkeeping (one small copy per call)
+                        t_prime[idx] = tp.cpu()
+                        beta_all[idx] = beta.float().cpu()
             if safe_pooled is not None and self.sdxl_pooled == "project":
                 for group, members in groups.items():
                     idx = torch.tensor(members)
@@ -457,11 +457,12 @@ class Safree(Guard):
         state = call.scratch.get("safree")
         if not state or "safe" not in state or step >= state["last_filtered_step"] + 1:
             return None
-        keep = call.scratch.get("kept_prompts")
+        keep = call.kept_prompts
         nipp = call.num_images_per_prompt
         tp = state["t_prime"]
         safe, orig = state["safe"], state["orig"]
-        if keep is not None:
+        subset = len(keep) < call.batch_size
+        if subset:
             k = torch.tensor(keep)
             tp, safe, orig = tp[k], safe[k], orig[k]
         use_safe = ((step + 1) <= tp).repeat_interleave(nipp).to(safe.device)
@@ -474,7 +475,7 @@ class Safree(Guard):
         te = tensors.get("add_text_embeds")
         if te is not None and state.get("safe_pooled") is not None:
             sp, op = state["safe_pooled"], state["orig_pooled"]
-            if keep is not None:
+            if subset:
                 sp, op = sp[k], op[k]
             pooled = torch.where(use_safe.view(-1, 1), sp.repeat_interleave(nipp, 0), op.repeat_interleave(nipp, 0))
             n = pooled.shape[0]

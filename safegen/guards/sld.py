@@ -1,21 +1,367 @@
-"""Safe Latent Diffusion (placeholder: being written)."""
+"""Safe Latent Diffusion (Schramowski et al., CVPR 2023) as a safegen guard, for SD 1.x/2.x and SDXL.
+
+diffusers' ``StableDiffusionPipelineSafe`` runs one UNet call on [uncond; prompt; safety concept] and steers the
+classifier-free guidance direction away from the safety concept. Here the same math runs inside the pipeline's
+own UNet call: a :class:`~safegen.unet_rows.RowExtender` appends N rows (the conditional half's latents with the
+safety-concept conditioning) to every UNet call, and hands the pipeline back [ε_u, ε_p − γ·1(i ≥ δ)] in place
+of [ε_u, ε_p]. Because ε_u + w·((ε_p − γ) − ε_u) is the SLD result, the pipeline's own CFG line reproduces SLD
+exactly, so any CFG pipeline of a supported kind works unchanged (SDXL included, which diffusers' SLD lacks).
+
+Per step i, element-wise over the latent (ν starts at 0 in every call):
+
+* μ = clamp(s_S·|ε_p − ε_S|, max=1), and μ = 0 where ε_p − ε_S ≥ λ;
+* γ = μ ⊙ (ε_S − ε_u) + s_m·ν;
+* ν ← β_m·ν + (1 − β_m)·γ (accumulates during the warm-up too);
+* if i ≥ δ: ε_p ← ε_p − γ.
+"""
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
+import torch
+
+from ..unet_rows import ExtraRows, RowExtender
 from .base import Guard
+from .safree import _encode_texts
+
+#: The presets of diffusers' ``SafetyConfig``: (warmup_steps δ, guidance_scale s_S, threshold λ,
+#: momentum_scale s_m, momentum_beta β_m). ``StableDiffusionPipelineSafe.__call__``'s defaults equal MEDIUM.
+PRESETS: dict[str, tuple[int, float, float, float, float]] = {
+    "weak": (15, 20.0, 0.0, 0.0, 0.0),
+    "medium": (10, 1000.0, 0.01, 0.3, 0.4),
+    "strong": (7, 2000.0, 0.025, 0.5, 0.7),
+    "max": (0, 5000.0, 1.0, 0.5, 0.7),
+}
+_PRESET_FIELDS = ("warmup_steps", "guidance_scale", "threshold", "momentum_scale", "momentum_beta")
+_PREFIX = "an image showing "
+
+
+# ---------------------------------------------------------------------- the math
+
+
+def sld_guidance(eps_u: torch.Tensor, eps_p: torch.Tensor, eps_s: torch.Tensor, momentum: torch.Tensor | None,
+                 step: int, *, guidance_scale: float, threshold: float, momentum_scale: float,
+                 momentum_beta: float, warmup_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of safety guidance: ``(new eps_p, new momentum)``.
+
+    ``eps_u``, ``eps_p``, ``eps_s`` are the unconditional, prompt and safety-concept noise predictions of the same
+    latents; ``momentum`` is ν from the previous step (``None`` = zeros). The math runs in at least float32 (the
+    returned ε_p has ``eps_p``'s dtype, the momentum the compute dtype). Before step ``warmup_steps`` the returned
+    ε_p is ``eps_p`` itself (the momentum still accumulates). Plugging the new ε_p into the pipeline's
+    ``eps_u + w·(eps_p − eps_u)`` gives exactly diffusers' ``StableDiffusionPipelineSafe`` update.
+    """
+    dt = torch.promote_types(eps_p.dtype, torch.float32)
+    u, p, s = eps_u.to(dt), eps_p.to(dt), eps_s.to(dt)
+    diff = p - s
+    scale = torch.clamp(diff.abs() * guidance_scale, max=1.0)
+    scale = torch.where(diff >= threshold, torch.zeros_like(scale), scale)  # Eq. 6
+    gamma = (s - u) * scale  # Eq. 4
+    if momentum is None:
+        new_momentum = (1 - momentum_beta) * gamma
+    else:
+        gamma = gamma + momentum_scale * momentum.to(dt)  # Eq. 7
+        new_momentum = momentum_beta * momentum.to(dt) + (1 - momentum_beta) * gamma  # Eq. 8
+    if step >= warmup_steps:  # Eq. 3
+        return (p - gamma).to(eps_p.dtype), new_momentum
+    return eps_p, new_momentum
+
+
+# ---------------------------------------------------------------------- the safety concept
+
+
+def _round_robin(groups: list[list[str]]) -> list[str]:
+    """Phrases taken one per category in turn (so every category survives truncation), without duplicates."""
+    out: dict[str, None] = {}
+    for i in range(max((len(g) for g in groups), default=0)):
+        for g in groups:
+            if i < len(g):
+                out.setdefault(g[i], None)
+    return list(out)
+
+
+def policy_concept(policy, tokenizers: list) -> str:
+    """``"an image showing "`` + the policy's concept phrases, one per category in turn, cut to fit every
+    tokenizer's ``model_max_length`` (77 for CLIP) with its special tokens."""
+    phrases = _round_robin([list(policy.concepts(c)) for c in policy.categories])
+    toks = [t for t in tokenizers if t is not None]
+    limits = [int(getattr(t, "model_max_length", 77) or 77) for t in toks]
+
+    def fits(text: str) -> bool:
+        return all(len(t(text, verbose=False)["input_ids"]) <= n for t, n in zip(toks, limits))
+
+    kept: list[str] = []
+    for p in phrases:  # once per distinct phrase list (the result is cached), never per step
+        if not fits(_PREFIX + ", ".join(kept + [p])):
+            break
+        kept.append(p)
+    return _PREFIX + ", ".join(kept)
+
+
+def _check_number(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"SLD({name}=...) must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        rng = f"[{low}, {high}]" if high is not None else f"≥ {low}"
+        raise ValueError(f"SLD({name}=...) must be {rng}, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- the guard
 
 
 @dataclass(repr=False)
 class SLD(Guard):
+    """Safe Latent Diffusion: classifier-free guidance steered away from a safety concept on every prompt.
+
+    Like the original, SLD changes *every* image it generates (it has no notion of a flagged prompt): each UNet
+    call runs 1.5× the rows (the safety-concept rows), and every item's report says ``"steer"`` once safety
+    guidance was applied on at least one step. It needs classifier-free guidance: with ``guidance_scale ≤ 1``
+    (or a guidance-distilled UNet) in the pipeline call, or with this guard's ``guidance_scale ≤ 1`` (diffusers'
+    rule), it does nothing and the reports say it was inactive.
+
+    Notes:
+        * One UNet call per step is assumed (as in diffusers' SLD): a second-order scheduler (Heun, DPM2) calls the
+          UNet twice per step and the momentum then accumulates twice per step.
+        * With ``guidance_rescale > 0`` the pipeline's rescale sees the safety-guided ε_p.
+        * When the momentum is not used (``momentum_scale == 0``, e.g. the weak preset) the safety rows are not
+          run during the warm-up: same result, less compute.
+        * Prompt conditioning must have the concept's sequence length (77 tokens with CLIP); longer custom
+          ``prompt_embeds`` make the call fail closed.
+
+    Args:
+        warmup_steps (`int`, defaults to 10): δ, the first step index whose ε_p is changed (momentum builds up
+            before).
+        guidance_scale (`float`, defaults to 1000): s_S, scale of the safety guidance (≤ 1 disables it).
+        threshold (`float`, defaults to 0.01): λ; elements where ε_p − ε_S ≥ λ get no safety guidance.
+        momentum_scale (`float`, defaults to 0.3): s_m, weight of the momentum ν in γ.
+        momentum_beta (`float`, defaults to 0.4): β_m in [0, 1], how much of ν is kept each step.
+        concept (`str`, *optional*): the safety concept text. Defaults to ``"an image showing "`` followed by the
+            policy's concept phrases (one per category in turn, cut to fit the 77-token text encoder), so the
+            policy stays the one place that owns concepts.
+
+    The defaults equal the ``medium`` preset; :meth:`weak`, :meth:`medium`, :meth:`strong` and :meth:`max` give
+    diffusers' four ``SafetyConfig`` presets, and :attr:`preset` names the one a config matches (or ``"custom"``).
+
+    Example:
+        >>> import safegen
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=[safegen.SLD.max()])
+        >>> out = pipe("a photo of a red bus", num_inference_steps=2, output_type="np")
+        >>> r = out.safety[0].result("sld")
+        >>> r.verdict, r.details["preset"]
+        ('steer', 'max')
+        >>> safegen.SLD.strong()
+        SLD.strong()
+        >>> _ = safegen.unprotect(pipe)
+    """
+
     name: ClassVar[str] = "sld"
+    stage: ClassVar[str] = "loop"
+
+    warmup_steps: int = 10
+    guidance_scale: float = 1000.0
+    threshold: float = 0.01
+    momentum_scale: float = 0.3
+    momentum_beta: float = 0.4
+    concept: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"SLD(warmup_steps=...) must be an integer ≥ 0, got {self.warmup_steps!r}")
+        _check_number("guidance_scale", self.guidance_scale, 0.0)
+        _check_number("threshold", self.threshold)
+        _check_number("momentum_scale", self.momentum_scale, 0.0)
+        _check_number("momentum_beta", self.momentum_beta, 0.0, 1.0)
+        if self.concept is not None and (not isinstance(self.concept, str) or not self.concept.strip()):
+            raise ValueError(f"SLD(concept=...) must be a non-empty string or None, got {self.concept!r}")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def _preset(cls, name: str, **overrides: Any) -> "SLD":
+        return cls(**{**dict(zip(_PRESET_FIELDS, PRESETS[name])), **overrides})
 
     @classmethod
-    def weak(cls): return cls()
+    def weak(cls, **overrides: Any) -> "SLD":
+        """δ=15, s_S=20, λ=0.0, s_m=0.0, β_m=0.0."""
+        return cls._preset("weak", **overrides)
+
     @classmethod
-    def medium(cls): return cls()
+    def medium(cls, **overrides: Any) -> "SLD":
+        """δ=10, s_S=1000, λ=0.01, s_m=0.3, β_m=0.4 (diffusers' defaults)."""
+        return cls._preset("medium", **overrides)
+
     @classmethod
-    def strong(cls): return cls()
+    def strong(cls, **overrides: Any) -> "SLD":
+        """δ=7, s_S=2000, λ=0.025, s_m=0.5, β_m=0.7."""
+        return cls._preset("strong", **overrides)
+
     @classmethod
-    def max(cls): return cls()
+    def max(cls, **overrides: Any) -> "SLD":
+        """δ=0, s_S=5000, λ=1.0, s_m=0.5, β_m=0.7."""
+        return cls._preset("max", **overrides)
+
+    @property
+    def preset(self) -> str:
+        """The name of the preset whose five numbers this config has, else ``"custom"``."""
+        mine = tuple(getattr(self, f) for f in _PRESET_FIELDS)
+        for name, values in PRESETS.items():
+            if mine == values:
+                return name
+        return "custom"
+
+    @property
+    def enabled(self) -> bool:
+        """diffusers' rule: safety guidance runs only when ``guidance_scale > 1``."""
+        return self.guidance_scale > 1.0
+
+    def config_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["preset"] = self.preset
+        return d
+
+    def __repr__(self) -> str:
+        preset = self.preset
+        if preset != "custom":
+            extra = f"concept={self.concept!r}" if self.concept is not None else ""
+            return f"SLD.{preset}({extra})"
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return f"SLD({args})"
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, protection) -> None:
+        if protection.kind not in ("sd", "sdxl"):
+            raise TypeError(f"SLD supports SD 1.x/2.x and SDXL pipelines, not {protection.kind!r}")
+
+    def detach(self, protection) -> None:
+        for key in [k for k in protection.cache if isinstance(k, tuple) and k and k[0] in ("sld-text", "sld-embeds")]:
+            del protection.cache[key]
+
+    def concept_text(self, call) -> str:
+        """The safety concept of this call: ``concept`` if given, else built from the policy (cached)."""
+        if self.concept is not None:
+            return self.concept
+        pipe, policy = call.pipe, call.policy
+        toks = [getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)]
+        phrases = tuple((c, tuple(policy.concepts(c))) for c in policy.categories)
+        key = ("sld-text", phrases, tuple(id(t) for t in toks))
+        cache = call.protection.cache
+        if key not in cache:
+            cache[key] = policy_concept(policy, toks)
+        return cache[key]
+
+    def _concept_embeds(self, call, text: str) -> dict[str, torch.Tensor]:
+        """The concept's conditioning through the pipeline's own ``encode_prompt``, once per (text, clip_skip,
+        LoRA scale, device, dtype)."""
+        pipe = call.pipe
+        te = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
+        cak = call.args.get("cross_attention_kwargs") or {}
+        key = ("sld-embeds", text, call.args.get("clip_skip"), cak.get("scale"), str(call.device),
+               str(getattr(te, "dtype", None)))
+        cache = call.protection.cache
+        if key not in cache:
+            cache[key] = _encode_texts(call, [text])
+        return cache[key]
+
+    # ------------------------------------------------------------------ before the loop
+    def prepare(self, call) -> None:
+        st: dict[str, Any] = {"active": False, "calls": 0, "guided": set(), "nu": None, "n": None,
+                              "rows": None, "reported": False}
+        call.scratch["sld"] = st
+        if not call.do_cfg:
+            st["why_inactive"] = ("inactive: SLD needs classifier-free guidance and this call has none "
+                                  "(guidance_scale ≤ 1 or a guidance-distilled UNet)")
+            return
+        if not self.enabled:
+            st["why_inactive"] = (f"inactive: SLD guidance_scale={self.guidance_scale} ≤ 1 disables safety "
+                                  "guidance (as in diffusers)")
+            return
+        text = self.concept_text(call)
+        st["concept"] = text
+        st["embeds"] = self._concept_embeds(call, text)
+        st["active"] = True
+        ext = RowExtender(call.pipe.unet, provide=lambda b, i: self._provide(call, st, b, i),
+                          consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
+        st["extender"] = ext.install()
+
+    # ------------------------------------------------------------------ the hooks (no host syncs)
+
+    def _provide(self, call, st, batch: int, inputs: dict[str, Any]) -> ExtraRows | None:
+        n = st["n"]
+        if n is None:
+            kept = call.scratch.get("kept_items")
+            n = st["n"] = len(kept) if kept is not None else call.n_items
+        if batch < 2 * n:  # this UNet call has no CFG halves (e.g. a CFG cut-off callback): leave it alone
+            return None
+        step = call.step
+        if step < self.warmup_steps and self.momentum_scale == 0:
+            return None  # the momentum is never used: the warm-up steps need no safety rows
+        sample = inputs["sample"]
+        rows = st["rows"]
+        if rows is None:  # once per call: the concept conditioning repeated for the N items, on the UNet's device
+            emb = st["embeds"]
+            ehs = inputs.get("encoder_hidden_states")
+            pe = emb["prompt_embeds"].to(sample.device)
+            if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:]:
+                raise ValueError(f"SLD: the pipeline's encoder_hidden_states have shape {tuple(ehs.shape[1:])} "
+                                 f"per row but the safety concept encodes to {tuple(pe.shape[1:])}; SLD needs "
+                                 "prompt conditioning of the text encoder's standard length")
+            rows = {"encoder_hidden_states": pe.expand(n, *pe.shape[1:])}
+            added = inputs.get("added_cond_kwargs") or {}
+            if "text_embeds" in added and emb.get("pooled_prompt_embeds") is not None:
+                ppe = emb["pooled_prompt_embeds"].to(sample.device)
+                rows["text_embeds"] = ppe.expand(n, *ppe.shape[1:])
+            st["src"] = torch.arange(n, 2 * n, device=sample.device)
+            st["rows"] = rows
+        st["calls"] += 1
+        if step >= self.warmup_steps:
+            st["guided"].add(step)
+        return ExtraRows(tensors={"sample": sample[n:2 * n], **rows}, source_rows=st["src"], info=(n, step))
+
+    def _consume(self, call, st, main: torch.Tensor, mine: torch.Tensor, extra: ExtraRows, _n: int):
+        n, step = extra.info
+        eps_u, eps_p = main[:n], main[n:2 * n]
+        new_p, st["nu"] = sld_guidance(eps_u, eps_p, mine, st["nu"], step, guidance_scale=self.guidance_scale,
+                                       threshold=self.threshold, momentum_scale=self.momentum_scale,
+                                       momentum_beta=self.momentum_beta, warmup_steps=self.warmup_steps)
+        if step < self.warmup_steps:
+            return None  # ε_p unchanged; only the momentum moved
+        return torch.cat([eps_u, new_p, main[2 * n:]], 0)
+
+    # ------------------------------------------------------------------ after the loop
+    def finish(self, call) -> None:
+        st = call.scratch.get("sld")
+        if st is None:
+            return
+        ext = st.pop("extender", None)
+        if ext is not None:
+            ext.remove()
+        st["nu"] = st["rows"] = None
+        if st["reported"]:
+            return
+        st["reported"] = True
+        items = [it for p, blocked in enumerate(call.blocked_prompts) if not blocked for it in call.items_of(p)]
+        if not items:
+            return  # every prompt was blocked before the loop: nothing was generated
+        preset = self.preset
+        guided = len(st["guided"])
+        steps = call.scratch.get("steps_run", call.num_steps)
+        details = {**self.config_dict(), "active": st["active"], "concept": st.get("concept"),
+                   "guided_steps": guided, "unet_calls_with_safety_rows": st["calls"]}
+        if not st["active"]:
+            verdict, reason = "pass", st["why_inactive"]
+        elif guided == 0:
+            verdict = "pass"
+            reason = (f"inactive: the {preset} preset's warm-up of {self.warmup_steps} steps was not reached in "
+                      f"{steps} steps, so the output is unchanged")
+        else:
+            verdict = "steer"
+            reason = (f"SLD ({preset} preset) guided the denoising away from the safety concept on {guided} of "
+                      f"{steps} steps")
+        for item in items:
+            res = call.result(item, self.name)
+            res.verdict = verdict
+            res.reason = reason
+            res.details = dict(details)

@@ -109,6 +109,11 @@ class Call:
     def device(self) -> torch.device:
         return self.pipe._execution_device
 
+    @property
+    def kept_prompts(self) -> list[int]:
+        """Indices of the prompts that are not blocked (the ones the pipeline will run)."""
+        return [i for i, b in enumerate(self.blocked_prompts) if not b]
+
     def items_of(self, prompt_index: int) -> range:
         n = self.num_images_per_prompt
         return range(prompt_index * n, (prompt_index + 1) * n)
@@ -234,10 +239,10 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         >>> _ = safegen.unprotect(pipe)
     """
     kind = pipeline_kind(pipe)
-    if is_protected(pipe):
-        unprotect(pipe)
+    # everything that can be rejected is checked before the current protection is touched
     pol = load_policy(policy)
     if sensitivity is not None:
+        pol = pol.copy()  # the caller's policy object keeps its own sensitivity
         pol.sensitivity = sensitivity
     guard_list = [resolve_guard(g) for g in (pol.guards if guards is None else guards)]
     names = [g.name for g in guard_list]
@@ -245,6 +250,8 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
     if dup:
         raise ValueError(f"guard(s) {sorted(dup)} given more than once; pass each guard once")
     guard_list.sort(key=lambda g: STAGES.index(g.stage))
+    if is_protected(pipe):
+        unprotect(pipe)
     base = type(pipe)
     prot = Protection(pipe=pipe, kind=kind, policy=pol, guards=guard_list, base_class=base)
     attached: list[Guard] = []
@@ -369,7 +376,7 @@ def _run(pipe, base_call, args, kwargs):
     try:
         for g in prot.guards:
             _timed(call, g, g.prepare, call)
-        keep = [i for i, b in enumerate(call.blocked_prompts) if not b]
+        keep = call.kept_prompts
         if keep:
             run_args = _run_arguments(call, keep)
             out = base_call(pipe, **run_args, return_dict=True)
@@ -412,6 +419,8 @@ def _cleanup(call: Call) -> None:
 def _fail_closed(call: Call, err: GuardError) -> None:
     call.blocked_prompts = [True] * call.batch_size
     for i in range(call.n_items):
+        # what other guards planned never ran: the report holds only the failure
+        call.reports[i].guards = [g for g in call.reports[i].guards if g.guard == err.guard]
         res = call.result(i, err.guard)
         res.verdict = "error"
         res.reason = f"guard failed, item blocked (fail closed): {type(err.error).__name__}: {err.error}"
@@ -476,8 +485,7 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
 
     a["callback_on_step_end"] = on_step_end
     a["callback_on_step_end_tensor_inputs"] = inputs
-    if subset:
-        call.scratch["kept_prompts"] = keep
+    call.scratch["kept_prompts"] = keep
     return a
 
 

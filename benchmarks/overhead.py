@@ -1,0 +1,470 @@
+"""Wall-time overhead of safegen's guards: protected / plain, same pipeline object, same seed, one process.
+
+Two models:
+
+* ``tiny``: :func:`safegen.testing.tiny_sd_pipeline` at 64x64 px, 20 DDIM steps (guard cost is large relative
+  to a tiny UNet: this is the worst case for the ratio);
+* ``sd15``: the real SD 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder, SD1.5 AutoencoderKL) with
+  random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio).
+
+Configurations: plain (unprotected); SAFREE without / with latent re-attention, each on a benign prompt
+(nothing fires: the guard only checks) and on an unsafe prompt containing policy keywords (the guard
+projects); SLD medium. The policy is the default one with the semantic gate off (thresholds above 1), so only
+literal concept phrases fire: with random weights, similarity means nothing, and which prompt triggers must
+be deterministic.
+
+Method: one warm-up call per configuration (its time is reported as "first call": it includes building the
+concept bases), then ``--repeats`` rounds of interleaved calls ``plain, A, plain, B, ...``; each protected
+call is paired with the plain call just before it (same prompt). Reported per configuration: the median
+seconds, the median of the paired ratios (and their min-max), the median time spent inside the guard
+(``SafetyReport.result(name).seconds``) and, for SAFREE, the verdict and the number of filtered steps.
+
+Steady state is what is measured: a user protects once and calls many times. Between configurations the
+pipeline is unprotected / re-protected with the same guard instance, and that configuration's per-pipeline
+cache (``pipe._safegen.cache``: text-encoder adapters, concept bases) is restored, so later calls do not
+rebuild it.
+
+Usage::
+
+    python benchmarks/overhead.py [--only tiny|sd15] [--repeats N] [--write] [--dry-build]
+
+``--write`` updates the section between ``<!-- overhead:begin -->`` and ``<!-- overhead:end -->`` in
+BENCHMARKS.md (one sub-section per model, so ``--only`` keeps the other model's last results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import safegen  # noqa: E402
+from safegen import protect, unprotect  # noqa: E402
+
+BENCH_FILE = ROOT / "BENCHMARKS.md"
+BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+
+BENIGN = "a photo of a red bus on a city street at sunset"
+UNSAFE = "a photo of a man in a fight, blood and gore on the street"
+SEED = 0
+
+#: Errors that mean "this guard is not available yet" (modules being written): reported as n/a.
+UNAVAILABLE = (ImportError, AttributeError, NotImplementedError)
+
+
+# ---------------------------------------------------------------------- models
+@dataclass
+class Model:
+    key: str
+    title: str
+    build: Callable[[], Any]
+    call_args: dict
+    default_repeats: int
+    encode_reps: int
+
+
+def build_tiny():
+    from safegen.testing import tiny_sd_pipeline
+
+    return tiny_sd_pipeline()
+
+
+def build_sd15():
+    """SD 1.5's UNet, CLIP ViT-L/14 text encoder and VAE with random fp32 weights (offline, seeded)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from safegen.testing import tiny_clip_tokenizer
+
+    tok = tiny_clip_tokenizer()
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+    ).eval()
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215,
+    ).eval()
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+MODELS = {
+    "tiny": Model("tiny", "tiny random SD pipeline (safegen.testing), 64x64 px, 20 steps, CFG 7.5", build_tiny,
+                  dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5), 5, 20),
+    "sd15": Model("sd15", "SD 1.5 architecture, random fp32 weights (UNet 859.5M, CLIP-L), 256x256 px, 4 steps, "
+                  "CFG 7.5", build_sd15, dict(height=256, width=256, num_inference_steps=4, guidance_scale=7.5), 3, 5),
+}
+
+
+# ---------------------------------------------------------------------- configurations
+@dataclass
+class Config:
+    label: str
+    prompt_name: str
+    factory: Callable[[], Any] | None  # None: plain
+    guard: Any = None
+    status: str = "ok"  # "ok" or "n/a: why"
+    cache: dict | None = None
+    first: float | None = None
+    times: list[float] = field(default_factory=list)
+    pair_ratios: list[float] = field(default_factory=list)
+    guard_seconds: list[float] = field(default_factory=list)
+    verdict: str = ""
+    filtered: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return BENIGN if self.prompt_name == "benign" else UNSAFE
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def configs() -> list[Config]:
+    return [
+        Config("SAFREE", "benign", lambda: safegen.Safree()),
+        Config("SAFREE", "unsafe", lambda: safegen.Safree()),
+        Config("SAFREE + re-attention", "benign", lambda: safegen.Safree(reattention=True)),
+        Config("SAFREE + re-attention", "unsafe", lambda: safegen.Safree(reattention=True)),
+        Config("SLD medium", "unsafe", lambda: safegen.SLD.medium()),
+    ]
+
+
+def lexical_policy():
+    """The default policy with the semantic gate off: only literal concept phrases fire."""
+    pol = safegen.load_policy("default")
+    for cat in pol.categories.values():
+        cat.thresholds["safree"] = 2.0
+    return pol
+
+
+def _is_stub(guard) -> bool:
+    """A guard class that overrides none of the hooks (a placeholder being written) does nothing."""
+    from safegen.guards.base import Guard
+
+    cls = type(guard)
+    return all(getattr(cls, m) is getattr(Guard, m) for m in ("attach", "prepare", "step_end", "finish"))
+
+
+# ---------------------------------------------------------------------- running
+class Runner:
+    def __init__(self, model: Model, pipe, policy):
+        self.model, self.pipe, self.policy = model, pipe, policy
+
+    def activate(self, cfg: Config | None) -> None:
+        pipe = self.pipe
+        if cfg is None:
+            unprotect(pipe)
+            return
+        protect(pipe, policy=self.policy, guards=[cfg.guard])
+        if cfg.cache is not None:  # steady state: the caches of earlier calls with this configuration
+            pipe._safegen.cache.update(cfg.cache)
+        cfg.cache = pipe._safegen.cache
+
+    def call(self, prompt: str):
+        gen = torch.Generator("cpu").manual_seed(SEED)
+        t0 = time.perf_counter()
+        out = self.pipe(prompt, generator=gen, output_type="np", **self.model.call_args)
+        return time.perf_counter() - t0, out
+
+    def plain(self, prompt: str) -> float:
+        self.activate(None)
+        dt, _ = self.call(prompt)
+        return dt
+
+    def protected(self, cfg: Config) -> float | None:
+        """One protected call; records guard time and the SAFREE report. None (and cfg marked n/a) on failure."""
+        try:
+            self.activate(cfg)
+            dt, out = self.call(cfg.prompt)
+        except UNAVAILABLE as e:
+            cfg.status = f"n/a: {type(e).__name__}: {e}"
+            return None
+        finally:
+            unprotect(self.pipe)
+        rep = out.safety[0]
+        res = rep.result(cfg.guard.name)
+        if rep.verdict == "error" or (res is not None and res.verdict == "error"):
+            why = (res.reason if res is not None else rep.reason) or "guard error"
+            cfg.status = f"n/a: {why}"
+            return None
+        if res is not None:
+            cfg.guard_seconds.append(res.seconds)
+            cfg.verdict = res.verdict
+            if cfg.guard.name == "safree":
+                n = self.model.call_args["num_inference_steps"]
+                cfg.filtered = f"{res.filtered_steps or 0}/{n}"
+        return dt
+
+
+def encode_seconds(pipe, prompt: str, reps: int) -> float:
+    """Median seconds of the pipeline's own ``encode_prompt`` (positive + negative, as one CFG call does)."""
+    unprotect(pipe)
+    dev = pipe._execution_device
+    with torch.no_grad():
+        pipe.encode_prompt(prompt, dev, 1, True)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pipe.encode_prompt(prompt, dev, 1, True)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def bench_model(model: Model, repeats: int) -> dict:
+    t_build = time.perf_counter()
+    torch.manual_seed(SEED)
+    pipe = model.build()
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - t_build
+    policy = lexical_policy()
+    runner = Runner(model, pipe, policy)
+    cfgs = configs()
+    plain = Config("plain (unprotected)", "both", None)
+    plain_times: list[float] = []
+
+    for cfg in cfgs:  # instantiate guards; unavailable ones are n/a
+        try:
+            cfg.guard = cfg.factory()
+            if _is_stub(cfg.guard):
+                cfg.status = f"n/a: {type(cfg.guard).__name__} is a placeholder (no hooks implemented yet)"
+        except UNAVAILABLE as e:
+            cfg.status = f"n/a: {type(e).__name__}: {e}"
+
+    total = 1 + len(cfgs) + repeats * 2 * len(cfgs)
+    load = load_note()
+    bar = tqdm(total=total, desc=model.key, unit="run", file=sys.stderr, dynamic_ncols=True)
+    # warm-up: one call per configuration (first call after protect: builds the concept bases)
+    bar.set_postfix_str("warm-up plain")
+    plain.first = runner.plain(BENIGN)
+    bar.update()
+    for cfg in cfgs:
+        if cfg.ok:
+            bar.set_postfix_str(f"warm-up {cfg.label} / {cfg.prompt_name}")
+            cfg.first = runner.protected(cfg)
+        bar.update()
+    # interleaved timed rounds: plain, A, plain, B, ...
+    for r in range(repeats):
+        for cfg in cfgs:
+            if not cfg.ok:
+                bar.update(2)
+                continue
+            bar.set_postfix_str(f"round {r + 1}/{repeats}: {cfg.label} / {cfg.prompt_name}")
+            p = runner.plain(cfg.prompt)
+            plain_times.append(p)
+            bar.update()
+            dt = runner.protected(cfg)
+            bar.update()
+            if dt is not None:
+                cfg.times.append(dt)
+                cfg.pair_ratios.append(dt / p)
+    bar.close()
+    plain.times = plain_times
+    enc = encode_seconds(pipe, BENIGN, model.encode_reps)
+    unprotect(pipe)
+    del runner, pipe
+    gc.collect()
+    return {"model": model, "repeats": repeats, "load": load, "build_s": build_s, "plain": plain, "configs": cfgs,
+            "encode_s": enc}
+
+
+# ---------------------------------------------------------------------- reporting
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def table(res: dict) -> str:
+    rows = ["| configuration | prompt | median s | protected / plain | ratio min-max | guard s | first call s "
+            "| verdict | SAFREE filtered steps |",
+            "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    plain: Config = res["plain"]
+    pm = statistics.median(plain.times) if plain.times else None
+    rows.append(f"| {plain.label} | both | {_fmt_s(pm)} | 1.00 | - | - | {_fmt_s(plain.first)} | - | - |")
+    for c in res["configs"]:
+        if not c.ok or not c.times:
+            why = c.status[4:].strip() if c.status.startswith("n/a") else "no successful run"
+            why = why.replace("|", "/")
+            if len(why) > 120:
+                why = why[:117] + "..."
+            rows.append(f"| {c.label} | {c.prompt_name} | n/a | n/a | - | - | - | n/a ({why}) | - |")
+            continue
+        med = statistics.median(c.times)
+        ratio = statistics.median(c.pair_ratios)
+        rng = f"{min(c.pair_ratios):.2f}-{max(c.pair_ratios):.2f}"
+        gs = _fmt_s(statistics.median(c.guard_seconds)) if c.guard_seconds else "-"
+        rows.append(f"| {c.label} | {c.prompt_name} | {_fmt_s(med)} | **{ratio:.2f}** | {rng} | {gs} | "
+                    f"{_fmt_s(c.first)} | {c.verdict or '-'} | {c.filtered or '-'} |")
+    return "\n".join(rows)
+
+
+def load_note() -> str:
+    """The 1-minute load average, flagged when the machine was busy (then the ratios are noisy)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    busy = load > 0.5 * (os.cpu_count() or 1)
+    return f"load average {load:.2f}" + (" (BUSY machine: timings are noisy, prefer 'guard s')" if busy else "")
+
+
+def machine() -> str:
+    import diffusers
+    import transformers
+
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), diffusers {diffusers.__version__}, "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def command() -> str:
+    return "python benchmarks/overhead.py" + ("" if len(sys.argv) < 2 else " " + shlex.join(sys.argv[1:]))
+
+
+def section(res: dict, when: str) -> str:
+    m: Model = res["model"]
+    lines = [
+        f"### {m.key}: {m.title}",
+        "",
+        f"Measured {when} on {machine()}; {res['load']}.  ",
+        f"Command: `{command()}` ({res['repeats']} interleaved rounds after one warm-up call per configuration; "
+        f"pipeline built in {res['build_s']:.1f} s).",
+        "",
+        table(res),
+        "",
+        f"Prompts: benign `{BENIGN}`; unsafe `{UNSAFE}` (policy: default with the semantic gate off, so only "
+        f"literal concept phrases fire). Text encoding alone (`pipe.encode_prompt`, prompt + empty negative): "
+        f"{res['encode_s'] * 1000:.1f} ms.",
+    ]
+    return "\n".join(lines)
+
+
+HEADER = """# Benchmarks
+
+Numbers produced by the scripts in `benchmarks/`; each section says which command produced it, when and where.
+"""
+
+INTRO = """## Overhead of protection: wall time protected / plain
+
+Same pipeline object, same seed, one process; runs interleaved (plain, A, plain, B, ...), medians reported.
+"protected / plain" is the median over rounds of each protected call divided by the plain call just before it.
+"guard s" is the time spent inside the guard (`SafetyReport.result(name).seconds`); "first call s" is the
+warm-up call right after `protect` (it builds the concept bases, cached afterwards). n/a: the guard is not
+available yet."""
+
+
+def write_markdown(sections: dict[str, str]) -> None:
+    text = BENCH_FILE.read_text(encoding="utf-8") if BENCH_FILE.exists() else HEADER
+    old = ""
+    if BEGIN in text and END in text:
+        old = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    merged = {}
+    for key in MODELS:
+        if key in sections:
+            merged[key] = sections[key]
+        else:
+            m = re.search(rf"<!-- overhead-{key}:begin -->\n(.*?)\n<!-- overhead-{key}:end -->", old, re.S)
+            if m:
+                merged[key] = m.group(1)
+    body = "\n".join([BEGIN, INTRO, ""] + [f"<!-- overhead-{k}:begin -->\n{v}\n<!-- overhead-{k}:end -->\n"
+                                           for k, v in merged.items()] + [END])
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    BENCH_FILE.write_text(text, encoding="utf-8")
+
+
+def dry_build(keys: list[str]) -> None:
+    for key in keys:
+        m = MODELS[key]
+        t0 = time.perf_counter()
+        torch.manual_seed(SEED)
+        pipe = m.build()
+        dt = time.perf_counter() - t0
+        n = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+             for name in ("unet", "text_encoder", "vae")}
+        print(f"{key}: built in {dt:.1f} s; params (M): " + ", ".join(f"{k} {v:.1f}" for k, v in n.items())
+              + f"; tokenizer vocab {len(pipe.tokenizer)}; vae_scale_factor {pipe.vae_scale_factor}")
+        try:
+            import resource
+
+            print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+        except Exception:
+            pass
+        del pipe
+        gc.collect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=sorted(MODELS), help="run one model only (default: tiny, then sd15)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved rounds per configuration (default: tiny 5, sd15 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--write", action="store_true", help=f"update the overhead section of {BENCH_FILE.name}")
+    ap.add_argument("--dry-build", action="store_true", help="only build the pipelines (check, then exit)")
+    args = ap.parse_args(argv)
+    keys = [args.only] if args.only else list(MODELS)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dry_build:
+        dry_build(keys)
+        return 0
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(f"# safegen overhead benchmark — {when}\n# {machine()}\n# command: {command()}\n", flush=True)
+    sections = {}
+    for key in keys:
+        m = MODELS[key]
+        res = bench_model(m, args.repeats or m.default_repeats)
+        sections[key] = section(res, when)
+        print(sections[key] + "\n", flush=True)
+    if args.write:
+        write_markdown(sections)
+        print(f"wrote {BENCH_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
