@@ -112,8 +112,10 @@ def test_hooks_change_only_in_window_filtered_rows(sd, step):
     after = _Capture(blocks)  # registered after: sees what the re-attention hooks made of them
     batches, ehs_seen = [], []
     h1 = unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
-    h2 = unet.up_blocks[1].register_forward_pre_hook(
+    h2 = unet.down_blocks[0].register_forward_pre_hook(  # a cross-attention down block: the reference rows run here
         lambda m, a, k: ehs_seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
+    mid_rows = []
+    h3 = unet.mid_block.register_forward_pre_hook(lambda m, a, k: mid_rows.append(a[0].shape[0]), with_kwargs=True)
     try:
         with torch.no_grad():
             out = unet(sample, torch.tensor(500), encoder_hidden_states=ehs, return_dict=False)[0]
@@ -123,7 +125,9 @@ def test_hooks_change_only_in_window_filtered_rows(sd, step):
         after.remove()
         h1.remove()
         h2.remove()
+        h3.remove()
     assert out.shape[0] == 4  # the pipeline gets back the batch it asked for
+    assert mid_rows == [4]  # reference rows stop after the down path (their skips are all that is used)
     if step > state["last_filtered_step"]:
         assert batches == [4]
         for i in range(2):
@@ -135,7 +139,8 @@ def test_hooks_change_only_in_window_filtered_rows(sd, step):
     changed_somewhere = False
     for i, s in enumerate((0.9, 0.2)):
         for a, b in zip(before.seen[i][0], after.seen[i][0]):
-            keep = [0, 1, 2, 4, 5]  # uncond rows, prompt 0 (past its window), reference rows
+            assert a.shape[0] == 6 and b.shape[0] == 4  # filtered with the reference rows, then cut off
+            keep = [0, 1, 2]  # uncond rows, prompt 0 (past its window)
             torch.testing.assert_close(b[keep], a[keep], atol=0, rtol=0)
             want = fourier_reattention(a[3:4], a[5:6], 1, s)
             torch.testing.assert_close(b[3:4], want, atol=1e-6, rtol=0)

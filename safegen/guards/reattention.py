@@ -25,6 +25,9 @@ Choices, on purpose:
   nothing; the code's variant would overwrite the low band on every remaining step). Rows of prompts past
   their window are left untouched, and once every prompt is past its window no reference rows are appended at
   all: the extra UNet cost (one row per filtered item) is paid on filtered steps only.
+* **Reference rows stop after the down path.** Only their skip features are used, and those come from the
+  down blocks; a pre-hook on the mid block and on every up block cuts the reference rows off, so a filtered
+  step costs the reference rows' conv_in + down path (about a third of a UNet row), not a whole UNet row.
 * **The low band** is ``[H//2 − tau, H//2 + tau) × [W//2 − tau, W//2 + tau)`` of the fftshift-ed spectrum,
   the window FreeU and SAFREE use (tau = 1 is the 2×2 block around DC).
 
@@ -111,9 +114,14 @@ class LatentReattention:
         self._call, self._state = call, state
         self._items, self._rows = None, None
         self._extender = RowExtender(self.unet, self._provide, self._consume, guard="safree").install()
-        blocks = list(getattr(self.unet, "up_blocks", []))[:len(self.scales)]
-        for stage, block in enumerate(blocks):
-            hook = guarded("safree", self._make_skip_hook(self.scales[stage]))
+        # the reference rows are needed only for their skip features, which the down path makes: drop them
+        # before the mid block and from every up block's inputs, so they cost conv_in + down path, not a full UNet
+        mid = getattr(self.unet, "mid_block", None)
+        if mid is not None:
+            self._handles.append(mid.register_forward_pre_hook(guarded("safree", self._drop_hook), with_kwargs=True))
+        for stage, block in enumerate(getattr(self.unet, "up_blocks", [])):
+            s = self.scales[stage] if stage < len(self.scales) else None
+            hook = guarded("safree", self._make_skip_hook(s))
             self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
         return self
 
@@ -184,6 +192,8 @@ class LatentReattention:
             "filtered": cond_rows,
             "reference": torch.arange(batch, batch + e, device=sample.device),
             "active": it["tp"] >= call.step,  # (E,) on device; prompt still in its window at this step
+            "keep": batch,  # rows before ours (the pipeline's, and other guards' rows added earlier)
+            "total": batch + e,
         }
         return ExtraRows(tensors=tensors, source_rows=cond_rows, info="safree-lra")
 
@@ -209,19 +219,35 @@ class LatentReattention:
         z = torch.where(rows["active"].to(skip.device).view(-1, 1, 1, 1), z, x)
         return skip.index_copy(0, f_idx, z)
 
-    def _make_skip_hook(self, s: float):
+    @staticmethod
+    def _drop(value: Any, rows: dict) -> Any:
+        """Cut our reference rows off a block input (any tensor, or tuple of tensors, with the full batch)."""
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == rows["total"]:
+            return value[: rows["keep"]]
+        if isinstance(value, tuple):
+            return tuple(LatentReattention._drop(v, rows) for v in value)
+        return value
+
+    def _drop_hook(self, module, args, kwargs):
+        rows = self._rows
+        if rows is None:
+            return None
+        return tuple(self._drop(a, rows) for a in args), {k: self._drop(v, rows) for k, v in kwargs.items()}
+
+    def _make_skip_hook(self, s: float | None):
+        """Up block pre-hook: filter the skips (stages with a scale ``s``), then drop the reference rows."""
+
         def hook(module, args, kwargs):
             rows = self._rows
             if rows is None:
                 return None
-            if "res_hidden_states_tuple" in kwargs:
-                kwargs["res_hidden_states_tuple"] = tuple(self._filter_skip(t, rows, s)
-                                                          for t in kwargs["res_hidden_states_tuple"])
-                return args, kwargs
-            if len(args) > 1:  # called positionally: forward(hidden_states, res_hidden_states_tuple, ...)
-                args = list(args)
-                args[1] = tuple(self._filter_skip(t, rows, s) for t in args[1])
-                return tuple(args), kwargs
-            return None
+            args = list(args)
+            if s is not None:
+                if "res_hidden_states_tuple" in kwargs:
+                    kwargs["res_hidden_states_tuple"] = tuple(self._filter_skip(t, rows, s)
+                                                              for t in kwargs["res_hidden_states_tuple"])
+                elif len(args) > 1:  # called positionally: forward(hidden_states, res_hidden_states_tuple, ...)
+                    args[1] = tuple(self._filter_skip(t, rows, s) for t in args[1])
+            return tuple(self._drop(a, rows) for a in args), {k: self._drop(v, rows) for k, v in kwargs.items()}
 
         return hook
