@@ -336,14 +336,25 @@ def table(res: dict) -> str:
     return "\n".join(rows)
 
 
-def load_note() -> str:
-    """The 1-minute load average, flagged when the machine was busy (then the ratios are noisy)."""
+def _loadavg() -> float | None:
     try:
-        load = os.getloadavg()[0]
+        return os.getloadavg()[0]
     except (AttributeError, OSError):
+        return None
+
+
+_LOAD_AT_START = _loadavg()  # sampled before this script adds its own load
+
+
+def load_note() -> str:
+    """The 1-minute load average before the benchmark started, flagged when other work was running then
+    (the benchmark's own threads would otherwise count as "busy")."""
+    load = _LOAD_AT_START
+    if load is None:
         return ""
     busy = load > 0.5 * (os.cpu_count() or 1)
-    return f"load average {load:.2f}" + (" (BUSY machine: timings are noisy, prefer 'guard s')" if busy else "")
+    return (f"load average {load:.2f} before the run"
+            + (" (BUSY machine: timings are noisy, prefer 'guard s')" if busy else ""))
 
 
 def machine() -> str:

@@ -3,9 +3,9 @@
 >>> import safegen
 >>> from safegen.testing import tiny_sd_pipeline
 >>> pipe = safegen.protect(tiny_sd_pipeline(), policy="default")
->>> out = pipe("a photo of a red bus", num_inference_steps=2, output_type="np")
->>> out.safety[0].blocked
-False
+>>> out = pipe("a photo of blood and gore", num_inference_steps=2, output_type="np")
+>>> out.safety[0].blocked, out.safety[0].result("safree").verdict
+(False, 'steer')
 >>> _ = safegen.unprotect(pipe)
 
 Importing the package is cheap: torch and diffusers load on first use of a name that needs them.

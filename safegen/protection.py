@@ -232,10 +232,13 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
     Example:
         >>> import safegen
         >>> from safegen.testing import tiny_sd_pipeline
-        >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=["safree"])
-        >>> out = pipe("a photo of a red bus", num_inference_steps=2, output_type="np")
-        >>> out.safety[0].verdict
-        'pass'
+        >>> # sensitivity 0.1 raises the similarity thresholds above 1: on this *random* tiny model only
+        >>> # literal concept phrases should count
+        >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=["safree"], sensitivity=0.1)
+        >>> out = pipe(["a photo of a red bus", "a photo of blood and gore"], num_inference_steps=2,
+        ...            output_type="np")
+        >>> [r.verdict for r in out.safety], out.safety[1].result("safree").category
+        (['pass', 'steer'], 'violence')
         >>> _ = safegen.unprotect(pipe)
     """
     kind = pipeline_kind(pipe)

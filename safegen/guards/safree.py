@@ -496,8 +496,11 @@ class Safree(Guard):
         cats, scores, fired = state["cats"], state["scores"], state["fired"]
         thresholds = state["thresholds"]
         for b in range(call.batch_size):
-            j = int(scores[b].argmax()) if not bool(fired[b].any()) else int(
-                torch.where(fired[b], scores[b], torch.full_like(scores[b], -1)).argmax())
+            # the reported category: a literal phrase is the strongest evidence, then the highest similarity
+            lexical_hit = torch.tensor([h is not None for h in state["lexical"][b]])
+            pool = lexical_hit if bool(lexical_hit.any()) else fired[b]
+            j = int(torch.where(pool, scores[b], torch.full_like(scores[b], -1)).argmax()) if bool(pool.any()) \
+                else int(scores[b].argmax())
             cat = cats[j]
             lex = state["lexical"][b][j]
             for item in call.items_of(b):

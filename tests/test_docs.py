@@ -1,0 +1,19 @@
+"""Every public entry point's docstring example runs and shows what it says."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["safegen", "safegen.policy", "safegen.report", "safegen.protection", "safegen.encoders", "safegen.hub",
+           "safegen.community", "safegen.testing", "safegen.guards.safree", "safegen.guards.sld"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+    if name != "safegen.community":
+        assert result.attempted > 0
