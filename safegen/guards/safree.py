@@ -453,33 +453,42 @@ class Safree(Guard):
         return new_tokens, trig, tp, beta
 
     # ------------------------------------------------------------------ the loop
+    def _loop_tables(self, call, state) -> dict:
+        """Per-item tensors for the step switch, built once per call on the embeddings' device (so the
+        per-step work is two ``torch.where`` and no host-to-device copy)."""
+        keep = torch.tensor(call.kept_prompts)
+        nipp = call.num_images_per_prompt
+        dev = state["safe"].device
+        rows = keep.to(dev)
+
+        def items(t):
+            return t.index_select(0, rows).repeat_interleave(nipp, 0)
+
+        tables = {"t_prime": state["t_prime"].index_select(0, keep).repeat_interleave(nipp).to(dev),
+                  "safe": items(state["safe"]), "orig": items(state["orig"])}
+        if state.get("safe_pooled") is not None:
+            tables["safe_pooled"], tables["orig_pooled"] = items(state["safe_pooled"]), items(state["orig_pooled"])
+        return tables
+
     def step_end(self, call, step, timestep, tensors):
         state = call.scratch.get("safree")
         if not state or "safe" not in state or step >= state["last_filtered_step"] + 1:
-            return None
-        keep = call.kept_prompts
-        nipp = call.num_images_per_prompt
-        tp = state["t_prime"]
-        safe, orig = state["safe"], state["orig"]
-        subset = len(keep) < call.batch_size
-        if subset:
-            k = torch.tensor(keep)
-            tp, safe, orig = tp[k], safe[k], orig[k]
-        use_safe = ((step + 1) <= tp).repeat_interleave(nipp).to(safe.device)
-        cond = torch.where(use_safe.view(-1, 1, 1), safe.repeat_interleave(nipp, 0), orig.repeat_interleave(nipp, 0))
+            return None  # past every prompt's window: nothing to switch any more
+        tab = state.get("loop")
+        if tab is None:
+            tab = state["loop"] = self._loop_tables(call, state)
+        use_safe = (step + 1) <= tab["t_prime"]  # (n_items,), on device: the next step's conditioning
         out = {}
         pe = tensors.get("prompt_embeds")
         if pe is not None:
+            cond = torch.where(use_safe.view(-1, 1, 1), tab["safe"], tab["orig"]).to(pe.dtype)
             n = cond.shape[0]
-            out["prompt_embeds"] = torch.cat([pe[:-n], cond.to(pe.dtype)]) if pe.shape[0] > n else cond.to(pe.dtype)
+            out["prompt_embeds"] = torch.cat([pe[:-n], cond]) if pe.shape[0] > n else cond
         te = tensors.get("add_text_embeds")
-        if te is not None and state.get("safe_pooled") is not None:
-            sp, op = state["safe_pooled"], state["orig_pooled"]
-            if subset:
-                sp, op = sp[k], op[k]
-            pooled = torch.where(use_safe.view(-1, 1), sp.repeat_interleave(nipp, 0), op.repeat_interleave(nipp, 0))
+        if te is not None and "safe_pooled" in tab:
+            pooled = torch.where(use_safe.view(-1, 1), tab["safe_pooled"], tab["orig_pooled"]).to(te.dtype)
             n = pooled.shape[0]
-            out["add_text_embeds"] = torch.cat([te[:-n], pooled.to(te.dtype)]) if te.shape[0] > n else pooled.to(te.dtype)
+            out["add_text_embeds"] = torch.cat([te[:-n], pooled]) if te.shape[0] > n else pooled
         return out
 
     # ------------------------------------------------------------------ after the loop
