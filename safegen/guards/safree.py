@@ -290,9 +290,8 @@ class Safree(Guard):
             cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
             scores[:, j] = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
             if text_mode:  # the single concept closest to each prompt, for the report
-                best = (x @ unit.T.to(x.device)).argmax(-1)
-                for b in range(B):
-                    nearest[b][j] = phrases[int(best[b])]
+                for b, k in enumerate((x @ unit.T.to(x.device)).argmax(-1).tolist()):
+                    nearest[b][j] = phrases[k]
             if text_mode:
                 for b, p in enumerate(call.prompts):
                     m = regex.search(p)
