@@ -8,7 +8,6 @@ seeded random weights.
 from __future__ import annotations
 
 import json
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,18 +37,22 @@ def _byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
-def write_tiny_clip_tokenizer_files(folder: str | Path, words=_WORDS) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP-style BPE vocabulary into ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+@lru_cache(maxsize=None)
+def tiny_clip_vocab(words: tuple[str, ...] = tuple(_WORDS)) -> tuple[dict[str, int], list[str]]:
+    """``(vocab, merges)`` of a small CLIP-style byte-level BPE vocabulary, built in memory (no files).
+
+    Every listed word becomes one token; any other string still tokenises (down to bytes).
+    """
+    from transformers import CLIPTokenizer
+
     alphabet = _byte_alphabet()
     vocab: dict[str, int] = {}
     for tok in alphabet + [c + "</w>" for c in alphabet]:
         vocab.setdefault(tok, len(vocab))
     merges: list[str] = []
-    seen = set()
-    for w in words:
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
+    seen: set[str] = set()
+
+    def add_chain(parts: list[str]) -> None:  # merges that join ``parts`` left to right into one token
         while len(parts) > 1:
             pair = f"{parts[0]} {parts[1]}"
             if pair not in seen:
@@ -57,47 +60,39 @@ def write_tiny_clip_tokenizer_files(folder: str | Path, words=_WORDS) -> Path:
                 merges.append(pair)
             parts = [parts[0] + parts[1]] + parts[2:]
             vocab.setdefault(parts[0], len(vocab))
+
+    for w in words:
+        add_chain(list(w[:-1]) + [w[-1] + "</w>"])
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-
-    def write():
-        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-    write()
-    # BPE applies merges by rank across words, so a word can end up split; append merges (lowest priority)
-    # that join its final pieces until every listed word is one token
-    from transformers import CLIPTokenizer
-
+    # BPE applies merges by rank across words, so a word can still end up split; append merges (lowest
+    # priority) that join its final pieces until every listed word is one token
     for _ in range(4):
-        tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
-        split = [tok.tokenize(w) for w in words]
-        split = [p for p in split if len(p) > 1]
+        tok = CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], model_max_length=77)
+        split = [p for p in (tok.tokenize(w) for w in words) if len(p) > 1]
         if not split:
             break
         for parts in split:
-            while len(parts) > 1:
-                pair = f"{parts[0]} {parts[1]}"
-                if pair not in seen:
-                    seen.add(pair)
-                    merges.append(pair)
-                parts = [parts[0] + parts[1]] + parts[2:]
-                vocab.setdefault(parts[0], len(vocab))
-        write()
+            add_chain(parts)
+    return vocab, merges
+
+
+def write_tiny_clip_tokenizer_files(folder: str | Path, words=_WORDS) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of :func:`tiny_clip_vocab` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_clip_vocab(tuple(words))
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
-
-
-@lru_cache(maxsize=None)
-def _tokenizer_dir() -> str:
-    return str(write_tiny_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="safegen-tok-"))))
 
 
 def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>"):
     """A CLIP tokenizer over the tiny vocabulary, ``model_max_length=77``."""
     from transformers import CLIPTokenizer
 
-    d = Path(_tokenizer_dir())
-    return CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), model_max_length=77,
+    vocab, merges = tiny_clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split(" ")) for m in merges], model_max_length=77,
                          pad_token=pad_token)
 
 
