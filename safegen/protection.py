@@ -21,8 +21,10 @@ Any exception raised by a guard fails the call closed: every item is blocked and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -33,6 +35,8 @@ import torch
 from .guards.base import STAGES, Guard, GuardError
 from .policy import Policy, load_policy
 from .report import GuardResult, SafetyReport
+
+logger = logging.getLogger("safegen")
 
 # ---------------------------------------------------------------------- pipeline kinds
 #: Supported pipeline classes (matched by name through the MRO, so subclasses and community files work).
@@ -339,7 +343,7 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
     prompts = _as_list(prompt)
     negatives = _as_list(a.get("negative_prompt"), batch)
     nipp = a.get("num_images_per_prompt") or 1
-    gs = a.get("guidance_scale", inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+    gs = a.get("guidance_scale", inspect.signature(prot.base_class.__call__).parameters["guidance_scale"].default)
     do_cfg = gs > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
     steps = a.get("num_inference_steps")
     if steps is None:
@@ -404,8 +408,6 @@ def _run(pipe, base_call, args, kwargs):
     out.safety = call.reports
     if want_dict:
         return out
-    import dataclasses
-
     return tuple(getattr(out, f.name) for f in dataclasses.fields(out))  # as the pipeline does, Nones kept
 
 
@@ -414,8 +416,8 @@ def _cleanup(call: Call) -> None:
     for g in call.protection.guards:
         try:
             g.finish(call)
-        except Exception:
-            pass
+        except Exception as e:  # already failing closed; say so rather than hide it
+            logger.warning("safegen: guard %r also failed while cleaning up: %s: %s", g.name, type(e).__name__, e)
     call.pipe._interrupt = False
 
 
