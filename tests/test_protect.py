@@ -287,3 +287,13 @@ def test_unet_hook_failure_fails_closed(sd, lexical_policy):
     assert all(r.verdict == "error" and "hook exploded" in r.reason for r in out.safety)
     assert np.allclose(out.images, 0.5)
     assert not sd.unet._forward_pre_hooks and not sd.unet._forward_hooks
+
+
+def test_one_guard_object_protects_two_pipelines(sd, sdxl, lexical_policy):
+    guard = safegen.Safree()
+    safegen.protect(sd, policy=lexical_policy, guards=[guard])
+    safegen.protect(sdxl, policy=lexical_policy, guards=[guard])
+    a = run(sd, UNSAFE).safety[0].result("safree")
+    b = run(sdxl, UNSAFE).safety[0].result("safree")
+    assert a.verdict == b.verdict == "steer"
+    assert run(sd, UNSAFE).images.shape == (1, 32, 32, 3)  # each pipeline uses its own encoders and bases

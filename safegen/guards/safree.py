@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -216,7 +216,6 @@ class Safree(Guard):
     sdxl_pooled: str = "project"
     threshold: float = 0.55
     encode_batch: int = 256
-    _cache: dict = field(default_factory=dict, init=False, compare=False)
 
     def __post_init__(self):
         if not 0 <= self.alpha < 10:
@@ -226,47 +225,42 @@ class Safree(Guard):
         if self.svf_gamma < 0:
             raise ValueError("Safree(svf_gamma=...) must be ≥ 0")
 
-    def config_dict(self) -> dict[str, Any]:
-        d = super().config_dict()
-        d.pop("_cache", None)
-        return d
-
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
         if protection.kind not in ("sd", "sdxl"):
             raise TypeError(f"Safree supports SD 1.x/2.x and SDXL pipelines, not {protection.kind}")
-        self._cache = protection.cache
 
-    def _space(self, stream: _Stream, categories: tuple[str, ...], policy, projected: bool = False):
+    def _space(self, cache: dict, stream: _Stream, categories: tuple[str, ...], policy, projected: bool = False):
         """Cached orthonormal basis (D, r) of the concept span of ``categories`` in a stream's space."""
         phrases = tuple(k for c in categories for k in policy.concepts(c))
         key = ("safree-basis", stream.name, id(stream.adapter), categories, phrases, projected)
-        basis = self._cache.get(key)
+        basis = cache.get(key)
         if basis is None:
             vecs = stream.adapter.summaries(list(phrases), projected=projected).float()
             basis = orthonormal_basis(vecs.T)
-            self._cache[key] = basis
+            cache[key] = basis
         return basis
 
-    def _gate_space(self, stream: _Stream, category: str, policy):
+    def _gate_space(self, cache: dict, stream: _Stream, category: str, policy):
         """Per-category basis of keyword vectors measured from the empty prompt (for the relevance gate)."""
         phrases = tuple(policy.concepts(category))
         key = ("safree-gate", stream.name, id(stream.adapter), category, phrases)
-        hit = self._cache.get(key)
+        hit = cache.get(key)
         if hit is None:
             vecs = stream.adapter.summaries(list(phrases) + [""]).float()
             origin = vecs[-1]
             centered = vecs[:-1] - origin
             unit = centered / centered.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             hit = (orthonormal_basis(centered.T), origin, _phrase_regex(phrases), unit, phrases)
-            self._cache[key] = hit
+            cache[key] = hit
         return hit
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
         policy = call.policy
         clip_skip = call.args.get("clip_skip")
-        streams = _streams(call, self._cache, clip_skip)
+        cache = call.protection.cache  # per pipeline: one guard object may protect several
+        streams = _streams(call, cache, clip_skip)
         primary = streams[-1]
         cond = call.conditioning()
         pe = cond["prompt_embeds"]
@@ -285,7 +279,7 @@ class Safree(Guard):
         lexical: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
         nearest: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
         for j, cat in enumerate(cats):
-            basis, origin, regex, unit, phrases = self._gate_space(primary, cat, policy)
+            basis, origin, regex, unit, phrases = self._gate_space(cache, primary, cat, policy)
             x = summary - origin.to(summary.device)
             cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
             scores[:, j] = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
@@ -328,7 +322,7 @@ class Safree(Guard):
             for s_idx, stream in enumerate(streams):
                 for group, members in groups.items():
                     idx = torch.tensor(members)
-                    basis = self._space(stream, group, policy).to(pe.device)
+                    basis = self._space(cache, stream, group, policy).to(pe.device)
                     tokens = pe[idx][..., stream.dims].float()
                     if text_mode:
                         sb = stream.adapter.tokenize([call.prompts[b] for b in members])
@@ -350,7 +344,7 @@ class Safree(Guard):
             if safe_pooled is not None and self.sdxl_pooled == "project":
                 for group, members in groups.items():
                     idx = torch.tensor(members)
-                    pb = self._space(primary, group, policy, projected=True).to(pe.device)
+                    pb = self._space(cache, primary, group, policy, projected=True).to(pe.device)
                     safe_pooled[idx] = remove_span(safe_pooled[idx].float().unsqueeze(1), pb).squeeze(1).to(
                         safe_pooled.dtype)
             if not self.svf:
@@ -371,7 +365,7 @@ class Safree(Guard):
             neg_text = []
             for b in rows:
                 order = sorted((j for j in range(len(cats)) if steer[b, j]), key=lambda j: -float(scores[b, j]))
-                kw = self._keyword_prompt(primary.adapter, policy, [cats[j] for j in order])
+                kw = self._keyword_prompt(cache, primary.adapter, policy, [cats[j] for j in order])
                 user = call.negative_prompts[b] if call.negative_prompts else ""
                 neg_text.append(f"{user}, {kw}" if user else kw)
             enc = _encode_texts(call, neg_text)
@@ -394,11 +388,11 @@ class Safree(Guard):
             lra.begin(call, state)
             state["lra"] = lra
 
-    def _keyword_prompt(self, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
+    def _keyword_prompt(self, cache: dict, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
         """Joined concept phrases of ``categories`` (most relevant first), cut to fit the encoder's length."""
         text = concept_phrases(policy, categories)
         key = ("safree-negative", id(adapter), text)
-        hit = self._cache.get(key)
+        hit = cache.get(key)
         if hit is None:
             phrases = text.split(", ")
             lengths = [len(adapter.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in phrases]
@@ -408,7 +402,7 @@ class Safree(Guard):
                     break
                 kept.append(p)
                 used += n
-            hit = self._cache[key] = ", ".join(kept)
+            hit = cache[key] = ", ".join(kept)
         return hit
 
     def _project_text(self, stream: _Stream, sb, tokens: torch.Tensor, basis: torch.Tensor, T: int):
