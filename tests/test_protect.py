@@ -297,3 +297,12 @@ def test_one_guard_object_protects_two_pipelines(sd, sdxl, lexical_policy):
     b = run(sdxl, UNSAFE).safety[0].result("safree")
     assert a.verdict == b.verdict == "steer"
     assert run(sd, UNSAFE).images.shape == (1, 32, 32, 3)  # each pipeline uses its own encoders and bases
+
+
+@pytest.mark.parametrize("kwargs,field", [({"alpha": -1}, "alpha"), ({"sdxl_pooled": "drop"}, "sdxl_pooled"),
+                                          ({"reattention_tau": 0}, "reattention_tau"),
+                                          ({"reattention_s2": 1.5}, "reattention_s2"),
+                                          ({"encode_batch": 0}, "encode_batch")])
+def test_safree_rejects_bad_config(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        safegen.Safree(**kwargs)

@@ -223,7 +223,17 @@ class Safree(Guard):
         if self.sdxl_pooled not in ("project", "keep"):
             raise ValueError(f"Safree(sdxl_pooled=...) must be 'project' or 'keep', got {self.sdxl_pooled!r}")
         if self.svf_gamma < 0:
-            raise ValueError("Safree(svf_gamma=...) must be ≥ 0")
+            raise ValueError(f"Safree(svf_gamma=...) must be ≥ 0, got {self.svf_gamma}")
+        if isinstance(self.reattention_tau, bool) or not isinstance(self.reattention_tau, int) or self.reattention_tau < 1:
+            raise ValueError(f"Safree(reattention_tau=...) must be an integer ≥ 1 (the low band's half-width), "
+                             f"got {self.reattention_tau!r}")
+        for name in ("reattention_s1", "reattention_s2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"Safree({name}=...) must be in [0, 1] (1 = no attenuation), got {getattr(self, name)}")
+        if not 0 <= self.threshold:
+            raise ValueError(f"Safree(threshold=...) must be ≥ 0, got {self.threshold}")
+        if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
+            raise ValueError(f"Safree(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
