@@ -623,7 +623,7 @@ def load_coprov2_train(data_dir: "str | Path | None" = None) -> list[tuple[str, 
 
 def load_coprov2_test(data_dir: "str | Path | None" = None, dedup: bool = True) -> list[tuple[str, str]]:
     r"""CoProV2 test prompts (all unsafe) as ``(prompt, category)``; with ``dedup`` (default), rows whose prompt
-    occurs verbatim in the training file are dropped.
+    occurs verbatim in the training file, or earlier in the test file, are dropped.
 
     Example:
         >>> import pathlib, tempfile
@@ -642,8 +642,13 @@ def load_coprov2_test(data_dir: "str | Path | None" = None, dedup: bool = True) 
     path, rows = _read_csv(data_dir, "CoProv2_test.csv", ("prompt", "category"))
     out = [((r["prompt"] or "").strip(), _category(path, i, r["category"] or "")) for i, r in enumerate(rows, start=2)]
     if dedup:
-        train = {p for p, _ in load_coprov2_train(data_dir)}
-        out = [(p, c) for p, c in out if p not in train]
+        seen = {p for p, _ in load_coprov2_train(data_dir)}
+        kept = []
+        for p, c in out:
+            if p not in seen:
+                seen.add(p)
+                kept.append((p, c))
+        out = kept
     return out
 
 
