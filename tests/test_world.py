@@ -239,8 +239,10 @@ def test_coprov2_test_dedup_on_real_data():
     assert {c for _, c in full} == set(CATEGORIES)
     overlap = sum(p in train for p, _ in full)
     assert 600 < overlap < 900  # "about 728"
-    assert len(dedup) == len(full) - overlap
+    repeats = len(full) - overlap - len({p for p, _ in full if p not in train})
+    assert len(dedup) == len(full) - overlap - repeats
     assert not any(p in train for p, _ in dedup)
+    assert len({p for p, _ in dedup}) == len(dedup)  # each prompt once
 
 
 @needs_data
