@@ -1,4 +1,4 @@
-"""The ``safegen`` command line: ``safegen generate`` and ``safegen demo-run`` (what ``make run`` calls).
+"""The ``safegen`` command line: ``safegen generate``, ``safegen eval`` and ``safegen demo-run`` (``make run``).
 
 Offline by default: ``HF_HUB_OFFLINE=1`` unless the environment already sets it (export ``HF_HUB_OFFLINE=0`` on a
 machine with internet access to download hub models). Heavy modules (torch, diffusers) load inside the
@@ -9,6 +9,7 @@ Examples::
     safegen generate "a photo of a red bus" "a blue bird on a tree" --seed 0 --out outputs/run1
     safegen generate "a red cat" --model path/to/sd-folder --guards safree,sld-strong --out outputs/run2
     safegen generate "a red cat" --guards none --out outputs/plain      # unprotected, reports have no guards
+    safegen eval --prompts ../shared/data/CoProv2_test.csv --limit 500 --out outputs/eval-coprov2
     safegen demo-run --out outputs
 """
 
@@ -21,10 +22,13 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-#: The model used when ``--model`` is not given. The embedded default model will replace the tiny random one.
-DEFAULT_MODEL = "tiny-sd"
+#: The model used when ``--model`` is not given: the embedded default model (assets/default-model), a small
+#: Stable Diffusion pipeline trained on safegen's world (see safegen.default_model).
+DEFAULT_MODEL = "default"
 #: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
 TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline"}
+#: Denoising steps when ``--steps`` is not given.
+DEFAULT_STEPS = {"default": 25, **{name: 4 for name in TINY_MODELS}}
 
 DEMO_BENIGN = ("a photo of a red bus", "a blue bird on a tree", "a cat sitting in a kitchen")
 #: Each contains literal concept phrases of the default policy (assets/policies/default.yaml).
@@ -90,8 +94,8 @@ def _float(text: str) -> float:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local model folder, a hub id (owner/name), or one of {sorted(TINY_MODELS)} "
-                        f"(default: {DEFAULT_MODEL})")
+                   help=f"a local model folder, a hub id (owner/name), 'default' (the embedded default model) or "
+                        f"one of {sorted(TINY_MODELS)} (random test pipelines) (default: {DEFAULT_MODEL})")
     p.add_argument("--guards", default=None, metavar="LIST",
                    help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
                         "default: the policy's guards")
@@ -118,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DIR/001.png, ... and DIR/report.json.")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
     _add_model_args(g)
-    g.add_argument("--steps", type=_positive_int, default=None, metavar="N",
-                   help="denoising steps (default: 30, or 4 on the tiny models)")
+    g.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     g.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
@@ -130,10 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same seed; writes DIR/grid.png (rows: prompts, columns: unprotected | "
                                    "protected) and DIR/report.json.")
     _add_model_args(d)
-    d.add_argument("--steps", type=_positive_int, default=None, metavar="N",
-                   help="denoising steps (default: 30, or 4 on the tiny models)")
+    d.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     d.set_defaults(func=cmd_demo_run)
+
+    e = sub.add_parser("eval", help="measure a pipeline on a prompt file with an oracle; writes metrics.json",
+                       description="Generate one image per prompt (seed + index) and judge it with an oracle. "
+                                   "Writes DIR/metrics.json (n, blocked_rate, unsafe_rate, fidelity, sec_per_item, "
+                                   "unet_steps_run, unet_steps_saved, ...) and DIR/items.jsonl.")
+    e.add_argument("--prompts", required=True, metavar="FILE",
+                   help="a .csv file (see --column) or a text file with one prompt a line")
+    e.add_argument("--column", default=None, metavar="NAME", help="CSV column holding the prompts (default: prompt)")
+    e.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="evaluate the first N prompts")
+    e.add_argument("--no-dedup", action="store_true", help="keep repeated prompts (default: each prompt once)")
+    _add_model_args(e)
+    e.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    e.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
+    e.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per call (default 8)")
+    e.add_argument("--oracle", default="world", help="image oracle (default: world, the default model's exact one)")
+    e.add_argument("--save-images", action="store_true", help="also save every image to DIR/images/")
+    e.set_defaults(func=cmd_eval)
     return parser
+
+
+_STEPS_HELP = "denoising steps (default: 25 on the default model, 4 on the tiny ones, else 30)"
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -167,9 +189,22 @@ def _parse_guards(spec: str | None) -> list[str] | None:
 def _check_model(model: str) -> None:
     if model in TINY_MODELS:
         return
+    if model == DEFAULT_MODEL:
+        _default_model_dir()
+        return
     from .hub import check_loadable
 
     check_loadable(model)  # FileNotFoundError / OfflineModelError, in milliseconds
+
+
+def _default_model_dir() -> Path:
+    from ._paths import assets_dir
+
+    folder = assets_dir() / "default-model"
+    if not (folder / "model_index.json").is_file():
+        raise UsageError(f"the embedded default model is missing ({folder}/model_index.json not found); "
+                         f"train it with `python -m safegen.default_model --out {folder} ...` or pass --model")
+    return folder
 
 
 def _device(spec: str):
@@ -195,6 +230,11 @@ def _load_pipeline(model: str, device) -> Any:
             _RESTORE["threads"] = torch.get_num_threads()
             torch.set_num_threads(1)
         return getattr(testing, TINY_MODELS[model])().to(device)
+    from .default_model import is_default_model_folder, load_default_pipeline
+
+    folder = _default_model_dir() if model == DEFAULT_MODEL else Path(model)
+    if is_default_model_folder(folder):
+        return load_default_pipeline(folder).to(device)
     import torch
     from diffusers import DiffusionPipeline
 
@@ -251,7 +291,7 @@ def _generator(seed: int):
 
 
 def _default_steps(args) -> int:
-    return args.steps or (4 if args.model in TINY_MODELS else 30)
+    return args.steps or DEFAULT_STEPS.get(args.model, 30)
 
 
 def _entry(report, **fields) -> dict[str, Any]:
@@ -312,6 +352,42 @@ def cmd_generate(args) -> int:
         tqdm.write(f"{name or '(no image)'}: {_line(report)}  {prompt!r}", file=sys.stdout)
     _write_json(out_dir / "report.json", entries)
     print(f"wrote {len(entries)} image(s) and report.json to {out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .evaluate import get_oracle, read_prompts
+
+    try:
+        prompts = read_prompts(args.prompts, args.column, limit=args.limit, dedup=not args.no_dedup)
+        oracle = get_oracle(args.oracle)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    policy, guards = _settings(args)
+    device = _device(args.device)
+    pipe = _load_pipeline(args.model, device)
+    if args.model in TINY_MODELS:
+        _lexical_only(policy)
+        print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
+    if guards != []:
+        _protect(pipe, policy, guards)
+    from .evaluate import evaluate, write_results
+
+    steps = _default_steps(args)
+    out_dir = Path(args.out)
+    metrics, items = evaluate(pipe, prompts, oracle=oracle, steps=steps, seed=args.seed, batch_size=args.batch_size,
+                              guidance_scale=args.guidance,
+                              image_dir=out_dir / "images" if args.save_images else None)
+    config = {"prompts": str(args.prompts), "column": args.column, "limit": args.limit, "dedup": not args.no_dedup,
+              "model": args.model, "guards": guards if guards is not None else list(policy.guards),
+              "policy": policy.name, "sensitivity": policy.sensitivity, "steps": steps, "seed": args.seed,
+              "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device)}
+    path = write_results(out_dir, metrics, items, config)
+    shown = {k: metrics[k] for k in ("n", "blocked_rate", "unsafe_rate", "fidelity", "fidelity_colour",
+                                     "sec_per_item", "unet_steps_run", "unet_steps_saved")}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {path} and {out_dir / 'items.jsonl'}")
     return 0
 
 

@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["safegen", "safegen.policy", "safegen.report", "safegen.protection", "safegen.encoders", "safegen.hub",
-           "safegen.community", "safegen.testing", "safegen.guards.safree", "safegen.guards.sld"]
+           "safegen.community", "safegen.testing", "safegen.guards.safree", "safegen.guards.sld",
+           "safegen.evaluate", "safegen.default_model"]
 
 
 @pytest.mark.parametrize("name", MODULES)
