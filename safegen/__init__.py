@@ -34,6 +34,7 @@ _LAZY = {
     "Guard": ".guards",
     "Safree": ".guards",
     "SLD": ".guards",
+    "LatentGuard": ".guards",
     "TextEncoderAdapter": ".encoders",
 }
 
@@ -58,7 +59,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
-    from .guards import SLD, Guard, Safree
+    from .guards import SLD, Guard, LatentGuard, Safree
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
     from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
     from .report import GuardResult, SafetyReport

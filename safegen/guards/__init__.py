@@ -6,6 +6,13 @@ from .base import STAGES, Guard, GuardError
 from .safree import Safree
 from .sld import SLD
 
+
+def _latent_guard(**kwargs):
+    from .latent_guard import LatentGuard
+
+    return LatentGuard(**kwargs)
+
+
 #: Names accepted by ``protect(guards=[...])``, the CLI and policies, mapped to guard factories.
 GUARD_PRESETS = {
     "safree": Safree,
@@ -15,6 +22,16 @@ GUARD_PRESETS = {
     "sld-medium": SLD.medium,
     "sld-strong": SLD.strong,
     "sld-max": SLD.max,
+    "latent-guard": _latent_guard,
 }
 
-__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "GUARD_PRESETS"]
+__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "GUARD_PRESETS"]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that `python -m safegen.guards.latent_guard` (training) runs without runpy's warning
+    if name == "LatentGuard":
+        from .latent_guard import LatentGuard
+
+        return LatentGuard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

