@@ -317,6 +317,17 @@ def _cosine_lr(opt, base_lr: float, step: int, total: int, warmup: int = 100) ->
         g["lr"] = base_lr * f
 
 
+def _optimizer_step(opt, model: torch.nn.Module, loss: torch.Tensor, losses: list[float], bar, step: int) -> None:
+    """Backward, clip to norm 1, step; log the loss (running mean of 50 on the bar every 10 steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    losses.append(loss.item())
+    if step % 10 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+
+
 def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_steps: int, unet_steps: int,
           batch_size: int = 64, vae_batch_size: int = 24, lr: float = 3e-4, vae_lr: float = 1e-3, kl_weight: float = 1e-6,
           fg_weight: float = 4.0,
@@ -406,13 +417,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         kl = post.kl().mean() / z[0].numel()
         w = 1.0 + fg_weight * (x - bg).abs().amax(dim=1, keepdim=True).gt(0.02).float()  # content pixels count more
         loss = (w * ((rec - x).abs() + (rec - x) ** 2)).sum() / (w.sum() * 3) + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        _optimizer_step(opt, vae, loss, losses, bar, step)
         if (step + 1) % checkpoint_every == 0 and step + 1 < vae_steps:
             _save_checkpoint(ckpt_dir, "vae", step + 1, vae, opt, {"seed": seed})
     bar.close()
@@ -481,13 +486,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        _optimizer_step(opt, unet, loss, losses, bar, step)
         if (step + 1) % checkpoint_every == 0 and step + 1 < unet_steps:
             _save_checkpoint(ckpt_dir, "unet", step + 1, unet, opt, meta)
     bar.close()

@@ -1040,13 +1040,14 @@ class LatentGuard(Guard):
         # host side, once per call: the report for each prompt
         scores, per_cat, fired, thresholds = scores.cpu(), per_cat.cpu(), fired.cpu(), thresholds.cpu()
         margin = torch.where(fired, per_cat - thresholds, torch.full_like(per_cat, float("-inf")))
+        cat_of_host, tau = cat_of.cpu(), round(head.tau.item(), 4)
         for b in range(B):
             cat_scores = {c: round(float(per_cat[b, j]), 4) for j, c in enumerate(cats)}
             j = int(margin[b].argmax()) if bool(fired[b].any()) else int(per_cat[b].argmax())
-            in_cat = torch.where(cat_of.cpu() == j, scores[b], torch.full_like(scores[b], float("-inf")))
+            in_cat = torch.where(cat_of_host == j, scores[b], torch.full_like(scores[b], float("-inf")))
             concept = entries[int(in_cat.argmax())][1]
             cat, score, thr = cats[j], float(per_cat[b, j]), float(thresholds[j])
-            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": round(head.tau.item(), 4)}
+            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau}
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
                            details=details)
             if bool(fired[b].any()) and policy.categories[cat].action != "log":
