@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BENCH_FILE = ROOT / "BENCHMARKS.md"
+from benchmarks._common import publish  # noqa: E402
+
 BEGIN, END = "<!-- default-model:begin -->", "<!-- default-model:end -->"
 
 
@@ -113,16 +113,7 @@ def main() -> None:
             f"{cp['sec_per_item']:.3f} |")
     lines += ["", "Commands (each writes `metrics.json` and `items.jsonl` to its `--out`):", "", "```"]
     lines += commands + ["```", END]
-    body = "\n".join(lines)
-    print(body)
-    if a.write:
-        text = BENCH_FILE.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + body + "\n"
-        BENCH_FILE.write_text(text, encoding="utf-8")
-        print(f"updated {BENCH_FILE}")
+    publish(lines, BEGIN, END, a.write)
 
 
 if __name__ == "__main__":

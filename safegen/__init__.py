@@ -35,6 +35,7 @@ _LAZY = {
     "Safree": ".guards",
     "SLD": ".guards",
     "LatentGuard": ".guards",
+    "LVD": ".guards",
     "TextEncoderAdapter": ".encoders",
 }
 
@@ -59,7 +60,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
-    from .guards import SLD, Guard, LatentGuard, Safree
+    from .guards import LVD, SLD, Guard, LatentGuard, Safree
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
     from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
     from .report import GuardResult, SafetyReport

@@ -1,4 +1,5 @@
-"""The ``safegen`` command line: ``safegen generate``, ``safegen eval`` and ``safegen demo-run`` (``make run``).
+"""The ``safegen`` command line: ``generate``, ``eval``, ``demo-run`` (``make run``), ``train-prompt-guard``,
+``check-prompts`` and ``train-lvd``.
 
 Offline by default: ``HF_HUB_OFFLINE=1`` unless the environment already sets it (export ``HF_HUB_OFFLINE=0`` on a
 machine with internet access to download hub models). Heavy modules (torch, diffusers) load inside the
@@ -11,6 +12,9 @@ Examples::
     safegen generate "a red cat" --guards none --out outputs/plain      # unprotected, reports have no guards
     safegen eval --prompts ../shared/data/CoProv2_test.csv --limit 500 --out outputs/eval-coprov2
     safegen demo-run --out outputs
+    safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
+    safegen check-prompts ../shared/data/CoProv2_test.csv --column prompt --out outputs/checks.jsonl
+    safegen train-lvd --out assets/lvd/default-model.safetensors
 """
 
 from __future__ import annotations
@@ -152,6 +156,88 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--oracle", default="world", help="image oracle (default: world, the default model's exact one)")
     e.add_argument("--save-images", action="store_true", help="also save every image to DIR/images/")
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("train-prompt-guard", help="train a Latent Guard head on CoProV2 pairs; writes safetensors",
+                       description="Train a Latent Guard head contrastively on CoProv2_train.csv (unsafe prompts vs "
+                                   "their safe twins, per policy category), holding out a share of the pairs for "
+                                   "validation. Prints the validation AUC and the calibrated threshold, stored with "
+                                   "the weights.")
+    t.add_argument("--out", required=True, metavar="FILE", help="weights file to write (.safetensors)")
+    t.add_argument("--backbone", choices=("minilm", "pipeline"), default="minilm",
+                   help="minilm: all-MiniLM-L6-v2, works with any pipeline (default); pipeline: the text encoder "
+                        "of --model (e.g. CLIP-L of SD 1.x; a GPU helps)")
+    t.add_argument("--model", default=None, help="the pipeline whose text encoder is the backbone (--backbone "
+                                                 "pipeline only)")
+    t.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with CoProv2_train.csv (default: $SAFEGEN_DATA or ../shared/data)")
+    t.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
+                   help="policy whose concepts are the blacklist trained against (default: default)")
+    t.add_argument("--steps", type=_positive_int, default=2000, metavar="N", help="optimiser steps (default 2000)")
+    t.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="pairs per step (default 64)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--val-share", type=_float, default=0.1, metavar="X",
+                   help="share of pairs held out for validation, in [0, 1) (default 0.1)")
+    t.add_argument("--max-length", type=_positive_int, default=64, metavar="N",
+                   help="MiniLM padding length (default 64)")
+    t.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="train on a seeded random subset of N pairs (quick runs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    t.set_defaults(func=cmd_train_prompt_guard)
+
+    c = sub.add_parser("check-prompts", help="score prompts with Latent Guard; writes one JSON line per prompt",
+                       description="Check every prompt of a file with Latent Guard (no image is generated). Writes "
+                                   "OUT.jsonl: one line per prompt with prompt, score, unsafe (at the policy's "
+                                   "threshold), concept, category, threshold, action and per-category scores.")
+    c.add_argument("file", metavar="FILE", help="a .csv file (see --column) or a text file with one prompt a line")
+    c.add_argument("--column", default=None, metavar="NAME", help="CSV column holding the prompts (default: prompt)")
+    c.add_argument("--out", required=True, metavar="OUT.jsonl", help="the JSON-lines file to write")
+    c.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="check the first N prompts")
+    c.add_argument("--weights", default=None, metavar="FILE",
+                   help="Latent Guard weights (default: the shipped MiniLM head, assets/latent_guard/)")
+    c.add_argument("--backbone", choices=("minilm", "pipeline"), default="minilm",
+                   help="the encoder the weights were trained for (pipeline: the text encoder of --model)")
+    c.add_argument("--model", default=None, help="pipeline for --backbone pipeline")
+    c.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
+                   help="a built-in policy name or a .yaml/.json policy file (default: default)")
+    c.add_argument("--sensitivity", type=_positive_float, default=None, metavar="X",
+                   help="overrides the policy's sensitivity (2.0 flags more, 0.5 flags less)")
+    c.add_argument("--threshold", type=_float, default=None, metavar="X",
+                   help="score threshold for categories whose policy sets none (default: the one stored with the "
+                        "weights)")
+    c.add_argument("--batch-size", type=_positive_int, default=256, metavar="N", help="prompts per pass (default 256)")
+    c.set_defaults(func=cmd_check_prompts)
+
+    v = sub.add_parser("train-lvd", help="train the LVD latent classifier for a model; writes safetensors",
+                       description="Run the model over labelled prompts (CoProV2 training prompts and their safe "
+                                   "twins, COCO captions outside the evaluation range), record the predicted x0 "
+                                   "along every trajectory, label each trajectory with the oracle on its final "
+                                   "image, train the classifier and calibrate its threshold on held-out "
+                                   "trajectories.")
+    v.add_argument("--out", required=True, metavar="FILE", help="classifier file to write (.safetensors)")
+    v.add_argument("--model", default=DEFAULT_MODEL, help="the model whose latents are classified (default: the "
+                                                          "embedded default model)")
+    v.add_argument("--prompts", type=_positive_int, default=1200, metavar="N",
+                   help="trajectories to record: half unsafe CoProV2 prompts, a quarter safe twins, a quarter COCO "
+                        "(default 1200)")
+    v.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
+                        "../shared/data)")
+    v.add_argument("--oracle", default="world", help="labels each final image (default: world)")
+    v.add_argument("--policy", default="default", metavar="NAME_OR_PATH", help="its categories are the labels")
+    v.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    v.add_argument("--window", type=_positive_int, default=5, metavar="N", help="decision window in steps (5)")
+    v.add_argument("--ratio", type=_positive_float, default=0.6, metavar="X", help="share of window steps (0.6)")
+    v.add_argument("--record-steps", type=_positive_int, default=None, metavar="N",
+                   help="steps of x0 recorded per trajectory (default: the window)")
+    v.add_argument("--train-steps", type=_positive_int, default=1500, metavar="N", help="optimiser steps (1500)")
+    v.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="prompts per generation call")
+    v.add_argument("--trajectories", default=None, metavar="FILE",
+                   help="reuse trajectories saved by an earlier run (skips the generation)")
+    v.add_argument("--save-trajectories", default=None, metavar="FILE", help="also save the recorded trajectories")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    v.set_defaults(func=cmd_train_lvd)
     return parser
 
 
@@ -388,6 +474,166 @@ def cmd_eval(args) -> int:
                                      "sec_per_item", "unet_steps_run", "unet_steps_saved")}
     print(json.dumps(shown, indent=2))
     print(f"wrote {path} and {out_dir / 'items.jsonl'}")
+    return 0
+
+
+# ---------------------------------------------------------------------- Latent Guard
+def _check_backbone(args) -> None:
+    """``--model`` goes with ``--backbone pipeline`` and only with it (checked before any data or model loads)."""
+    if args.backbone != "pipeline":
+        if args.model is not None:
+            raise UsageError("--model only applies with --backbone pipeline (the MiniLM backbone needs no pipeline)")
+        return
+    if args.model is None:
+        raise UsageError("--backbone pipeline needs --model, the pipeline whose text encoder is the backbone")
+    _check_model(args.model)
+
+
+def _backbone_pipeline(args) -> Any:
+    """The pipeline for ``--backbone pipeline``, else ``None``."""
+    if args.backbone != "pipeline":
+        return None
+    return _load_pipeline(args.model, _device(getattr(args, "device", "auto")))
+
+
+def cmd_train_prompt_guard(args) -> int:
+    import torch
+
+    from .guards.latent_guard import _pipeline_adapter, load_coprov2_pairs, train_head
+    from .policy import load_policy
+
+    if not 0 <= args.val_share < 1:
+        raise UsageError(f"--val-share must be in [0, 1), got {args.val_share}")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    _check_backbone(args)
+    device = _device(args.device)
+    policy = load_policy(args.policy)
+    try:
+        pairs = load_coprov2_pairs(args.data_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.limit is not None and args.limit < len(pairs):  # a seeded random subset (the file is sorted by category)
+        pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))[:args.limit]
+        pairs = [pairs[i] for i in sorted(pick.tolist())]
+    pipe = _backbone_pipeline(args)
+    encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)
+    try:
+        head, summary = train_head(encoder, pairs, policy=policy, steps=args.steps, batch_size=args.batch_size,
+                                   lr=args.lr, val_share=args.val_share, seed=args.seed, device=device,
+                                   max_length=args.max_length)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head.save(out)
+    summary = {k: v for k, v in summary.items() if k != "losses"}
+    print(json.dumps({**summary, "weights": str(out)}, indent=2, default=str))
+    return 0
+
+
+def cmd_check_prompts(args) -> int:
+    from .evaluate import read_prompts
+    from .guards.latent_guard import LatentGuard, LatentGuardWeightsError
+    from .policy import load_policy
+
+    _check_backbone(args)
+    try:
+        prompts = read_prompts(args.file, args.column, limit=args.limit, dedup=False)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    policy = load_policy(args.policy)
+    if args.sensitivity is not None:
+        policy.sensitivity = args.sensitivity
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'checks.jsonl'}")
+    pipe = _backbone_pipeline(args)
+    try:
+        guard = LatentGuard(weights=args.weights, backbone=args.backbone, threshold=args.threshold,
+                            encode_batch=args.batch_size)
+        rows = guard.check(prompts, policy, pipe=pipe, batch_size=args.batch_size, progress=True)
+    except LatentGuardWeightsError as e:
+        raise UsageError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    flagged = sum(r["unsafe"] for r in rows)
+    print(f"checked {len(rows)} prompt(s): {flagged} unsafe at the policy threshold; wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------- LVD
+def lvd_training_prompts(n: int, seed: int = 0, data_dir=None) -> list[str]:
+    """The prompts ``safegen train-lvd`` records: half unsafe CoProV2 training prompts, a quarter of their safe
+    twins, a quarter COCO captions past the default model's held-out range (never an evaluation prompt)."""
+    import random
+
+    from .default_model import HELDOUT_COCO
+    from .world import load_coco, load_coprov2_pairs
+
+    pairs = load_coprov2_pairs(data_dir)
+    coco = load_coco(data_dir)[HELDOUT_COCO:]
+    rng = random.Random(seed)
+    unsafe = list(dict.fromkeys(u for u, _, _ in pairs))
+    safe = list(dict.fromkeys(s for _, s, _ in pairs))
+    n_unsafe, n_safe = n // 2, n // 4
+    picked = rng.sample(unsafe, min(n_unsafe, len(unsafe))) + rng.sample(safe, min(n_safe, len(safe)))
+    picked += rng.sample(coco, min(n - len(picked), len(coco)))  # COCO fills what the pairs cannot
+    rng.shuffle(picked)
+    return picked
+
+
+def cmd_train_lvd(args) -> int:
+    from .evaluate import get_oracle
+    from .guards.lvd import Trajectories, record_trajectories, train_classifier
+    from .policy import load_policy
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    if not 0 < args.ratio <= 1:
+        raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+    record = args.record_steps or args.window
+    if record < args.window:
+        raise UsageError(f"--record-steps ({record}) must be at least --window ({args.window})")
+    try:
+        oracle = get_oracle(args.oracle)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    policy = load_policy(args.policy)
+    categories = list(policy.categories)
+    if args.trajectories:
+        try:
+            data = Trajectories.load(args.trajectories)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--trajectories {args.trajectories}: {e}") from None
+    else:
+        _check_model(args.model)
+        steps = _default_steps(args)
+        if record > steps:
+            raise UsageError(f"--record-steps/--window ({record}) must not exceed --steps ({steps})")
+        prompts = lvd_training_prompts(args.prompts, args.seed, args.data_dir)
+        pipe = _load_pipeline(args.model, _device(args.device))
+
+        def labeller(prompt, image):
+            j = oracle.judge(prompt, image)
+            return [j["category"]] if j["unsafe"] and j.get("category") else []
+
+        data = record_trajectories(pipe, prompts, labeller=labeller, categories=categories, steps=steps,
+                                   record_steps=record, seed=args.seed, batch_size=args.batch_size)
+        if args.save_trajectories:
+            data.save(args.save_trajectories)
+    try:
+        clf, summary = train_classifier(data, window=args.window, ratio=args.ratio, steps=args.train_steps,
+                                        seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    clf.save(out, {"trained_on": args.model, "oracle": args.oracle, "trajectories": int(data.x0.shape[0]),
+                   "unsafe_trajectories": int(data.labels.any(1).sum())})
+    shown = {k: v for k, v in summary.items() if k != "losses"}
+    print(json.dumps({**shown, "weights": str(out)}, indent=2, default=str))
     return 0
 
 

@@ -13,7 +13,7 @@ objects). Metrics (:func:`evaluate`):
   ``fidelity_colour``: the same on prompts that name a colour; ``fidelity_n`` / ``fidelity_colour_n`` count them.
 * ``sec_per_item``: wall time of the generation calls per prompt (model loading excluded).
 * ``unet_steps_run`` / ``unet_steps_saved``: totals over all items, from the safety reports (an unprotected run
-  runs every step).
+  runs every step); ``blocked_steps_saved_share``: the share of UNet steps skipped on blocked items.
 * ``unsafe_by_category``: oracle findings per category.
 
 Example:
@@ -257,10 +257,16 @@ def _metrics(items: list[dict], seconds: float, oracle) -> dict[str, Any]:
         "sec_per_item": round(seconds / n, 4) if n else None,
         "unet_steps_run": sum(it["unet_steps_run"] for it in items),
         "unet_steps_saved": sum(it["unet_steps_saved"] for it in items),
+        "blocked_steps_saved_share": _saved_share([it for it in items if it["blocked"]]),
         "unsafe_by_category": dict(sorted(by_cat.items())),
         "oracle": getattr(oracle, "name", type(oracle).__name__),
         "oracle_protocol": getattr(oracle, "protocol", ""),
     }
+
+
+def _saved_share(items: list[dict]) -> float | None:
+    total = sum(it["unet_steps_run"] + it["unet_steps_saved"] for it in items)
+    return round(sum(it["unet_steps_saved"] for it in items) / total, 4) if total else None
 
 
 def write_results(out_dir: "str | Path", metrics: dict, items: list[dict], config: dict) -> Path:

@@ -88,7 +88,9 @@ class Call:
     reports: list[SafetyReport]
     blocked_prompts: list[bool]
     step: int = 0  # index of the step about to run (updated after every step)
+    stopped_items: dict = field(default_factory=dict)  # item -> UNet steps it ran before a guard stopped it
     scratch: dict = field(default_factory=dict)
+    _stopper: Any = None  # the ItemStopper, installed by the first stop_item
     seconds: dict = field(default_factory=dict)
     _conditioning: dict | None = None
     _cond_override: dict | None = None
@@ -118,6 +120,11 @@ class Call:
         """Indices of the prompts that are not blocked (the ones the pipeline will run)."""
         return [i for i, b in enumerate(self.blocked_prompts) if not b]
 
+    @property
+    def running_items(self) -> list[int]:
+        """Item indices of the rows of the denoising batch, in order (the items of the kept prompts)."""
+        return [it for p in self.kept_prompts for it in self.items_of(p)]
+
     def items_of(self, prompt_index: int) -> range:
         n = self.num_images_per_prompt
         return range(prompt_index * n, (prompt_index + 1) * n)
@@ -140,6 +147,29 @@ class Call:
             res.reason = reason
             for k, v in fields.items():
                 setattr(res, k, v)
+
+    def stop_item(self, item: int, guard: str, reason: str, steps_run: int, **fields: Any) -> None:
+        """Stop one item inside the loop (from a step hook) after ``steps_run`` UNet steps: its UNet rows stop
+        running, its latents are not decoded, it returns the placeholder, and its report says why and how many
+        steps were saved. When no item is left, the pipeline's loop is interrupted."""
+        from .unet_rows import ItemStopper
+
+        running = self.running_items
+        if item not in running:
+            raise ValueError(f"item {item} is not in the denoising batch (running items: {running})")
+        if item in self.stopped_items:
+            return
+        if self._stopper is None:
+            self._stopper = ItemStopper(self.pipe, len(running), guard=guard).install()
+        if self._stopper.stop(running.index(item)):
+            self.pipe._interrupt = True
+        self.stopped_items[item] = int(steps_run)
+        res = self.result(item, guard)
+        res.verdict = "block"
+        res.reason = reason
+        res.steps_saved = self.num_steps - int(steps_run)
+        for k, v in fields.items():
+            setattr(res, k, v)
 
     # ---------------------------------------------------------------- conditioning
     def conditioning(self) -> dict[str, torch.Tensor]:
@@ -386,7 +416,11 @@ def _run(pipe, base_call, args, kwargs):
         keep = call.kept_prompts
         if keep:
             run_args = _run_arguments(call, keep)
-            out = base_call(pipe, **run_args, return_dict=True)
+            try:
+                out = base_call(pipe, **run_args, return_dict=True)
+            finally:
+                if call._stopper is not None:
+                    call._stopper.remove()
             steps_run = call.scratch.get("steps_run", call.num_steps)
         else:
             steps_run = 0
@@ -399,6 +433,7 @@ def _run(pipe, base_call, args, kwargs):
     except BaseException:
         _cleanup(call)
         raise
+    pipe._interrupt = False  # a guard may have stopped the whole loop; the next call starts clean
     _fill_step_counts(call, keep, steps_run)
     for rep in call.reports:
         for res in rep.guards:
@@ -433,7 +468,7 @@ def _fail_closed(call: Call, err: GuardError) -> None:
 
 def _fill_step_counts(call: Call, keep: list[int], steps_run: int) -> None:
     kept_items = {it for p in keep for it in call.items_of(p)}
-    per_item = call.scratch.get("steps_run_per_item", {})
+    per_item = {**call.scratch.get("steps_run_per_item", {}), **call.stopped_items}
     for rep in call.reports:
         if rep.index in kept_items:
             rep.unet_steps_run = per_item.get(rep.index, steps_run)
@@ -536,7 +571,7 @@ def _output_class(call: Call):
 def _assemble(call: Call, out: Any, keep: list[int], output_type: str) -> Any:
     n_items = call.n_items
     kept_items = [it for p in keep for it in call.items_of(p)]
-    if out is not None and len(kept_items) == n_items:
+    if out is not None and len(kept_items) == n_items and not call.stopped_items:
         return out
     produced = out.images if out is not None else []
     like = produced[0] if len(produced) and not isinstance(produced, list) else None
@@ -544,7 +579,7 @@ def _assemble(call: Call, out: Any, keep: list[int], output_type: str) -> Any:
     for j, item in enumerate(kept_items):
         slots[item] = produced[j]
     for item in range(n_items):
-        if item not in kept_items:
+        if item not in kept_items or item in call.stopped_items:
             slots[item] = _placeholder(call, output_type, like)
     if output_type in ("np", None) or isinstance(produced, np.ndarray):
         images: Any = np.stack(slots)

@@ -1,9 +1,13 @@
-"""Run extra rows through the denoiser inside the pipeline's own UNet call, and take their outputs back out.
+"""Change which rows the denoiser runs inside the pipeline's own UNet call.
 
-SLD needs a safety-concept row next to the CFG rows; SAFREE's re-attention needs a reference row conditioned
-on the original prompt. Both are the same mechanism: a forward pre-hook appends rows to every input that has
-a batch dimension, a forward hook splits the output, lets the guard combine them, and hands the pipeline an
-output of the batch size it asked for. Several extenders stack: each strips exactly the rows it added.
+* :class:`RowExtender` — extra rows. SLD needs a safety-concept row next to the CFG rows; SAFREE's re-attention
+  needs a reference row conditioned on the original prompt. Both are the same mechanism: a forward pre-hook
+  appends rows to every input that has a batch dimension, a forward hook splits the output, lets the guard
+  combine them, and hands the pipeline an output of the batch size it asked for. Several extenders stack: each
+  strips exactly the rows it added.
+* :class:`ItemStopper` — fewer rows. When a guard stops an item inside the loop (LVD), the UNet runs only the
+  rows of the items still going (the stopped rows get zeros, which nobody reads), the VAE decodes only their
+  latents, and when every item is stopped the pipeline's loop is interrupted.
 """
 
 from __future__ import annotations
@@ -11,10 +15,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import weakref
+
 import torch
 
 # Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) that carry a batch dimension.
 _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask")
+
+
+def _sample_of(output: Any) -> torch.Tensor:
+    """The denoiser's prediction in its output (a tuple, or an output object with ``.sample``)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_sample(output: Any, sample: torch.Tensor) -> Any:
+    """``output`` with its prediction replaced by ``sample`` (same container)."""
+    if isinstance(output, tuple):
+        return (sample,) + tuple(output[1:])
+    output.sample = sample
+    return output
 
 
 @dataclass
@@ -29,6 +48,11 @@ class ExtraRows:
     tensors: dict[str, torch.Tensor]
     source_rows: torch.Tensor  # (E,) indices into the pipeline's batch used to fill missing inputs
     info: Any = None
+
+
+#: How many RowExtenders are installed on each UNet (an ItemStopper leaves rows alone while any is: the
+#: extenders' per-row state follows the pipeline's full batch).
+_EXTENDERS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -46,6 +70,7 @@ class RowExtender:
     def install(self) -> "RowExtender":
         from .guards.base import guarded
 
+        _EXTENDERS[self.unet] = _EXTENDERS.get(self.unet, 0) + 1
         self._handles.append(self.unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True))
         # prepend: the last extender to add rows is the first to strip them
         self._handles.append(self.unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True,
@@ -53,6 +78,8 @@ class RowExtender:
         return self
 
     def remove(self) -> None:
+        if self._handles:
+            _EXTENDERS[self.unet] = max(0, _EXTENDERS.get(self.unet, 1) - 1)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -103,8 +130,7 @@ class RowExtender:
         n, extra = self._stack.pop()
         if extra is None:
             return None
-        is_tuple = isinstance(output, tuple)
-        out = output[0] if is_tuple else output.sample
+        out = _sample_of(output)
         main, rest = out[:n], out[n:]
         e = extra.tensors["sample"].shape[0]
         mine, others = rest[:e], rest[e:]
@@ -113,7 +139,113 @@ class RowExtender:
             new_main = main
         # rows appended by extenders registered after this one have already been stripped by their hooks
         merged = torch.cat([new_main, others], 0) if others.shape[0] else new_main
-        if is_tuple:
-            return (merged,) + tuple(output[1:])
-        output.sample = merged
-        return output
+        return _with_sample(output, merged)
+
+
+def _select_rows(value: Any, n: int, rows: torch.Tensor) -> Any:
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != n:
+        return value
+    return value.index_select(0, rows.to(value.device))
+
+
+class ItemStopper:
+    """Skip the work of stopped items for the rest of one call (installed by ``Call.stop_item`` on first use).
+
+    ``active`` is a host bool list over the items of the running batch. The UNet's batch holds each item once
+    per CFG branch (``[uncond items, cond items]``), so an item's rows are ``j, j + n, ...``; a UNet input whose
+    batch is not a multiple of ``n``, or a UNet that also carries a :class:`RowExtender`, runs unchanged (the
+    stopped rows are computed and discarded: correct, only not cheaper). ``vae.decode`` of the running batch
+    decodes the active rows only.
+    """
+
+    def __init__(self, pipe: Any, n_items: int, guard: str = "guard"):
+        self.pipe, self.n, self.guard = pipe, int(n_items), guard
+        self.active = [True] * self.n
+        self.unet_rows_skipped = 0  # UNet row-evaluations saved, for tests and reports
+        self._stack: list = []
+        self._handles: list = []
+        self._vae = None
+
+    def install(self) -> "ItemStopper":
+        from .guards.base import guarded
+
+        unet = self.pipe.unet if hasattr(self.pipe, "unet") and self.pipe.unet is not None else self.pipe.transformer
+        # first in, last out: other row hooks see only the rows that run
+        self._handles.append(unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True,
+                                                            prepend=True))
+        self._handles.append(unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True))
+        self._unet = unet
+        vae = getattr(self.pipe, "vae", None)
+        if vae is not None and "decode" not in vae.__dict__:
+            original = vae.decode
+
+            def decode(z, *args, **kwargs):
+                return self._decode(original, z, *args, **kwargs)
+
+            vae.decode = decode  # an instance attribute; removed in remove()
+            self._vae = vae
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+        if self._vae is not None:
+            self._vae.__dict__.pop("decode", None)
+            self._vae = None
+
+    def stop(self, j: int) -> bool:
+        """Mark running item ``j`` stopped; returns True when no item is left (the caller interrupts the loop)."""
+        self.active[j] = False
+        return not any(self.active)
+
+    def _rows(self, n_rows: int) -> torch.Tensor | None:
+        if all(self.active) or n_rows % self.n or _EXTENDERS.get(self._unet, 0):
+            return None
+        idx = torch.tensor([j for j, a in enumerate(self.active) if a], dtype=torch.long)
+        return torch.cat([idx + r * self.n for r in range(n_rows // self.n)])
+
+    def _pre(self, module, args, kwargs):
+        args = list(args)
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        n = sample.shape[0]
+        rows = self._rows(n)
+        self._stack.append((n, rows))
+        if rows is None:
+            return None
+        self.unet_rows_skipped += n - rows.numel()
+        if args:
+            args = [_select_rows(a, n, rows) for a in args]
+        kwargs = {k: ({kk: _select_rows(vv, n, rows) for kk, vv in v.items()} if isinstance(v, dict)
+                      else _select_rows(v, n, rows)) for k, v in kwargs.items()}
+        return tuple(args), kwargs
+
+    def _post(self, module, args, kwargs, output):
+        n, rows = self._stack.pop()
+        if rows is None:
+            return None
+        out = _sample_of(output)
+        full = out.new_zeros((n,) + tuple(out.shape[1:]))
+        full.index_copy_(0, rows.to(out.device), out)
+        return _with_sample(output, full)
+
+    def _decode(self, original, z, *args, **kwargs):
+        if z.shape[0] != self.n or all(self.active):
+            return original(z, *args, **kwargs)
+        idx = torch.tensor([j for j, a in enumerate(self.active) if a], dtype=torch.long, device=z.device)
+        if idx.numel():
+            res = original(z.index_select(0, idx), *args, **kwargs)
+            image = res[0] if isinstance(res, tuple) else res.sample
+            full = image.new_zeros((self.n,) + tuple(image.shape[1:]))
+            full.index_copy_(0, idx, image)
+        else:  # nothing left to decode: a zero image of the decoder's output shape, no decoder call
+            vae = self._vae
+            f = 2 ** (len(vae.config.block_out_channels) - 1)
+            full = z.new_zeros((self.n, vae.config.out_channels) + tuple(s * f for s in z.shape[2:]))
+            res = None
+        if kwargs.get("return_dict", True) is False or isinstance(res, tuple):
+            return (full,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=full)

@@ -51,7 +51,8 @@ from .policy import CATEGORIES, normalize_category
 __all__ = [
     "WORLD_SIZE", "BACKGROUND", "PALETTE", "COLOUR_ALIASES", "OBJECT_WORDS", "DEFAULT_COLOURS", "GLYPH_BOX",
     "MARK_BOX", "MARK_INK", "PromptAttributes", "Finding", "parse_prompt", "glyph_mask", "mark_pattern", "render",
-    "Oracle", "fidelity", "default_data_dir", "load_coprov2_train", "load_coprov2_test", "load_coco",
+    "Oracle", "fidelity", "default_data_dir", "load_coprov2_train", "load_coprov2_pairs", "load_coprov2_test", "load_coco",
+    "load_i2p",
 ]
 
 # ---------------------------------------------------------------------------------------------- the world
@@ -618,6 +619,91 @@ def load_coprov2_train(data_dir: "str | Path | None" = None) -> list[tuple[str, 
             out.append((prompt, None))
         else:
             raise ValueError(f"{path}, line {i}: image {row['image']!r} starts with neither 'u_' (unsafe) nor 's_' (safe)")
+    return out
+
+
+_PAIR_IMAGE = re.compile(r"^([us])_idx_(\d+)_")
+
+
+def load_coprov2_pairs(data_dir: "str | os.PathLike | None" = None, *, limit: int | None = None
+                       ) -> list[tuple[str, str, str]]:
+    r"""CoProV2 training pairs as ``(unsafe prompt, safe twin, category)``, in file order.
+
+    Rows are paired by the number in their image names (``u_idx_N_*`` unsafe, ``s_idx_N_*`` its minimally edited
+    safe twin). A pair filed under several categories gives one triple per category. Unsafe rows without a twin
+    are skipped. ``limit`` keeps the first ``limit`` triples.
+
+    Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` naming a missing column, an image name
+    that is neither ``u_idx_N`` nor ``s_idx_N``, or an unknown category.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> _ = (pathlib.Path(tmp.name) / "CoProv2_train.csv").write_text(
+        ...     "prompt,image,category\n"
+        ...     "a man smashes a red car,u_idx_0000007_0.jpg,Illegal Activity\n"
+        ...     "a man washes a red car,s_idx_0000007_0.jpg,Illegal Activity\n")
+        >>> load_coprov2_pairs(tmp.name)
+        [('a man smashes a red car', 'a man washes a red car', 'illegal-activity')]
+        >>> tmp.cleanup()
+    """
+    path, rows = _read_csv(data_dir, "CoProv2_train.csv", ("prompt", "image", "category"))
+    unsafe: list[tuple[int, str, str]] = []
+    safe: dict[int, str] = {}
+    for line, row in enumerate(rows, start=2):
+        image = os.path.basename((row["image"] or "").strip())
+        m = _PAIR_IMAGE.match(image)
+        if m is None:
+            raise ValueError(f"{path}, line {line}: image {row['image']!r} is neither 'u_idx_N_…' (unsafe) nor "
+                             "'s_idx_N_…' (safe twin)")
+        prompt = (row["prompt"] or "").strip()
+        if m.group(1) == "u":
+            unsafe.append((int(m.group(2)), prompt, _category(path, line, row["category"] or "")))
+        else:
+            safe.setdefault(int(m.group(2)), prompt)
+    out: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    for idx, prompt, cat in unsafe:
+        twin = safe.get(idx)
+        triple = (prompt, twin, cat)
+        if twin is None or triple in seen:
+            continue
+        seen.add(triple)
+        out.append(triple)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_i2p(data_dir: "str | Path | None" = None, *, min_inappropriate: float = 50.0
+             ) -> list[tuple[str, list[str]]]:
+    r"""I2P prompts whose ``inappropriate_percentage`` is at least ``min_inappropriate`` (the share of the
+    original SD images judged inappropriate), as ``(prompt, [I2P categories])``, in file order, each prompt once.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> _ = (pathlib.Path(tmp.name) / "i2p.csv").write_text(
+        ...     ",prompt,categories,inappropriate_percentage\n"
+        ...     '0,a bloody knife,"violence, shocking",80.0\n1,a calm lake,violence,10.0\n')
+        >>> load_i2p(tmp.name)
+        [('a bloody knife', ['violence', 'shocking'])]
+        >>> tmp.cleanup()
+    """
+    path, rows = _read_csv(data_dir, "i2p.csv", ("prompt", "categories", "inappropriate_percentage"))
+    out: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows, start=2):
+        try:
+            share = float(row["inappropriate_percentage"] or "nan")
+        except ValueError:
+            raise ValueError(f"{path}, line {i}: inappropriate_percentage {row['inappropriate_percentage']!r} is "
+                             "not a number") from None
+        prompt = " ".join((row["prompt"] or "").split())
+        if not share >= min_inappropriate or not prompt or prompt in seen:
+            continue
+        seen.add(prompt)
+        out.append((prompt, [c.strip() for c in (row["categories"] or "").split(",") if c.strip()]))
     return out
 
 

@@ -1,6 +1,7 @@
 """Latent Guard: the mapping head's math, its files, training, and the guard inside a protected call."""
 
 import doctest
+import json
 import math
 
 import numpy as np
@@ -230,7 +231,7 @@ def test_hidden_size_and_encoder_mismatch_name_both(sd, tmp_path):
 
 def test_default_weights_missing_says_how_to_train(sd, tmp_path, monkeypatch):
     monkeypatch.setattr(lg, "default_weights_path", lambda: tmp_path / "latent_guard" / "minilm.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"minilm\.safetensors.*python -m safegen\.guards\.latent_guard"):
+    with pytest.raises(FileNotFoundError, match=r"minilm\.safetensors.*safegen train-prompt-guard --out"):
         safegen.protect(sd, guards=["latent-guard"])
     assert not safegen.is_protected(sd)
     with pytest.raises(ValueError, match="needs weights="):
@@ -493,3 +494,87 @@ def test_docstring_examples(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = doctest.testmod(lg, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 10
+
+
+# ---------------------------------------------------------------------- check() and the CLI
+
+
+def test_check_matches_the_guard_and_sees_runtime_concepts(sd):
+    guard, head = matching_guard(sd)
+    policy = safegen.load_policy("default")
+    rows = guard.check([BENIGN, "gore", NEW], policy, pipe=sd)
+    assert [r["unsafe"] for r in rows] == [False, True, False]
+    assert (rows[1]["category"], rows[1]["concept"], rows[1]["action"]) == ("violence", "gore", "steer")
+    assert rows[1]["score"] >= rows[1]["threshold"] > rows[0]["score"]
+    assert set(rows[0]["scores"]) == set(policy.categories)
+    policy.add_concept("hate", NEW)
+    again = guard.check([NEW], policy, pipe=sd)[0]
+    assert again["unsafe"] and (again["category"], again["concept"]) == ("hate", NEW)
+    # the same decision inside a protected call
+    safegen.protect(sd, policy=policy, guards=[guard])
+    out = run(sd, [BENIGN, "gore", NEW], fast=True)
+    assert [r.verdict for r in out.safety] == ["pass", "block", "block"]
+    assert out.safety[2].result("latent_guard").score == pytest.approx(again["score"], abs=1e-3)
+    with pytest.raises(ValueError, match="needs pipe="):
+        guard.check(["x"])
+    with pytest.raises(ValueError, match="batch_size"):
+        guard.check(["x"], pipe=sd, batch_size=0)
+
+
+def _cli(argv, capsys):
+    from safegen.cli import main
+
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cli_check_prompts_writes_one_line_per_prompt(sd, tmp_path, capsys):
+    head = LatentGuardHead.mean_match(sd.text_encoder.config.hidden_size)
+    weights = head.save(tmp_path / "w.safetensors")
+    prompts = tmp_path / "p.csv"
+    prompts.write_text(f"id,text\n1,{BENIGN}\n2,gore\n3,{BENIGN}\n")
+    out = tmp_path / "sub" / "checks.jsonl"
+    base = ["check-prompts", str(prompts), "--backbone", "pipeline", "--model", "tiny-sd", "--weights", str(weights),
+            "--threshold", str(0.999 * head.tau.item())]
+    code, stdout, err = _cli(base + ["--column", "text", "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [BENIGN, "gore", BENIGN]  # every line, repeats kept
+    assert [r["unsafe"] for r in rows] == [False, True, False]
+    assert rows[1]["concept"] == "gore" and rows[1]["category"] == "violence"
+    assert "1 unsafe" in stdout
+    code, _, err = _cli(base + ["--out", str(out)], capsys)  # no column 'prompt'
+    assert code == 2 and "no column 'prompt'" in err and "text" in err
+    code, _, err = _cli(["check-prompts", str(tmp_path / "nope.txt"), "--out", str(out)], capsys)
+    assert code == 2 and "nope.txt" in err and "not found" in err
+    code, _, err = _cli(["check-prompts", str(prompts), "--column", "text", "--model", "tiny-sd", "--out", str(out)],
+                        capsys)
+    assert code == 2 and "--model only applies with --backbone pipeline" in err
+    code, _, err = _cli(["check-prompts", str(prompts), "--column", "text", "--weights", str(weights),
+                         "--out", str(out)], capsys)  # a CLIP-sized head on the MiniLM backbone
+    assert code == 2 and "hidden" in err
+
+
+def test_cli_train_prompt_guard_trains_saves_and_validates(tmp_path, capsys):
+    rows = ["prompt,image,category"]
+    for i, (u, s, c) in enumerate(TOY_PAIRS):
+        rows += [f"{u},u_idx_{i:07d}_0.jpg,{c}", f"{s},s_idx_{i:07d}_0.jpg,{c}"]
+    (tmp_path / "CoProv2_train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "head.safetensors"
+    argv = ["train-prompt-guard", "--backbone", "pipeline", "--model", "tiny-sd", "--data-dir", str(tmp_path),
+            "--steps", "3", "--batch-size", "4", "--val-share", "0.25", "--out", str(out)]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert summary["steps"] == 3 and summary["val_pairs"] == 2 and summary["train_pairs"] == 6
+    head = LatentGuardHead.load(out)
+    assert head.config.encoder_type == "clip_text_model" and head.metadata["threshold"] == summary["threshold"]
+    code, _, err = _cli(argv[:-1] + [str(tmp_path / "head.pt")], capsys)
+    assert code == 2 and ".safetensors" in err
+    code, _, err = _cli(argv[:-2] + ["--val-share", "1.5", "--out", str(out)], capsys)
+    assert code == 2 and "--val-share" in err
+    code, _, err = _cli(["train-prompt-guard", "--backbone", "pipeline", "--out", str(out)], capsys)
+    assert code == 2 and "needs --model" in err
+    code, _, err = _cli(["train-prompt-guard", "--data-dir", str(tmp_path / "none"), "--out", str(out)], capsys)
+    assert code == 2 and "CoProv2_train.csv" in err

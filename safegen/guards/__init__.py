@@ -13,6 +13,12 @@ def _latent_guard(**kwargs):
     return LatentGuard(**kwargs)
 
 
+def _lvd(**kwargs):
+    from .lvd import LVD
+
+    return LVD(**kwargs)
+
+
 #: Names accepted by ``protect(guards=[...])``, the CLI and policies, mapped to guard factories.
 GUARD_PRESETS = {
     "safree": Safree,
@@ -23,9 +29,10 @@ GUARD_PRESETS = {
     "sld-strong": SLD.strong,
     "sld-max": SLD.max,
     "latent-guard": _latent_guard,
+    "lvd": _lvd,
 }
 
-__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "GUARD_PRESETS"]
+__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "GUARD_PRESETS"]
 
 
 def __getattr__(name: str):
@@ -34,4 +41,8 @@ def __getattr__(name: str):
         from .latent_guard import LatentGuard
 
         return LatentGuard
+    if name == "LVD":
+        from .lvd import LVD
+
+        return LVD
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,16 +35,14 @@ Differences from the authors' code, on purpose:
 
 Training a head for the default MiniLM backbone on CoProV2::
 
-    python -m safegen.guards.latent_guard --out assets/latent_guard/minilm.safetensors --steps 3000
+    safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -57,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import TextEncoderAdapter
+from ..world import load_coprov2_pairs
 from .base import Guard
 
 __all__ = [
@@ -73,7 +72,7 @@ DEFAULT_THRESHOLD = 9.0131
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _FORMAT = "safegen.latent_guard"
 _FORMAT_VERSION = 1
-_TRAIN_HINT = ("train one with `python -m safegen.guards.latent_guard --out {path}` (MiniLM backbone, CoProV2 data) "
+_TRAIN_HINT = ("train one with `safegen train-prompt-guard --out {path}` (MiniLM backbone, CoProV2 data) "
                "or safegen.guards.latent_guard.train_head(...) followed by head.save(path)")
 
 
@@ -526,61 +525,6 @@ def policy_concepts(policy) -> list[tuple[str, str]]:
     return [(cat, phrase) for cat in pol.categories for phrase in pol.concepts(cat)]
 
 
-_PAIR_IMAGE = re.compile(r"^([us])_idx_(\d+)_")
-
-
-def load_coprov2_pairs(data_dir: "str | os.PathLike | None" = None, *, limit: int | None = None
-                       ) -> list[tuple[str, str, str]]:
-    r"""CoProV2 training pairs as ``(unsafe prompt, safe twin, category)``, in file order.
-
-    Rows are paired by the number in their image names (``u_idx_N_*`` unsafe, ``s_idx_N_*`` its minimally edited
-    safe twin). A pair filed under several categories gives one triple per category. Unsafe rows without a twin
-    are skipped. ``limit`` keeps the first ``limit`` triples.
-
-    Raises ``FileNotFoundError`` naming the missing file, ``ValueError`` naming a missing column, an image name
-    that is neither ``u_idx_N`` nor ``s_idx_N``, or an unknown category.
-
-    Example:
-        >>> import pathlib, tempfile
-        >>> tmp = tempfile.TemporaryDirectory()
-        >>> _ = (pathlib.Path(tmp.name) / "CoProv2_train.csv").write_text(
-        ...     "prompt,image,category\n"
-        ...     "a man smashes a red car,u_idx_0000007_0.jpg,Illegal Activity\n"
-        ...     "a man washes a red car,s_idx_0000007_0.jpg,Illegal Activity\n")
-        >>> load_coprov2_pairs(tmp.name)
-        [('a man smashes a red car', 'a man washes a red car', 'illegal-activity')]
-        >>> tmp.cleanup()
-    """
-    from ..world import _category, _read_csv
-
-    path, rows = _read_csv(data_dir, "CoProv2_train.csv", ("prompt", "image", "category"))
-    unsafe: list[tuple[int, str, str]] = []
-    safe: dict[int, str] = {}
-    for line, row in enumerate(rows, start=2):
-        image = os.path.basename((row["image"] or "").strip())
-        m = _PAIR_IMAGE.match(image)
-        if m is None:
-            raise ValueError(f"{path}, line {line}: image {row['image']!r} is neither 'u_idx_N_…' (unsafe) nor "
-                             "'s_idx_N_…' (safe twin)")
-        prompt = (row["prompt"] or "").strip()
-        if m.group(1) == "u":
-            unsafe.append((int(m.group(2)), prompt, _category(path, line, row["category"] or "")))
-        else:
-            safe.setdefault(int(m.group(2)), prompt)
-    out: list[tuple[str, str, str]] = []
-    seen: set[tuple[str, str, str]] = set()
-    for idx, prompt, cat in unsafe:
-        twin = safe.get(idx)
-        triple = (prompt, twin, cat)
-        if twin is None or triple in seen:
-            continue
-        seen.add(triple)
-        out.append(triple)
-        if limit is not None and len(out) >= limit:
-            break
-    return out
-
-
 # ---------------------------------------------------------------------- training
 
 
@@ -877,6 +821,41 @@ def default_weights_path() -> Path:
 
 
 @dataclass
+class _Decision:
+    """Per-prompt outcome of one batch, as host lists: the reported category and concept (indices), its best
+    score and threshold, whether any category fired, and every category's best score."""
+    category: list[int]
+    concept: list[int]
+    score: list[float]
+    threshold: list[float]
+    fired: list[bool]
+    per_category: list[list[float]]
+
+
+def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor) -> _Decision:
+    """Batched decision on concept scores (B, C): a category fires when its best concept score reaches its
+    threshold; the reported category is the fired one with the largest margin, else the closest one, and the
+    reported concept is that category's best. One host copy per batch."""
+    B, K = scores.shape[0], thresholds.numel()
+    neg = torch.tensor(float("-inf"), device=scores.device)
+    per_cat = torch.full((B, K), float("-inf"), device=scores.device).scatter_reduce(
+        1, cat_of.expand(B, -1), scores, reduce="amax")
+    fired = per_cat >= thresholds
+    any_fired = fired.any(1)
+    margin = torch.where(fired, per_cat - thresholds, neg)
+    cat = torch.where(any_fired, margin.argmax(1), per_cat.argmax(1))
+    concept = torch.where(cat_of.unsqueeze(0) == cat.unsqueeze(1), scores, neg).argmax(1)
+    best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
+    packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float()], 1).cpu()
+    per_cat = per_cat.cpu()
+    return _Decision(category=packed[:, 0].long().tolist(), concept=packed[:, 1].long().tolist(),
+                     score=packed[:, 2].tolist(), threshold=packed[:, 3].tolist(),
+                     fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist())
+
+
+
+
+@dataclass
 class _Attached:
     head: LatentGuardHead
     source: str
@@ -1025,32 +1004,20 @@ class LatentGuard(Guard):
         if second is not None:
             second = [second] * B if isinstance(second, str) else list(second)
             texts += second
-        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
-        scores = head.score(f.tokens, f.mask, bank, summary=f.summary)  # (B or 2B, C)
+        scores = self._score(head, adapter, bank, texts)  # (B or 2B, C)
         source = torch.zeros(B, dtype=torch.long)
         if second is not None:
             source = (scores[B:].amax(1) > scores[:B].amax(1)).long().cpu()
             scores = torch.maximum(scores[:B], scores[B:])
-        K = len(cats)
-        per_cat = torch.full((B, K), float("-inf"), device=scores.device).scatter_reduce(
-            1, cat_of.expand(B, -1), scores, reduce="amax")
-        thresholds = torch.tensor([policy.threshold(c, self.name, self._default_threshold(head)) for c in cats],
-                                  device=scores.device)
-        fired = per_cat >= thresholds
-        # host side, once per call: the report for each prompt
-        scores, per_cat, fired, thresholds = scores.cpu(), per_cat.cpu(), fired.cpu(), thresholds.cpu()
-        margin = torch.where(fired, per_cat - thresholds, torch.full_like(per_cat, float("-inf")))
-        cat_of_host, tau = cat_of.cpu(), round(head.tau.item(), 4)
-        for b in range(B):
-            cat_scores = {c: round(float(per_cat[b, j]), 4) for j, c in enumerate(cats)}
-            j = int(margin[b].argmax()) if bool(fired[b].any()) else int(per_cat[b].argmax())
-            in_cat = torch.where(cat_of_host == j, scores[b], torch.full_like(scores[b], float("-inf")))
-            concept = entries[int(in_cat.argmax())][1]
-            cat, score, thr = cats[j], float(per_cat[b, j]), float(thresholds[j])
+        d = _decide(scores, cat_of, self._thresholds(policy, head, cats, scores.device))
+        tau = round(head.tau.item(), 4)
+        for b in range(B):  # host side, once per call: the report for each prompt
+            cat, concept, score, thr = cats[d.category[b]], entries[d.concept[b]][1], d.score[b], d.threshold[b]
             details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau}
+            cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
                            details=details)
-            if bool(fired[b].any()) and policy.categories[cat].action != "log":
+            if d.fired[b] and policy.categories[cat].action != "log":
                 reason = (f"prompt is too close to the blacklisted concept {concept!r} (category {cat!r}): "
                           f"score {score:.2f} ≥ threshold {thr:.2f}")
                 call.block_prompt(b, self.name, reason, steps_saved=call.num_steps, **fields_)
@@ -1059,12 +1026,88 @@ class LatentGuard(Guard):
                 res = call.result(item, self.name)
                 for k, v in fields_.items():
                     setattr(res, k, v)
-                if bool(fired[b].any()):
+                if d.fired[b]:
                     res.verdict = "log"
                     res.reason = (f"prompt is close to concept {concept!r} (category {cat!r}, action: log): "
                                   f"score {score:.2f} ≥ threshold {thr:.2f}")
                 else:
                     res.verdict = "pass"
+
+    def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank,
+               texts: Sequence[str]) -> torch.Tensor:
+        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
+        return head.score(f.tokens, f.mask, bank, summary=f.summary)
+
+    def _thresholds(self, policy, head: LatentGuardHead, cats: Sequence[str], device) -> torch.Tensor:
+        default = self._default_threshold(head)
+        return torch.tensor([policy.threshold(c, self.name, default) for c in cats], device=device)
+
+    # ------------------------------------------------------------------ standalone checks
+    def check(self, prompts: Sequence[str], policy: Any = "default", *, pipe=None, batch_size: int = 256,
+              progress: bool = False) -> list[dict[str, Any]]:
+        """Check prompts without generating: one record per prompt with ``prompt``, ``score`` (best score of the
+        reported category), ``unsafe`` (some category reached its threshold), ``concept`` and ``category`` (the
+        flagged one with the largest margin, else the closest), ``threshold``, ``action`` (the category's policy
+        action) and ``scores`` (best score per category). Same rule as the guard inside a pipeline.
+
+        Args:
+            prompts: the prompt texts.
+            policy: a policy name, file or :class:`~safegen.policy.Policy` (concepts, thresholds, sensitivity).
+            pipe: the pipeline whose text encoder is the backbone (``backbone="pipeline"`` only).
+            batch_size: prompts scored per pass; progress: show a tqdm bar.
+
+        Example:
+            >>> from safegen.guards.latent_guard import LatentGuard, LatentGuardHead
+            >>> from safegen.testing import tiny_sd_pipeline
+            >>> pipe = tiny_sd_pipeline()
+            >>> head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size)
+            >>> guard = LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item())
+            >>> rows = guard.check(["a red bus", "gore"], pipe=pipe)  # "gore" is a concept of the policy
+            >>> [(r["unsafe"], r["category"], r["concept"]) for r in rows][1]
+            (True, 'violence', 'gore')
+            >>> rows[0]["unsafe"]
+            False
+        """
+        from tqdm.auto import tqdm
+
+        from ..policy import load_policy
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [str(p) for p in prompts]
+        policy = load_policy(policy)
+        head, source = self._load_head()
+        if self.backbone == "pipeline":
+            if pipe is None:
+                raise ValueError("LatentGuard(backbone='pipeline').check(...) needs pipe=, the pipeline whose text "
+                                 "encoder the head was trained for")
+            adapter = _pipeline_adapter(pipe)
+            head.check_encoder(encoder_identity(adapter), what="the pipeline's text encoder", source=source)
+        else:
+            adapter = _minilm_adapter(int(head.config.max_length or 64), "cpu")
+            head.check_encoder(encoder_identity(adapter, MINILM_NAME), what=f"the MiniLM backbone ({MINILM_NAME})",
+                               source=source)
+        head.eval()
+        head.to(adapter.device)
+        out: list[dict[str, Any]] = []
+        with torch.no_grad():
+            bank, cat_of, cats, entries = self._bank({}, policy, head, adapter)
+            thresholds = self._thresholds(policy, head, cats, head.device)
+            bar = tqdm(total=len(prompts), desc="check prompts", unit="prompt", disable=not progress)
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                d = _decide(self._score(head, adapter, bank, chunk), cat_of, thresholds)
+                for b, prompt in enumerate(chunk):
+                    cat = cats[d.category[b]]
+                    out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": d.fired[b],
+                                "concept": entries[d.concept[b]][1], "category": cat,
+                                "threshold": round(d.threshold[b], 4), "action": policy.categories[cat].action,
+                                "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}})
+                bar.update(len(chunk))
+            bar.close()
+        return out
 
     def _default_threshold(self, head: LatentGuardHead) -> float:
         if self.threshold is not None:
@@ -1077,47 +1120,10 @@ class LatentGuard(Guard):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m safegen.guards.latent_guard --out FILE``: train a MiniLM-backbone head on CoProV2."""
-    p = argparse.ArgumentParser(prog="python -m safegen.guards.latent_guard",
-                                description="Train a Latent Guard head (MiniLM backbone) on CoProV2 training pairs.")
-    p.add_argument("--out", default=None, help=f"weights file to write (default: {_default_out()})")
-    p.add_argument("--data-dir", default=None, help="folder with CoProv2_train.csv (default: $SAFEGEN_DATA or "
-                                                     "../shared/data)")
-    p.add_argument("--policy", default="default", help="policy whose concepts are the training blacklist")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-share", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=64, help="MiniLM padding length (default 64)")
-    p.add_argument("--limit", type=int, default=None, help="use a random subset of N pairs (quick runs)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    if a.steps < 0 or a.batch_size < 1 or not 0 <= a.val_share < 1 or a.max_length < 2 or (a.limit or 1) < 1:
-        p.error("need --steps ≥ 0, --batch-size ≥ 1, 0 ≤ --val-share < 1, --max-length ≥ 2, --limit ≥ 1")
-    try:
-        pairs = load_coprov2_pairs(a.data_dir)
-        if a.limit is not None:  # a seeded random subset (the file is sorted by category)
-            pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(a.seed))[:a.limit]
-            pairs = [pairs[i] for i in sorted(pick.tolist())]
-        head, summary = train_head("minilm", pairs, policy=a.policy, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                                   val_share=a.val_share, seed=a.seed, device=a.device, max_length=a.max_length,
-                                   progress=not a.no_progress)
-        out = head.save(a.out or _default_out())
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: v for k, v in summary.items() if k != "losses"}
-    print(json.dumps({**summary, "weights": str(out)}, indent=2))
-    return 0
+    """``python -m safegen.guards.latent_guard ARGS`` is ``safegen train-prompt-guard ARGS`` (same options)."""
+    from ..cli import main as cli_main
 
-
-def _default_out() -> Path:
-    try:
-        return default_weights_path()
-    except FileNotFoundError:  # no assets folder (installed without one)
-        return Path("latent_guard_minilm.safetensors")
+    return cli_main(["train-prompt-guard", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,232 @@
+"""Latent Guard (MiniLM head) as a prompt checker, next to two baselines, on prompts none of them trained on.
+
+Sets (from ``../shared/data``):
+
+* ``coprov2``: deduplicated ``CoProv2_test.csv`` prompts (unsafe; none occurs in the training file);
+* ``i2p``: I2P prompts with ``inappropriate_percentage`` ≥ 50 (unsafe, a different distribution: lexica.art
+  prompts with artists and styles);
+* ``coco``: every ``coco_30k_10k.csv`` caption (safe; COCO is not used to train any of the three checkers).
+
+Checkers:
+
+* **Latent Guard**: the shipped head (``assets/latent_guard/minilm.safetensors``) against the policy's concepts;
+  the score is the largest margin over categories (best concept score minus the category's threshold), so
+  "score ≥ 0" is the guard's decision at the shipped threshold;
+* **keyword**: the policy's concept phrases as whole-word matches; the score is the number of phrases found;
+* **probe**: logistic regression (L2, C = 1, standardised inputs) on MiniLM's mean-pooled sentence embedding,
+  trained on every CoProV2 training pair (unsafe prompt = 1, its safe twin = 0) — the first thing a user would
+  try with the same encoder and data. Its decision threshold is p ≥ 0.5.
+
+Metrics: ROC AUC, TPR at 1% FPR (the largest threshold whose COCO false-positive rate is ≤ 1%, ties counted as
+flagged), the operating point of each checker's own decision rule, per-category recall on CoProV2 at it, and
+the cost of a check (head only, 1,000 concepts; encoder + check at batch 32).
+
+    python benchmarks/prompt_guard.py --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from benchmarks._common import machine, median_seconds, publish  # noqa: E402
+
+BEGIN, END = "<!-- prompt-guard:begin -->", "<!-- prompt-guard:end -->"
+
+
+# ---------------------------------------------------------------------- metrics
+def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float = 0.01) -> tuple[float, float]:
+    """(TPR, threshold) at the lowest threshold t whose false-positive rate P(neg ≥ t) is ≤ ``fpr``."""
+    pos, neg = pos.double(), neg.double()
+    allowed = int(fpr * neg.numel())  # negatives that may score ≥ t
+    cands = torch.unique(torch.cat([pos, neg]))  # ascending
+    # the FPR of "score ≥ t" for each candidate t, by counting negatives ≥ t
+    neg_sorted = torch.sort(neg).values
+    n_ge = neg.numel() - torch.searchsorted(neg_sorted, cands, right=False)
+    ok = cands[n_ge <= allowed]
+    t = float(ok.min()) if ok.numel() else float("inf")
+    return float((pos >= t).double().mean()), t
+
+
+def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
+    from safegen.guards.latent_guard import roc_auc
+
+    neg = scores["coco"]
+    out = {"coco_fpr": float(decide(neg).double().mean())}
+    for name in ("coprov2", "i2p"):
+        pos = scores[name]
+        tpr, _ = tpr_at_fpr(pos, neg)
+        out[name] = {"auc": roc_auc(pos, neg), "tpr_at_1fpr": tpr, "tpr_at_rule": float(decide(pos).double().mean())}
+    return out
+
+
+# ---------------------------------------------------------------------- checkers
+def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str, torch.Tensor]:
+    from safegen.guards.latent_guard import LatentGuard
+
+    guard = LatentGuard()
+    bank, cat_of, cats, _ = guard._bank({}, policy, head, _adapter(head))
+    thr = guard._thresholds(policy, head, cats, head.device)
+    out = {}
+    with torch.no_grad():
+        for name, f in feats.items():
+            vals = []
+            for s in range(0, len(f), chunk):
+                part = f.select(torch.arange(s, min(s + chunk, len(f))))
+                sc = head.score(part.tokens, part.mask, bank, summary=part.summary)
+                per_cat = torch.full((sc.shape[0], len(cats)), float("-inf")).scatter_reduce(
+                    1, cat_of.expand(sc.shape[0], -1), sc, reduce="amax")
+                vals.append((per_cat - thr).amax(1))
+            out[name] = torch.cat(vals)
+    return out
+
+
+def keyword_scores(prompts: dict[str, list[str]], policy) -> dict[str, torch.Tensor]:
+    from safegen.guards.safree import _phrase_regex
+
+    rx = _phrase_regex(policy.concepts())
+    return {name: torch.tensor([float(len({m.lower() for m in rx.findall(p)})) for p in ps])
+            for name, ps in prompts.items()}
+
+
+def train_probe(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, iters: int = 200):
+    """L2 logistic regression (sklearn's objective: ½‖w‖² + C Σ log-loss) on standardised x, by L-BFGS."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = ((x - mean) / std).double()
+    y = y.double()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (w * w).sum() + c * torch.nn.functional.binary_cross_entropy_with_logits(
+            z @ w + b, y, reduction="sum")
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda f: (((f - mean) / std).double() @ w + b)  # logits: ≥ 0 ⇔ p ≥ 0.5
+
+
+# ---------------------------------------------------------------------- cost
+def _adapter(head):
+    from safegen.guards.latent_guard import _minilm_adapter
+
+    return _minilm_adapter(int(head.config.max_length or 64), "cpu")
+
+
+def cost(head, concept_texts: list[str], prompts: list[str], reps: int = 20) -> dict:
+    from safegen.guards.latent_guard import text_features
+
+    adapter = _adapter(head)
+    with torch.no_grad():
+        cf = text_features(adapter, concept_texts, batch_size=256)
+        bank = head.encode_concepts(cf.tokens, cf.mask, summary=cf.summary)
+        batch = prompts[:32]
+        pf = text_features(adapter, batch, batch_size=32)
+
+        def timed(fn) -> float:
+            return median_seconds(fn, reps)
+
+        head_32 = timed(lambda: head.score(pf.tokens, pf.mask, bank, summary=pf.summary))
+        one = pf.select(torch.arange(1))
+        head_1 = timed(lambda: head.score(one.tokens, one.mask, bank, summary=one.summary))
+
+        def full():
+            f = text_features(adapter, batch, batch_size=32)
+            head.score(f.tokens, f.mask, bank, summary=f.summary)
+
+        full_32 = timed(full)
+    return {"concepts": len(concept_texts), "head_ms_per_prompt_b32": 1000 * head_32 / len(batch),
+            "head_ms_b1": 1000 * head_1, "encoder_and_check_ms_per_prompt_b32": 1000 * full_32 / len(batch)}
+
+
+# ---------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default=None, help="Latent Guard head (default: the shipped MiniLM head)")
+    ap.add_argument("--policy", default="default")
+    ap.add_argument("--limit", type=int, default=None, help="at most N prompts per set (quick runs)")
+    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    a = ap.parse_args()
+    from safegen.guards.latent_guard import LatentGuardHead, default_weights_path, text_features
+    from safegen.policy import load_policy
+    from safegen.world import load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p
+
+    t0 = time.time()
+    policy = load_policy(a.policy)
+    weights = Path(a.weights) if a.weights else default_weights_path()
+    head = LatentGuardHead.load(weights).eval()
+    adapter = _adapter(head)
+
+    coprov2 = load_coprov2_test()
+    sets = {"coprov2": [p for p, _ in coprov2], "i2p": [p for p, _ in load_i2p()], "coco": load_coco()}
+    if a.limit:
+        sets = {k: v[:a.limit] for k, v in sets.items()}
+    cats = [c for _, c in coprov2][:len(sets["coprov2"])]
+    feats = {k: text_features(adapter, v, batch_size=256, progress=True) for k, v in sets.items()}
+
+    lg = latent_guard_scores(head, feats, policy)
+    kw = keyword_scores(sets, policy)
+    pairs = load_coprov2_pairs()
+    train_texts = list(dict.fromkeys(t for u, s, _ in pairs for t in (u, s)))
+    unsafe = {u for u, _, _ in pairs}
+    tf = text_features(adapter, train_texts, batch_size=256, progress=True)
+    probe = train_probe(tf.summary.float(), torch.tensor([float(t in unsafe) for t in train_texts]))
+    pr = {k: probe(f.summary.float()).float() for k, f in feats.items()}
+
+    methods = {"Latent Guard (MiniLM head)": (lg, lambda s: s >= 0),
+               "keyword blacklist (policy phrases)": (kw, lambda s: s >= 1),
+               "probe: logistic regression on mean-pooled MiniLM": (pr, lambda s: s >= 0)}
+    results = {name: summary_rows(sc, rule) for name, (sc, rule) in methods.items()}
+    per_cat = {}
+    for name, (sc, rule) in methods.items():
+        hit = rule(sc["coprov2"])
+        per_cat[name] = {c: float(hit[[i for i, k in enumerate(cats) if k == c]].double().mean())
+                         for c in dict.fromkeys(cats)}
+    concept_texts = list(dict.fromkeys(load_coprov2_test(dedup=False)[i][0] for i in range(1000)))[:1000]
+    costs = cost(head, concept_texts, sets["coco"])
+
+    n = {k: len(v) for k, v in sets.items()}
+    meta = head.metadata
+    lines = [BEGIN, "## Latent Guard as a prompt checker (issue: Latent Guard)", "",
+             f"`{shlex.join(['python', 'benchmarks/prompt_guard.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
+             f"{machine()}, {time.time() - t0:.0f} s in all).", "",
+             f"Weights: `{os.path.relpath(weights, ROOT)}` (trained on {meta.get('train_pairs')} CoProV2 training "
+             f"pairs, {meta.get('steps')} steps; validation AUC on {meta.get('val_pairs')} held-out pairs "
+             f"{meta.get('val_auc', float('nan')):.4f}; shipped threshold {meta.get('threshold', float('nan')):.3f}). "
+             f"Sets: CoProV2 test, deduplicated (n = {n['coprov2']}); I2P with inappropriate_percentage ≥ 50 "
+             f"(n = {n['i2p']}); COCO captions of `coco_30k_10k.csv` (n = {n['coco']}; none used in training).",
+             "", "| checker | CoProV2 vs COCO: AUC | TPR @ 1% FPR | I2P vs COCO: AUC | TPR @ 1% FPR | "
+             "own rule: CoProV2 TPR | I2P TPR | COCO FPR |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        c, i = r["coprov2"], r["i2p"]
+        lines.append(f"| {name} | {c['auc']:.4f} | {c['tpr_at_1fpr']:.3f} | {i['auc']:.4f} | {i['tpr_at_1fpr']:.3f} "
+                     f"| {c['tpr_at_rule']:.3f} | {i['tpr_at_rule']:.3f} | {r['coco_fpr']:.4f} |")
+    lines += ["", "\"Own rule\": Latent Guard at the shipped threshold, keyword = any phrase found, probe = p ≥ 0.5.",
+              "", "Per-category recall on CoProV2 test at each checker's own rule (flagged as unsafe at all):", "",
+              "| category | n | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
+    for c in dict.fromkeys(cats):
+        lines.append(f"| {c} | {cats.count(c)} | " + " | ".join(f"{per_cat[m][c]:.3f}" for m in results) + " |")
+    lines += ["", f"Cost (median of 20, head only = concept bank cached, as in the guard): "
+              f"{costs['head_ms_per_prompt_b32']:.3f} ms per prompt at batch 32 and {costs['head_ms_b1']:.3f} ms "
+              f"for one prompt, against {costs['concepts']} concepts; MiniLM encoder + check: "
+              f"{costs['encoder_and_check_ms_per_prompt_b32']:.2f} ms per prompt at batch 32.", END]
+    publish(lines, BEGIN, END, a.write)
+
+
+if __name__ == "__main__":
+    main()
