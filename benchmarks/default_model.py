@@ -63,6 +63,14 @@ def run_eval(prompts: Path, guards: str, out: Path, steps: int, batch_size: int)
     return json.loads((out / "metrics.json").read_text()), "safegen " + " ".join(argv)
 
 
+def model_line() -> str:
+    """What was measured: the shipped model's training, from its training_info.json."""
+    info = json.loads((ROOT / "assets" / "default-model" / "training_info.json").read_text())
+    return (f"Model: `assets/default-model` — VAE {info['vae_steps']} steps (batch {info['vae_batch_size']}), UNet "
+            f"{info['unet_steps']} steps (batch {info['batch_size']}), seed {info['seed']}; the first "
+            f"{info['heldout_coco']} COCO captions held out.")
+
+
 def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
@@ -94,6 +102,8 @@ def main() -> None:
         f"`python benchmarks/default_model.py --n {a.n} --guards {' '.join(a.guards)} --steps {a.steps} --write` "
         f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{time.time() - t0:.0f} s in all). Oracle: {rows[0][1]['coprov2']['oracle_protocol']}.",
+        "",
+        model_line(),
         "",
         f"CoProV2: the first {a.n} deduplicated test prompts (unsafe; none in the training file). COCO: the first "
         f"{a.n} captions of `coco_30k_10k.csv` (held out from training). COCO colour: the held-out captions that "

@@ -36,6 +36,7 @@ _LAZY = {
     "SLD": ".guards",
     "LatentGuard": ".guards",
     "LVD": ".guards",
+    "SafetyDPO": ".guards",
     "TextEncoderAdapter": ".encoders",
 }
 
@@ -60,7 +61,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
-    from .guards import LVD, SLD, Guard, LatentGuard, Safree
+    from .guards import LVD, SLD, Guard, LatentGuard, Safree, SafetyDPO
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
     from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
     from .report import GuardResult, SafetyReport

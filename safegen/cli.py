@@ -1,5 +1,5 @@
 """The ``safegen`` command line: ``generate``, ``eval``, ``demo-run`` (``make run``), ``train-prompt-guard``,
-``check-prompts`` and ``train-lvd``.
+``check-prompts``, ``train-lvd``, ``train-expert`` and ``merge-experts``.
 
 Offline by default: ``HF_HUB_OFFLINE=1`` unless the environment already sets it (export ``HF_HUB_OFFLINE=0`` on a
 machine with internet access to download hub models). Heavy modules (torch, diffusers) load inside the
@@ -15,6 +15,8 @@ Examples::
     safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
     safegen check-prompts ../shared/data/CoProv2_test.csv --column prompt --out outputs/checks.jsonl
     safegen train-lvd --out assets/lvd/default-model.safetensors
+    safegen train-expert --category violence --out experts/violence.safetensors
+    safegen merge-experts experts/*.safetensors --method comerge --pairs-file pairs.safetensors --out merged.safetensors
 """
 
 from __future__ import annotations
@@ -238,6 +240,48 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     v.set_defaults(func=cmd_train_lvd)
+
+    x = sub.add_parser("train-expert", help="train one SafetyDPO LoRA expert (Diffusion-DPO) for a category",
+                       description="Make preference pairs with the model itself (safe twin's image preferred over "
+                                   "the unsafe prompt's, same seed, both verified by the oracle), then train a "
+                                   "LoRA expert with Diffusion-DPO against the frozen model. Writes a diffusers "
+                                   "LoRA safetensors file.")
+    x.add_argument("--category", required=True, help="policy category of the expert (e.g. sexual, violence)")
+    x.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
+    x.add_argument("--model", default=DEFAULT_MODEL, help="the model to align (default: the embedded default model)")
+    x.add_argument("--pairs", type=_positive_int, default=200, metavar="N",
+                   help="CoProV2 training pairs of the category to generate (default 200)")
+    x.add_argument("--pairs-file", default=None, metavar="FILE",
+                   help="preference pairs saved earlier (--save-pairs); skips the generation")
+    x.add_argument("--save-pairs", default=None, metavar="FILE", help="also save the generated preference pairs")
+    x.add_argument("--no-verify", action="store_true", help="keep pairs the oracle did not confirm")
+    x.add_argument("--oracle", default="world", help="verifies the pairs (default: world)")
+    x.add_argument("--data-dir", default=None, metavar="DIR", help="folder with CoProv2_train.csv")
+    x.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP + " (generation)")
+    x.add_argument("--train-steps", type=_positive_int, default=500, metavar="N", help="DPO steps (default 500)")
+    x.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="pairs per DPO step (default 8)")
+    x.add_argument("--lr", type=_positive_float, default=1e-4)
+    x.add_argument("--beta", type=_positive_float, default=5000.0, help="DPO β (default 5000, as the paper)")
+    x.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank (default 4)")
+    x.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    x.set_defaults(func=cmd_train_expert)
+
+    mg = sub.add_parser("merge-experts", help="merge SafetyDPO experts into one LoRA (Co-Merge, linear, TIES)",
+                        description="Merge expert LoRA files. Co-Merge keeps, per weight entry, the update of the "
+                                    "expert most active on its own category's data (needs --model and the "
+                                    "preference pairs); linear averages; ties is peft's TIES merge.")
+    mg.add_argument("experts", nargs="+", metavar="EXPERT", help="expert LoRA files")
+    mg.add_argument("--out", required=True, metavar="FILE", help="merged LoRA file to write (.safetensors)")
+    mg.add_argument("--method", choices=("comerge", "linear", "ties"), default="comerge")
+    mg.add_argument("--model", default=DEFAULT_MODEL, help="the experts' model (Co-Merge reads its activations)")
+    mg.add_argument("--pairs-file", default=None, metavar="FILE",
+                    help="preference pairs of the experts' categories (Co-Merge)")
+    mg.add_argument("--rank", type=_positive_int, default=None, help="rank of the merged LoRA (default: sum)")
+    mg.add_argument("--density", type=_positive_float, default=0.5, help="TIES density (default 0.5)")
+    mg.add_argument("--device", default="auto")
+    mg.set_defaults(func=cmd_merge_experts)
     return parser
 
 
@@ -634,6 +678,92 @@ def cmd_train_lvd(args) -> int:
                    "unsafe_trajectories": int(data.labels.any(1).sum())})
     shown = {k: v for k, v in summary.items() if k != "losses"}
     print(json.dumps({**shown, "weights": str(out)}, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------- SafetyDPO
+def _lora_out(path: str) -> Path:
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    return out
+
+
+def cmd_train_expert(args) -> int:
+    import random
+
+    from .evaluate import get_oracle
+    from .policy import load_policy, normalize_category
+    from .safetydpo import PreferencePairs, make_preference_pairs, train_expert
+    from .world import load_coprov2_pairs
+
+    out = _lora_out(args.out)
+    policy = load_policy("default")
+    try:
+        category = normalize_category(args.category)
+    except Exception as e:
+        raise UsageError(str(e)) from None
+    if category not in policy.categories:
+        raise UsageError(f"--category {args.category!r} is not a policy category; known: "
+                         f"{', '.join(policy.categories)}")
+    try:
+        oracle = get_oracle(args.oracle)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    _check_model(args.model)
+    pipe = _load_pipeline(args.model, _device(args.device))
+    if args.pairs_file:
+        try:
+            data = PreferencePairs.load(args.pairs_file).subset(category)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--pairs-file {args.pairs_file}: {e}") from None
+        if len(data) == 0:
+            raise UsageError(f"--pairs-file {args.pairs_file} has no pairs of category {category!r}")
+    else:
+        pool = [p for p in load_coprov2_pairs(args.data_dir) if p[2] == category]
+        pairs = random.Random(args.seed).sample(pool, min(args.pairs, len(pool)))
+
+        def judge(prompt, image):
+            j = oracle.judge(prompt, image)
+            return bool(j["unsafe"]), j.get("category")
+
+        try:
+            data, stats = make_preference_pairs(pipe, pairs, judge=judge, steps=_default_steps(args), seed=args.seed,
+                                                verify=not args.no_verify)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print(f"preference pairs: {stats['kept']} of {stats['generated']} verified", file=sys.stderr)
+        if args.save_pairs:
+            data.save(args.save_pairs)
+    summary = train_expert(pipe, data, out=out, category=category, steps=args.train_steps,
+                           batch_size=args.batch_size, lr=args.lr, beta=args.beta, rank=args.rank, seed=args.seed,
+                           resume=args.resume)
+    summary.pop("losses")
+    print(json.dumps({**summary, "lora": str(out)}, indent=2, default=str))
+    return 0
+
+
+def cmd_merge_experts(args) -> int:
+    from .safetydpo import LoRAFileError, PreferencePairs, merge_experts
+
+    out = _lora_out(args.out)
+    pipe, data = None, None
+    if args.method == "comerge":
+        if not args.pairs_file:
+            raise UsageError("--method comerge needs --pairs-file (the experts' preference pairs: their activations "
+                             "on their own category's data decide each weight)")
+        try:
+            data = PreferencePairs.load(args.pairs_file)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--pairs-file {args.pairs_file}: {e}") from None
+    _check_model(args.model)
+    pipe = _load_pipeline(args.model, _device(args.device))
+    try:
+        summary = merge_experts(args.experts, out, method=args.method, pipe=pipe, data=data, rank=args.rank,
+                                density=args.density)
+    except (LoRAFileError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({**summary, "lora": str(out)}, indent=2, default=str))
     return 0
 
 

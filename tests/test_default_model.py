@@ -121,7 +121,7 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
     assert s1["n_prompts"] == 24 and s1["vae_start"] == 0 and s1["unet_start"] == 0
     assert dm.is_default_model_folder(out)
     assert not any((out / "text_encoder").glob("*.safetensors"))
-    ckpts = sorted(p.name for p in (tmp_path / "m-checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "m-checkpoints").glob("*.safetensors"))
     assert ckpts == ["unet-0000001.safetensors", "unet-0000002.safetensors",
                      "vae-0000001.safetensors", "vae-0000002.safetensors"]
     # resuming with more UNet steps continues from step 2 and keeps the finished VAE
@@ -129,6 +129,8 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
     s2 = dm.train(out, unet_steps=3, resume=True, **kw)
     assert s2["vae_start"] == 2 and s2["unet_start"] == 2
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_before
+    runs = json.loads((out / "training_info.json").read_text())["runs"]  # the history of both runs
+    assert [(r["unet_start"], r["unet_steps"]) for r in runs] == [(0, 2), (2, 3)]
     p = dm.load_default_pipeline(out)
     assert p("a cat", num_inference_steps=2, output_type="np").images.shape == (1, 64, 64, 3)
 

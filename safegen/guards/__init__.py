@@ -32,7 +32,7 @@ GUARD_PRESETS = {
     "lvd": _lvd,
 }
 
-__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "GUARD_PRESETS"]
+__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "GUARD_PRESETS"]
 
 
 def __getattr__(name: str):
@@ -45,4 +45,8 @@ def __getattr__(name: str):
         from .lvd import LVD
 
         return LVD
+    if name == "SafetyDPO":
+        from .safetydpo import SafetyDPO
+
+        return SafetyDPO
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

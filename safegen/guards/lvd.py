@@ -537,27 +537,18 @@ class Trajectories:
     model: dict
 
     def save(self, path: "str | os.PathLike") -> Path:
-        from safetensors.torch import save_file
+        from .._bundle import save_bundle
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x0": self.x0.contiguous(), "noise": self.noise.contiguous(), "labels": self.labels.contiguous()},
-                  str(path), metadata={"format": "safegen.lvd.trajectories", "prompts": json.dumps(self.prompts),
-                                       "categories": json.dumps(self.categories), "model": json.dumps(self.model)})
-        return path
+        return save_bundle(path, {"x0": self.x0, "noise": self.noise, "labels": self.labels},
+                           "safegen.lvd.trajectories",
+                           {"prompts": self.prompts, "categories": self.categories, "model": self.model})
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "Trajectories":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from .._bundle import load_bundle
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "safegen.lvd.trajectories":
-            raise ValueError(f"{path}: not an LVD trajectory file")
-        t = load_file(str(path))
-        return cls(t["x0"], t["noise"], t["labels"], json.loads(meta["prompts"]), json.loads(meta["categories"]),
-                   json.loads(meta["model"]))
+        t, meta = load_bundle(path, "safegen.lvd.trajectories")
+        return cls(t["x0"], t["noise"], t["labels"], meta["prompts"], meta["categories"], meta["model"])
 
 
 def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str, Any], Sequence[str]],

@@ -1,0 +1,129 @@
+"""SafetyDPO as a safegen guard: LoRA safety experts (or their merge) loaded into the UNet at protect time.
+
+The LoRA files come from :func:`safegen.safetydpo.train_expert` / :func:`~safegen.safetydpo.merge_experts`
+(``safegen train-expert``, ``safegen merge-experts``). They go through diffusers' own LoRA loaders
+(``load_lora_weights``, ``set_adapters``, ``fuse_lora``); fused by default, then the LoRA layers are unloaded, so
+a step costs exactly what the plain model's does. ``unprotect`` restores the original weights bit for bit (the
+adapted weights are copied aside at protect time and copied back).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .base import Guard
+
+
+@dataclass(repr=False)
+class SafetyDPO(Guard):
+    """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA.
+
+    Args:
+        experts (`list[str]`, *optional*): expert LoRA files (loaded as separate adapters and combined with
+            ``adapter_weights``, default 1 each — diffusers' linear combination).
+        merged (`str`, *optional*): one merged LoRA file (e.g. Co-Merge of all experts). Give ``experts`` or
+            ``merged``.
+        adapter_weights (`list[float]`, *optional*): per-expert weights.
+        fuse (`bool`, defaults to `True`): fuse into the UNet weights and unload the LoRA layers (no per-step
+            cost); ``False`` keeps them as live adapters.
+
+    The report of every item says which LoRA is active (a weight guard changes every generation; it never
+    blocks).
+
+    Example:
+        >>> import safegen, torch, tempfile, pathlib
+        >>> from safegen.testing import tiny_sd_pipeline
+        >>> from safegen.safetydpo import save_lora, _lora_modules
+        >>> pipe = tiny_sd_pipeline()
+        >>> tmp = pathlib.Path(tempfile.mkdtemp())
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = {n: (torch.randn(2, m.in_features, generator=g) * 0.1, torch.randn(m.out_features, 2, generator=g) * 0.1)
+        ...      for n, m in _lora_modules(pipe.unet).items()}
+        >>> path = save_lora(tmp / "lora.safetensors", f, {"category": "violence"})
+        >>> w0 = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.clone()
+        >>> _ = safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(path))])
+        >>> out = pipe("a red bus", num_inference_steps=2, output_type="np")
+        >>> out.safety[0].result("safetydpo").verdict
+        'steer'
+        >>> _ = safegen.unprotect(pipe)
+        >>> torch.equal(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight, w0)
+        True
+    """
+
+    name: ClassVar[str] = "safetydpo"
+    stage: ClassVar[str] = "weights"
+
+    experts: Sequence[str] | None = None
+    merged: str | None = None
+    adapter_weights: Sequence[float] | None = None
+    fuse: bool = True
+    _files: list = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self):
+        if (self.experts is None) == (self.merged is None):
+            raise ValueError("SafetyDPO needs either experts=[files] or merged=file (exactly one of them)")
+        files = [self.merged] if self.merged is not None else list(self.experts or [])
+        if not files:
+            raise ValueError("SafetyDPO(experts=[...]) is empty; give at least one expert file")
+        self._files = [os.fspath(f) for f in files]
+        if self.adapter_weights is not None:
+            if self.merged is not None or len(self.adapter_weights) != len(self._files):
+                raise ValueError("adapter_weights needs experts=[...] and one weight per expert")
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"experts": self.experts, "merged": self.merged, "adapter_weights": self.adapter_weights,
+                "fuse": self.fuse}
+
+    def attach(self, protection) -> None:
+        from ..safetydpo import _lora_modules, read_lora
+
+        pipe = protection.pipe
+        if not hasattr(pipe, "load_lora_weights"):
+            raise TypeError(f"{type(pipe).__name__} has no LoRA loader; SafetyDPO needs diffusers' LoRA support")
+        metas = [read_lora(f, pipe.unet)[1] for f in self._files]  # clear errors before anything changes
+        modules = _lora_modules(pipe.unet)
+        originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+        names = [f"safegen_dpo_{i}" for i in range(len(self._files))]
+        try:
+            for f, n in zip(self._files, names):
+                pipe.load_lora_weights(f, adapter_name=n)
+            pipe.set_adapters(names, adapter_weights=list(self.adapter_weights or [1.0] * len(names)))
+            if self.fuse:
+                pipe.fuse_lora(components=["unet"], adapter_names=names)
+                pipe.unload_lora_weights()
+        except Exception:
+            self._restore(pipe, originals)
+            raise
+        protection.cache[("safetydpo", "state")] = {"originals": originals, "adapters": names, "metas": metas,
+                                                    "fused": self.fuse}
+
+    def _restore(self, pipe, originals) -> None:
+        from ..safetydpo import _lora_modules
+
+        try:
+            pipe.unload_lora_weights()
+        except Exception:  # nothing loaded
+            pass
+        modules = _lora_modules(pipe.unet)
+        with torch.no_grad():
+            for n, w in originals.items():
+                modules[n].weight.copy_(w)
+
+    def detach(self, protection) -> None:
+        state = protection.cache.pop(("safetydpo", "state"), None)
+        if state is not None:
+            self._restore(protection.pipe, state["originals"])
+
+    def prepare(self, call) -> None:
+        state = call.protection.cache[("safetydpo", "state")]
+        cats = sorted({c for m in state["metas"] for c in (m.get("categories") or [m.get("category")]) if c})
+        what = "merged LoRA" if self.merged is not None else f"{len(self._files)} expert LoRA(s)"
+        for item in range(call.n_items):
+            res = call.result(item, self.name)
+            res.verdict = "steer"
+            res.reason = f"generated with the SafetyDPO {what} ({', '.join(cats) or 'categories not recorded'})"
+            res.details = {"files": list(self._files), "fused": state["fused"], "categories": cats}
