@@ -141,12 +141,15 @@ class TextEncoderAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.encoder.parameters()).dtype
 
-    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None) -> TokenBatch:
-        """Tokenise and pad to ``max_length`` (default: the model's), truncating like the pipelines do."""
+    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None,
+                 pad_to_longest: bool = False) -> TokenBatch:
+        """Tokenise and pad to ``max_length`` (default: the model's), truncating like the pipelines do; with
+        ``pad_to_longest`` only to the longest text of the batch (same states for a masked, non-causal encoder,
+        for a fraction of the work on short prompts)."""
         if isinstance(texts, str):
             texts = [texts]
-        out = self.tokenizer(list(texts), padding="max_length", max_length=max_length or self.max_length,
-                             truncation=True, return_tensors="pt")
+        out = self.tokenizer(list(texts), padding="longest" if pad_to_longest else "max_length",
+                             max_length=max_length or self.max_length, truncation=True, return_tensors="pt")
         mask = out["attention_mask"].long()
         n_special = self.first + 1  # BOS (if any) + EOS
         n_content = (mask.sum(1) - n_special).clamp(min=0)

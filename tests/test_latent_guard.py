@@ -578,3 +578,16 @@ def test_cli_train_prompt_guard_trains_saves_and_validates(tmp_path, capsys):
     assert code == 2 and "needs --model" in err
     code, _, err = _cli(["train-prompt-guard", "--data-dir", str(tmp_path / "none"), "--out", str(out)], capsys)
     assert code == 2 and "CoProv2_train.csv" in err
+
+
+def test_minilm_features_do_not_depend_on_padding():
+    adapter = lg._minilm_adapter(64, "cpu")
+    texts = ["a red bus", "blood and gore on the street at night, in the rain"]
+    short = text_features(adapter, texts)  # padded to the longest text only
+    full_batch = adapter.tokenize(texts)  # padded to 64
+    full = adapter.encode(full_batch)
+    assert short.tokens.shape[1] < 64
+    n = short.tokens.shape[1]
+    m = short.mask
+    assert torch.allclose(short.tokens[m], full.tokens[:, :n][m], atol=1e-4)
+    assert torch.allclose(short.summary, full.summary, atol=1e-4)

@@ -348,3 +348,17 @@ def test_balanced_accuracy_and_docstrings(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = doctest.testmod(lvd, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted >= 5
+
+
+def test_v_prediction_pipeline_reads_x0_and_stops(sd2v):
+    seen = []
+
+    def flag(x0):
+        seen.append(x0.abs().mean().item())
+        return torch.ones(x0.shape[0], dtype=torch.bool)
+
+    safegen.protect(sd2v, guards=[LVD.from_classifier(classifier(sd2v, flag), window=2, ratio=1.0)])
+    out = run(sd2v, ["a red bus"], steps=5)
+    assert out.safety[0].result("lvd").stopped_at_step == 1 and out.safety[0].unet_steps_run == 2
+    assert all(math.isfinite(v) for v in seen) and len(seen) == 2
+    safegen.unprotect(sd2v)

@@ -19,6 +19,13 @@ def _lvd(**kwargs):
     return LVD(**kwargs)
 
 
+def _safetydpo(**kwargs):
+    from .safetydpo import SafetyDPO, default_merged_path
+
+    kwargs.setdefault("merged", str(default_merged_path()))
+    return SafetyDPO(**kwargs)
+
+
 #: Names accepted by ``protect(guards=[...])``, the CLI and policies, mapped to guard factories.
 GUARD_PRESETS = {
     "safree": Safree,
@@ -30,6 +37,7 @@ GUARD_PRESETS = {
     "sld-max": SLD.max,
     "latent-guard": _latent_guard,
     "lvd": _lvd,
+    "safetydpo": _safetydpo,
 }
 
 __all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "GUARD_PRESETS"]

@@ -61,7 +61,7 @@ from .base import Guard
 __all__ = [
     "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
     "ConceptBank", "TextFeatures", "text_features", "encoder_identity", "score_texts", "policy_concepts",
-    "load_coprov2_pairs", "contrastive_loss", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
+    "load_coprov2_pairs", "contrastive_loss", "common_part", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
     "main",
 ]
 
@@ -448,7 +448,8 @@ def text_features(encoder, texts: Sequence[str], *, batch_size: int = 256, store
     for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
         part = texts[start:start + batch_size]
         if isinstance(encoder, TextEncoderAdapter):
-            batch = encoder.tokenize(part)
+            # a masked bidirectional encoder gives the same states without the padding: skip it
+            batch = encoder.tokenize(part, pad_to_longest=not encoder.causal)
             enc = encoder.encode(batch)
             tokens, mask, summary = enc.tokens, batch.attention_mask.to(enc.tokens.device), enc.summary
         else:
@@ -528,6 +529,23 @@ def policy_concepts(policy) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------- training
 
 
+def common_part(unsafe: str, safe: str, min_words: int = 3) -> str | None:
+    """The words an unsafe prompt and its minimally edited safe twin share, in order (``None`` if fewer than
+    ``min_words``): benign content with neither the unsafe words nor the rewrite's safe ones. As an extra
+    negative it stops a head from learning the shortcut "no safe-rewrite word → unsafe".
+
+    Example:
+        >>> common_part("a man stabs a woman in a dark alley", "a man hugs a woman in a dark alley")
+        'a man a woman in a dark alley'
+    """
+    import difflib
+
+    a, b = unsafe.split(), safe.split()
+    blocks = difflib.SequenceMatcher(a=[w.lower() for w in a], b=[w.lower() for w in b], autojunk=False)
+    words = [w for m in blocks.get_matching_blocks() for w in a[m.a:m.a + m.size]]
+    return " ".join(words) if len(words) >= min_words else None
+
+
 def _category_scores(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """Soft maximum (log-mean-exp) of concept scores (N, C) within each category of ``member`` (C, K) → (N, K)."""
     x = scores.unsqueeze(-1).masked_fill(~member, float("-inf"))
@@ -535,7 +553,7 @@ def _category_scores(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor
 
 
 def contrastive_loss(unsafe_scores: torch.Tensor, safe_scores: torch.Tensor, member: torch.Tensor,
-                     labels: torch.Tensor) -> torch.Tensor:
+                     labels: torch.Tensor, extra_safe: torch.Tensor | None = None) -> torch.Tensor:
     """The symmetric InfoNCE loss over a batch of n pairs.
 
     Args:
@@ -549,7 +567,8 @@ def contrastive_loss(unsafe_scores: torch.Tensor, safe_scores: torch.Tensor, mem
     * prompt → concept: unsafe prompt i must score its own category above every other category *and* above
       its safe twin under its own category (the hard negative);
     * concept → prompt: each category present in the batch must score its unsafe prompts above the unsafe
-      prompts of other categories and above every safe prompt (multi-positive InfoNCE).
+      prompts of other categories and above every safe prompt (multi-positive InfoNCE); ``extra_safe`` (m, C)
+      adds more safe prompts to that term (e.g. the benign common part of each pair, see :func:`common_part`).
 
     Example:
         >>> import torch
@@ -566,9 +585,12 @@ def contrastive_loss(unsafe_scores: torch.Tensor, safe_scores: torch.Tensor, mem
     twin = ps.gather(1, labels.unsqueeze(1))  # the safe twin under the unsafe prompt's own category
     prompt_to_concept = F.cross_entropy(torch.cat([pu, twin], 1), labels)
     present = torch.unique(labels)
-    logits = torch.cat([pu[:, present].T, ps[:, present].T], 1)  # (P, 2n): unsafe prompts, then safe ones
+    safe_cols = ps[:, present].T
+    if extra_safe is not None and extra_safe.shape[0]:  # more benign prompts: negatives for every category
+        safe_cols = torch.cat([safe_cols, _category_scores(extra_safe, member)[:, present].T], 1)
+    logits = torch.cat([pu[:, present].T, safe_cols], 1)  # (P, n + m): unsafe prompts, then safe ones
     own = labels.unsqueeze(0) == present.unsqueeze(1)  # (P, n): unsafe prompts of the category
-    positive = torch.cat([own, torch.zeros_like(own)], 1)  # no safe prompt is ever a positive
+    positive = torch.cat([own, torch.zeros_like(safe_cols, dtype=torch.bool)], 1)  # a safe prompt never is
     concept_to_prompt = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)
                          ).mean()
     return (prompt_to_concept + concept_to_prompt) / 2
@@ -622,7 +644,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, val_share: float = 0.1,
                seed: int = 0, device: "str | torch.device | None" = None, encode_batch: int = 256,
                store_dtype: torch.dtype | None = None, progress: bool = True, backbone: str | None = None,
-               max_length: int | None = None) -> tuple[LatentGuardHead, dict[str, Any]]:
+               max_length: int | None = None, common_negatives: bool = True
+               ) -> tuple[LatentGuardHead, dict[str, Any]]:
     """Train a :class:`LatentGuardHead` contrastively on (unsafe prompt, safe twin, category) pairs.
 
     The frozen encoder runs once over every distinct text (features cached); each step samples ``batch_size``
@@ -640,6 +663,9 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
             :class:`LatentGuardConfig` fields for a fresh head.
         steps, batch_size, lr, weight_decay: AdamW optimisation (paper: lr 1e-3, batch 64).
         val_share: share of pairs held out for validation (0 = none).
+        common_negatives: also push down, for every category, the words each pair shares
+            (:func:`common_part`): benign text without the safe twin's rewrite words, so the head cannot learn
+            "no rewrite word → unsafe" (that shortcut makes ordinary captions score high).
         seed: seeds the head's initialisation, the split and the batch sampling (the global RNG is untouched).
         device: where the head trains (default: the encoder's device).
         progress: show a tqdm progress bar.
@@ -702,8 +728,19 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     train_pairs = [p for p in pairs if p[0] not in val_groups]
     val_pairs = [p for p in pairs if p[0] in val_groups]
 
+    # ---- extra benign negatives: the common part of each pair
+    def commons(subset):
+        if not common_negatives:
+            return []
+        own = {t for u, s, _ in pairs for t in (u, s)}
+        found = (common_part(u, s) for u, s, _ in subset)
+        return list(dict.fromkeys(c for c in found if c is not None and c not in own))
+
+    train_neg, val_neg = commons(train_pairs), commons(val_pairs)
+    val_neg = [c for c in val_neg if c not in set(train_neg)]
+
     # ---- frozen features, once per distinct text
-    texts = list(dict.fromkeys([t for u, s, _ in pairs for t in (u, s)]))
+    texts = list(dict.fromkeys([t for u, s, _ in pairs for t in (u, s)] + train_neg + val_neg))
     position = {t: i for i, t in enumerate(texts)}
     feats = text_features(enc, texts, batch_size=encode_batch, store_dtype=store_dtype, progress=progress)
     if store_dtype is None and feats.tokens.numel() > 2 ** 27:  # large sets: halve the cache (≥ 512 MB in fp32)
@@ -737,17 +774,22 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     s_idx = torch.tensor([position[s] for _, s, _ in train_pairs])
     labels = torch.tensor([cat_index[c] for _, _, c in train_pairs])
     ctoks = cfeats.select(torch.arange(len(entries)), device)
+    n_idx = torch.tensor([position[t] for t in train_neg], dtype=torch.long)
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="latent guard", unit="step", disable=not progress)
     for step in bar:
         rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=gen)
-        both = feats.select(torch.cat([u_idx[rows], s_idx[rows]]), device)
+        picked = [u_idx[rows], s_idx[rows]]
+        if len(n_idx):
+            picked.append(n_idx[torch.randint(len(n_idx), (rows.numel(),), generator=gen)])
+        both = feats.select(torch.cat(picked), device)
         bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
         scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
         n = rows.numel()
-        loss = contrastive_loss(scores[:n], scores[n:], member, labels[rows].to(device))
+        loss = contrastive_loss(scores[:n], scores[n:2 * n], member, labels[rows].to(device),
+                                extra_safe=scores[2 * n:] if len(n_idx) else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -759,6 +801,7 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
 
     summary: dict[str, Any] = {
         "steps": steps, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "concepts": len(entries),
+        "common_negatives": len(train_neg), "val_auc_common": None,
         "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None,
@@ -766,20 +809,24 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     if val_pairs:
         with torch.no_grad():
             bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
-            best = []
-            for col in (0, 1):  # unsafe prompts, then their safe twins
-                idx = torch.tensor([position[p[col]] for p in val_pairs])
-                vals = []
+
+            def best_of(texts_):
+                idx = torch.tensor([position[t] for t in texts_], dtype=torch.long)
+                vals = [torch.zeros(0)]
                 for s in range(0, len(idx), encode_batch):
                     f = feats.select(idx[s:s + encode_batch], device)
                     vals.append(head.score(f.tokens, f.mask, bank, summary=f.summary).amax(1).cpu())
-                best.append(torch.cat(vals))
-        summary["val_auc"] = roc_auc(best[0], best[1])
-        summary["threshold"], summary["val_tpr"], summary["val_fpr"] = _youden_threshold(best[0], best[1])
+                return torch.cat(vals)
+
+            pos, twins, neg = best_of([p[0] for p in val_pairs]), best_of([p[1] for p in val_pairs]), best_of(val_neg)
+        summary["val_auc"] = roc_auc(pos, twins)
+        summary["val_auc_common"] = roc_auc(pos, neg) if len(neg) else None
+        # the operating point: best TPR − FPR against every held-out safe text (twins and common parts)
+        summary["threshold"], summary["val_tpr"], summary["val_fpr"] = _youden_threshold(pos, torch.cat([twins, neg]))
     summary["tau"] = head.tau.item()
     summary["seconds"] = round(time.time() - t0, 2)
-    head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_tpr", "val_fpr", "train_pairs",
-                                             "val_pairs", "steps", "seed", "categories")}
+    head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_auc_common", "val_tpr", "val_fpr",
+                                             "train_pairs", "val_pairs", "steps", "seed", "categories")}
     head.metadata["concepts"] = len(entries)
     return head, summary
 

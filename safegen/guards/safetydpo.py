@@ -18,6 +18,14 @@ import torch
 from .base import Guard
 
 
+def default_merged_path():
+    """``assets/safetydpo/default-model-comerge.safetensors``: the Co-Merge of all categories' experts trained for
+    the embedded default model (the ``"safetydpo"`` preset)."""
+    from .._paths import assets_dir
+
+    return assets_dir() / "safetydpo" / "default-model-comerge.safetensors"
+
+
 @dataclass(repr=False)
 class SafetyDPO(Guard):
     """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA.
