@@ -63,7 +63,9 @@ def reuse_or_run(prompts: Path, guards: str, out: Path, steps: int, batch_size: 
     f = out / "metrics.json"
     if reuse and guards == "none" and f.is_file():
         m = json.loads(f.read_text())
-        n = sum(1 for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip())
+        from safegen.evaluate import read_prompts
+
+        n = len(read_prompts(prompts))  # as safegen eval counts them (each prompt once)
         if m.get("n") == n and m.get("config", {}).get("steps") == steps:
             argv = ["eval", "--prompts", str(prompts.relative_to(ROOT)), "--guards", guards, "--steps", str(steps),
                     "--batch-size", str(m["config"].get("batch_size")), "--out", str(out.relative_to(ROOT))]
