@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--loras", default="erasure/out/default-model", help="folder the recipe wrote")
     ap.add_argument("--reuse", action="store_true", help="reuse evals already in outputs/bench-safetydpo/")
+    ap.add_argument("--no-experts", action="store_true", help="evaluate the merged LoRAs only")
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
     from safegen.world import load_coprov2_test
@@ -110,7 +111,8 @@ def main() -> None:
     folder = ROOT / a.loras
     variants = [("none", None)] + [(f"merged: {m}", folder / f"merged-{m}.safetensors")
                                    for m in ("comerge", "linear", "ties")]
-    variants += [(f"expert: {p.stem}", p) for p in sorted((folder / "experts").glob("*.safetensors"))]
+    if not a.no_experts:
+        variants += [(f"expert: {p.stem}", p) for p in sorted((folder / "experts").glob("*.safetensors"))]
     variants = [(k, v) for k, v in variants if v is None or v.is_file()]
     out = ROOT / "outputs" / "bench-safetydpo"
     rows = []
