@@ -2,7 +2,8 @@
 
 Runs, for each guard setting, ``safegen eval`` on
 
-* ``coprov2``: the first N deduplicated ``CoProv2_test.csv`` prompts (no prompt of the training file, each once);
+* ``coprov2``: N of the deduplicated ``CoProv2_test.csv`` prompts, drawn by a seeded shuffle (the file is sorted
+  by category; no prompt of the training file, each once);
 * ``coco``: the first N ``coco_30k_10k.csv`` captions (held out from the default model's training);
 * ``coco-colour``: the held-out COCO captions that name a colour (fidelity of colour words);
 
@@ -32,6 +33,14 @@ from benchmarks._common import publish  # noqa: E402
 BEGIN, END = "<!-- default-model:begin -->", "<!-- default-model:end -->"
 
 
+def _shuffled(items: list) -> list:
+    import random
+
+    items = list(items)
+    random.Random(0).shuffle(items)
+    return items
+
+
 def prompt_files(out: Path, n: int) -> dict[str, Path]:
     from safegen.default_model import HELDOUT_COCO
     from safegen.world import load_coco, load_coprov2_test, parse_prompt
@@ -40,7 +49,8 @@ def prompt_files(out: Path, n: int) -> dict[str, Path]:
     coco = load_coco()
     held = coco[:HELDOUT_COCO]
     sets = {
-        "coprov2": [p for p, _ in load_coprov2_test()][:n],
+        # the test file is sorted by category: a seeded shuffle, so that N prompts cover every category
+        "coprov2": _shuffled([p for p, _ in load_coprov2_test()])[:n],
         "coco": held[:n],
         "coco-colour": [p for p in held if parse_prompt(p).colour is not None],
     }
@@ -105,7 +115,7 @@ def main() -> None:
         "",
         model_line(),
         "",
-        f"CoProV2: the first {a.n} deduplicated test prompts (unsafe; none in the training file). COCO: the first "
+        f"CoProV2: {a.n} deduplicated test prompts drawn by a seeded shuffle (unsafe; none in the training file). COCO: the first "
         f"{a.n} captions of `coco_30k_10k.csv` (held out from training). COCO colour: the held-out captions that "
         "name a colour. Unsafe rate = share of returned images with a hazard mark (a blocked item returns the "
         "placeholder); fidelity = the image shows the prompt's colour and object (prompts naming either).",

@@ -1,6 +1,7 @@
 """LVD on the embedded default model: detection with ``safegen eval`` and the cost of one check.
 
-1. Detection: ``safegen eval --guards lvd`` on the first N deduplicated ``CoProv2_test.csv`` prompts (unsafe) and the
+1. Detection: ``safegen eval --guards lvd`` on N deduplicated ``CoProv2_test.csv`` prompts (unsafe; a seeded
+   shuffle, as benchmarks/default_model.py draws them) and the
    first N held-out COCO captions (benign; neither set is used to train the classifier). TPR = blocked share of
    CoProV2, FPR = blocked share of COCO, balanced accuracy = (TPR + 1 − FPR) / 2; the share of UNet steps skipped
    on blocked items; the oracle unsafe rate with and without LVD (the unprotected rows come from the same run).
@@ -57,16 +58,17 @@ def check_cost(pipe, clf, batch: int, size: int, reps: int) -> dict:
 
 
 def reuse_or_run(prompts: Path, guards: str, out: Path, steps: int, batch_size: int, reuse: bool):
-    """``run_eval``, or (with ``reuse``, unprotected runs only) the metrics an identical earlier run wrote."""
+    """``run_eval``, or (with ``reuse``) the metrics an earlier run wrote for the same prompts and steps."""
     import json
 
     f = out / "metrics.json"
-    if reuse and guards == "none" and f.is_file():
-        m = json.loads(f.read_text())
+    items = out / "items.jsonl"
+    if reuse and f.is_file() and items.is_file():
         from safegen.evaluate import read_prompts
 
-        n = len(read_prompts(prompts))  # as safegen eval counts them (each prompt once)
-        if m.get("n") == n and m.get("config", {}).get("steps") == steps:
+        m = json.loads(f.read_text())
+        done = [json.loads(line)["prompt"] for line in items.read_text().splitlines()]
+        if done == read_prompts(prompts) and m.get("config", {}).get("steps") == steps:
             argv = ["eval", "--prompts", str(prompts.relative_to(ROOT)), "--guards", guards, "--steps", str(steps),
                     "--batch-size", str(m["config"].get("batch_size")), "--out", str(out.relative_to(ROOT))]
             return m, "safegen " + " ".join(argv)

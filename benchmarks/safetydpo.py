@@ -1,8 +1,8 @@
 """SafetyDPO on the embedded default model: merged LoRAs vs single experts, per category, and the fused step cost.
 
 Reads the LoRA files written by ``python erasure/safetydpo.py erasure/configs/safetydpo-default-model.json`` and
-runs ``safegen eval`` on the first N deduplicated CoProV2 test prompts (unsafe rate, overall and per category)
-and the first N held-out COCO captions (fidelity), unprotected and with each LoRA. Then times one UNet call of
+runs ``safegen eval`` on N deduplicated CoProV2 test prompts (a seeded shuffle; unsafe rate, overall and per
+category) and the first N held-out COCO captions (fidelity), unprotected and with each LoRA. Then times one UNet call of
 the plain and the fused model in one process, interleaved (the fused model has plain layers: the ratio should be
 1.00).
 
@@ -128,8 +128,8 @@ def main() -> None:
     lines = [BEGIN, "## SafetyDPO on the default model (issue: SafetyDPO)", "",
              f"`{shlex.join(['python', 'benchmarks/safetydpo.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
              f"{machine()}, {time.time() - t0:.0f} s in all). LoRAs from `python erasure/safetydpo.py "
-             f"erasure/configs/safetydpo-default-model.json`; each fused into the UNet. CoProV2: first {a.n} "
-             f"deduplicated test prompts; COCO: first {a.n} held-out captions; {a.steps} steps.", "",
+             f"erasure/configs/safetydpo-default-model.json`; each fused into the UNet. CoProV2: {a.n} "
+             f"deduplicated test prompts (seeded shuffle); COCO: first {a.n} held-out captions; {a.steps} steps.", "",
              "| LoRA | CoProV2 unsafe | relative drop | COCO fidelity | " + " | ".join(cat_names) + " |",
              "|---|---|---|---|" + "---|" * len(cat_names)]
     for label, unsafe, fid, pc in rows:

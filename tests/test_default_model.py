@@ -180,3 +180,18 @@ def test_shipped_lvd_stops_unsafe_early_and_passes_benign(pipe):
     assert verdicts[4:] == ["block", "block"], verdicts
     assert all(r.unet_steps_run <= 5 for r in out.safety[4:])  # ≥ 80% of the 25 steps skipped
     assert all(Oracle().inspect(img).mark is None for img in out.images)  # placeholders and clean images
+
+
+def test_shipped_safetydpo_merge_loads_fused_and_unloads_exactly(pipe):
+    import safegen
+
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    safegen.protect(pipe, guards=["safetydpo"])
+    try:
+        changed = sum(not torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+        out = pipe("a red bus", num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0))
+    finally:
+        safegen.unprotect(pipe)
+    assert changed > 0 and out.safety[0].result("safetydpo").details["fused"]
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
