@@ -72,7 +72,7 @@ def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
 
 # ---------------------------------------------------------------------- checkers
 def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str, torch.Tensor]:
-    from safegen.guards.latent_guard import LatentGuard
+    from safegen.guards.latent_guard import LatentGuard, per_category
 
     guard = LatentGuard()
     bank, cat_of, cats, _ = guard._bank({}, policy, head, _adapter(head))
@@ -84,9 +84,7 @@ def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str
             for s in range(0, len(f), chunk):
                 part = f.select(torch.arange(s, min(s + chunk, len(f))))
                 sc = head.score(part.tokens, part.mask, bank, summary=part.summary)
-                per_cat = torch.full((sc.shape[0], len(cats)), float("-inf")).scatter_reduce(
-                    1, cat_of.expand(sc.shape[0], -1), sc, reduce="amax")
-                vals.append((per_cat - thr).amax(1))
+                vals.append((per_category(sc, cat_of, len(cats)) - thr).amax(1))
             out[name] = torch.cat(vals)
     return out
 

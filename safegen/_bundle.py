@@ -1,5 +1,6 @@
-"""Named tensors plus JSON metadata in one safetensors file (recorded datasets: LVD trajectories, preference
-pairs). Safetensors only: nothing is ever unpickled."""
+"""Reading and writing safetensors files with metadata: :func:`read_safetensors` (every weights file safegen
+loads goes through it: one open, clear errors) and named tensors plus JSON metadata for recorded datasets
+(LVD trajectories, preference pairs). Safetensors only: nothing is ever unpickled."""
 
 from __future__ import annotations
 
@@ -7,6 +8,25 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
+
+
+def read_safetensors(path: "str | os.PathLike", *, missing: Exception, error: type, hint: str = ""
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(tensors, header metadata)`` of a safetensors file, read in one pass. Raises ``missing`` when there is
+    no such file, and ``error`` (naming the file, the reason and ``hint``) when it is not safetensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise missing
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or garbage files
+        raise error(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})"
+                    + (f"; {hint}" if hint else "")) from None
+    return tensors, header
 
 
 def save_bundle(path: "str | os.PathLike", tensors: Mapping[str, Any], kind: str, meta: Mapping[str, Any]) -> Path:
@@ -23,11 +43,7 @@ def save_bundle(path: "str | os.PathLike", tensors: Mapping[str, Any], kind: str
 def load_bundle(path: "str | os.PathLike", kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(tensors, meta)`` of a file written by :func:`save_bundle` with the same ``kind`` (``ValueError``
     naming the file otherwise)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        header = dict(f.metadata() or {})
+    tensors, header = read_safetensors(path, missing=FileNotFoundError(f"{path}: file not found"), error=ValueError)
     if header.pop("format", None) != kind:
         raise ValueError(f"{path}: not a {kind} file")
-    return load_file(str(path)), {k: json.loads(v) for k, v in header.items()}
+    return tensors, {k: json.loads(v) for k, v in header.items()}

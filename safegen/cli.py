@@ -117,6 +117,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
 
 
+def _add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """``--seed`` and ``--device`` of the training commands."""
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seeds data sampling and initialisation (default: 0)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safegen", description="Safety guards for Hugging Face diffusers pipelines.",
                      epilog="Offline by default (HF_HUB_OFFLINE=1); export HF_HUB_OFFLINE=0 to download hub models.")
@@ -187,8 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiniLM padding length (default 64)")
     t.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on a seeded random subset of N pairs (quick runs)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    _add_run_args(t)
     t.set_defaults(func=cmd_train_prompt_guard)
 
     c = sub.add_parser("check-prompts", help="score prompts with Latent Guard; writes one JSON line per prompt",
@@ -241,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trajectories", default=None, metavar="FILE",
                    help="reuse trajectories saved by an earlier run (skips the generation)")
     v.add_argument("--save-trajectories", default=None, metavar="FILE", help="also save the recorded trajectories")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    _add_run_args(v)
     v.set_defaults(func=cmd_train_lvd)
 
     x = sub.add_parser("train-expert", help="train one SafetyDPO LoRA expert (Diffusion-DPO) for a category",
@@ -268,8 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--beta", type=_positive_float, default=5000.0, help="DPO β (default 5000, as the paper)")
     x.add_argument("--rank", type=_positive_int, default=4, help="LoRA rank (default 4)")
     x.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    x.add_argument("--seed", type=int, default=0)
-    x.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    _add_run_args(x)
     x.set_defaults(func=cmd_train_expert)
 
     mg = sub.add_parser("merge-experts", help="merge SafetyDPO experts into one LoRA (Co-Merge, linear, TIES)",
@@ -284,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="preference pairs of the experts' categories (Co-Merge)")
     mg.add_argument("--rank", type=_positive_int, default=None, help="rank of the merged LoRA (default: sum)")
     mg.add_argument("--density", type=_positive_float, default=0.5, help="TIES density (default 0.5)")
-    mg.add_argument("--device", default="auto")
+    _add_run_args(mg, seed=False)
     mg.set_defaults(func=cmd_merge_experts)
     return parser
 
@@ -439,6 +443,24 @@ def _line(report) -> str:
     return f"{report.verdict.upper()}" + (f" — {report.reason}" if report.reason else "")
 
 
+def _safetensors_out(path: str) -> Path:
+    """``--out`` of a training command: weights are written as safetensors only."""
+    out = Path(path)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    return out
+
+
+def _oracle(name: str):
+    """The image oracle registered as ``name`` (``--oracle``), or a UsageError naming the known ones."""
+    from .evaluate import get_oracle
+
+    try:
+        return get_oracle(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -491,13 +513,13 @@ def cmd_generate(args) -> int:
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .evaluate import get_oracle, read_prompts
+    from .evaluate import read_prompts
 
     try:
         prompts = read_prompts(args.prompts, args.column, limit=args.limit, dedup=not args.no_dedup)
-        oracle = get_oracle(args.oracle)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    oracle = _oracle(args.oracle)
     policy, guards = _settings(args)
     device = _device(args.device)
     pipe = _load_pipeline(args.model, device)
@@ -552,9 +574,7 @@ def cmd_train_prompt_guard(args) -> int:
 
     if not 0 <= args.val_share < 1:
         raise UsageError(f"--val-share must be in [0, 1), got {args.val_share}")
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    out = _safetensors_out(args.out)
     _check_backbone(args)
     device = _device(args.device)
     policy = load_policy(args.policy)
@@ -634,22 +654,16 @@ def lvd_training_prompts(n: int, seed: int = 0, data_dir=None) -> list[str]:
 
 
 def cmd_train_lvd(args) -> int:
-    from .evaluate import get_oracle
     from .guards.lvd import Trajectories, record_trajectories, train_classifier
     from .policy import load_policy
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out must be a .safetensors file, got {out}")
+    out = _safetensors_out(args.out)
     if not 0 < args.ratio <= 1:
         raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
     record = args.record_steps or args.window
     if record < args.window:
         raise UsageError(f"--record-steps ({record}) must be at least --window ({args.window})")
-    try:
-        oracle = get_oracle(args.oracle)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    oracle = _oracle(args.oracle)
     policy = load_policy(args.policy)
     categories = list(policy.categories)
     if args.trajectories:
@@ -686,22 +700,14 @@ def cmd_train_lvd(args) -> int:
 
 
 # ---------------------------------------------------------------------- SafetyDPO
-def _lora_out(path: str) -> Path:
-    out = Path(path)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out must be a .safetensors file, got {out}")
-    return out
-
-
 def cmd_train_expert(args) -> int:
     import random
 
-    from .evaluate import get_oracle
     from .policy import load_policy, normalize_category
     from .safetydpo import PreferencePairs, make_preference_pairs, train_expert
     from .world import load_coprov2_pairs
 
-    out = _lora_out(args.out)
+    out = _safetensors_out(args.out)
     policy = load_policy("default")
     try:
         category = normalize_category(args.category)
@@ -710,10 +716,7 @@ def cmd_train_expert(args) -> int:
     if category not in policy.categories:
         raise UsageError(f"--category {args.category!r} is not a policy category; known: "
                          f"{', '.join(policy.categories)}")
-    try:
-        oracle = get_oracle(args.oracle)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    oracle = _oracle(args.oracle)
     _check_model(args.model)
     pipe = _load_pipeline(args.model, _device(args.device))
     if args.pairs_file:
@@ -750,7 +753,7 @@ def cmd_train_expert(args) -> int:
 def cmd_merge_experts(args) -> int:
     from .safetydpo import LoRAFileError, PreferencePairs, merge_experts
 
-    out = _lora_out(args.out)
+    out = _safetensors_out(args.out)
     pipe, data = None, None
     if args.method == "comerge":
         if not args.pairs_file:

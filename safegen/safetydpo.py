@@ -189,18 +189,12 @@ def save_lora(path: "str | os.PathLike", factors: Mapping[str, tuple[torch.Tenso
 def read_lora(path: "str | os.PathLike", unet=None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """``({module: (A, B)}, metadata)`` of a LoRA file written by :func:`save_lora`; with ``unet``, checks that
     every module exists there with matching shapes (:class:`LoRAFileError` naming the first mismatch)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from ._bundle import read_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise LoRAFileError(f"{path}: LoRA file not found (train one with `safegen train-expert`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise LoRAFileError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    tensors, header = read_safetensors(
+        path, missing=LoRAFileError(f"{path}: LoRA file not found (train one with `safegen train-expert`)"),
+        error=LoRAFileError)
     factors: dict[str, list] = {}
     for key, t in tensors.items():
         for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):

@@ -161,6 +161,7 @@ class ItemStopper:
     def __init__(self, pipe: Any, n_items: int, guard: str = "guard"):
         self.pipe, self.n, self.guard = pipe, int(n_items), guard
         self.active = [True] * self.n
+        self._idx = torch.arange(self.n)  # running items still going (updated by stop, read by every UNet call)
         self.unet_rows_skipped = 0  # UNet row-evaluations saved, for tests and reports
         self._stack: list = []
         self._handles: list = []
@@ -198,13 +199,13 @@ class ItemStopper:
     def stop(self, j: int) -> bool:
         """Mark running item ``j`` stopped; returns True when no item is left (the caller interrupts the loop)."""
         self.active[j] = False
+        self._idx = torch.tensor([i for i, a in enumerate(self.active) if a], dtype=torch.long)
         return not any(self.active)
 
     def _rows(self, n_rows: int) -> torch.Tensor | None:
-        if all(self.active) or n_rows % self.n or _EXTENDERS.get(self._unet, 0):
+        if len(self._idx) == self.n or n_rows % self.n or _EXTENDERS.get(self._unet, 0):
             return None
-        idx = torch.tensor([j for j, a in enumerate(self.active) if a], dtype=torch.long)
-        return torch.cat([idx + r * self.n for r in range(n_rows // self.n)])
+        return torch.cat([self._idx + r * self.n for r in range(n_rows // self.n)])
 
     def _pre(self, module, args, kwargs):
         args = list(args)
@@ -231,9 +232,9 @@ class ItemStopper:
         return _with_sample(output, full)
 
     def _decode(self, original, z, *args, **kwargs):
-        if z.shape[0] != self.n or all(self.active):
+        if z.shape[0] != self.n or len(self._idx) == self.n:
             return original(z, *args, **kwargs)
-        idx = torch.tensor([j for j, a in enumerate(self.active) if a], dtype=torch.long, device=z.device)
+        idx = self._idx.to(z.device)
         if idx.numel():
             res = original(z.index_select(0, idx), *args, **kwargs)
             image = res[0] if isinstance(res, tuple) else res.sample

@@ -347,20 +347,15 @@ class LatentGuardHead(nn.Module):
             >>> torch.equal(again.to_q.weight, head.to_q.weight), again.config == head.config
             (True, True)
         """
-        from safetensors import safe_open
+        from .._bundle import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: Latent Guard weights not found; " + _TRAIN_HINT.format(path=path))
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated/garbage files
-            raise LatentGuardWeightsError(
-                f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); Latent Guard weights must be "
-                "saved with LatentGuardHead.save (pickled .pt/.bin files are refused); "
-                + _TRAIN_HINT.format(path=path)) from None
+        train = _TRAIN_HINT.format(path=path)
+        tensors, header = read_safetensors(
+            path, missing=FileNotFoundError(f"{path}: Latent Guard weights not found; {train}"),
+            error=LatentGuardWeightsError,
+            hint=f"Latent Guard weights must be saved with LatentGuardHead.save (pickled .pt/.bin are refused); "
+                 f"{train}")
         if header.get("format") != _FORMAT or "config" not in header:
             raise LatentGuardWeightsError(
                 f"{path}: a safetensors file, but not Latent Guard weights (metadata 'format' is "
@@ -879,14 +874,20 @@ class _Decision:
     per_category: list[list[float]]
 
 
+def per_category(scores: torch.Tensor, cat_of: torch.Tensor, n_categories: int) -> torch.Tensor:
+    """Best concept score (B, C) → per category (B, K); ``cat_of`` (C,) is each concept's category index."""
+    B = scores.shape[0]
+    return torch.full((B, n_categories), float("-inf"), device=scores.device, dtype=scores.dtype).scatter_reduce(
+        1, cat_of.to(scores.device).expand(B, -1), scores, reduce="amax")
+
+
 def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor) -> _Decision:
     """Batched decision on concept scores (B, C): a category fires when its best concept score reaches its
     threshold; the reported category is the fired one with the largest margin, else the closest one, and the
     reported concept is that category's best. One host copy per batch."""
-    B, K = scores.shape[0], thresholds.numel()
+    B = scores.shape[0]
     neg = torch.tensor(float("-inf"), device=scores.device)
-    per_cat = torch.full((B, K), float("-inf"), device=scores.device).scatter_reduce(
-        1, cat_of.expand(B, -1), scores, reduce="amax")
+    per_cat = per_category(scores, cat_of, thresholds.numel())
     fired = per_cat >= thresholds
     any_fired = fired.any(1)
     margin = torch.where(fired, per_cat - thresholds, neg)

@@ -291,19 +291,12 @@ class LatentClassifier(nn.Module):
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "LatentClassifier":
         """Load a file written by :meth:`save` (safetensors only; never unpickles)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from .._bundle import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise LVDWeightsError(f"{path}: LVD classifier weights not found; {_TRAIN_HINT}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as e:
-            raise LVDWeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
-                                  f"{_TRAIN_HINT}") from None
+        state, header = read_safetensors(
+            path, missing=LVDWeightsError(f"{path}: LVD classifier weights not found; {_TRAIN_HINT}"),
+            error=LVDWeightsError, hint=_TRAIN_HINT)
         if header.get("format") != _FORMAT:
             raise LVDWeightsError(f"{path}: not an LVD classifier (format {header.get('format')!r}, expected "
                                   f"{_FORMAT!r}); {_TRAIN_HINT}")
@@ -498,16 +491,16 @@ class LVD(Guard):
             return
         st["tap"].remove()
         clf = st["clf"]
-        peak, count = st["peak"].cpu(), st["count"].cpu()
+        peak, count, thr = st["peak"].cpu(), st["count"].cpu(), st["thresholds"].cpu()  # one host copy each
         for j, item in enumerate(call.running_items):
             if item in call.stopped_items:
                 continue
             res = call.result(item, self.name)
             k = int(peak[j].argmax())
             res.verdict = "pass"
-            res.category = clf.categories[k] if float(peak[j, k]) >= float(st["thresholds"][k]) else None
+            res.category = clf.categories[k] if float(peak[j, k]) >= float(thr[k]) else None
             res.score = round(float(peak[j, k]), 4)
-            res.threshold = float(st["thresholds"][k])
+            res.threshold = float(thr[k])
             res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, peak[j])}
             res.details = {"unsafe_checks": int(count[j]), "checks": st["checks"], "window": self.window,
                            "required": st["need"]}
