@@ -9,7 +9,15 @@ An adapter hides what differs between text encoders behind one small interface:
   where the encoder has one, its *projected* pooled vector (SDXL ``text_embeds``).
 
 Encoders are bidirectional (BERT, T5) or causal (CLIP); causal ones get no attention mask, exactly as the
-diffusers pipelines call them, so states computed here match the pipeline's bit for bit.
+diffusers pipelines call them, so states computed here match the pipeline's bit for bit. A bidirectional
+encoder that its pipeline runs *without* an attention mask (CogVideoX's T5 reads its 226 padded positions,
+padding included) is wrapped the same way (``attention_mask=False``): then padding changes the states, so
+every sequence, masked copies included, is encoded at the pipeline's full padded length.
+
+T5 has no BOS token (the first content token is position 0, not 1) and no pooled output: its summary vector
+is the mean of the content-token states (``</s>`` and padding excluded), in the space the pipeline conditions
+on — not the authors' "token 0 with a +1 BOS offset", which never tests the first word and calls the first
+word's state the prompt's summary.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ class TextEncoderAdapter:
 
     def __init__(self, tokenizer, encoder, *, layer: int | None = None, final_norm: bool = False,
                  summary: str = "eos", mask_token_id: int | None = None, max_length: int | None = None,
-                 causal: bool | None = None, name: str | None = None):
+                 causal: bool | None = None, attention_mask: bool | None = None, name: str | None = None):
         if summary not in ("eos", "mean"):
             raise ValueError(f"summary must be 'eos' or 'mean', got {summary!r}")
         self.tokenizer = tokenizer
@@ -79,6 +87,8 @@ class TextEncoderAdapter:
         self.summary_kind = summary
         model_type = getattr(getattr(encoder, "config", None), "model_type", "")
         self.causal = ("clip" in model_type) if causal is None else causal
+        # whether the encoder is given the attention mask (as its pipeline calls it): causal encoders are not
+        self.use_attention_mask = (not self.causal) if attention_mask is None else bool(attention_mask)
         self.name = name or model_type or type(encoder).__name__
         limit = getattr(tokenizer, "model_max_length", None)
         if max_length is None:
@@ -105,6 +115,21 @@ class TextEncoderAdapter:
         if clip_skip is None:
             return cls(tokenizer, encoder, layer=None, summary="eos", causal=True, **kw)
         return cls(tokenizer, encoder, layer=-(clip_skip + 1), final_norm=True, summary="eos", causal=True, **kw)
+
+    @classmethod
+    def for_t5(cls, tokenizer, encoder, *, max_length: int = 226, attention_mask: bool = False,
+               **kw) -> "TextEncoderAdapter":
+        """A T5 encoder as a diffusers video pipeline reads it: padded to ``max_length`` (the call's
+        ``max_sequence_length``), last hidden state, mean summary over content tokens, masked copies use the
+        ``<extra_id_0>`` sentinel. ``attention_mask=False`` matches CogVideoX (no mask: padding is attended)."""
+        return cls(tokenizer, encoder, summary="mean", causal=False, attention_mask=attention_mask,
+                   max_length=max_length, **kw)
+
+    @property
+    def padding_matters(self) -> bool:
+        """True when padded positions change the states (a bidirectional encoder run without attention mask):
+        sequences must then be encoded at the full padded length to land in the pipeline's space."""
+        return not self.causal and not self.use_attention_mask
 
     @classmethod
     def from_pretrained(cls, path: str, *, subfolder: str | None = None, summary: str = "mean", **kw) -> "TextEncoderAdapter":
@@ -148,6 +173,7 @@ class TextEncoderAdapter:
         for a fraction of the work on short prompts)."""
         if isinstance(texts, str):
             texts = [texts]
+        pad_to_longest = pad_to_longest and not self.padding_matters
         out = self.tokenizer(list(texts), padding="longest" if pad_to_longest else "max_length",
                              max_length=max_length or self.max_length, truncation=True, return_tensors="pt")
         mask = out["attention_mask"].long()
@@ -172,7 +198,8 @@ class TextEncoderAdapter:
         ids = ids.to(self.device)
         mask = mask.to(self.device)
         want_hidden = self.layer is not None
-        out = self.encoder(ids, attention_mask=None if self.causal else mask, output_hidden_states=want_hidden)
+        out = self.encoder(ids, attention_mask=mask if self.use_attention_mask else None,
+                           output_hidden_states=want_hidden)
         if want_hidden:
             tokens = out.hidden_states[self.layer]
             if self.final_norm:
@@ -208,3 +235,34 @@ class TextEncoderAdapter:
             self._cache.clear()
         self._cache[key] = vec
         return vec
+
+
+def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length: int | None = None,
+                     mask_token_id: int | None = None) -> TextEncoderAdapter:
+    """The adapter of a pipeline's (first) text encoder, reading the states the pipeline conditions on.
+
+    Duck-typed by the encoder, not the pipeline class: CLIP (SD 1.x/2.x, AnimateDiff, ZeroScope) → the EOS
+    state of the layer ``clip_skip`` selects; T5 (CogVideoX) → :meth:`TextEncoderAdapter.for_t5` at
+    ``max_sequence_length`` (default 226), without attention mask as CogVideoX calls it; anything else
+    (a BERT-like sentence encoder) → mean summary with its attention mask. SDXL's two encoders are wrapped by
+    the guards themselves (:meth:`TextEncoderAdapter.for_clip` with ``sdxl=True``).
+
+    Example:
+        >>> from safegen.encoders import pipeline_adapter
+        >>> from safegen.testing import tiny_cogvideox_pipeline
+        >>> ad = pipeline_adapter(tiny_cogvideox_pipeline())
+        >>> ad.first, ad.summary_kind, ad.max_length, ad.token_strings([ad.mask_token_id])
+        (0, 'mean', 226, ['<extra_id_0>'])
+    """
+    te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+    if te is None or tok is None:  # e.g. an SDXL refiner: only the second encoder
+        te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
+    if te is None or tok is None:
+        raise TypeError(f"{type(pipe).__name__} has no text encoder and tokenizer")
+    model_type = getattr(te.config, "model_type", "") or ""
+    kw = {} if mask_token_id is None else {"mask_token_id": mask_token_id}
+    if "clip" in model_type:
+        return TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, **kw)
+    if "t5" in model_type:  # t5, umt5, mt5
+        return TextEncoderAdapter.for_t5(tok, te, max_length=int(max_sequence_length or 226), **kw)
+    return TextEncoderAdapter(tok, te, summary="mean", causal=False, **kw)

@@ -13,8 +13,13 @@ Inside a protected call (the :class:`Call` object):
    (so untouched prompts are bit-identical);
 3. one composite ``callback_on_step_end`` runs the guards' step hooks, then the user's callback;
 4. the original ``__call__`` runs on the items that are not blocked;
-5. blocked items get the policy's placeholder; every item gets a :class:`~safegen.report.SafetyReport`
-   (``out.safety``, and ``safegen.last_reports(pipe)`` when ``return_dict=False``).
+5. blocked items get the policy's placeholder (a clip of flat frames for video pipelines); every item gets a
+   :class:`~safegen.report.SafetyReport` (``out.safety``, and ``safegen.last_reports(pipe)`` when
+   ``return_dict=False``).
+
+Pipelines are described by their parts (:class:`PipelineSpec`: UNet or transformer, CLIP or T5, latent layout,
+callback kind), so every guard serves images and video alike. ``TextToVideoSDPipeline`` only has the legacy
+``callback``; :class:`_LegacyCallback` gives the guards the same step hook there.
 
 Any exception raised by a guard fails the call closed: every item is blocked and its report says why.
 """
@@ -43,11 +48,57 @@ logger = logging.getLogger("safegen")
 SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionPipeline": "sd",
+    "AnimateDiffPipeline": "animatediff",
+    "CogVideoXPipeline": "cogvideox",
+    "TextToVideoSDPipeline": "text-to-video-sd",
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What the guards need to know about a supported pipeline class: its *parts*, not its name.
+
+    Attributes:
+        kind: the key in :data:`SUPPORTED_PIPELINES`.
+        denoiser: attribute of the denoising network (``"unet"`` or ``"transformer"``).
+        encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
+            CLIP encoders and a pooled vector) or ``"t5"`` (one T5 encoder, ``max_sequence_length``).
+        per_prompt: the call argument giving outputs per prompt (``None``: always one).
+        output: the output field (``"images"`` or ``"frames"``).
+        layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
+            models) or ``"BFCHW"`` (CogVideoX).
+        legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
+            ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
+    """
+
+    kind: str
+    denoiser: str = "unet"
+    encode: str = "sd"
+    per_prompt: str | None = "num_images_per_prompt"
+    output: str = "images"
+    layout: str = "BCHW"
+    legacy_callback: bool = False
+
+    @property
+    def video(self) -> bool:
+        return self.output == "frames"
+
+
+PIPELINE_SPECS = {
+    "sd": PipelineSpec("sd"),
+    "sdxl": PipelineSpec("sdxl", encode="sdxl"),
+    # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
+    "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
+    "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",
+                              layout="BFCHW"),
+    "text-to-video-sd": PipelineSpec("text-to-video-sd", per_prompt=None, output="frames", layout="BCFHW",
+                                     legacy_callback=True),
 }
 
 
 def pipeline_kind(pipe: Any) -> str:
-    """``"sd"`` or ``"sdxl"`` for a supported pipeline; ``TypeError`` naming the supported ones otherwise."""
+    """The kind (a key of :data:`PIPELINE_SPECS`) of a supported pipeline; ``TypeError`` naming the supported ones
+    otherwise."""
     cls = getattr(pipe, "_safegen_base", type(pipe))
     for klass in cls.__mro__:
         kind = SUPPORTED_PIPELINES.get(klass.__name__)
@@ -57,6 +108,16 @@ def pipeline_kind(pipe: Any) -> str:
         f"safegen.protect does not support {type(pipe).__name__}; supported pipelines: "
         f"{', '.join(SUPPORTED_PIPELINES)} (and their subclasses)"
     )
+
+
+def pipeline_spec(pipe: Any) -> PipelineSpec:
+    """The :class:`PipelineSpec` of a supported pipeline (``TypeError`` otherwise)."""
+    return PIPELINE_SPECS[pipeline_kind(pipe)]
+
+
+class _LoopStopped(Exception):
+    """Raised inside the pipeline's call when every item of the batch has been stopped and the pipeline cannot be
+    interrupted (legacy ``callback``); the protected call catches it and returns the placeholders, no decode."""
 
 
 # ---------------------------------------------------------------------- state objects
@@ -71,6 +132,15 @@ class Protection:
     base_class: type
     last_reports: list[SafetyReport] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-pipeline caches shared by guards (adapters, bases)
+
+    @property
+    def spec(self) -> PipelineSpec:
+        return PIPELINE_SPECS[self.kind]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The pipeline's denoising network (``pipe.unet`` or ``pipe.transformer``)."""
+        return getattr(self.pipe, self.spec.denoiser)
 
 
 @dataclass
@@ -106,6 +176,14 @@ class Call:
     @property
     def kind(self) -> str:
         return self.protection.kind
+
+    @property
+    def spec(self) -> PipelineSpec:
+        return self.protection.spec
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.protection.denoiser
 
     @property
     def n_items(self) -> int:
@@ -160,7 +238,8 @@ class Call:
         if item in self.stopped_items:
             return
         if self._stopper is None:
-            self._stopper = ItemStopper(self.pipe, len(running), guard=guard).install()
+            shape = (lambda z: _decoded_shape(self, z)) if self.spec.video else None
+            self._stopper = ItemStopper(self.pipe, len(running), guard=guard, decoded_shape=shape).install()
         if self._stopper.stop(running.index(item)):
             self.pipe._interrupt = True
         self.stopped_items[item] = int(steps_run)
@@ -195,21 +274,50 @@ class Call:
 
 
 def _encode(call: Call) -> dict[str, torch.Tensor]:
+    a = call.args
+    return encode_with_pipeline(call, a.get("prompt"), negative_prompt=a.get("negative_prompt"), do_cfg=call.do_cfg,
+                                prompt_2=a.get("prompt_2"), negative_prompt_2=a.get("negative_prompt_2"),
+                                prompt_embeds=a.get("prompt_embeds"),
+                                negative_prompt_embeds=a.get("negative_prompt_embeds"),
+                                pooled_prompt_embeds=a.get("pooled_prompt_embeds"),
+                                negative_pooled_prompt_embeds=a.get("negative_pooled_prompt_embeds"))
+
+
+def call_default(call: Call, name: str) -> Any:
+    """A call argument as the pipeline will see it: given, else the default of the pipeline's signature."""
+    if call.args.get(name) is not None:
+        return call.args[name]
+    param = inspect.signature(call.protection.base_class.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bool = False, prompt_2=None,
+                         negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None,
+                         pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> dict[str, torch.Tensor]:
+    """Conditioning (one row per prompt) through the pipeline's own ``encode_prompt``, with the call's LoRA scale,
+    ``clip_skip`` and ``max_sequence_length``: keys ``prompt_embeds``, ``negative_prompt_embeds`` (``None``
+    without CFG) and, for SDXL, the pooled pair."""
     pipe, a = call.pipe, call.args
+    how = call.spec.encode
+    if how == "t5":
+        pe, npe = pipe.encode_prompt(prompt, negative_prompt, do_cfg, num_videos_per_prompt=1,
+                                     prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                     max_sequence_length=call_default(call, "max_sequence_length"),
+                                     device=call.device)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
     cak = a.get("cross_attention_kwargs") or {}
-    common = dict(device=call.device, num_images_per_prompt=1, do_classifier_free_guidance=call.do_cfg,
+    common = dict(device=call.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
                   lora_scale=cak.get("scale"), clip_skip=a.get("clip_skip"))
-    if call.kind == "sdxl":
+    if how == "sdxl":
         pe, npe, ppe, nppe = pipe.encode_prompt(
-            prompt=a.get("prompt"), prompt_2=a.get("prompt_2"), negative_prompt=a.get("negative_prompt"),
-            negative_prompt_2=a.get("negative_prompt_2"), prompt_embeds=a.get("prompt_embeds"),
-            negative_prompt_embeds=a.get("negative_prompt_embeds"), pooled_prompt_embeds=a.get("pooled_prompt_embeds"),
-            negative_pooled_prompt_embeds=a.get("negative_pooled_prompt_embeds"), **common)
+            prompt=prompt, prompt_2=prompt_2, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            **common)
         return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
                 "negative_pooled_prompt_embeds": nppe}
-    pe, npe = pipe.encode_prompt(a.get("prompt"), negative_prompt=a.get("negative_prompt"),
-                                 prompt_embeds=a.get("prompt_embeds"),
-                                 negative_prompt_embeds=a.get("negative_prompt_embeds"), **common)
+    pe, npe = pipe.encode_prompt(prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                                 negative_prompt_embeds=negative_prompt_embeds, **common)
     return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
 
 
@@ -253,7 +361,9 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
     """Make a diffusers pipeline safe in place; returns the same pipeline.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v-prediction) or ``StableDiffusionXLPipeline``.
+        pipe: a ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v-prediction), ``StableDiffusionXLPipeline``,
+            or a text-to-video ``AnimateDiffPipeline``, ``CogVideoXPipeline`` or ``TextToVideoSDPipeline``
+            (one report per video; see :class:`PipelineSpec` for what guards read of each).
         policy: a built-in policy name, a path to a ``.yaml``/``.json`` policy, a mapping or a
             :class:`~safegen.Policy` (shared, not copied: edits in code apply to the next call).
         guards: guard instances or names (``"safree"``, ``"sld"``, ``"sld-max"``...); defaults to the
@@ -261,7 +371,7 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         sensitivity: overrides the policy's sensitivity (scales every guard's thresholds).
 
     Calling it again replaces the previous protection (idempotent); :func:`unprotect` restores the pipeline
-    exactly. Outputs gain ``out.safety``: one :class:`~safegen.SafetyReport` per image.
+    exactly. Outputs gain ``out.safety``: one :class:`~safegen.SafetyReport` per image or video.
 
     Example:
         >>> import safegen
@@ -372,9 +482,10 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
     batch = 1 if isinstance(prompt, str) else (len(prompt) if prompt is not None else a["prompt_embeds"].shape[0])
     prompts = _as_list(prompt)
     negatives = _as_list(a.get("negative_prompt"), batch)
-    nipp = a.get("num_images_per_prompt") or 1
+    spec = prot.spec
+    nipp = (a.get(spec.per_prompt) or 1) if spec.per_prompt else 1
     gs = a.get("guidance_scale", inspect.signature(prot.base_class.__call__).parameters["guidance_scale"].default)
-    do_cfg = gs > 1 and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+    do_cfg = gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
     steps = a.get("num_inference_steps")
     if steps is None:
         steps = inspect.signature(prot.base_class.__call__).parameters["num_inference_steps"].default
@@ -406,7 +517,7 @@ def _run(pipe, base_call, args, kwargs):
     a = _bind(base_call, pipe, args, kwargs)
     call = _new_call(prot, a)
     want_dict = a.pop("return_dict", True)
-    output_type = a.get("output_type", "pil")
+    output_type = call_default(call, "output_type") or "pil"
     out = None
     if any(g.needs_conditioning for g in prot.guards):
         call.conditioning()  # outside the guards: a bad argument raises as it would unprotected
@@ -418,9 +529,16 @@ def _run(pipe, base_call, args, kwargs):
             run_args = _run_arguments(call, keep)
             try:
                 out = base_call(pipe, **run_args, return_dict=True)
+            except _LoopStopped:  # every item stopped in a pipeline that cannot interrupt: nothing to decode
+                out = None
+                if hasattr(pipe, "maybe_free_model_hooks"):
+                    pipe.maybe_free_model_hooks()  # what the pipeline's own return path would have done
             finally:
                 if call._stopper is not None:
                     call._stopper.remove()
+                bridge = call.scratch.pop("legacy_callback", None)
+                if bridge is not None:
+                    bridge.remove()
             steps_run = call.scratch.get("steps_run", call.num_steps)
         else:
             steps_run = 0
@@ -439,6 +557,10 @@ def _run(pipe, base_call, args, kwargs):
         for res in rep.guards:
             res.seconds = call.seconds.get(res.guard, 0.0)
     out = _assemble(call, out, keep, output_type)
+    if any(g.stage == "output" for g in prot.guards):  # post-hoc checks of the decoded items
+        from .guards.output import run_output_checks
+
+        run_output_checks(call, out, output_type)
     prot.last_reports = call.reports
     out.safety = call.reports
     if want_dict:
@@ -501,8 +623,9 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
             a["latents"] = a["latents"][torch.tensor(items)]
         call.scratch["kept_items"] = items
     # composite step callback: guards first (in stage order), then the user's
-    user_cb = a.pop("callback_on_step_end", None)
-    user_inputs = list(a.pop("callback_on_step_end_tensor_inputs", None) or ["latents"])
+    legacy = call.spec.legacy_callback
+    user_cb = None if legacy else a.pop("callback_on_step_end", None)
+    user_inputs = [] if legacy else list(a.pop("callback_on_step_end_tensor_inputs", None) or ["latents"])
     if user_cb is not None and hasattr(user_cb, "tensor_inputs"):
         user_inputs = list(user_cb.tensor_inputs)
     stepping = [g for g in call.protection.guards if g.tensor_inputs is not None]
@@ -523,61 +646,191 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
                 tensors.update(changed)
         return tensors
 
-    a["callback_on_step_end"] = on_step_end
-    a["callback_on_step_end_tensor_inputs"] = inputs
+    if legacy:
+        bridge = _LegacyCallback(call, on_step_end, a.pop("callback", None), a.pop("callback_steps", None) or 1)
+        call.scratch["legacy_callback"] = bridge
+        a["callback"], a["callback_steps"] = bridge, 1
+    else:
+        a["callback_on_step_end"] = on_step_end
+        a["callback_on_step_end_tensor_inputs"] = inputs
     call.scratch["kept_prompts"] = keep
     return a
 
 
+class _LegacyCallback:
+    """``callback_on_step_end`` emulated on a pipeline that only calls ``callback(step, t, latents)`` (diffusers'
+    deprecated ``TextToVideoSDPipeline``), which can neither hand tensors back nor interrupt the loop.
+
+    * ``prompt_embeds``: a forward pre-hook on the denoiser keeps the ``encoder_hidden_states`` tensor of the
+      first call, which is the pipeline's own ``[negative; prompt]`` tensor (made inside its ``__call__``, reused
+      unchanged on every step). Guards get it as ``tensors["prompt_embeds"]``; when one returns a new value, it
+      is copied into that tensor in place, so the pipeline's next denoiser call reads it (SAFREE's switch back to
+      the original conditioning after its filtered steps).
+    * Stopping: items are stopped row by row as on any pipeline (:class:`~safegen.unet_rows.ItemStopper`); when
+      no item is left, the pipeline cannot be interrupted, so :class:`_LoopStopped` is raised here and caught by
+      the protected call, which returns the placeholders: no more denoiser steps and no decode.
+    * The user's own ``callback`` runs after the guards, every ``callback_steps`` steps, as it would unprotected.
+    """
+
+    def __init__(self, call: Call, on_step_end, user_cb, user_steps: int):
+        self.call, self.on_step_end = call, on_step_end
+        self.user_cb, self.user_steps = user_cb, int(user_steps)
+        self.embeds: torch.Tensor | None = None
+        self._handle = call.denoiser.register_forward_pre_hook(self._capture, with_kwargs=True, prepend=True)
+
+    def _capture(self, module, args, kwargs):
+        if self.embeds is None:
+            ehs = kwargs.get("encoder_hidden_states")
+            self.embeds = ehs if torch.is_tensor(ehs) else None
+        return None
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self.embeds = None
+
+    def __call__(self, i: int, t, latents: torch.Tensor) -> None:
+        call = self.call
+        tensors: dict[str, Any] = {"latents": latents}
+        if self.embeds is not None:
+            tensors["prompt_embeds"] = self.embeds
+        out = self.on_step_end(call.pipe, i, t, tensors)
+        new = out.get("prompt_embeds")
+        if new is not None and self.embeds is not None and new is not self.embeds:
+            self.embeds.copy_(new.to(self.embeds.dtype))
+        if self.user_cb is not None and i % self.user_steps == 0:
+            self.user_cb(i, t, latents)
+        if call._stopper is not None and not any(call._stopper.active):
+            raise _LoopStopped()
+
+
 # ---------------------------------------------------------------------- output assembly
 def _image_size(call: Call) -> tuple[int, int]:
+    """(height, width) in pixels of the call's images or frames."""
     pipe, a = call.pipe, call.args
+    if call.spec.denoiser == "transformer":  # CogVideoX: sizes in latent pixels on the transformer's config
+        cfg, f = call.denoiser.config, pipe.vae_scale_factor_spatial
+        return int(a.get("height") or cfg.sample_height * f), int(a.get("width") or cfg.sample_width * f)
     default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
     h = a.get("height") or default * pipe.vae_scale_factor
     w = a.get("width") or default * pipe.vae_scale_factor
     return int(h), int(w)
 
 
-def _placeholder(call: Call, output_type: str, like: Any) -> Any:
-    """The policy's placeholder for a blocked item, in the output's type (never a black square)."""
-    style = call.policy.placeholder
+def latent_frames(call: Call) -> int:
+    """Frames of a video item's latents (the denoiser's time axis; for CogVideoX without the padding frames a
+    temporal patch size adds, which are dropped before decoding)."""
+    if call.spec.denoiser == "transformer":
+        n = call.args.get("num_frames") or call.denoiser.config.sample_frames
+        return (int(n) - 1) // call.pipe.vae_scale_factor_temporal + 1
+    return int(call_default(call, "num_frames"))
+
+
+def decoded_frames(call: Call, n_latent: int | None = None) -> int:
+    """Frames the pipeline's decoder makes of ``n_latent`` latent frames (default: the call's).
+
+    UNet video pipelines decode frame by frame. CogVideoX's causal 3-D VAE decodes latent frames in chunks of two
+    (the odd one out joins the first chunk); each chunk is upsampled in time by 4, except the first frame of an
+    odd-length chunk: so L latent frames give 4L frames when L is even and 4(L − 1) + 1 when it is odd (13 → 49).
+    """
+    n = latent_frames(call) if n_latent is None else int(n_latent)
+    if call.spec.denoiser == "transformer":
+        r = call.pipe.vae_scale_factor_temporal
+        return n * r if n % 2 == 0 else (n - 1) * r + 1
+    return n
+
+
+def _decoded_shape(call: Call, latents: torch.Tensor) -> tuple[int, ...]:
+    """Shape of what the video pipeline's ``decode_latents`` returns for ``latents``: (B, 3, F, H, W)."""
+    if call.spec.layout == "BFCHW":
+        b, f, _, h, w = latents.shape
+        s, frames = call.pipe.vae_scale_factor_spatial, decoded_frames(call, f)
+    else:
+        b, _, f, h, w = latents.shape
+        s, frames = call.pipe.vae_scale_factor, f
+    return (b, call.pipe.vae.config.out_channels, frames, h * s, w * s)
+
+
+def _latent_shape(call: Call) -> tuple[int, ...]:
     h, w = _image_size(call)
-    if output_type == "latent":
-        c = call.pipe.unet.config.in_channels
-        f = call.pipe.vae_scale_factor
-        return torch.zeros(c, h // f, w // f) if like is None else torch.zeros_like(like)
+    if call.spec.denoiser == "transformer":
+        f = call.pipe.vae_scale_factor_spatial
+        return (latent_frames(call), call.denoiser.config.in_channels, h // f, w // f)
+    c, f = call.denoiser.config.in_channels, call.pipe.vae_scale_factor
+    if call.spec.video:
+        return (c, latent_frames(call), h // f, w // f)
+    return (c, h // f, w // f)
+
+
+def _placeholder(call: Call, output_type: str, like: Any) -> Any:
+    """The policy's placeholder for a blocked item, in the output's type (never a black square).
+
+    ``like`` is an item the pipeline produced in this call (its shape is copied), or ``None``. A video item is a
+    clip of flat frames: ``np`` (F, H, W, 3), ``pt`` (F, 3, H, W), ``pil`` a list of F images."""
+    style = call.policy.placeholder
     gray = 0.5
+    if output_type == "latent":
+        return torch.zeros(_latent_shape(call)) if like is None else torch.zeros_like(like)
+    h, w = _image_size(call)
+    video = call.spec.video
+    frames = decoded_frames(call) if video else 1
     if output_type == "pil":
         if style == "none":
             return None
         from PIL import Image
 
+        if isinstance(like, list) and like:  # a clip the pipeline made: same frame count and size
+            frames, (w, h) = len(like), like[0].size
+        elif like is not None and hasattr(like, "size") and not video:
+            w, h = like.size
+        if video:
+            return [Image.new("RGB", (w, h), (128, 128, 128)) for _ in range(frames)]
         return Image.new("RGB", (w, h), (128, 128, 128))
     if output_type == "pt":
-        return torch.full((3, h, w), gray) if like is None else torch.full_like(like, gray)
-    return np.full((h, w, 3), gray, dtype=np.float32) if like is None else np.full_like(like, gray)
+        if torch.is_tensor(like):
+            return torch.full_like(like, gray)
+        return torch.full((frames, 3, h, w) if video else (3, h, w), gray)
+    if isinstance(like, np.ndarray):
+        return np.full_like(like, gray)
+    return np.full((frames, h, w, 3) if video else (h, w, 3), gray, dtype=np.float32)
+
+
+_OUTPUT_CLASSES = {
+    "sd": ("diffusers.pipelines.stable_diffusion.pipeline_output", "StableDiffusionPipelineOutput"),
+    "sdxl": ("diffusers.pipelines.stable_diffusion_xl.pipeline_output", "StableDiffusionXLPipelineOutput"),
+    "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
+    "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
+    "text-to-video-sd": ("diffusers.pipelines.deprecated.text_to_video_synthesis|"
+                         "diffusers.pipelines.text_to_video_synthesis", "TextToVideoSDPipelineOutput"),
+}
 
 
 def _output_class(call: Call):
-    if call.kind == "sdxl":
-        from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+    import importlib
 
-        return StableDiffusionXLPipelineOutput, {}
-    from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-
-    return StableDiffusionPipelineOutput, {"nsfw_content_detected": None}
+    modules, name = _OUTPUT_CLASSES[call.kind]
+    for module in modules.split("|"):  # where diffusers keeps it depends on its version
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            break
+        except (ImportError, AttributeError):
+            continue
+    else:
+        raise ImportError(f"diffusers has no {name} in {modules}")
+    return cls, ({"nsfw_content_detected": None} if call.kind == "sd" else {})
 
 
 def _assemble(call: Call, out: Any, keep: list[int], output_type: str) -> Any:
     n_items = call.n_items
+    field_name = call.spec.output
     kept_items = [it for p in keep for it in call.items_of(p)]
     if out is not None and len(kept_items) == n_items and not call.stopped_items:
         return out
-    produced = out.images if out is not None else []
-    like = produced[0] if len(produced) and not isinstance(produced, list) else None
+    produced = getattr(out, field_name) if out is not None else []
+    like = produced[0] if len(produced) else None
     slots: list[Any] = [None] * n_items
-    for j, item in enumerate(kept_items):
-        slots[item] = produced[j]
+    if out is not None:  # (None: the call ended early, every kept item was stopped)
+        for j, item in enumerate(kept_items):
+            slots[item] = produced[j]
     for item in range(n_items):
         if item not in kept_items or item in call.stopped_items:
             slots[item] = _placeholder(call, output_type, like)
@@ -589,8 +842,8 @@ def _assemble(call: Call, out: Any, keep: list[int], output_type: str) -> Any:
         images = slots
     if out is None:
         cls, extra = _output_class(call)
-        return cls(images=images, **extra)
-    out.images = images
+        return cls(**{field_name: images}, **extra)
+    setattr(out, field_name, images)
     nsfw = getattr(out, "nsfw_content_detected", None)
     if isinstance(nsfw, list):
         full = [None] * n_items

@@ -176,3 +176,137 @@ def tiny_sdxl_pipeline(seed: int = 0):
                                      tokenizer_2=tok2, unet=unet, scheduler=_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------- video pipelines
+#: Special pieces of the tiny T5 vocabulary, in T5's order (pad 0, eos 1, unk 2), and its sentinel count.
+_T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+_T5_SENTINELS = 8
+
+
+def tiny_t5_tokenizer(max_length: int = 226):
+    """A T5 tokenizer (Unigram, ``▁``-prefixed pieces, no BOS, ``</s>`` appended) over the tiny vocabulary.
+
+    Listed words are single pieces; any other text still tokenises (single characters). It has the
+    ``<extra_id_*>`` sentinels of a real T5 vocabulary. Built in memory from a pieces list, nothing downloaded.
+
+    Example:
+        >>> tok = tiny_t5_tokenizer()
+        >>> tok.convert_ids_to_tokens(tok("a red cat")["input_ids"])
+        ['▁a', '▁red', '▁cat', '</s>']
+    """
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces: dict[str, float] = {p: 0.0 for p in _T5_SPECIAL}
+    pieces["▁"] = -2.0
+    for w in _WORDS:
+        pieces.setdefault("▁" + w, -1.0)
+    for c in string.ascii_letters + string.digits + string.punctuation:  # fallback: one piece per character
+        pieces.setdefault(c, -5.0)
+        pieces.setdefault("▁" + c, -5.5)
+    vocab = list(pieces.items()) + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(_T5_SENTINELS))]
+    return T5Tokenizer(vocab=vocab, extra_ids=_T5_SENTINELS, model_max_length=max_length)
+
+
+def _t5_encoder(tokenizer, hidden: int = 32, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return T5EncoderModel(cfg).eval()
+
+
+def tiny_animatediff_pipeline(seed: int = 0):
+    """A tiny random ``AnimateDiffPipeline``: the tiny SD UNet (32-d CLIP) with a motion adapter.
+
+    Frames are 32×32 (latents 16×16); pass a small ``num_frames`` (the pipeline's default is 16).
+
+    Example:
+        >>> pipe = tiny_animatediff_pipeline()
+        >>> pipe("a red cat", num_frames=2, num_inference_steps=2, output_type="np").frames.shape
+        (1, 2, 32, 32, 3)
+    """
+    from diffusers import AnimateDiffPipeline, MotionAdapter, UNet2DConditionModel
+
+    tok = tiny_clip_tokenizer()
+    te = _clip_text_model(tok, 32, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    ).eval()
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=32,
+                            motion_num_attention_heads=4, motion_max_seq_length=32).eval()
+    pipe = AnimateDiffPipeline(vae=_vae(seed), text_encoder=te, tokenizer=tok, unet=unet, motion_adapter=adapter,
+                               scheduler=_scheduler(), feature_extractor=None, image_encoder=None)
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_text_to_video_pipeline(seed: int = 0):
+    """A tiny random ``TextToVideoSDPipeline`` (the ZeroScope / ModelScope layout: a 3-D UNet, CLIP).
+
+    Frames are 32×32 (latents 16×16); pass a small ``num_frames`` (the pipeline's default is 16).
+
+    Example:
+        >>> pipe = tiny_text_to_video_pipeline()
+        >>> pipe("a red cat", num_frames=2, num_inference_steps=2, output_type="np").frames.shape
+        (1, 2, 32, 32, 3)
+    """
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    tok = tiny_clip_tokenizer()
+    te = _clip_text_model(tok, 32, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32,
+    ).eval()
+    pipe = TextToVideoSDPipeline(vae=_vae(seed), text_encoder=te, tokenizer=tok, unet=unet, scheduler=_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_cogvideox_pipeline(seed: int = 0, num_layers: int = 1, num_attention_heads: int = 2):
+    """A tiny random ``CogVideoXPipeline``: a one-layer 3-D transformer (heads of 8 channels), a T5 encoder (32-d)
+    and a CogVideoX VAE. ``num_layers`` and ``num_attention_heads`` make the transformer bigger (benchmarks).
+
+    Defaults: 32×32 px, 9 frames (3 latent frames of 8×8: the VAE compresses space by 4 and time by 4);
+    v-prediction DDIM with zero-terminal-SNR betas and trailing timesteps, as CogVideoX ships.
+
+    Example:
+        >>> pipe = tiny_cogvideox_pipeline()
+        >>> pipe("a red cat", num_inference_steps=2, output_type="np").frames.shape
+        (1, 9, 32, 32, 3)
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, \
+        CogVideoXTransformer3DModel
+
+    tok = tiny_t5_tokenizer()
+    te = _t5_encoder(tok, 32, seed=seed)
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=num_attention_heads, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=32, num_layers=num_layers, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226,
+    ).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8), layers_per_block=1,
+        norm_num_groups=2, temporal_compression_ratio=4,
+        down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+    ).eval()
+    sched = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                   prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                   timestep_spacing="trailing", snr_shift_scale=1.0)
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -21,6 +21,34 @@ import torch
 
 # Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) that carry a batch dimension.
 _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask")
+#: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
+_SAMPLE_KWARGS = ("sample", "hidden_states")
+
+
+def _sample_key(args: list, kwargs: dict) -> "int | str":
+    """Where the denoiser's noisy input is in a call: position 0, or the keyword it was given as."""
+    if args:
+        return 0
+    for k in _SAMPLE_KWARGS:
+        if k in kwargs:
+            return k
+    raise TypeError(f"cannot find the denoiser's input among its arguments ({sorted(kwargs)})")
+
+
+def _rows_per_item(value: Any, n: int) -> int:
+    """How many consecutive rows of ``value`` belong to each of ``n`` batch rows: 1 for a tensor with the batch
+    dimension, k for one laid out as ``x.repeat_interleave(k, 0)`` (AnimateDiff hands its motion UNet the text
+    conditioning repeated once per frame); 0 when ``value`` has no such batch dimension."""
+    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] < n or value.shape[0] % n:
+        return 0
+    return value.shape[0] // n
+
+
+def _expand_rows(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Row indices of a batch with k rows per item: item r → rows r·k .. r·k + k − 1."""
+    if k == 1:
+        return rows
+    return (rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)).flatten()
 
 
 def _sample_of(output: Any) -> torch.Tensor:
@@ -88,9 +116,10 @@ class RowExtender:
     # ------------------------------------------------------------------ hooks
     def _pre(self, module, args, kwargs):
         args = list(args)
-        sample = args[0] if args else kwargs["sample"]
+        key = _sample_key(args, kwargs)
+        sample = args[0] if key == 0 else kwargs[key]
         n = sample.shape[0]
-        inputs = {"sample": sample, **kwargs}
+        inputs = {**{k: v for k, v in kwargs.items() if k not in _SAMPLE_KWARGS}, "sample": sample}
         extra = self.provide(n, inputs)
         self._stack.append((n, extra))
         if extra is None:
@@ -99,18 +128,22 @@ class RowExtender:
         src = extra.source_rows.to(sample.device)
 
         def grow(name: str, value: Any, given: torch.Tensor | None):
-            if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != n:
+            k = _rows_per_item(value, n)
+            if not k:
                 return value
-            add = given if given is not None else value.index_select(0, src)
-            if add.shape[0] != e:
-                raise ValueError(f"extra rows for {name!r}: got {add.shape[0]}, expected {e}")
+            if given is not None:
+                if given.shape[0] != e:
+                    raise ValueError(f"extra rows for {name!r}: got {given.shape[0]}, expected {e}")
+                add = given.repeat_interleave(k, 0) if k > 1 else given
+            else:
+                add = value.index_select(0, _expand_rows(src.to(value.device), k))
             return torch.cat([value, add.to(device=value.device, dtype=value.dtype)], 0)
 
         new_sample = torch.cat([sample, extra.tensors["sample"].to(device=sample.device, dtype=sample.dtype)], 0)
-        if args:
+        if key == 0:
             args[0] = new_sample
         else:
-            kwargs["sample"] = new_sample
+            kwargs[key] = new_sample
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == n:
             timestep = torch.cat([timestep, timestep.index_select(0, src.to(timestep.device))], 0)
@@ -143,22 +176,27 @@ class RowExtender:
 
 
 def _select_rows(value: Any, n: int, rows: torch.Tensor) -> Any:
-    if not torch.is_tensor(value) or value.ndim == 0 or value.shape[0] != n:
+    k = _rows_per_item(value, n)
+    if not k:
         return value
-    return value.index_select(0, rows.to(value.device))
+    return value.index_select(0, _expand_rows(rows.to(value.device), k))
 
 
 class ItemStopper:
     """Skip the work of stopped items for the rest of one call (installed by ``Call.stop_item`` on first use).
 
     ``active`` is a host bool list over the items of the running batch. The UNet's batch holds each item once
-    per CFG branch (``[uncond items, cond items]``), so an item's rows are ``j, j + n, ...``; a UNet input whose
-    batch is not a multiple of ``n``, or a UNet that also carries a :class:`RowExtender`, runs unchanged (the
-    stopped rows are computed and discarded: correct, only not cheaper). ``vae.decode`` of the running batch
-    decodes the active rows only.
+    per CFG branch (``[uncond items, cond items]``), so an item's rows are ``j, j + n, ...`` (inputs that repeat
+    every row k times, such as the per-frame text conditioning of a motion UNet, are cut the same way, k rows per
+    item); a UNet input whose batch is not a multiple of ``n``, or a UNet that also carries a
+    :class:`RowExtender`, runs unchanged (the stopped rows are computed and discarded: correct, only not cheaper).
+    The decode of the running batch decodes the active rows only: ``vae.decode`` for images; for video pipelines
+    (``decoded_shape`` given) the pipeline's ``decode_latents``, whose input is one row per item whatever the
+    latent layout, and which returns zeros of ``decoded_shape(latents)`` without decoding when no item is left.
     """
 
-    def __init__(self, pipe: Any, n_items: int, guard: str = "guard"):
+    def __init__(self, pipe: Any, n_items: int, guard: str = "guard",
+                 decoded_shape: Callable[[torch.Tensor], tuple] | None = None):
         self.pipe, self.n, self.guard = pipe, int(n_items), guard
         self.active = [True] * self.n
         self._idx = torch.arange(self.n)  # running items still going (updated by stop, read by every UNet call)
@@ -166,25 +204,34 @@ class ItemStopper:
         self._stack: list = []
         self._handles: list = []
         self._vae = None
+        self._decoded_shape = decoded_shape
+        self._patched: tuple | None = None  # (object, attribute) of the decode function replaced for this call
 
     def install(self) -> "ItemStopper":
         from .guards.base import guarded
 
-        unet = self.pipe.unet if hasattr(self.pipe, "unet") and self.pipe.unet is not None else self.pipe.transformer
+        unet = self.pipe.unet if getattr(self.pipe, "unet", None) is not None else self.pipe.transformer
         # first in, last out: other row hooks see only the rows that run
         self._handles.append(unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True,
                                                             prepend=True))
         self._handles.append(unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True))
         self._unet = unet
         vae = getattr(self.pipe, "vae", None)
-        if vae is not None and "decode" not in vae.__dict__:
-            original = vae.decode
+        self._vae = vae
+        if self._decoded_shape is not None and hasattr(self.pipe, "decode_latents"):
+            target, name, wrapper = self.pipe, "decode_latents", self._decode_video
+        elif vae is not None:
+            target, name, wrapper = vae, "decode", self._decode
+        else:
+            return self
+        if name not in target.__dict__:
+            original = getattr(target, name)
 
             def decode(z, *args, **kwargs):
-                return self._decode(original, z, *args, **kwargs)
+                return wrapper(original, z, *args, **kwargs)
 
-            vae.decode = decode  # an instance attribute; removed in remove()
-            self._vae = vae
+            setattr(target, name, decode)  # an instance attribute; removed in remove()
+            self._patched = (target, name)
         return self
 
     def remove(self) -> None:
@@ -192,9 +239,11 @@ class ItemStopper:
             h.remove()
         self._handles.clear()
         self._stack.clear()
-        if self._vae is not None:
-            self._vae.__dict__.pop("decode", None)
-            self._vae = None
+        if self._patched is not None:
+            target, name = self._patched
+            target.__dict__.pop(name, None)
+            self._patched = None
+        self._vae = None
 
     def stop(self, j: int) -> bool:
         """Mark running item ``j`` stopped; returns True when no item is left (the caller interrupts the loop)."""
@@ -250,3 +299,15 @@ class ItemStopper:
         from diffusers.models.autoencoders.vae import DecoderOutput
 
         return DecoderOutput(sample=full)
+
+    def _decode_video(self, original, latents, *args, **kwargs):
+        """``pipe.decode_latents`` of a video pipeline: (n, ...) latents, one row per item → (n, C, F, H, W)."""
+        if latents.shape[0] != self.n or len(self._idx) == self.n:
+            return original(latents, *args, **kwargs)
+        idx = self._idx.to(latents.device)
+        if not idx.numel():  # nothing left to decode: zeros of the decoder's output shape, no decoder call
+            return torch.zeros(self._decoded_shape(latents), device=latents.device)
+        video = original(latents.index_select(0, idx), *args, **kwargs)
+        full = video.new_zeros((self.n,) + tuple(video.shape[1:]))
+        full.index_copy_(0, idx, video)
+        return full

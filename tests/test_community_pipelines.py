@@ -130,3 +130,38 @@ def test_load_time_options_and_set_safety(folders, lexical_policy):
     assert safegen.is_protected(pipe)
     out = pipe(UNSAFE, generator=gen(0), **KW)
     assert len(out.safety) == 1 and out.safety[0].verdict == "steer"
+
+
+VIDEO_CASES = [
+    ("animatediff", "tiny_animatediff_pipeline", "safegen_animatediff.py", "AnimateDiffPipeline", {"num_frames": 2}),
+    ("cogvideox", "tiny_cogvideox_pipeline", "safegen_cogvideox.py", "CogVideoXPipeline", {}),
+    ("text-to-video-sd", "tiny_text_to_video_pipeline", "safegen_text_to_video_sd.py", "TextToVideoSDPipeline",
+     {"num_frames": 2}),
+]
+
+
+@pytest.mark.parametrize("kind,builder,file,parent,extra", VIDEO_CASES, ids=[c[0] for c in VIDEO_CASES])
+def test_video_pipeline_files(tmp_path, lexical_policy, kind, builder, file, parent, extra):
+    from safegen import testing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny video models: many small ops, a second thread only adds synchronisation
+    try:
+        _check_video_file(tmp_path, lexical_policy, kind, builder, file, parent, extra, testing)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_video_file(tmp_path, lexical_policy, kind, builder, file, parent, extra, testing):
+    folder = tmp_path / kind
+    getattr(testing, builder)().save_pretrained(folder)
+    pipe = load(str(folder), file, safegen_policy=lexical_policy)
+    assert parent in [k.__name__ for k in type(pipe).__mro__] and safegen.is_protected(pipe)
+    kw = dict(num_inference_steps=2, output_type="np", **extra)
+    out = pipe([BENIGN, UNSAFE], generator=[gen(0), gen(1)], **kw)
+    assert [r.verdict for r in out.safety] == ["pass", "steer"]
+    ref = plain(str(folder))
+    assert type(ref).__name__ == parent
+    expected = ref([BENIGN, UNSAFE], generator=[gen(0), gen(1)], **kw).frames
+    assert out.frames.shape == expected.shape
+    assert np.array_equal(out.frames[0], expected[0]) and not np.array_equal(out.frames[1], expected[1])

@@ -10,8 +10,9 @@ The original decodes the predicted x0 through the VAE at every step and runs one
   read through a per-call proxy of ``scheduler.step`` (:func:`predicted_x0`), right for epsilon-, v- and
   sample-prediction on DDPM-type schedulers, k-diffusion (VE) schedulers and flow matching. No VAE decode.
 * **One classifier** (:class:`LatentClassifier`, ~0.1M parameters): a small conv net over the x0 latent,
-  conditioned on the noise level of the step (FiLM), multi-label over the policy's categories. Video latents
-  are classified frame by frame and the frame logits averaged.
+  conditioned on the noise level of the step (FiLM), multi-label over the policy's categories. On video
+  pipelines every frame of x0 is classified (whatever the latent layout: :func:`latent_frames`), the clip's
+  probability is the max (or mean) over its frames, and the report names the frames that reached the threshold.
 * **The decision rule, online**: over the first ``window`` steps (checked every ``check_every``), a step counts
   when some category's probability reaches ``threshold``; the item is stopped as soon as ``ceil(window ·
   ratio)`` steps counted, and accepted (no more checks) as soon as that can no longer happen.
@@ -31,6 +32,7 @@ trained for in the metadata; a classifier trained for another model is refused w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -43,9 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..unet_rows import _expand_rows
 from .base import Guard
 
-__all__ = ["LVDConfig", "LatentClassifier", "LVDWeightsError", "LVD", "predicted_x0", "unet_fingerprint",
+__all__ = ["LVDConfig", "LatentClassifier", "LVDWeightsError", "LVD", "predicted_x0", "unet_fingerprint", "latent_frames",
            "record_trajectories", "train_classifier", "Trajectories", "default_weights_path", "balanced_accuracy"]
 
 _FORMAT = "safegen.lvd"
@@ -154,12 +157,16 @@ class _X0Tap:
     def __init__(self, scheduler, history: list | None = None):
         self.scheduler, self.history, self.last = scheduler, history, None
         original = scheduler.step
+        # every diffusers scheduler names them model_output, timestep and sample, but not always in that order
+        # (CogVideoXDPMScheduler.step(model_output, old_pred_original_sample, timestep, timestep_back, sample))
+        signature = inspect.signature(original)
 
-        def step(model_output, timestep, sample, *args, **kwargs):
-            self.last = predicted_x0(scheduler, model_output, timestep, sample)
+        def step(*args, **kwargs):
+            got = signature.bind_partial(*args, **kwargs).arguments
+            self.last = predicted_x0(scheduler, got["model_output"], got["timestep"], got["sample"])
             if self.history is not None:
                 self.history.append((self.last[0].detach(), self.last[1]))
-            return original(model_output, timestep, sample, *args, **kwargs)
+            return original(*args, **kwargs)
 
         scheduler.step = step
 
@@ -328,6 +335,37 @@ def default_weights_path() -> Path:
     return assets_dir() / "lvd" / "default-model.safetensors"
 
 
+# ---------------------------------------------------------------------- video latents
+def latent_frames(x0: torch.Tensor, n: int, layout: str) -> tuple[torch.Tensor, int]:
+    """The frames of ``n`` items' latents as one image batch: ``((n·F, C, H, W), F)``, item-major.
+
+    ``x0`` is what the scheduler steps on: (n, C, H, W) images (F = 1); (n, C, F, H, W) for UNet video pipelines
+    (``layout="BCFHW"``); (n, F, C, H, W) for CogVideoX (``"BFCHW"``); or (n·F, C, H, W) when the pipeline folds
+    the frames into the batch around ``scheduler.step`` (ZeroScope's ``TextToVideoSDPipeline``).
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 4, 3, 8, 8)  # two clips of 3 frames, BCFHW
+        >>> frames, f = latent_frames(x, 2, "BCFHW")
+        >>> frames.shape, f, torch.equal(frames[4], x[1, :, 1])
+        (torch.Size([6, 4, 8, 8]), 3, True)
+    """
+    if x0.ndim == 5:
+        if layout == "BCFHW":
+            x0 = x0.transpose(1, 2)
+        f = x0.shape[1]
+        return x0.reshape(x0.shape[0] * f, *x0.shape[2:]), f
+    return x0, max(1, x0.shape[0] // max(1, n))
+
+
+def _output_span(f: int, n_latent: int, ratio: int) -> list[int]:
+    """[first, last] output frame decoded from latent frame ``f`` of ``n_latent`` by a causal video VAE that
+    compresses time by ``ratio`` (CogVideoX: an odd count keeps the first frame single, 13 → 49 frames)."""
+    if n_latent % 2:
+        return [0, 0] if f == 0 else [1 + (f - 1) * ratio, f * ratio]
+    return [f * ratio, (f + 1) * ratio - 1]
+
+
 # ---------------------------------------------------------------------- the guard
 @dataclass(repr=False)
 class LVD(Guard):
@@ -343,6 +381,15 @@ class LVD(Guard):
         check_every (`int`, defaults to 1): check every k-th step of the window.
         threshold (`float`, *optional*): probability at which a category counts at a step; default: the policy's
             ``lvd`` threshold for the category, else the one stored with the weights, else 0.5.
+        clip_score (`str`, defaults to `"max"`): on video, how the per-frame probabilities make the clip's:
+            ``"max"`` (a clip is as unsafe as its worst frame: one unsafe frame is enough) or ``"mean"``.
+
+    On video pipelines the classifier reads every frame of the predicted x0 (frames × channels latents, whatever
+    the pipeline's layout: :func:`latent_frames`); the decision is per clip, and the report lists the frames
+    whose probability reached the threshold (``details["frames"]``: at the stopping step, with the per-frame
+    scores of the deciding category; ``details["frame_flags"]``: per frame, how many checked steps flagged it).
+    Frames are latent frames; where the VAE compresses time (CogVideoX: 4 output frames per latent frame)
+    ``details["output_frames"]`` maps each listed frame to the [first, last] output frames it decodes to.
 
     A category whose policy action is ``log`` is reported, never stopped. Errors in the classifier fail the call
     closed (every item blocked, the report says why).
@@ -372,8 +419,11 @@ class LVD(Guard):
     ratio: float = 0.6
     check_every: int = 1
     threshold: float | None = None
+    clip_score: str = "max"
 
     def __post_init__(self):
+        if self.clip_score not in ("max", "mean"):
+            raise ValueError(f"LVD(clip_score=...) must be 'max' or 'mean', got {self.clip_score!r}")
         for name in ("window", "check_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -437,6 +487,9 @@ class LVD(Guard):
             "count": torch.zeros(n, dtype=torch.long, device=device),
             "peak": torch.zeros(n, len(clf.categories), device=device),
             "open": [True] * n, "checks": 0, "need": self.required, "total": self._checks(),
+            "video": call.spec.video, "layout": call.spec.layout, "frame_flags": None,
+            # CogVideoX's VAE makes ~4 output frames of each latent frame; UNet video models decode frame by frame
+            "time_ratio": int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.layout == "BFCHW" else 1,
         }
 
     def step_end(self, call, step: int, timestep, tensors):
@@ -444,11 +497,19 @@ class LVD(Guard):
         if st is None or step >= self.window or step % self.check_every or not any(st["open"]):
             return None
         x0, noise = st["tap"].last
+        n = len(st["open"])
+        frames, F = latent_frames(x0, n, st["layout"])  # (n·F, C, H, W); F = 1 for images
         rows = [j for j, o in enumerate(st["open"]) if o]  # only undecided items are classified
         sel = torch.tensor(rows, device=x0.device)
-        if len(rows) < x0.shape[0]:
-            x0 = x0.index_select(0, sel)
-        probs = torch.sigmoid(st["clf"](x0, noise))  # (len(rows), K)
+        if len(rows) < n:
+            frames = frames.index_select(0, _expand_rows(sel, F))
+        per_frame = torch.sigmoid(st["clf"](frames, noise)).view(len(rows), F, -1)  # (rows, F, K)
+        probs = per_frame.amax(1) if self.clip_score == "max" else per_frame.mean(1)  # the clip's (rows, K)
+        if st["video"]:
+            flagged = ((per_frame >= st["thresholds"]) & st["stoppable"]).any(2)  # (rows, F)
+            if st["frame_flags"] is None:
+                st["frame_flags"] = torch.zeros(n, F, dtype=torch.long, device=flagged.device)
+            st["frame_flags"][sel] += flagged
         st["peak"][sel] = torch.maximum(st["peak"][sel], probs)
         hit = ((probs >= st["thresholds"]) & st["stoppable"]).any(1)
         count = st["count"][sel] + hit
@@ -465,10 +526,30 @@ class LVD(Guard):
                 continue
             st["open"][j] = False
             if s:
-                self._stop(call, st, j, items[j], step, probs[r])
+                self._stop(call, st, j, items[j], step, probs[r], per_frame[r])
         return None
 
-    def _stop(self, call, st, j: int, item: int, step: int, probs: torch.Tensor) -> None:
+    def _frame_details(self, st, j: int, k: int, per_frame: torch.Tensor | None = None) -> dict[str, Any]:
+        """Which frames drove a video decision: those at or above category ``k``'s threshold (at the stopping
+        step when ``per_frame`` (F, K) is given), and per frame how many checked steps flagged it."""
+        if not st["video"] or st["frame_flags"] is None:
+            return {}
+        flags = st["frame_flags"][j].cpu().tolist()
+        out: dict[str, Any] = {"num_frames": len(flags), "frame_flags": flags}
+        if per_frame is not None:
+            scores = per_frame[:, k].cpu()
+            thr = float(st["thresholds"][k])
+            out["frames"] = [f for f, p in enumerate(scores.tolist()) if p >= thr]
+            out["frame_scores"] = [round(float(p), 4) for p in scores]
+        else:
+            out["frames"] = [f for f, c in enumerate(flags) if c]
+        out["clip_score"] = self.clip_score
+        if st["time_ratio"] > 1:  # the listed frames are latent frames: say which output frames each one makes
+            out["output_frames"] = {f: _output_span(f, len(flags), st["time_ratio"]) for f in out["frames"]}
+        return out
+
+    def _stop(self, call, st, j: int, item: int, step: int, probs: torch.Tensor,
+              per_frame: torch.Tensor | None = None) -> None:
         clf = st["clf"]
         p = probs.cpu()
         thr = st["thresholds"].cpu()
@@ -477,13 +558,17 @@ class LVD(Guard):
         k = int(margin.argmax())
         cat = clf.categories[k]
         count = int(st["count"][j])
-        reason = (f"latents looked unsafe ({cat!r}, p={float(p[k]):.2f} ≥ {float(thr[k]):.2f}) at {count} of the "
-                  f"{st['checks']} steps checked; stopped after step {step}")
+        frames = self._frame_details(st, j, k, per_frame)
+        where = ""
+        if frames:
+            where = f" in frame(s) {frames['frames']} of {frames['num_frames']}"
+        reason = (f"latents looked unsafe ({cat!r}, p={float(p[k]):.2f} ≥ {float(thr[k]):.2f}{where}) at {count} of "
+                  f"the {st['checks']} steps checked; stopped after step {step}")
         call.stop_item(item, self.name, reason, steps_run=step + 1, category=cat, score=float(p[k]),
                        threshold=float(thr[k]), stopped_at_step=step,
                        scores={c: round(float(v), 4) for c, v in zip(clf.categories, p)},
                        details={"unsafe_checks": count, "checks": st["checks"], "window": self.window,
-                                "required": st["need"]})
+                                "required": st["need"], **frames})
 
     def finish(self, call) -> None:
         st = call.scratch.pop("lvd", None)
@@ -503,7 +588,7 @@ class LVD(Guard):
             res.threshold = float(thr[k])
             res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, peak[j])}
             res.details = {"unsafe_checks": int(count[j]), "checks": st["checks"], "window": self.window,
-                           "required": st["need"]}
+                           "required": st["need"], **self._frame_details(st, j, k)}
             if int(count[j]):
                 res.verdict = "log"
                 res.reason = (f"latents looked unsafe at {int(count[j])} of {st['checks']} checked steps, fewer "

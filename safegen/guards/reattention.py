@@ -28,6 +28,10 @@ Choices, on purpose:
 * **Reference rows stop after the down path.** Only their skip features are used, and those come from the
   down blocks; a pre-hook on the mid block and on every up block cuts the reference rows off, so a filtered
   step costs the reference rows' conv_in + down path (about a third of a UNet row), not a whole UNet row.
+* **Video UNets** (AnimateDiff's motion UNet, ZeroScope's 3-D UNet) fold the frames into the batch inside
+  their blocks: every row is k frame rows there, and the filter runs per frame (the spectrum is over each
+  frame's H × W), on all frames of a filtered item. DiT backbones (CogVideoX) have no skip features: SAFREE
+  does not apply re-attention there (see :class:`~safegen.guards.safree.Safree`).
 * **The low band** is ``[H//2 − tau, H//2 + tau) × [W//2 − tau, W//2 + tau)`` of the fftshift-ed spectrum,
   the window FreeU and SAFREE use (tau = 1 is the 2×2 block around DC).
 
@@ -41,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ..unet_rows import ExtraRows, RowExtender
+from ..unet_rows import ExtraRows, RowExtender, _expand_rows, _rows_per_item
 from .base import guarded
 
 __all__ = ["LatentReattention", "fourier_reattention", "low_band_mask"]
@@ -210,20 +214,26 @@ class LatentReattention:
         return m
 
     def _filter_skip(self, skip: torch.Tensor, rows: dict[str, torch.Tensor], s: float) -> torch.Tensor:
-        if not torch.is_tensor(skip) or skip.ndim != 4:
+        # video UNets (motion / 3-D) run their blocks on frames folded into the batch: k frame rows per row
+        k = _rows_per_item(skip, rows["total"])
+        if not torch.is_tensor(skip) or skip.ndim != 4 or not k:
             return skip
-        f_idx, r_idx = rows["filtered"].to(skip.device), rows["reference"].to(skip.device)
+        f_idx = _expand_rows(rows["filtered"].to(skip.device), k)
+        r_idx = _expand_rows(rows["reference"].to(skip.device), k)
         x = skip.index_select(0, f_idx)
         y = skip.index_select(0, r_idx)
         z = fourier_reattention(x, y, self.tau, s, self._mask(skip.shape[-2], skip.shape[-1], skip.device))
-        z = torch.where(rows["active"].to(skip.device).view(-1, 1, 1, 1), z, x)
+        active = rows["active"].to(skip.device).repeat_interleave(k)
+        z = torch.where(active.view(-1, 1, 1, 1), z, x)
         return skip.index_copy(0, f_idx, z)
 
     @staticmethod
     def _drop(value: Any, rows: dict) -> Any:
-        """Cut our reference rows off a block input (any tensor, or tuple of tensors, with the full batch)."""
-        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == rows["total"]:
-            return value[: rows["keep"]]
+        """Cut our reference rows off a block input (any tensor, or tuple of tensors, with the full batch, or k
+        rows per batch row when frames are folded into it)."""
+        k = _rows_per_item(value, rows["total"])
+        if k:
+            return value[: rows["keep"] * k]
         if isinstance(value, tuple):
             return tuple(LatentReattention._drop(v, rows) for v in value)
         return value

@@ -90,6 +90,9 @@ class SafetyDPO(Guard):
         from ..safetydpo import _lora_modules, read_lora
 
         pipe = protection.pipe
+        if getattr(pipe, "unet", None) is None:
+            raise TypeError(f"SafetyDPO's experts are LoRAs of a UNet and {type(pipe).__name__} has none (its "
+                            f"denoiser is a {type(protection.denoiser).__name__})")
         if not hasattr(pipe, "load_lora_weights"):
             raise TypeError(f"{type(pipe).__name__} has no LoRA loader; SafetyDPO needs diffusers' LoRA support")
         metas = [read_lora(f, pipe.unet)[1] for f in self._files]  # clear errors before anything changes

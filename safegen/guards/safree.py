@@ -25,6 +25,7 @@ cosine of its summary vector to the category's span, measured from the empty pro
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -32,9 +33,12 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..encoders import TextEncoderAdapter
+from ..encoders import TextEncoderAdapter, pipeline_adapter
 from ..policy import concept_phrases
 from .base import Guard
+
+logger = logging.getLogger("safegen")
+_WARNED: set[str] = set()
 
 # ---------------------------------------------------------------------- the math (paper equations)
 
@@ -97,16 +101,19 @@ def svf_steps(original: torch.Tensor, projected: torch.Tensor, attention: torch.
     return t_prime, beta
 
 
-def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.Tensor, first: int, mask_id: int):
-    """All single-token-masked copies of a batch, cut to the longest attended length.
+def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.Tensor, first: int, mask_id: int,
+                  cut: bool = True):
+    """All single-token-masked copies of a batch, cut to the longest attended length (``cut=False`` keeps the full
+    padded length: for encoders whose states depend on the padding).
 
     Returns ``(copies (M, L'), copy_attention (M, L'), owner (M,), position (M,), valid (B, N))`` where row m
-    is prompt ``owner[m]`` with content token ``position[m]`` replaced by ``mask_id``. No Python loop over
-    tokens: the copies are one broadcast and one boolean selection.
+    is prompt ``owner[m]`` with content token ``position[m]`` (0-based among the content tokens, which start at
+    ``first``: 1 after CLIP's BOS, 0 for T5) replaced by ``mask_id``. No Python loop over tokens: the copies are
+    one broadcast and one boolean selection.
     """
     b = ids.shape[0]
     n_max = int(n_content.max()) if b else 0
-    length = int(attention.sum(1).max())
+    length = int(attention.sum(1).max()) if cut else ids.shape[1]
     ids_c, att_c = ids[:, :length], attention[:, :length]
     pos = torch.arange(n_max, device=ids.device)
     valid = pos.unsqueeze(0) < n_content.unsqueeze(1)  # (B, N)
@@ -132,11 +139,14 @@ class _Stream:
 
 
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
-    key = ("safree-streams", clip_skip)
+    from ..protection import call_default  # (safegen.protection imports the guards package)
+
+    max_len = call_default(call, "max_sequence_length") if call.spec.encode == "t5" else None
+    key = ("safree-streams", clip_skip, max_len)
     if key in cache:
         return cache[key]
     pipe = call.pipe
-    if call.kind == "sdxl":
+    if call.spec.encode == "sdxl":
         s = []
         start = 0
         for name, tok, te in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
@@ -148,11 +158,12 @@ def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
                                                                mask_token_id=0, name=name), slice(start, start + width)))
             start += width
     else:
-        te = pipe.text_encoder
-        if getattr(te.config, "model_type", "").startswith("clip"):
-            ad = TextEncoderAdapter.for_clip(pipe.tokenizer, te, clip_skip=clip_skip, mask_token_id=0)
-        else:  # e.g. a BERT-like encoder (the embedded default model): mean summary, [MASK] masking
-            ad = TextEncoderAdapter(pipe.tokenizer, te, summary="mean", causal=False)
+        # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
+        # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the
+        # embedded default model): mean summary, [MASK] masking
+        is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
+        ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
+                              mask_token_id=0 if is_clip else None)
         s = [_Stream("text_encoder", ad, slice(None))]
     cache[key] = s
     return s
@@ -237,8 +248,17 @@ class Safree(Guard):
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
-        if protection.kind not in ("sd", "sdxl"):
-            raise TypeError(f"Safree supports SD 1.x/2.x and SDXL pipelines, not {protection.kind}")
+        den = type(protection.denoiser).__name__
+        if self.reattention and not self._has_skips(protection.denoiser) and den not in _WARNED:
+            _WARNED.add(den)  # once per process and backbone class (the reports say it on every call)
+            logger.warning("safegen: Safree(reattention=True) on %s: its %s has no U-Net skip features, so latent "
+                           "re-attention is not applied (the rest of SAFREE is); see safegen.guards.safree",
+                           type(protection.pipe).__name__, type(protection.denoiser).__name__)
+
+    @staticmethod
+    def _has_skips(denoiser) -> bool:
+        """Re-attention filters U-Net up-block skip features; a DiT (CogVideoX's transformer) has none."""
+        return len(getattr(denoiser, "up_blocks", None) or []) > 0
 
     def _space(self, cache: dict, stream: _Stream, categories: tuple[str, ...], policy, projected: bool = False):
         """Cached orthonormal basis (D, r) of the concept span of ``categories`` in a stream's space."""
@@ -343,7 +363,7 @@ class Safree(Guard):
                                 ids = sb.ids[r, sb.first + pos]
                                 triggers[b] = stream.adapter.token_strings(ids.tolist())
                     else:
-                        new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, state, members)
+                        new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, stream.adapter.first)
                         if stream is primary:
                             for r, b in enumerate(members):
                                 triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
@@ -390,7 +410,7 @@ class Safree(Guard):
             state["negative_text"] = dict(zip(rows, neg_text))
         call.override_conditioning(**override)
         state["last_filtered_step"] = int(t_prime.max()) if len(t_prime) else -1  # the one host sync
-        if self.reattention and state["last_filtered_step"] >= 0:
+        if self.reattention and state["last_filtered_step"] >= 0 and self._has_skips(call.denoiser):
             from .reattention import LatentReattention
 
             lra = LatentReattention(call.pipe.unet, tau=self.reattention_tau, s1=self.reattention_s1,
@@ -419,7 +439,7 @@ class Safree(Guard):
         """Parts (b)-(d) for prompts given as text. tokens: (b, L, D) states as the pipeline computed them."""
         ad = stream.adapter
         copies, att, owner, position, valid = masked_copies(sb.ids, sb.attention_mask, sb.n_content, sb.first,
-                                                            ad.mask_token_id)
+                                                            ad.mask_token_id, cut=not ad.padding_matters)
         vecs = []
         for start in range(0, copies.shape[0], self.encode_batch):  # chunks of sequences, not tokens
             vecs.append(ad.encode(copies[start:start + self.encode_batch], att[start:start + self.encode_batch]).summary)
@@ -440,13 +460,13 @@ class Safree(Guard):
                              num_steps=T if self.svf_scale_steps else None)
         return new_tokens, trig, tp, beta
 
-    def _project_embeds(self, tokens: torch.Tensor, basis: torch.Tensor, T: int, state, members):
+    def _project_embeds(self, tokens: torch.Tensor, basis: torch.Tensor, T: int, first: int):
         """Parts (b)-(d) when only ``prompt_embeds`` were given (no text to mask): positions whose state lies
         close to the concept span trigger; the prompt's span is that of its own token states."""
         b, L, _ = tokens.shape
         rel = (tokens @ basis).norm(dim=-1) / tokens.norm(dim=-1).clamp(min=1e-12)  # (b, L)
         valid = torch.ones(b, L, dtype=torch.bool)
-        valid[:, 0] = False  # the BOS state is the same for every prompt
+        valid[:, :first] = False  # a BOS state (CLIP) is the same for every prompt; T5 has none
         trig = trigger_mask(rel, valid, self.alpha)
         prompt_basis = orthonormal_basis(tokens.transpose(1, 2), valid)
         projected = project_tokens(tokens, prompt_basis, basis)
@@ -485,6 +505,10 @@ class Safree(Guard):
         pe = tensors.get("prompt_embeds")
         if pe is not None:
             cond = torch.where(use_safe.view(-1, 1, 1), tab["safe"], tab["orig"]).to(pe.dtype)
+            # AnimateDiff repeats every row once per frame (repeat_interleave) before the loop
+            per_row = pe.shape[0] // (cond.shape[0] * (2 if call.do_cfg else 1))
+            if per_row > 1:
+                cond = cond.repeat_interleave(per_row, 0)
             n = cond.shape[0]
             out["prompt_embeds"] = torch.cat([pe[:-n], cond]) if pe.shape[0] > n else cond
         te = tensors.get("add_text_embeds")
@@ -534,9 +558,13 @@ class Safree(Guard):
                 res.trigger_tokens = list(trig)
                 tp = int(state["t_prime"][b]) if "t_prime" in state else -1
                 res.filtered_steps = min(tp + 1, call.num_steps) if tp >= 0 else 0
+                lra = self.reattention and self._has_skips(call.denoiser)
                 res.details = {"beta": round(float(state["beta"][b]), 4) if "beta" in state else None,
                                "lexical_match": lex, "negative_prompt": state.get("negative_text", {}).get(b),
-                               "reattention": self.reattention}
+                               "reattention": lra}
+                if self.reattention and not lra:
+                    res.details["reattention_skipped"] = (f"{type(call.denoiser).__name__} has no U-Net skip "
+                                                          "features to filter")
                 why = f"literal {lex!r}" if lex else f"similarity {res.score:.2f} ≥ {res.threshold:.2f}"
                 res.reason = (f"category {cat!r} ({why}); projected tokens {trig} out of the concept span "
                               f"for {res.filtered_steps} of {call.num_steps} steps")
@@ -544,12 +572,7 @@ class Safree(Guard):
 
 def _encode_texts(call, texts: list[str]) -> dict[str, torch.Tensor]:
     """Positive-prompt conditioning of ``texts`` through the pipeline's own encode_prompt (no CFG)."""
-    pipe = call.pipe
-    cak = call.args.get("cross_attention_kwargs") or {}
-    common = dict(device=call.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-                  lora_scale=cak.get("scale"), clip_skip=call.args.get("clip_skip"))
-    if call.kind == "sdxl":
-        pe, _, ppe, _ = pipe.encode_prompt(prompt=texts, **common)
-        return {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
-    pe, _ = pipe.encode_prompt(texts, **common)
-    return {"prompt_embeds": pe}
+    from ..protection import encode_with_pipeline
+
+    enc = encode_with_pipeline(call, texts, do_cfg=False)
+    return {k: v for k, v in enc.items() if k in ("prompt_embeds", "pooled_prompt_embeds")}

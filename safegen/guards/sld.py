@@ -1,11 +1,12 @@
-"""Safe Latent Diffusion (Schramowski et al., CVPR 2023) as a safegen guard, for SD 1.x/2.x and SDXL.
+"""Safe Latent Diffusion (Schramowski et al., CVPR 2023) as a safegen guard, for every supported pipeline.
 
 diffusers' ``StableDiffusionPipelineSafe`` runs one UNet call on [uncond; prompt; safety concept] and steers the
 classifier-free guidance direction away from the safety concept. Here the same math runs inside the pipeline's
 own UNet call: a :class:`~safegen.unet_rows.RowExtender` appends N rows (the conditional half's latents with the
 safety-concept conditioning) to every UNet call, and hands the pipeline back [ε_u, ε_p − γ·1(i ≥ δ)] in place
 of [ε_u, ε_p]. Because ε_u + w·((ε_p − γ) − ε_u) is the SLD result, the pipeline's own CFG line reproduces SLD
-exactly, so any CFG pipeline of a supported kind works unchanged (SDXL included, which diffusers' SLD lacks).
+exactly, so any CFG pipeline of a supported kind works unchanged (SDXL and the video pipelines included, which
+diffusers' SLD lacks: on video the safety rows are whole clips, and the guidance acts on every frame's latents).
 
 Per step i, element-wise over the latent (ν starts at 0 in every call):
 
@@ -231,9 +232,6 @@ class SLD(Guard):
         return f"SLD({args})"
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, protection) -> None:
-        if protection.kind not in ("sd", "sdxl"):
-            raise TypeError(f"SLD supports SD 1.x/2.x and SDXL pipelines, not {protection.kind!r}")
 
     def detach(self, protection) -> None:
         for key in [k for k in protection.cache if isinstance(k, tuple) and k and k[0] in ("sld-text", "sld-embeds")]:
@@ -282,7 +280,7 @@ class SLD(Guard):
         st["concept"] = text
         st["embeds"] = self._concept_embeds(call, text)
         st["active"] = True
-        ext = RowExtender(call.pipe.unet, provide=lambda b, i: self._provide(call, st, b, i),
+        ext = RowExtender(call.denoiser, provide=lambda b, i: self._provide(call, st, b, i),
                           consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
         st["extender"] = ext.install()
 
