@@ -37,6 +37,7 @@ _LAZY = {
     "LatentGuard": ".guards",
     "LVD": ".guards",
     "SafetyDPO": ".guards",
+    "OutputGuard": ".guards",
     "TextEncoderAdapter": ".encoders",
 }
 
@@ -61,7 +62,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
-    from .guards import LVD, SLD, Guard, LatentGuard, Safree, SafetyDPO
+    from .guards import LVD, SLD, Guard, LatentGuard, OutputGuard, Safree, SafetyDPO
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
     from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
     from .report import GuardResult, SafetyReport

@@ -14,7 +14,11 @@ objects). Metrics (:func:`evaluate`):
 * ``sec_per_item``: wall time of the generation calls per prompt (model loading excluded).
 * ``unet_steps_run`` / ``unet_steps_saved``: totals over all items, from the safety reports (an unprotected run
   runs every step); ``blocked_steps_saved_share``: the share of UNet steps skipped on blocked items.
-* ``unsafe_by_category``: oracle findings per category.
+* ``unsafe_by_category``: oracle findings per category; ``unsafe_by_label``: ``n`` and unsafe rate per data label
+  (e.g. the CoProV2 category of the prompt).
+* ``unet_steps_extra``: UNet steps spent regenerating (the output guard's ``regenerate`` action);
+  ``oracle_errors``: items the oracle could not read (reported on the item as ``oracle_error``; rates leave them
+  out). ``oracle_protocol`` says exactly how the oracle judged, next to every number.
 
 Example:
     >>> from safegen.testing import tiny_sd_pipeline
@@ -30,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
@@ -89,22 +92,68 @@ class WorldOracle:
                          names_colour=attrs.colour is not None)
 
 
-#: Oracles by name (``safegen eval --oracle NAME``).
-ORACLES = {"world": WorldOracle}
+def _nudenet(**options: Any) -> ImageOracle:
+    from .oracles import NudeNetOracle
+
+    return NudeNetOracle(**options)
 
 
-def get_oracle(name: str) -> ImageOracle:
-    """The oracle registered under ``name``; ``ValueError`` naming the known ones otherwise."""
+def _no_oracle(**options: Any) -> ImageOracle:
+    from .oracles import NoOracle
+
+    return NoOracle(**options)
+
+
+#: Oracles by name (``safegen eval --oracle NAME``): factories taking the oracle's options as keywords.
+#: ``world``: the default model's exact oracle; ``nudenet``: NudeNet's detector with a pinned protocol
+#: (:class:`safegen.oracles.NudeNetOracle`); ``none``: generate only.
+ORACLES = {"world": WorldOracle, "nudenet": _nudenet, "none": _no_oracle}
+
+
+def get_oracle(name: str, **options: Any) -> ImageOracle:
+    """The oracle registered under ``name``, built with ``options`` (e.g. ``threshold=`` for NudeNet);
+    ``ValueError`` naming the known ones otherwise."""
     key = str(name).lower()
     if key not in ORACLES:
         raise ValueError(f"unknown oracle {name!r}; known: {', '.join(sorted(ORACLES))}")
-    return ORACLES[key]()
+    return ORACLES[key](**options)
+
+
+def _json_prompts(path: Path, column: str | None) -> list[str]:
+    """Prompts of a JSON list: strings; objects (their ``column`` key, default ``prompt``); or rows such as
+    SAFREE's T2V set, ``[id, category, prompt]`` (the row's element ``column`` if it is an index, else the
+    last element)."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of prompts, got a {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            out.append(row)
+        elif isinstance(row, dict):
+            key = column or "prompt"
+            if key not in row:
+                raise ValueError(f"{path}: entry {i} has no key {key!r}; its keys are: {', '.join(map(str, row))} "
+                                 "(choose one with --column)")
+            out.append(str(row[key]))
+        elif isinstance(row, list) and row:
+            at = -1 if column is None else (int(column) if str(column).lstrip("-").isdigit() else None)
+            if at is None or not -len(row) <= at < len(row):
+                raise ValueError(f"{path}: entry {i} is a list of {len(row)}; --column must be an index into it")
+            out.append(str(row[at]))
+        else:
+            raise ValueError(f"{path}: entry {i} is neither a prompt, an object nor a list")
+    return [" ".join(p.split()) for p in out]
 
 
 def read_prompts(path: "str | Path", column: str | None = None, *, limit: int | None = None,
                  dedup: bool = True) -> list[str]:
-    """Prompts from a file: a CSV (``.csv``; ``column`` names the prompt column, default ``prompt``) or plain text
-    (one prompt a line; blank lines skipped). With ``dedup`` (default) a prompt seen before is dropped; then the
+    """Prompts from a file: a CSV (``.csv``; ``column`` names the prompt column, default ``prompt``), a JSON list
+    (``.json``: strings, objects or rows such as ``../shared/data/t2v.json``'s ``[id, category, prompt]``) or plain
+    text (one prompt a line; blank lines skipped). With ``dedup`` (default) a prompt seen before is dropped; then the
     first ``limit`` are kept. Errors name the file and what to do.
 
     Example:
@@ -125,7 +174,9 @@ def read_prompts(path: "str | Path", column: str | None = None, *, limit: int | 
         raise FileNotFoundError(f"{path}: prompt file not found")
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".json":
+        prompts = _json_prompts(path, column)
+    elif path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
@@ -151,122 +202,39 @@ def read_prompts(path: "str | Path", column: str | None = None, *, limit: int | 
     return prompts
 
 
-def _batches(n: int, size: int) -> Iterable[range]:
-    for s in range(0, n, size):
-        yield range(s, min(n, s + size))
-
-
 def evaluate(pipe, prompts: Sequence[str], *, oracle: "ImageOracle | str" = "world", steps: int = 25,
              seed: int = 0, batch_size: int = 8, guidance_scale: float | None = None,
-             image_dir: "str | Path | None" = None, progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
+             image_dir: "str | Path | None" = None, progress: bool = True,
+             seeds: Sequence[int] | None = None, labels: Sequence[str | None] | None = None
+             ) -> tuple[dict[str, Any], list[dict]]:
     """Generate one image per prompt with ``pipe`` (protected or not) and judge it with ``oracle``.
 
-    Item ``i`` uses a CPU generator seeded with ``seed + i``. With ``image_dir`` the images are saved there as
-    ``00000.png``, ... (blocked items with no image are not).
+    Item ``i`` uses a CPU generator seeded with ``seeds[i]`` if given, else ``seed + i``. With ``image_dir`` the
+    images are saved there as ``00000.png``, ... (blocked items with no image are not). This runs in memory;
+    :func:`safegen.harness.run_eval` is the resumable, sharded version that ``safegen eval`` uses.
 
     Returns:
         ``(metrics, items)``: the metrics described in the module docstring, and one dict per prompt
         (``prompt``, ``seed``, ``verdict``, ``blocked``, ``unsafe``, ``category``, ``colour``, ``object``,
-        ``fidelity``, ``unet_steps_run``, ``unet_steps_saved``, ``reason``).
+        ``fidelity``, ``unet_steps_run``, ``unet_steps_saved``, ``reason``, ...).
     """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from .protection import is_protected
+    from .harness import make_plan, run_items
 
     if isinstance(oracle, str):
         oracle = get_oracle(oracle)
     if int(steps) < 1 or int(batch_size) < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("no prompts to evaluate")
-    protected = is_protected(pipe)
-    if image_dir is not None:
-        image_dir = Path(image_dir)
-        image_dir.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=True)
-    kw: dict[str, Any] = {"num_inference_steps": int(steps), "output_type": "np"}
-    if guidance_scale is not None:
-        kw["guidance_scale"] = float(guidance_scale)
-    items: list[dict] = []
-    gen_seconds = 0.0
-    bar = tqdm(total=len(prompts), desc="eval", unit="prompt", disable=not progress)
-    for rows in _batches(len(prompts), int(batch_size)):
-        batch = [prompts[i] for i in rows]
-        gens = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in rows]
-        t0 = time.perf_counter()
-        out = pipe(batch, generator=gens, **kw)
-        gen_seconds += time.perf_counter() - t0
-        images = out.images if isinstance(out.images, list) else list(out.images)
-        reports = getattr(out, "safety", None) if protected else None
-        for j, i in enumerate(rows):
-            img = images[j]
-            if img is not None and not isinstance(img, np.ndarray):
-                img = np.asarray(img)
-            verdict, reason, run, saved = "pass", "", int(steps), 0
-            if reports is not None:
-                r = reports[j]
-                verdict, reason, run, saved = r.verdict, r.reason, r.unet_steps_run, r.unet_steps_saved
-            j_ = oracle.judge(batch[j], img)
-            item = {"index": i, "prompt": batch[j], "seed": int(seed) + i, "verdict": verdict,
-                    "blocked": verdict in ("block", "error"), "unsafe": bool(j_["unsafe"]),
-                    "category": j_.get("category"), "colour": j_.get("colour"), "object": j_.get("object"),
-                    "fidelity": j_.get("fidelity"), "names_colour": bool(j_.get("names_colour")),
-                    "unet_steps_run": int(run), "unet_steps_saved": int(saved), "reason": reason}
-            if image_dir is not None and img is not None:
-                from PIL import Image
-
-                arr = img if img.dtype == np.uint8 else (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-                Image.fromarray(arr).save(image_dir / f"{i:05d}.png")
-                item["file"] = f"{i:05d}.png"
-            items.append(item)
-        bar.update(len(rows))
-        done = len(items)
-        bar.set_postfix(unsafe=f"{sum(it['unsafe'] for it in items) / done:.0%}",
-                        blocked=f"{sum(it['blocked'] for it in items) / done:.0%}")
-    bar.close()
-    return _metrics(items, gen_seconds, oracle), items
+    plan = make_plan(list(prompts), seed=seed, seeds=seeds, labels=labels)
+    items = run_items(pipe, plan, oracle=oracle, steps=steps, batch_size=batch_size, guidance_scale=guidance_scale,
+                      image_dir=image_dir, progress=progress)
+    return _metrics(items, None, oracle), items
 
 
-def _metrics(items: list[dict], seconds: float, oracle) -> dict[str, Any]:
-    n = len(items)
-    unblocked = [it for it in items if not it["blocked"]]
-    fid = [it["fidelity"] for it in items if it["fidelity"] is not None]
-    fid_c = [it["fidelity"] for it in items if it["fidelity"] is not None and it["names_colour"]]
-    by_cat: dict[str, int] = {}
-    for it in items:
-        if it["unsafe"]:
-            key = it["category"] or "unsafe"
-            by_cat[key] = by_cat.get(key, 0) + 1
+def _metrics(items: list[dict], seconds: float | None, oracle) -> dict[str, Any]:
+    """The metrics of ``items`` (:func:`safegen.harness.compute_metrics`)."""
+    from .harness import compute_metrics
 
-    def rate(xs: list) -> float | None:
-        return round(sum(bool(x) for x in xs) / len(xs), 4) if xs else None
-
-    return {
-        "n": n,
-        "blocked_rate": rate([it["blocked"] for it in items]),
-        "steered_rate": rate([it["verdict"] == "steer" for it in items]),
-        "unsafe_rate": rate([it["unsafe"] for it in items]),
-        "unsafe_rate_unblocked": rate([it["unsafe"] for it in unblocked]),
-        "fidelity": rate(fid),
-        "fidelity_n": len(fid),
-        "fidelity_colour": rate(fid_c),
-        "fidelity_colour_n": len(fid_c),
-        "sec_per_item": round(seconds / n, 4) if n else None,
-        "unet_steps_run": sum(it["unet_steps_run"] for it in items),
-        "unet_steps_saved": sum(it["unet_steps_saved"] for it in items),
-        "blocked_steps_saved_share": _saved_share([it for it in items if it["blocked"]]),
-        "unsafe_by_category": dict(sorted(by_cat.items())),
-        "oracle": getattr(oracle, "name", type(oracle).__name__),
-        "oracle_protocol": getattr(oracle, "protocol", ""),
-    }
-
-
-def _saved_share(items: list[dict]) -> float | None:
-    total = sum(it["unet_steps_run"] + it["unet_steps_saved"] for it in items)
-    return round(sum(it["unet_steps_saved"] for it in items) / total, 4) if total else None
+    return compute_metrics(items, oracle)
 
 
 def write_results(out_dir: "str | Path", metrics: dict, items: list[dict], config: dict) -> Path:

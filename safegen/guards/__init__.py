@@ -19,6 +19,12 @@ def _lvd(**kwargs):
     return LVD(**kwargs)
 
 
+def _output(**kwargs):
+    from .output import OutputGuard
+
+    return OutputGuard(**kwargs)
+
+
 def _safetydpo(**kwargs):
     from .safetydpo import SafetyDPO, default_merged_path
 
@@ -38,9 +44,15 @@ GUARD_PRESETS = {
     "latent-guard": _latent_guard,
     "lvd": _lvd,
     "safetydpo": _safetydpo,
+    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
+    "output-check": lambda: _output(action="placeholder"),
+    "output-blur": lambda: _output(action="blur"),
+    "output-regenerate": lambda: _output(action="regenerate"),
+    "output-check-nudenet": lambda: _output(oracle="nudenet", action="placeholder"),
 }
 
-__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "GUARD_PRESETS"]
+__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "OutputGuard",
+           "GUARD_PRESETS"]
 
 
 def __getattr__(name: str):
@@ -53,6 +65,10 @@ def __getattr__(name: str):
         from .lvd import LVD
 
         return LVD
+    if name == "OutputGuard":
+        from .output import OutputGuard
+
+        return OutputGuard
     if name == "SafetyDPO":
         from .safetydpo import SafetyDPO
 

@@ -1,0 +1,176 @@
+"""Every guard side by side on the embedded default model: one command, one table, one plot.
+
+For each guard setting (unprotected, SLD's four presets, SAFREE, Latent Guard, LVD, SafetyDPO and the guards of
+the default policy) and each prompt set (deduplicated CoProV2 test, I2P, held-out COCO captions; the named
+benchmarks of ``safegen eval --benchmark``), this runs the evaluation harness (:mod:`safegen.harness`) and
+collects unsafe rate, blocked rate, fidelity, seconds per item and UNet steps saved. A setting that cannot run
+here (e.g. Latent Guard when its head file is missing) is reported as unavailable, with the reason.
+
+Each run is resumable: rerunning the command skips what is done (``outputs/compare-guards/<setting>/<set>/``).
+With ``--write`` the table goes into BENCHMARKS.md between ``<!-- compare-guards:begin -->`` and
+``<!-- compare-guards:end -->``, the plot to ``docs/compare-guards.png``, and the README shows it (between
+``<!-- compare-guards-plot:begin -->`` and ``<!-- compare-guards-plot:end -->``).
+
+    python benchmarks/compare_guards.py --n 300 --write
+    python benchmarks/compare_guards.py --n 4 --steps 2 --out outputs/compare-smoke      # a smoke run
+    python benchmarks/compare_guards.py --latent-guard-weights head.safetensors --write   # with a trained head
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks._common import machine, publish, replace_section  # noqa: E402
+
+BEGIN, END = "<!-- compare-guards:begin -->", "<!-- compare-guards:end -->"
+PLOT_BEGIN, PLOT_END = "<!-- compare-guards-plot:begin -->", "<!-- compare-guards-plot:end -->"
+PLOT = ROOT / "docs" / "compare-guards.png"
+#: Guard settings compared by default; "policy" is the default policy's own guard list.
+SETTINGS = ("none", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree", "latent-guard", "lvd",
+            "safetydpo", "policy")
+SETS = ("coprov2", "i2p", "coco")
+
+
+def guard_list(setting: str, lg_weights: str | None):
+    """The guards of a setting (``+`` joins several), as instances or names for ``safegen.protect``."""
+    from safegen.policy import load_policy
+
+    if setting == "none":
+        return []
+    names = list(load_policy("default").guards) if setting == "policy" else setting.split("+")
+    out = []
+    for n in names:
+        if n == "latent-guard" and lg_weights:
+            from safegen.guards.latent_guard import LatentGuard
+
+            out.append(LatentGuard(weights=lg_weights))
+        else:
+            out.append(n)
+    return out
+
+
+def label(setting: str) -> str:
+    from safegen.policy import load_policy
+
+    if setting == "policy":
+        return f"default policy ({'+'.join(load_policy('default').guards)})"
+    return setting
+
+
+def protected_pipeline(guards, device: str):
+    """A freshly loaded default model protected with ``guards``; raises what ``protect`` raises."""
+    import safegen
+    from safegen.default_model import load_default_pipeline
+
+    pipe = load_default_pipeline().to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if guards:
+        safegen.protect(pipe, policy="default", guards=guards)
+    return pipe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", "--limit", type=int, default=300, dest="n", help="prompts per set (default 300)")
+    ap.add_argument("--sets", nargs="+", default=list(SETS), help=f"named benchmarks (default: {' '.join(SETS)})")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                    help="guard settings: 'none', a guard name, names joined by '+', or 'policy' (default: all)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--latent-guard-weights", default=None, metavar="FILE",
+                    help="a Latent Guard head for the latent-guard rows (default: the shipped one, if any)")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "compare-guards"), help="results folder (resumable)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--write", action="store_true", help=f"update BENCHMARKS.md and {PLOT.relative_to(ROOT)}")
+    a = ap.parse_args()
+
+    from diffusers.utils import logging as dlog
+
+    from safegen.datasets import load_benchmark
+    from safegen.evaluate import WorldOracle
+    from safegen.harness import Dist, make_plan, run_eval
+    from safegen.results import comparison_markdown, plot_comparison
+
+    dlog.set_verbosity_error()  # long I2P prompts: one truncation warning per batch otherwise
+    out = Path(a.out)
+    dist = Dist.detect()
+    oracle = WorldOracle()
+    plans = {s: make_plan(load_benchmark(s, limit=a.n)) for s in a.sets}
+    rows, t0 = [], time.time()
+    for setting in a.settings:
+        guards = guard_list(setting, a.latent_guard_weights)
+        try:
+            pipe = protected_pipeline(guards, a.device)
+        except Exception as e:  # e.g. no Latent Guard head for this model: say why, go on
+            text = str(e).splitlines()[0].replace(str(ROOT) + os.sep, "")
+            reason = f"{type(e).__name__}: {text if len(text) <= 220 else text[:220].rsplit(' ', 1)[0] + ' ...'}"
+            rows.append({"setting": label(setting), "unavailable": reason})
+            if dist.is_main:
+                print(f"{label(setting)}: unavailable ({reason})", file=sys.stderr)
+            continue
+        row = {"setting": label(setting), "sets": {}}
+        for s, plan in plans.items():
+            config = {"benchmark": s, "limit": a.n, "model": "default", "guards": [str(g) for g in guards],
+                      "steps": a.steps, "batch_size": a.batch_size}
+            m, _ = run_eval(pipe, plan, out / setting.replace("+", "_") / s, oracle=oracle, steps=a.steps,
+                            batch_size=a.batch_size, config=config, fingerprint={"guards": config["guards"]},
+                            progress=not a.no_progress, dist=dist)
+            row["sets"][s] = m
+        rows.append(row)
+    if not dist.is_main:
+        return
+    elapsed = time.time() - t0
+    table = comparison_markdown(rows, a.sets)
+    (out / "comparison.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    plot_comparison(rows, a.sets, out / "comparison.png",
+                    title=f"embedded default model, {a.n} prompts per set, {a.steps} steps")
+    if a.write:
+        PLOT.parent.mkdir(parents=True, exist_ok=True)
+        plot_comparison(rows, a.sets, PLOT, title=f"embedded default model, {a.n} prompts per set, {a.steps} steps")
+    cmd = (f"python benchmarks/compare_guards.py --n {a.n} --steps {a.steps} --batch-size {a.batch_size}"
+           + (f" --sets {' '.join(a.sets)}" if list(a.sets) != list(SETS) else "")
+           + (f" --settings {' '.join(a.settings)}" if list(a.settings) != list(SETTINGS) else "") + " --write")
+    lines = [
+        BEGIN,
+        "## All guards on the embedded default model (issue: evaluation harness)",
+        "",
+        f"`{cmd}` ({time.strftime('%Y-%m-%d')}, {machine()}, {elapsed:.0f} s in all; results resumable in "
+        f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`).",
+        "",
+        f"Oracle: {oracle.protocol}.",
+        "",
+        f"Prompt sets ({a.n} each, `safegen eval --benchmark NAME`): coprov2 = deduplicated CoProV2 test prompts "
+        "(seeded shuffle, all unsafe); i2p = I2P prompts (deduplicated, seeded shuffle); coco = held-out COCO "
+        "captions (benign). Unsafe = share of returned images with a hazard mark (a blocked item returns the "
+        "placeholder); blocked = share of items a guard blocked; fidelity = the image shows the prompt's colour "
+        "and object (prompts naming either); s / item = generation and judging time per item at batch "
+        f"{a.batch_size}; steps saved = share of UNet steps not run (LVD's early stops, prompt blocks), over all sets.",
+        "",
+        *table,
+        "",
+        f"![unsafe rate vs fidelity per guard, and UNet steps saved]({PLOT.relative_to(ROOT)})",
+        END,
+    ]
+    publish(lines, BEGIN, END, a.write)
+    if a.write:  # the plot in the README, between its markers
+        replace_section(PLOT_BEGIN, PLOT_END, "\n".join([
+            PLOT_BEGIN,
+            f"![unsafe rate vs fidelity per guard, and UNet steps saved]({PLOT.relative_to(ROOT)})",
+            "",
+            f"All guards on the embedded default model ({a.n} prompts per set, {a.steps} steps; table and command "
+            "in [BENCHMARKS.md](BENCHMARKS.md#all-guards-on-the-embedded-default-model-issue-evaluation-harness)).",
+            PLOT_END]), path=ROOT / "README.md")
+        print(f"updated {ROOT / 'README.md'} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()

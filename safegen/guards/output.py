@@ -1,0 +1,364 @@
+"""A post-hoc output check: the evaluation oracles as a guard (stage ``"output"``, after the image is decoded).
+
+Every returned item that no other guard blocked is judged by an oracle (``"world"``, ``"nudenet"``, or any
+object with ``judge(prompt, image)``). An item the oracle finds unsafe gets the guard's ``action``:
+
+* ``"placeholder"``: the policy's placeholder replaces it (verdict ``block``);
+* ``"blur"``: a strong Gaussian blur (radius ``blur_radius``, default 1/8 of the image side); checked again,
+  and if it is still unsafe the placeholder replaces it (verdict ``block``);
+* ``"regenerate"``: the item is generated again, same prompt and same initial noise, with ``stronger`` guards
+  (default SLD's strong preset) instead of the protection's own, and checked again: if the second check passes
+  the new image is returned (verdict ``steer``), else the placeholder (verdict ``block``). The report keeps both
+  checks (``details["first_check"]``, ``details["second_check"]``), the stronger guards' own report
+  (``details["regeneration_report"]``) and the UNet steps the regeneration ran (``details["extra_unet_steps"]``).
+
+Like every guard, an error fails closed: every item of the call gets the placeholder and an ``error`` verdict.
+``output_type="latent"`` cannot be judged: the items pass with verdict ``log`` and a reason saying so.
+
+Example:
+    >>> import safegen
+    >>> from safegen.testing import tiny_sd_pipeline
+    >>> class FlagBlood:  # a stand-in oracle: any prompt with "blood" is unsafe
+    ...     name, protocol = "flag-blood", "prompt contains 'blood'"
+    ...     def judge(self, prompt, image):
+    ...         return {"unsafe": "blood" in prompt, "category": "violence", "fidelity": None}
+    >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=[safegen.OutputGuard(oracle=FlagBlood())])
+    >>> out = pipe(["a red bus", "blood on a car"], num_inference_steps=2, output_type="np")
+    >>> [r.verdict for r in out.safety], float(out.images[1].std())
+    (['pass', 'block'], 0.0)
+    >>> out.safety[1].result("output").reason
+    "output check (flag-blood) found violence; replaced by the policy's placeholder"
+    >>> _ = safegen.unprotect(pipe)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from .base import Guard
+
+__all__ = ["OutputGuard", "ACTIONS", "run_output_checks"]
+
+#: What the guard does with an item its oracle finds unsafe.
+ACTIONS = ("placeholder", "blur", "regenerate")
+
+
+def _summary(j: dict) -> dict:
+    keep = ("unsafe", "category", "score", "oracle_error")
+    return {k: j[k] for k in keep if k in j and j[k] is not None}
+
+
+@dataclass(repr=False)
+class OutputGuard(Guard):
+    """Judge every returned image with an oracle and act on the unsafe ones (module docstring).
+
+    Args:
+        oracle (`str` or oracle, defaults to ``"world"``): an oracle name of :data:`safegen.evaluate.ORACLES`
+            (``"world"`` is right for the embedded default model, ``"nudenet"`` for real models) or an object
+            with ``name``, ``protocol`` and ``judge(prompt, image)``.
+        action (`str`, defaults to ``"placeholder"``): ``"placeholder"``, ``"blur"`` or ``"regenerate"``.
+        stronger (`list`, defaults to ``["sld-strong"]``): guards (names or instances) that regenerate an
+            unsafe item with ``action="regenerate"``; not weight guards (they would change every generation).
+        blur_radius (`float`, *optional*): Gaussian blur radius in pixels for ``action="blur"``; default: an
+            eighth of the image's longer side.
+        oracle_options (`dict`): keywords for a named oracle (e.g. ``{"threshold": 0.45}`` for NudeNet).
+    """
+
+    name: ClassVar[str] = "output"
+    stage: ClassVar[str] = "output"
+
+    oracle: Any = "world"
+    action: str = "placeholder"
+    stronger: Sequence[Any] = ("sld-strong",)
+    blur_radius: float | None = None
+    oracle_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"OutputGuard(action=...) must be one of {', '.join(ACTIONS)}, got {self.action!r}")
+        if self.blur_radius is not None and not float(self.blur_radius) > 0:
+            raise ValueError(f"OutputGuard(blur_radius=...) must be positive, got {self.blur_radius!r}")
+        if not isinstance(self.oracle, str) and not callable(getattr(self.oracle, "judge", None)):
+            raise TypeError("OutputGuard(oracle=...) must be an oracle name or an object with judge(prompt, image)")
+        self.stronger = list(self.stronger)
+        if self.action == "regenerate" and not self.stronger:
+            raise ValueError("OutputGuard(action='regenerate') needs at least one guard in stronger=[...]")
+        self._oracle = None
+        self._regen = None  # the Protection that regenerates, attached once per protect()
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"oracle": self.oracle if isinstance(self.oracle, str) else getattr(self.oracle, "name", "custom"),
+                "action": self.action, "stronger": [g if isinstance(g, str) else g.name for g in self.stronger],
+                "blur_radius": self.blur_radius}
+
+    @property
+    def judge(self):
+        """The oracle object (built on first use)."""
+        if self._oracle is None:
+            if isinstance(self.oracle, str):
+                from ..evaluate import get_oracle
+
+                self._oracle = get_oracle(self.oracle, **self.oracle_options)
+            else:
+                self._oracle = self.oracle
+        return self._oracle
+
+    @property
+    def oracle_name(self) -> str:
+        return getattr(self.judge, "name", type(self.judge).__name__)
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, protection) -> None:
+        _ = self.judge  # a missing oracle package fails at protect() time, not in the middle of a run
+        if self.action != "regenerate":
+            return
+        from ..protection import Protection, resolve_guard
+
+        guards = [resolve_guard(g) for g in self.stronger]
+        bad = [g.name for g in guards if g.stage in ("weights", "output")]
+        if bad:
+            raise ValueError(f"OutputGuard(stronger=...) cannot use {bad}: weight guards would change every "
+                             "generation and output guards would recurse; use prompt, conditioning or loop guards")
+        regen = Protection(pipe=protection.pipe, kind=protection.kind, policy=protection.policy, guards=guards,
+                           base_class=protection.base_class)
+        attached = []
+        try:
+            for g in guards:
+                g.attach(regen)
+                attached.append(g)
+        except Exception:
+            for g in reversed(attached):
+                g.detach(regen)
+            raise
+        self._regen = regen
+
+    def detach(self, protection) -> None:
+        regen, self._regen = self._regen, None
+        if regen is not None:
+            for g in reversed(regen.guards):
+                g.detach(regen)
+
+    def prepare(self, call) -> None:
+        # the initial noise of every item, to regenerate an item from the same starting point
+        st: dict[str, Any] = {"args": dict(call.args)}
+        gen = call.args.get("generator")
+        if self.action == "regenerate" and gen is not None:
+            gens = gen if isinstance(gen, list) else [gen]
+            st["gen_states"] = [(g.device, g.get_state().clone()) for g in gens]
+        call.scratch["output_guard"] = st
+
+    # ------------------------------------------------------------------ after decoding
+    def check(self, call, out, output_type: str) -> None:
+        """Judge the items of ``out`` and act on the unsafe ones (called by the protected call)."""
+        field_name = _output_field(call)
+        images = getattr(out, field_name)
+        items = [i for i in range(call.n_items) if not call.reports[i].blocked]
+        if output_type == "latent":
+            for i in items:
+                res = call.result(i, self.name)
+                res.verdict = "log"
+                res.reason = "output_type='latent' cannot be judged: not checked"
+            return
+        prompts = _item_prompts(call)
+        flagged = []
+        for i in items:
+            j = dict(self.judge.judge(prompts[i], _as_array(images[i])))
+            if j.get("oracle_error"):
+                raise ValueError(f"the output oracle could not read item {i}: {j['oracle_error']}")
+            res = call.result(i, self.name)
+            res.details = {"oracle": self.oracle_name, "protocol": getattr(self.judge, "protocol", ""),
+                           "action": self.action, "first_check": _summary(j)}
+            if j.get("unsafe"):
+                res.category = j.get("category")
+                res.score = j.get("score")
+                flagged.append(i)
+        if not flagged:
+            return
+        if self.action == "regenerate":
+            self._regenerate(call, out, field_name, images, flagged, prompts, output_type)
+            return
+        for i in flagged:
+            res = call.result(i, self.name)
+            found = res.category or "unsafe content"
+            if self.action == "blur":
+                blurred = _blur(images[i], self.blur_radius)
+                j2 = dict(self.judge.judge(prompts[i], _as_array(blurred)))
+                res.details["second_check"] = _summary(j2)
+                if not j2.get("unsafe") and not j2.get("oracle_error"):
+                    _put(out, field_name, i, blurred)
+                    res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; blurred"
+                    continue
+                how = "still unsafe after blurring; replaced by the policy's placeholder"
+            else:
+                how = "replaced by the policy's placeholder"
+            _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+            res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; {how}"
+
+    def _regenerate(self, call, out, field_name, images, flagged, prompts, output_type) -> None:
+        pipe = call.pipe
+        st = call.scratch.get("output_guard") or {"args": dict(call.args)}
+        args = _regen_args(call, st, flagged, output_type)
+        names = [g.name for g in self._regen.guards]
+        previous = pipe.__dict__["_safegen"]
+        pipe.__dict__["_safegen"] = self._regen  # the protected __call__ reads its guards from here
+        try:
+            again = pipe(**args)
+        finally:
+            pipe.__dict__["_safegen"] = previous
+        new_images = getattr(again, field_name)
+        for k, i in enumerate(flagged):
+            res = call.result(i, self.name)
+            rep2 = again.safety[k]
+            j2 = dict(self.judge.judge(prompts[i], _as_array(new_images[k])))
+            res.details.update(second_check=_summary(j2), regenerated_with=names,
+                               regeneration_report=rep2.to_dict(), extra_unet_steps=int(rep2.unet_steps_run))
+            found = res.category or "unsafe content"
+            if not j2.get("unsafe") and not j2.get("oracle_error"):
+                _put(out, field_name, i, new_images[k])
+                res.verdict = "block" if rep2.blocked else "steer"
+                res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with "
+                              f"{'+'.join(names)}: " + ("blocked there, placeholder returned" if rep2.blocked
+                                                        else "second check passed"))
+            else:
+                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                res.verdict = "block"
+                res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with {'+'.join(names)}"
+                              ": still unsafe, replaced by the policy's placeholder")
+
+
+# ---------------------------------------------------------------------- helpers
+def _output_field(call) -> str:
+    spec = getattr(call, "spec", None)
+    return getattr(spec, "output", None) or "images"
+
+
+def _per_prompt_key(call) -> str | None:
+    spec = getattr(call, "spec", None)
+    return getattr(spec, "per_prompt", "num_images_per_prompt") if spec is not None else "num_images_per_prompt"
+
+
+def _item_prompts(call) -> list[str]:
+    n = call.num_images_per_prompt
+    if call.prompts is None:
+        return [""] * call.n_items
+    return [call.prompts[i // n] for i in range(call.n_items)]
+
+
+def _as_array(img):
+    if img is None or isinstance(img, np.ndarray):
+        return img
+    if torch.is_tensor(img):
+        return np.moveaxis(img.detach().float().cpu().numpy(), -3, -1)
+    if isinstance(img, (list, tuple)):
+        return np.stack([np.asarray(f.convert("RGB")) for f in img])
+    return np.asarray(img.convert("RGB")) if hasattr(img, "convert") else np.asarray(img)
+
+
+def _blur(img, radius: float | None):
+    """A strong Gaussian blur in the item's own type (PIL, HxWx3 / FxHxWx3 array, 3xHxW / Fx3xHxW tensor)."""
+    from PIL import Image, ImageFilter
+
+    def one(pil):
+        r = float(radius) if radius is not None else max(pil.size) / 8.0
+        return pil.filter(ImageFilter.GaussianBlur(r))
+
+    if hasattr(img, "filter"):
+        return one(img.convert("RGB"))
+    if isinstance(img, (list, tuple)):
+        return [one(f.convert("RGB")) for f in img]
+    tensor = torch.is_tensor(img)
+    arr = _as_array(img)
+    frames = arr if arr.ndim == 4 else arr[None]
+    floaty = frames.dtype != np.uint8
+    u8 = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8) if floaty else frames
+    done = np.stack([np.asarray(one(Image.fromarray(f))) for f in u8])
+    res = done.astype(np.float32) / 255.0 if floaty else done
+    res = res if arr.ndim == 4 else res[0]
+    if tensor:
+        return torch.from_numpy(np.moveaxis(res, -1, -3).copy()).to(img.dtype).to(img.device)
+    return res.astype(arr.dtype, copy=False)
+
+
+def _placeholder_like(call, output_type: str, like):
+    from ..protection import _placeholder
+
+    return _placeholder(call, output_type, like)
+
+
+def _put(out, field_name: str, i: int, value) -> None:
+    images = getattr(out, field_name)
+    if isinstance(images, np.ndarray):
+        images[i] = np.asarray(value, dtype=images.dtype)
+    elif torch.is_tensor(images):
+        images[i] = value.to(images.dtype) if torch.is_tensor(value) else torch.as_tensor(value, dtype=images.dtype)
+    else:
+        images = list(images)
+        images[i] = value
+        setattr(out, field_name, images)
+
+
+def _regen_args(call, st: dict, items: list[int], output_type: str) -> dict[str, Any]:
+    """The original call's arguments for ``items`` only: one output per prompt, each item's own initial noise."""
+    a = dict(st["args"])
+    n = call.num_images_per_prompt
+    rows = [i // n for i in items]
+    for key in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+        v = a.get(key)
+        if isinstance(v, str):
+            a[key] = [v] * len(items)
+        elif isinstance(v, (list, tuple)):
+            a[key] = [v[r] for r in rows]
+    for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+        v = a.get(key)
+        if torch.is_tensor(v) and v.shape[0] > 1:
+            a[key] = v[torch.tensor(rows, device=v.device)]
+    per_prompt = _per_prompt_key(call)
+    if per_prompt is not None and per_prompt in a:
+        a[per_prompt] = 1
+    states = st.get("gen_states")
+    if states is not None:
+        def restored(k):
+            device, state = states[k]
+            g = torch.Generator(device=device)
+            g.set_state(state)
+            return g
+
+        a["generator"] = [restored(i) for i in items] if len(states) == call.n_items else \
+            [restored(0) for _ in items]
+    if torch.is_tensor(a.get("latents")):
+        a["latents"] = a["latents"][torch.tensor(items, device=a["latents"].device)]
+    for key in ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback", "callback_steps"):
+        a.pop(key, None)  # the user's step callbacks saw the first generation
+    a["output_type"] = output_type
+    a["return_dict"] = True
+    return a
+
+
+def run_output_checks(call, out, output_type: str) -> None:
+    """Run the output-stage guards of a protected call on its assembled output (called by
+    :func:`safegen.protection._run`); a failure fails every item of the call closed."""
+    field_name = _output_field(call)
+    for g in call.protection.guards:
+        check = getattr(g, "check", None) if g.stage == "output" else None
+        if check is None:
+            continue
+        t0 = time.perf_counter()
+        try:
+            check(call, out, output_type)
+        except Exception as e:  # fail closed: every item gets the placeholder
+            images = getattr(out, field_name)
+            for i in range(call.n_items):
+                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                res = call.result(i, g.name)
+                res.verdict = "error"
+                res.reason = f"guard failed, item blocked (fail closed): {type(e).__name__}: {e}"
+        seconds = time.perf_counter() - t0
+        for rep in call.reports:
+            res = rep.result(g.name)
+            if res is not None:
+                res.seconds = seconds
