@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv run test bench clean
+.PHONY: venv chromium run test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,21 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Headless Chromium (Debian's package) for the demo's browser test; the test skips with a message if it is missing.
+# No browser download: Playwright drives this binary (executable_path), `playwright install` is never run.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian chromium for the browser test (apt-get)"; \
+	    ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium ) >/dev/null 2>&1 || echo "note: apt-get could not install chromium; the browser test will skip"; \
+	  else echo "note: no apt-get here; the browser test will skip unless /usr/bin/chromium exists"; fi; \
+	fi
+
 run: venv
 	$(PY) -m safegen.cli demo-run --out outputs
 
-test: venv
+test: venv chromium
 	$(PY) -m pytest
 
 bench: venv
