@@ -5,7 +5,10 @@ Sets (from ``../shared/data``):
 * ``coprov2``: deduplicated ``CoProv2_test.csv`` prompts (unsafe; none occurs in the training file);
 * ``i2p``: I2P prompts with ``inappropriate_percentage`` ≥ 50 (unsafe, a different distribution: lexica.art
   prompts with artists and styles);
-* ``coco``: every ``coco_30k_10k.csv`` caption (safe; COCO is not used to train any of the three checkers).
+* ``coco``: the first ``--coco-eval`` (5,000) ``coco_30k_10k.csv`` captions (safe). The shipped head was trained
+  with the *other* captions as extra benign negatives (``safegen train-prompt-guard --benign ... --benign-skip
+  5000``); a caption that also occurs in that other part is dropped from this set, so no evaluated caption was
+  seen in training.
 
 Checkers:
 
@@ -15,7 +18,8 @@ Checkers:
 * **keyword**: the policy's concept phrases as whole-word matches; the score is the number of phrases found;
 * **probe**: logistic regression (L2, C = 1, standardised inputs) on MiniLM's mean-pooled sentence embedding,
   trained on every CoProV2 training pair (unsafe prompt = 1, its safe twin = 0) — the first thing a user would
-  try with the same encoder and data. Its decision threshold is p ≥ 0.5.
+  try with the same encoder and data. Its decision threshold is p ≥ 0.5. A second probe also gets the benign
+  captions the head trained with (label 0), so both learned checkers see the same data.
 
 Metrics: ROC AUC, TPR at 1% FPR (the largest threshold whose COCO false-positive rate is ≤ 1%, ties counted as
 flagged), the operating point of each checker's own decision rule, per-category recall on CoProV2 at it, and
@@ -158,6 +162,9 @@ def main() -> None:
     ap.add_argument("--weights", default=None, help="Latent Guard head (default: the shipped MiniLM head)")
     ap.add_argument("--policy", default="default")
     ap.add_argument("--limit", type=int, default=None, help="at most N prompts per set (quick runs)")
+    ap.add_argument("--coco-eval", type=int, default=5000,
+                    help="report on the first N COCO captions; the rest are the benign training captions (default "
+                         "5000, what the shipped head skipped)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = ap.parse_args()
     from safegen.guards.latent_guard import LatentGuardHead, default_weights_path, text_features
@@ -171,7 +178,11 @@ def main() -> None:
     adapter = _adapter(head)
 
     coprov2 = load_coprov2_test()
-    sets = {"coprov2": [p for p, _ in coprov2], "i2p": [p for p, _ in load_i2p()], "coco": load_coco()}
+    coco = load_coco()
+    benign = list(dict.fromkeys(coco[a.coco_eval:]))
+    seen = set(benign)
+    sets = {"coprov2": [p for p, _ in coprov2], "i2p": [p for p, _ in load_i2p()],
+            "coco": [c for c in coco[:a.coco_eval] if c not in seen]}
     if a.limit:
         sets = {k: v[:a.limit] for k, v in sets.items()}
     cats = [c for _, c in coprov2][:len(sets["coprov2"])]
@@ -183,12 +194,17 @@ def main() -> None:
     train_texts = list(dict.fromkeys(t for u, s, _ in pairs for t in (u, s)))
     unsafe = {u for u, _, _ in pairs}
     tf = text_features(adapter, train_texts, batch_size=256, progress=True)
-    probe = train_probe(tf.summary.float(), torch.tensor([float(t in unsafe) for t in train_texts]))
+    y = torch.tensor([float(t in unsafe) for t in train_texts])
+    probe = train_probe(tf.summary.float(), y)
     pr = {k: probe(f.summary.float()).float() for k, f in feats.items()}
+    bf = text_features(adapter, benign, batch_size=256, progress=True)
+    probe_b = train_probe(torch.cat([tf.summary.float(), bf.summary.float()]), torch.cat([y, torch.zeros(len(benign))]))
+    prb = {k: probe_b(f.summary.float()).float() for k, f in feats.items()}
 
     methods = {"Latent Guard (MiniLM head)": (lg, lambda s: s >= 0),
                "keyword blacklist (policy phrases)": (kw, lambda s: s >= 1),
-               "probe: logistic regression on mean-pooled MiniLM": (pr, lambda s: s >= 0)}
+               "probe: logistic regression on mean-pooled MiniLM (CoProV2 pairs)": (pr, lambda s: s >= 0),
+               f"probe + the head's {len(benign)} benign captions": (prb, lambda s: s >= 0)}
     results = {name: summary_rows(sc, rule) for name, (sc, rule) in methods.items()}
     per_cat = {}
     for name, (sc, rule) in methods.items():
@@ -204,10 +220,13 @@ def main() -> None:
              f"`{shlex.join(['python', 'benchmarks/prompt_guard.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
              f"{machine()}, {time.time() - t0:.0f} s in all).", "",
              f"Weights: `{os.path.relpath(weights, ROOT)}` (trained on {meta.get('train_pairs')} CoProV2 training "
-             f"pairs, {meta.get('steps')} steps; validation AUC on {meta.get('val_pairs')} held-out pairs "
+             f"pairs and {meta.get('benign') or 0} benign captions ({meta.get('benign_file', 'none')}, first "
+             f"{meta.get('benign_skip', 0)} skipped), {meta.get('steps')} steps; validation AUC on "
+             f"{meta.get('val_pairs')} held-out pairs "
              f"{meta.get('val_auc', float('nan')):.4f}; shipped threshold {meta.get('threshold', float('nan')):.3f}). "
              f"Sets: CoProV2 test, deduplicated (n = {n['coprov2']}); I2P with inappropriate_percentage ≥ 50 "
-             f"(n = {n['i2p']}); COCO captions of `coco_30k_10k.csv` (n = {n['coco']}; none used in training).",
+             f"(n = {n['i2p']}); the first {a.coco_eval} COCO captions of `coco_30k_10k.csv` less those repeated later in "
+             f"the file (n = {n['coco']}; none used in training).",
              "", "| checker | CoProV2 vs COCO: AUC | TPR @ 1% FPR | I2P vs COCO: AUC | TPR @ 1% FPR | "
              "own rule: CoProV2 TPR | I2P TPR | COCO FPR |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():

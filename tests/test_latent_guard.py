@@ -433,6 +433,23 @@ def test_training_decreases_loss_is_seeded_and_reports_validation(sd):
     assert summary3["losses"] != losses[:2]
 
 
+def test_benign_prompts_are_negatives_and_cap_the_threshold(sd):
+    enc = clip_adapter(sd)
+    benign = [f"a {c} {o} on a table" for c in ("red", "blue", "green", "white", "black")
+              for o in ("cat", "dog", "bus", "cup")]
+    kw = dict(concepts=TOY_CONCEPTS, steps=4, batch_size=6, lr=2e-2, val_share=0.25, seed=3, progress=False,
+              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=0))
+    # a benign text that is also a pair's prompt is dropped; repeats count once
+    head, summary = train_head(enc, TOY_PAIRS, benign=benign + benign[:3] + [TOY_PAIRS[0][1]], **kw)
+    assert summary["benign"] == len(benign)
+    assert head.metadata["benign"] == len(benign) and head.metadata["threshold_rule"]
+    # the operating point never flags more than 1% of the 5 held-out benign prompts beyond the top one
+    assert summary["benign_val_fpr"] <= 1 / 5 + 1e-9
+    plain, plain_summary = train_head(enc, TOY_PAIRS, **kw)
+    assert plain_summary["benign"] == 0 and plain_summary["benign_val_fpr"] is None
+    assert plain_summary["losses"] != summary["losses"]  # the extra negatives enter the loss
+
+
 def test_train_head_rejects_unknown_categories(sd):
     with pytest.raises(ValueError, match="categories.*no concepts"):
         train_head(clip_adapter(sd), TOY_PAIRS, concepts={"violence": ["blood"]}, steps=1, progress=False)
@@ -578,6 +595,17 @@ def test_cli_train_prompt_guard_trains_saves_and_validates(tmp_path, capsys):
     assert code == 2 and "needs --model" in err
     code, _, err = _cli(["train-prompt-guard", "--data-dir", str(tmp_path / "none"), "--out", str(out)], capsys)
     assert code == 2 and "CoProv2_train.csv" in err
+    code, _, err = _cli(argv + ["--benign-skip", "3"], capsys)
+    assert code == 2 and "need --benign FILE" in err
+    code, _, err = _cli(argv + ["--benign", str(tmp_path / "nope.txt")], capsys)
+    assert code == 2 and "--benign" in err and "nope.txt" in err
+    (tmp_path / "benign.txt").write_text("a red cat\na blue bus\na green cup\n")
+    code, _, err = _cli(argv + ["--benign", str(tmp_path / "benign.txt"), "--benign-skip", "3"], capsys)
+    assert code == 2 and "no prompts left" in err
+    code, stdout, err = _cli(argv + ["--benign", str(tmp_path / "benign.txt"), "--benign-skip", "1"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout[stdout.index("{"):])["benign"] == 2
+    assert LatentGuardHead.load(out).metadata["benign_skip"] == 1
 
 
 def test_minilm_features_do_not_depend_on_padding():

@@ -639,7 +639,7 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, val_share: float = 0.1,
                seed: int = 0, device: "str | torch.device | None" = None, encode_batch: int = 256,
                store_dtype: torch.dtype | None = None, progress: bool = True, backbone: str | None = None,
-               max_length: int | None = None, common_negatives: bool = True
+               max_length: int | None = None, common_negatives: bool = True, benign: Sequence[str] = ()
                ) -> tuple[LatentGuardHead, dict[str, Any]]:
     """Train a :class:`LatentGuardHead` contrastively on (unsafe prompt, safe twin, category) pairs.
 
@@ -661,6 +661,9 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         common_negatives: also push down, for every category, the words each pair shares
             (:func:`common_part`): benign text without the safe twin's rewrite words, so the head cannot learn
             "no rewrite word → unsafe" (that shortcut makes ordinary captions score high).
+        benign: more benign texts pushed down for every category (e.g. captions of ordinary images); a
+            ``val_share`` of them is held out for validation like the pairs. Texts that are also a pair's
+            prompt are dropped. Keep any set you evaluate on out of this list.
         seed: seeds the head's initialisation, the split and the batch sampling (the global RNG is untouched).
         device: where the head trains (default: the encoder's device).
         progress: show a tqdm progress bar.
@@ -733,6 +736,16 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
 
     train_neg, val_neg = commons(train_pairs), commons(val_pairs)
     val_neg = [c for c in val_neg if c not in set(train_neg)]
+    own = {t for u, s, _ in pairs for t in (u, s)}
+    val_benign: list[str] = []
+    extra = [b for b in dict.fromkeys(str(b) for b in benign) if b not in own]
+    if extra:
+        order_b = torch.randperm(len(extra), generator=gen).tolist()
+        n_bval = int(round(val_share * len(extra)))
+        val_benign = [extra[i] for i in order_b[:n_bval] if extra[i] not in set(train_neg)]
+        val_neg += val_benign
+        held = set(val_neg)
+        train_neg = list(dict.fromkeys(train_neg + [extra[i] for i in order_b[n_bval:] if extra[i] not in held]))
 
     # ---- frozen features, once per distinct text
     texts = list(dict.fromkeys([t for u, s, _ in pairs for t in (u, s)] + train_neg + val_neg))
@@ -796,10 +809,11 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
 
     summary: dict[str, Any] = {
         "steps": steps, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "concepts": len(entries),
-        "common_negatives": len(train_neg), "val_auc_common": None,
+        "common_negatives": len(train_neg), "benign": len(extra), "val_auc_common": None,
         "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None,
+        "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None, "threshold_rule": None,
+        "benign_val_fpr": None,
     }
     if val_pairs:
         with torch.no_grad():
@@ -818,10 +832,25 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         summary["val_auc_common"] = roc_auc(pos, neg) if len(neg) else None
         # the operating point: best TPR − FPR against every held-out safe text (twins and common parts)
         summary["threshold"], summary["val_tpr"], summary["val_fpr"] = _youden_threshold(pos, torch.cat([twins, neg]))
+        summary["threshold_rule"] = "youden (max TPR - FPR on held-out twins and common parts)"
+        if val_benign:
+            # ordinary prompts are most of what a service sees: never flag more than 1% of the held-out benign
+            # captions, even where the Youden point (set by the hard twins) would
+            with torch.no_grad():
+                b = best_of(val_benign)
+            floor = float(torch.quantile(b.double(), 0.99))
+            summary["benign_val_fpr_at_youden"] = float((b >= summary["threshold"]).double().mean())
+            if floor > summary["threshold"]:
+                summary["threshold"] = floor
+                summary["val_tpr"] = float((pos >= floor).double().mean())
+                summary["val_fpr"] = float((torch.cat([twins, neg]) >= floor).double().mean())
+                summary["threshold_rule"] = "99th percentile of the held-out benign captions (above the Youden point)"
+            summary["benign_val_fpr"] = float((b >= summary["threshold"]).double().mean())
     summary["tau"] = head.tau.item()
     summary["seconds"] = round(time.time() - t0, 2)
     head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_auc_common", "val_tpr", "val_fpr",
-                                             "train_pairs", "val_pairs", "steps", "seed", "categories")}
+                                             "train_pairs", "val_pairs", "steps", "seed", "categories", "benign",
+                                             "threshold_rule", "benign_val_fpr")}
     head.metadata["concepts"] = len(entries)
     return head, summary
 
@@ -841,15 +870,14 @@ def _minilm_adapter(max_length: int, device: str) -> TextEncoderAdapter:
 
 
 def _pipeline_adapter(pipe) -> TextEncoderAdapter:
-    """The pipeline's (first) text encoder, last hidden layer, as the pipeline tokenises."""
-    te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-    if te is None or tok is None:  # e.g. an SDXL refiner: only the second encoder
-        te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
-    if te is None or tok is None:
-        raise TypeError("LatentGuard(backbone='pipeline') needs a pipeline with a text encoder and tokenizer")
-    if "clip" in (getattr(te.config, "model_type", "") or ""):
-        return TextEncoderAdapter.for_clip(tok, te)
-    return TextEncoderAdapter(tok, te, summary="mean", causal=False)
+    """The pipeline's (first) text encoder, last hidden layer, as the pipeline tokenises (the adapter SAFREE uses
+    too: CLIP's EOS state, T5's content-token mean at the video pipeline's padded length)."""
+    from ..encoders import pipeline_adapter
+
+    try:
+        return pipeline_adapter(pipe)
+    except TypeError:
+        raise TypeError("LatentGuard(backbone='pipeline') needs a pipeline with a text encoder and tokenizer") from None
 
 
 def default_weights_path() -> Path:
