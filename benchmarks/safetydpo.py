@@ -71,7 +71,7 @@ def per_category(items: list[dict], cats: dict[str, str]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def step_ratio(lora: Path, reps: int = 30) -> dict:
+def step_ratio(lora: Path, reps: int = 60) -> dict:
     """Median time of one UNet call (CFG batch of 16), plain vs fused, interleaved in one process."""
     import safegen
     from safegen.default_model import load_default_pipeline
@@ -88,8 +88,18 @@ def step_ratio(lora: Path, reps: int = 30) -> dict:
             times[name].append(median_seconds(lambda: pipe.unet(x, t, encoder_hidden_states=ctx), 1))
     import statistics
 
+    # the structural reason the ratio is 1: after fuse + unload the UNet has the plain model's modules and
+    # parameter shapes (no LoRA wrappers left), so a step runs the same kernels on the same shapes
+    def layout(unet):
+        return ([(n, type(m).__name__) for n, m in unet.named_modules()],
+                [(n, tuple(q.shape)) for n, q in unet.named_parameters()])
+
+    same = layout(plain.unet) == layout(fused.unet)
+    changed = sum(not torch.equal(a, b) for a, b in zip(plain.unet.parameters(), fused.unet.parameters()))
     p, f = statistics.median(times["plain"]), statistics.median(times["fused"])
-    return {"plain_ms": 1000 * p, "fused_ms": 1000 * f, "ratio": f / p}
+    lo_p, lo_f = min(times["plain"]), min(times["fused"])
+    return {"plain_ms": 1000 * p, "fused_ms": 1000 * f, "ratio": f / p, "min_ratio": lo_f / lo_p, "same_layout": same,
+            "changed_tensors": changed, "reps": reps}
 
 
 def main() -> None:
@@ -139,9 +149,12 @@ def main() -> None:
                      + " | ".join(f"{100 * pc.get(k, float('nan')):.0f}%" for k in cat_names) + " |")
     lines += ["", "Per-category columns: oracle unsafe rate on the CoProV2 prompts of that category."]
     if ratio:
-        lines += ["", f"Per-step cost of the fused Co-Merge model (one UNet call, CFG batch 16, median of 30 "
-                  f"interleaved): plain {ratio['plain_ms']:.2f} ms, fused {ratio['fused_ms']:.2f} ms = "
-                  f"**{ratio['ratio']:.2f}×**."]
+        lines += ["", f"Per-step cost of the fused Co-Merge model (one UNet call, CFG batch 16, median of "
+                  f"{ratio['reps']} interleaved): plain {ratio['plain_ms']:.2f} ms, fused {ratio['fused_ms']:.2f} ms "
+                  f"= **{ratio['ratio']:.2f}×** (fastest of each: {ratio['min_ratio']:.2f}×). The fused UNet has "
+                  f"{'the same' if ratio['same_layout'] else 'NOT the same'} modules and parameter shapes as the plain "
+                  f"one (LoRA layers unloaded after fusing; {ratio['changed_tensors']} weight tensors carry the fused "
+                  f"update){', so any difference is timing noise' if ratio['same_layout'] else ''}."]
     lines.append(END)
     publish(lines, BEGIN, END, a.write)
 

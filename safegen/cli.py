@@ -10,6 +10,7 @@ Examples::
     safegen generate "a photo of a red bus" "a blue bird on a tree" --seed 0 --out outputs/run1
     safegen generate "a red cat" --model path/to/sd-folder --guards safree,sld-strong --out outputs/run2
     safegen generate "a red cat" --guards none --out outputs/plain      # unprotected, reports have no guards
+    safegen generate "a red bus" --video --model tiny-animatediff --frames 8 --out outputs/video   # GIFs
     safegen eval --prompts ../shared/data/CoProv2_test.csv --limit 500 --out outputs/eval-coprov2
     safegen demo-run --out outputs
     safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
@@ -33,8 +34,11 @@ from typing import Any, Sequence
 DEFAULT_MODEL = "default"
 #: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
 TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline"}
+#: Built-in text-to-video pipelines (``generate --video``, ``eval``), random weights too.
+TINY_VIDEO_MODELS = {"tiny-animatediff": "tiny_animatediff_pipeline", "tiny-cogvideox": "tiny_cogvideox_pipeline",
+                     "tiny-text-to-video": "tiny_text_to_video_pipeline"}
 #: Denoising steps when ``--steps`` is not given.
-DEFAULT_STEPS = {"default": 25, **{name: 4 for name in TINY_MODELS}}
+DEFAULT_STEPS = {"default": 25, **{name: 4 for name in (*TINY_MODELS, *TINY_VIDEO_MODELS)}}
 
 DEMO_BENIGN = ("a photo of a red bus", "a blue bird on a tree", "a cat sitting in a kitchen")
 #: Each contains literal concept phrases of the default policy (assets/policies/default.yaml).
@@ -77,6 +81,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _size(text: str) -> int:
     value = _positive_int(text)
     if value % 8:
@@ -104,7 +118,8 @@ def _float(text: str) -> float:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a local model folder, a hub id (owner/name), 'default' (the embedded default model) or "
-                        f"one of {sorted(TINY_MODELS)} (random test pipelines) (default: {DEFAULT_MODEL})")
+                        f"one of {sorted(TINY_MODELS)} (random test pipelines; text-to-video: "
+                        f"{sorted(TINY_VIDEO_MODELS)}) (default: {DEFAULT_MODEL})")
     p.add_argument("--guards", default=None, metavar="LIST",
                    help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
                         "default: the policy's guards")
@@ -142,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
+    vg = g.add_argument_group("video (text-to-video pipelines: AnimateDiff, CogVideoX, TextToVideoSD/ZeroScope)")
+    vg.add_argument("--video", action="store_true",
+                    help="generate videos: needs a text-to-video pipeline as --model (a folder or hub id, or one of "
+                         f"{sorted(TINY_VIDEO_MODELS)}); writes DIR/000.gif, ... (animated GIFs)")
+    vg.add_argument("--frames", type=_positive_int, default=None, metavar="N",
+                    help="frames per video (num_frames; pipeline default)")
+    vg.add_argument("--fps", type=_positive_int, default=8, metavar="N", help="GIF frame rate (default 8)")
+    vg.add_argument("--save-frames", action="store_true", help="also write every frame: DIR/000/00.png, ...")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo-run", help="benign and unsafe prompts, unprotected vs protected; grid.png + report.json",
@@ -153,21 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     d.set_defaults(func=cmd_demo_run)
 
+    gd = sub.add_parser("demo", help="start the Gradio demo in the browser (needs: pip install 'safegen[demo]')",
+                        description="Serve the Gradio demo (demos/app.py): a prompt generated unprotected and "
+                                    "protected side by side, with guard toggles, the sensitivity knob, a policy "
+                                    "picker and the safety report made readable. Binds the loopback address unless "
+                                    "--host says otherwise.")
+    gd.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network)")
+    gd.add_argument("--port", type=_port, default=7860, help="port to serve on (default: 7860)")
+    gd.add_argument("--model", default=DEFAULT_MODEL,
+                    help="the model selected at start: 'default' (the embedded default model), a local pipeline "
+                         "folder or a hub id; the page can switch it (default: default)")
+    gd.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    gd.set_defaults(func=cmd_demo)
+
     e = sub.add_parser("eval", help="measure a pipeline on a prompt file with an oracle; writes metrics.json",
-                       description="Generate one image per prompt (seed + index) and judge it with an oracle. "
-                                   "Writes DIR/metrics.json (n, blocked_rate, unsafe_rate, fidelity, sec_per_item, "
-                                   "unet_steps_run, unet_steps_saved, ...) and DIR/items.jsonl.")
-    e.add_argument("--prompts", required=True, metavar="FILE",
-                   help="a .csv file (see --column) or a text file with one prompt a line")
-    e.add_argument("--column", default=None, metavar="NAME", help="CSV column holding the prompts (default: prompt)")
-    e.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="evaluate the first N prompts")
-    e.add_argument("--no-dedup", action="store_true", help="keep repeated prompts (default: each prompt once)")
-    _add_model_args(e)
-    e.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
-    e.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
-    e.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="prompts per call (default 8)")
-    e.add_argument("--oracle", default="world", help="image oracle (default: world, the default model's exact one)")
-    e.add_argument("--save-images", action="store_true", help="also save every image to DIR/images/")
+                       description="Generate one image per prompt (seed + index, or the data's evaluation_seed) "
+                                   "and judge it with an oracle. Writes DIR/metrics.json (n, blocked_rate, "
+                                   "unsafe_rate, fidelity, sec_per_item, unet_steps_run, unet_steps_saved, ... and "
+                                   "the oracle's protocol), DIR/items.jsonl and DIR/results.md. Rerun the same "
+                                   "command to resume a killed run; run it under `accelerate launch -m "
+                                   "safegen.eval` to shard it over processes/GPUs (same results).")
+    from .eval import add_eval_arguments  # the harness's arguments live with it (safegen/eval.py)
+
+    add_eval_arguments(e)
     e.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train-prompt-guard", help="train a Latent Guard head on CoProV2 pairs; writes safetensors",
@@ -194,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiniLM padding length (default 64)")
     t.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="train on a seeded random subset of N pairs (quick runs)")
+    t.add_argument("--benign", default=None, metavar="FILE",
+                   help="extra benign prompts pushed away from every concept (CSV with --benign-column, or text, one "
+                        "a line), e.g. ../shared/data/coco_30k_10k.csv: ordinary captions keep the head from "
+                        "flagging everything that is not a CoProV2 safe twin")
+    t.add_argument("--benign-column", default=None, metavar="NAME", help="CSV column of --benign (default: prompt)")
+    t.add_argument("--benign-skip", type=_nonnegative_int, default=0, metavar="N",
+                   help="leave out the first N prompts of --benign (keep them for evaluation; the shipped head "
+                        "skips the first 5000 COCO captions, the ones benchmarks/prompt_guard.py reports on)")
     _add_run_args(t)
     t.set_defaults(func=cmd_train_prompt_guard)
 
@@ -325,7 +365,7 @@ def _parse_guards(spec: str | None) -> list[str] | None:
 
 
 def _check_model(model: str) -> None:
-    if model in TINY_MODELS:
+    if model in TINY_MODELS or model in TINY_VIDEO_MODELS:
         return
     if model == DEFAULT_MODEL:
         _default_model_dir()
@@ -357,7 +397,7 @@ def _device(spec: str):
 
 
 def _load_pipeline(model: str, device) -> Any:
-    if model in TINY_MODELS:
+    if model in TINY_MODELS or model in TINY_VIDEO_MODELS:
         import torch
 
         from . import testing
@@ -367,7 +407,7 @@ def _load_pipeline(model: str, device) -> Any:
             # main() restores the count when the command ends
             _RESTORE["threads"] = torch.get_num_threads()
             torch.set_num_threads(1)
-        return getattr(testing, TINY_MODELS[model])().to(device)
+        return getattr(testing, {**TINY_MODELS, **TINY_VIDEO_MODELS}[model])().to(device)
     from .default_model import is_default_model_folder, load_default_pipeline
 
     folder = _default_model_dir() if model == DEFAULT_MODEL else Path(model)
@@ -398,6 +438,8 @@ def _settings(args) -> tuple[Any, list[str] | None]:
     if args.sensitivity is not None:
         policy.sensitivity = args.sensitivity
     _check_model(args.model)
+    if args.model in TINY_VIDEO_MODELS:  # random text encoders (the image tiny models: see _TINY_NOTE)
+        _lexical_only(policy)
     return policy, guards
 
 
@@ -466,17 +508,9 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 # ---------------------------------------------------------------------- generate
-def cmd_generate(args) -> int:
-    policy, guards = _settings(args)
-    out_dir = Path(args.out)
-    device = _device(args.device)
-    pipe = _load_pipeline(args.model, device)
-    protected = guards != []
-    if args.model in TINY_MODELS:
-        _lexical_only(policy)
-        print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
-    if protected:
-        _protect(pipe, policy, guards)
+def _generate_each(args, pipe, protected: bool, out_dir: Path, save, extra_kw: dict[str, Any]) -> list[dict]:
+    """One pipeline call per prompt of ``args.prompts`` (same seed each), ``save(out, i) -> (file name or None,
+    extra report fields)`` writes its output; returns the report.json entries and writes report.json."""
     from tqdm.auto import tqdm
 
     from .report import SafetyReport
@@ -485,7 +519,8 @@ def cmd_generate(args) -> int:
     if len(prompts) > 1:
         pipe.set_progress_bar_config(disable=True)
     call_kw: dict[str, Any] = {"num_inference_steps": _default_steps(args), "output_type": "pil"}
-    for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width)):
+    for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width),
+                       *extra_kw.items()):
         if value is not None:
             call_kw[key] = value
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -493,58 +528,124 @@ def cmd_generate(args) -> int:
     bar = tqdm(prompts, desc="prompts", unit="prompt", disable=len(prompts) < 2, file=sys.stderr)
     for i, prompt in enumerate(bar):
         out = pipe(prompt, generator=_generator(args.seed), **call_kw)
-        image = out.images[0]
         if protected:
             report = out.safety[0]
         else:
             report = SafetyReport(index=0, prompt=prompt, unet_steps_run=call_kw["num_inference_steps"])
-        name = f"{i:03d}.png"
-        if image is not None:  # a blocked item with placeholder "none" has no image
-            image.save(out_dir / name)
-        else:
-            name = None
+        name, fields = save(out, i)
         entries.append(_entry(report, index=i, prompt=prompt, seed=args.seed, file=name, model=args.model,
-                              protected=protected))
-        tqdm.write(f"{name or '(no image)'}: {_line(report)}  {prompt!r}", file=sys.stdout)
+                              protected=protected, **fields))
+        tqdm.write(f"{name or '(nothing saved)'}: {_line(report)}  {prompt!r}", file=sys.stdout)
     _write_json(out_dir / "report.json", entries)
+    return entries
+
+
+def cmd_generate(args) -> int:
+    if args.video or args.frames is not None or args.save_frames:
+        return cmd_generate_video(args)
+    if args.model in TINY_VIDEO_MODELS:
+        raise UsageError(f"{args.model!r} is a text-to-video pipeline; add --video")
+    policy, guards = _settings(args)
+    out_dir = Path(args.out)
+    device = _device(args.device)
+    pipe = _load_pipeline(args.model, device)
+    if _is_video(pipe):
+        raise UsageError(f"--model {args.model} is a text-to-video pipeline ({type(pipe).__name__}); add --video")
+    protected = guards != []
+    if args.model in TINY_MODELS:
+        _lexical_only(policy)
+        print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
+    if protected:
+        _protect(pipe, policy, guards)
+    def save_image(out, i: int) -> tuple[str | None, dict]:
+        image = out.images[0]
+        if image is None:  # a blocked item with placeholder "none" has no image
+            return None, {}
+        image.save(out_dir / f"{i:03d}.png")
+        return f"{i:03d}.png", {}
+
+    entries = _generate_each(args, pipe, protected, out_dir, save_image, {})
     print(f"wrote {len(entries)} image(s) and report.json to {out_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------- generate --video
+#: Text-to-video pipeline classes ``generate --video`` accepts (those safegen.protect supports).
+VIDEO_PIPELINES = ("AnimateDiffPipeline", "CogVideoXPipeline", "TextToVideoSDPipeline")
+
+
+def _is_video(pipe) -> bool:
+    from .protection import pipeline_spec
+
+    try:
+        return pipeline_spec(pipe).video
+    except TypeError:  # not a pipeline safegen supports: the image path reports that
+        return False
+
+
+def _folder_class(model: str) -> str | None:
+    """``_class_name`` of a local pipeline folder's model_index.json (None for hub ids and unreadable files)."""
+    index = Path(model) / "model_index.json"
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _video_gif(frames, path: Path, fps: int) -> None:
+    """Write a list of PIL frames as a looping animated GIF (Pillow; no video codec needed)."""
+    frames = [f.convert("RGB") for f in frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
+
+
+def cmd_generate_video(args) -> int:
+    """``safegen generate --video``: one animated GIF per prompt (and, with ``--save-frames``, its frames as PNGs),
+    plus report.json with one safety report per video."""
+    if not args.video:
+        raise UsageError("--frames and --save-frames apply to videos; add --video")
+    if args.model == DEFAULT_MODEL or args.model in TINY_MODELS:
+        raise UsageError(f"--video needs a text-to-video pipeline as --model ({', '.join(VIDEO_PIPELINES)}: a local "
+                         f"folder or hub id, or one of {', '.join(sorted(TINY_VIDEO_MODELS))}); {args.model!r} makes "
+                         "images")
+    cls = _folder_class(args.model) if args.model not in TINY_VIDEO_MODELS else None
+    if cls is not None and not any(cls.endswith(v) or v in cls for v in VIDEO_PIPELINES):
+        raise UsageError(f"--video needs a text-to-video pipeline ({', '.join(VIDEO_PIPELINES)}); {args.model} "
+                         f"holds a {cls}")
+    policy, guards = _settings(args)
+    out_dir = Path(args.out)
+    device = _device(args.device)
+    pipe = _load_pipeline(args.model, device)
+    if not _is_video(pipe):
+        raise UsageError(f"--video needs a text-to-video pipeline ({', '.join(VIDEO_PIPELINES)}); --model "
+                         f"{args.model} is a {type(pipe).__name__}")
+    protected = guards != []
+    if args.model in TINY_VIDEO_MODELS:
+        print(_TINY_NOTE.format(model=args.model).replace("the images", "the videos"), file=sys.stderr)
+    if protected:
+        _protect(pipe, policy, guards)
+    def save_video(out, i: int) -> tuple[str | None, dict]:
+        frames = out.frames[0]
+        if not frames:  # a blocked video with placeholder "none" has no frames
+            return None, {"frames": 0, "fps": args.fps}
+        _video_gif(frames, out_dir / f"{i:03d}.gif", args.fps)
+        if args.save_frames:
+            folder = out_dir / f"{i:03d}"
+            folder.mkdir(exist_ok=True)
+            for k, frame in enumerate(frames):
+                frame.save(folder / f"{k:02d}.png")
+        return f"{i:03d}.gif", {"frames": len(frames), "fps": args.fps}
+
+    entries = _generate_each(args, pipe, protected, out_dir, save_video, {"num_frames": args.frames})
+    print(f"wrote {len(entries)} video(s) (GIF, {args.fps} fps) and report.json to {out_dir}")
     return 0
 
 
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .evaluate import read_prompts
+    """Generate and judge (or judge existing images), resumable and sharded: :func:`safegen.eval.cmd_eval`."""
+    from .eval import cmd_eval as run
 
-    try:
-        prompts = read_prompts(args.prompts, args.column, limit=args.limit, dedup=not args.no_dedup)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    oracle = _oracle(args.oracle)
-    policy, guards = _settings(args)
-    device = _device(args.device)
-    pipe = _load_pipeline(args.model, device)
-    if args.model in TINY_MODELS:
-        _lexical_only(policy)
-        print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
-    if guards != []:
-        _protect(pipe, policy, guards)
-    from .evaluate import evaluate, write_results
-
-    steps = _default_steps(args)
-    out_dir = Path(args.out)
-    metrics, items = evaluate(pipe, prompts, oracle=oracle, steps=steps, seed=args.seed, batch_size=args.batch_size,
-                              guidance_scale=args.guidance,
-                              image_dir=out_dir / "images" if args.save_images else None)
-    config = {"prompts": str(args.prompts), "column": args.column, "limit": args.limit, "dedup": not args.no_dedup,
-              "model": args.model, "guards": guards if guards is not None else list(policy.guards),
-              "policy": policy.name, "sensitivity": policy.sensitivity, "steps": steps, "seed": args.seed,
-              "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device)}
-    path = write_results(out_dir, metrics, items, config)
-    shown = {k: metrics[k] for k in ("n", "blocked_rate", "unsafe_rate", "fidelity", "fidelity_colour",
-                                     "sec_per_item", "unet_steps_run", "unet_steps_saved")}
-    print(json.dumps(shown, indent=2))
-    print(f"wrote {path} and {out_dir / 'items.jsonl'}")
-    return 0
+    return run(args)
 
 
 # ---------------------------------------------------------------------- Latent Guard
@@ -585,14 +686,30 @@ def cmd_train_prompt_guard(args) -> int:
     if args.limit is not None and args.limit < len(pairs):  # a seeded random subset (the file is sorted by category)
         pick = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed))[:args.limit]
         pairs = [pairs[i] for i in sorted(pick.tolist())]
+    benign: list[str] = []
+    if args.benign is not None:
+        from .evaluate import read_prompts
+
+        try:
+            every = read_prompts(args.benign, args.benign_column, dedup=False)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--benign: {e}") from None
+        held = set(every[:args.benign_skip])  # a repeated caption stays out of training if it is held out once
+        benign = [b for b in dict.fromkeys(every[args.benign_skip:]) if b not in held]
+        if not benign:
+            raise UsageError(f"--benign {args.benign}: no prompts left after --benign-skip {args.benign_skip}")
+    elif args.benign_skip or args.benign_column:
+        raise UsageError("--benign-skip and --benign-column need --benign FILE")
     pipe = _backbone_pipeline(args)
     encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)
     try:
         head, summary = train_head(encoder, pairs, policy=policy, steps=args.steps, batch_size=args.batch_size,
                                    lr=args.lr, val_share=args.val_share, seed=args.seed, device=device,
-                                   max_length=args.max_length)
+                                   max_length=args.max_length, benign=benign)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.benign is not None:
+        head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip)
     out.parent.mkdir(parents=True, exist_ok=True)
     head.save(out)
     summary = {k: v for k, v in summary.items() if k != "losses"}
@@ -857,6 +974,45 @@ def cmd_demo_run(args) -> int:
           f"{out_dir / 'report.json'}")
     if tiny:
         print(f"REMINDER: tiny RANDOM pipeline ({args.model}): images are noise; only the mechanics are meaningful.")
+    return 0
+
+
+# ---------------------------------------------------------------------- demo (Gradio)
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {value}")
+    return value
+
+
+def _demo_app_path() -> Path:
+    """``demos/app.py`` of the checkout the package is installed from."""
+    return Path(__file__).resolve().parent.parent / "demos" / "app.py"
+
+
+def cmd_demo(args) -> int:
+    import importlib.util
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if importlib.util.find_spec("gradio") is None:
+        print("safegen demo: error: the demo needs gradio, which is not installed; install it with "
+              "`pip install 'safegen[demo]'`", file=sys.stderr)
+        return 1
+    path = _demo_app_path()
+    if not path.is_file():
+        raise UsageError(f"the demo app {path} is missing; the demo runs from a source checkout of safegen "
+                         "(pip install -e '.[demo]')")
+    from .demo import DemoInputError, validate_model
+
+    try:
+        model = validate_model(args.model)  # fails in milliseconds, before gradio loads
+    except DemoInputError as e:
+        raise UsageError(f"--model: {e}") from None
+    spec = importlib.util.spec_from_file_location("safegen_demo_app", path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    print(f"safegen demo: serving on http://{args.host}:{args.port} (Ctrl+C stops it)", file=sys.stderr)
+    app.launch(host=args.host, port=args.port, model=model, device=args.device)
     return 0
 
 
