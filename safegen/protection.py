@@ -401,18 +401,23 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         unprotect(pipe)
     base = type(pipe)
     prot = Protection(pipe=pipe, kind=kind, policy=pol, guards=guard_list, base_class=base)
+    attach_all(prot)
+    pipe.__class__ = _protected_class(base)
+    object.__setattr__(pipe, "_safegen", prot)
+    return pipe
+
+
+def attach_all(prot: Protection) -> None:
+    """Attach ``prot.guards`` in order; if one fails, detach those already attached (newest first) and re-raise."""
     attached: list[Guard] = []
     try:
-        for g in guard_list:
+        for g in prot.guards:
             g.attach(prot)
             attached.append(g)
     except Exception:
         for g in reversed(attached):
             g.detach(prot)
         raise
-    pipe.__class__ = _protected_class(base)
-    object.__setattr__(pipe, "_safegen", prot)
-    return pipe
 
 
 def unprotect(pipe: Any) -> Any:

@@ -45,3 +45,14 @@ def lexical_policy():
 
 def gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread (more only adds spinning on a shared CPU); restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

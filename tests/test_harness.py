@@ -16,15 +16,7 @@ PROMPTS = ["a red bus", "a blue bird", "a photo of blood and gore", "a green umb
            "a white boat", "a nude woman on the beach"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (more only adds spinning on a shared CPU)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def results(metrics):

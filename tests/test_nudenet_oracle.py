@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("nudenet")
 
@@ -13,12 +12,7 @@ from safegen.cli import main  # noqa: E402
 from safegen.oracles import NUDENET_CLASS_SETS, NudeNetOracle  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeDetector:

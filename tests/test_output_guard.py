@@ -13,12 +13,7 @@ PROMPTS = ["a red bus", "a photo of blood on a car", "a blue bird"]
 STEPS = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Flag:

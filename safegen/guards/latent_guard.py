@@ -727,22 +727,23 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     val_pairs = [p for p in pairs if p[0] in val_groups]
 
     # ---- extra benign negatives: the common part of each pair
+    own = {t for u, s, _ in pairs for t in (u, s)}
+
     def commons(subset):
         if not common_negatives:
             return []
-        own = {t for u, s, _ in pairs for t in (u, s)}
         found = (common_part(u, s) for u, s, _ in subset)
         return list(dict.fromkeys(c for c in found if c is not None and c not in own))
 
-    train_neg, val_neg = commons(train_pairs), commons(val_pairs)
-    val_neg = [c for c in val_neg if c not in set(train_neg)]
-    own = {t for u, s, _ in pairs for t in (u, s)}
+    train_neg = commons(train_pairs)
+    in_train = set(train_neg)
+    val_neg = [c for c in commons(val_pairs) if c not in in_train]
     val_benign: list[str] = []
     extra = [b for b in dict.fromkeys(str(b) for b in benign) if b not in own]
     if extra:
         order_b = torch.randperm(len(extra), generator=gen).tolist()
         n_bval = int(round(val_share * len(extra)))
-        val_benign = [extra[i] for i in order_b[:n_bval] if extra[i] not in set(train_neg)]
+        val_benign = [extra[i] for i in order_b[:n_bval] if extra[i] not in in_train]
         val_neg += val_benign
         held = set(val_neg)
         train_neg = list(dict.fromkeys(train_neg + [extra[i] for i in order_b[n_bval:] if extra[i] not in held]))

@@ -117,7 +117,7 @@ class OutputGuard(Guard):
         _ = self.judge  # a missing oracle package fails at protect() time, not in the middle of a run
         if self.action != "regenerate":
             return
-        from ..protection import Protection, resolve_guard
+        from ..protection import Protection, attach_all, resolve_guard
 
         guards = [resolve_guard(g) for g in self.stronger]
         bad = [g.name for g in guards if g.stage in ("weights", "output")]
@@ -126,15 +126,7 @@ class OutputGuard(Guard):
                              "generation and output guards would recurse; use prompt, conditioning or loop guards")
         regen = Protection(pipe=protection.pipe, kind=protection.kind, policy=protection.policy, guards=guards,
                            base_class=protection.base_class)
-        attached = []
-        try:
-            for g in guards:
-                g.attach(regen)
-                attached.append(g)
-        except Exception:
-            for g in reversed(attached):
-                g.detach(regen)
-            raise
+        attach_all(regen)
         self._regen = regen
 
     def detach(self, protection) -> None:
