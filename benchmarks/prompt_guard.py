@@ -13,8 +13,9 @@ Sets (from ``../shared/data``):
 Checkers:
 
 * **Latent Guard**: the shipped head (``assets/latent_guard/minilm.safetensors``) against the policy's concepts;
-  the score is the largest margin over categories (best concept score minus the category's threshold), so
-  "score ≥ 0" is the guard's decision at the shipped threshold;
+  the score is the largest margin over categories of (the higher of the category's best concept score and its
+  token evidence) minus the category's threshold, so "score ≥ 0" is the guard's decision at the shipped
+  threshold. The two paths are also reported alone (the concept path is the paper's head);
 * **keyword**: the policy's concept phrases as whole-word matches; the score is the number of phrases found;
 * **probe**: logistic regression (L2, C = 1, standardised inputs) on MiniLM's mean-pooled sentence embedding,
   trained on every CoProV2 training pair (unsafe prompt = 1, its safe twin = 0) — the first thing a user would
@@ -75,21 +76,29 @@ def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
 
 
 # ---------------------------------------------------------------------- checkers
-def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str, torch.Tensor]:
+def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+    """Per set, the guard's decision score (largest margin over categories of max(best concept score, evidence)
+    minus the threshold) and the two paths' own margins: ``{"guard": ..., "concepts": ..., "evidence": ...}``."""
     from safegen.guards.latent_guard import LatentGuard, per_category
 
     guard = LatentGuard()
-    bank, cat_of, cats, _ = guard._bank({}, policy, head, _adapter(head))
+    bank, cat_of, cats, entries = guard._bank({}, policy, head, _adapter(head))
     thr = guard._thresholds(policy, head, cats, head.device)
-    out = {}
+    out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}}
     with torch.no_grad():
         for name, f in feats.items():
-            vals = []
+            vals: dict[str, list] = {k: [] for k in out}
             for s in range(0, len(f), chunk):
                 part = f.select(torch.arange(s, min(s + chunk, len(f))))
-                sc = head.score(part.tokens, part.mask, bank, summary=part.summary)
-                vals.append((per_category(sc, cat_of, len(cats)) - thr).amax(1))
-            out[name] = torch.cat(vals)
+                scores, ev = guard._score_features(head, part, bank, cats, entries)
+                by_concept = per_category(scores, cat_of, len(cats))
+                vals["concepts"].append((by_concept - thr).amax(1))
+                if ev is None:
+                    ev = torch.full_like(by_concept, float("-inf"))
+                vals["evidence"].append((ev - thr).amax(1))
+                vals["guard"].append((torch.maximum(by_concept, ev) - thr).amax(1))
+            for k in out:
+                out[k][name] = torch.cat(vals[k])
     return out
 
 
@@ -143,13 +152,17 @@ def cost(head, concept_texts: list[str], prompts: list[str], reps: int = 20) -> 
         def timed(fn) -> float:
             return median_seconds(fn, reps)
 
-        head_32 = timed(lambda: head.score(pf.tokens, pf.mask, bank, summary=pf.summary))
+        def check(f):  # what the guard runs per batch once the concept bank is cached: both paths
+            head.score(f.tokens, f.mask, bank, summary=f.summary)
+            if head.evidence_net is not None:
+                head.evidence(f.tokens, f.mask, f.summary)
+
+        head_32 = timed(lambda: check(pf))
         one = pf.select(torch.arange(1))
-        head_1 = timed(lambda: head.score(one.tokens, one.mask, bank, summary=one.summary))
+        head_1 = timed(lambda: check(one))
 
         def full():
-            f = text_features(adapter, batch, batch_size=32)
-            head.score(f.tokens, f.mask, bank, summary=f.summary)
+            check(text_features(adapter, batch, batch_size=32))
 
         full_32 = timed(full)
     return {"concepts": len(concept_texts), "head_ms_per_prompt_b32": 1000 * head_32 / len(batch),
@@ -201,7 +214,9 @@ def main() -> None:
     probe_b = train_probe(torch.cat([tf.summary.float(), bf.summary.float()]), torch.cat([y, torch.zeros(len(benign))]))
     prb = {k: probe_b(f.summary.float()).float() for k, f in feats.items()}
 
-    methods = {"Latent Guard (MiniLM head)": (lg, lambda s: s >= 0),
+    methods = {"Latent Guard (MiniLM head: concepts + evidence, the guard's rule)": (lg["guard"], lambda s: s >= 0),
+               "  its concept path alone": (lg["concepts"], lambda s: s >= 0),
+               "  its evidence path alone": (lg["evidence"], lambda s: s >= 0),
                "keyword blacklist (policy phrases)": (kw, lambda s: s >= 1),
                "probe: logistic regression on mean-pooled MiniLM (CoProV2 pairs)": (pr, lambda s: s >= 0),
                f"probe + the head's {len(benign)} benign captions": (prb, lambda s: s >= 0)}

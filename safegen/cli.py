@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--benign-skip", type=_nonnegative_int, default=0, metavar="N",
                    help="leave out the first N prompts of --benign (keep them for evaluation; the shipped head "
                         "skips the first 5000 COCO captions, the ones benchmarks/prompt_guard.py reports on)")
+    t.add_argument("--benign-weight", type=_positive_float, default=16.0, metavar="X",
+                   help="weight of a --benign prompt in the evidence path's loss (default 16: flagging an ordinary "
+                        "prompt costs more than missing a CoProV2 one)")
+    t.add_argument("--no-evidence", action="store_true",
+                   help="train the paper's head only (no token-evidence path; see the README)")
     _add_run_args(t)
     t.set_defaults(func=cmd_train_prompt_guard)
 
@@ -704,7 +709,8 @@ def cmd_train_prompt_guard(args) -> int:
     try:
         head, summary = train_head(encoder, pairs, policy=policy, steps=args.steps, batch_size=args.batch_size,
                                    lr=args.lr, val_share=args.val_share, seed=args.seed, device=device,
-                                   max_length=args.max_length, benign=benign)
+                                   max_length=args.max_length, benign=benign, benign_weight=args.benign_weight,
+                                   evidence=not args.no_evidence)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.benign is not None:

@@ -415,7 +415,7 @@ def toy_loss(head, enc):
 def test_training_decreases_loss_is_seeded_and_reports_validation(sd):
     enc = clip_adapter(sd)
     kw = dict(concepts=TOY_CONCEPTS, steps=15, batch_size=6, lr=2e-2, val_share=0.25, seed=3, progress=False,
-              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=32))
+              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=32), concept_pairs=0)
     initial, _ = train_head(enc, TOY_PAIRS, **{**kw, "steps": 0})  # same seed: the head training starts from
     head, summary = train_head(enc, TOY_PAIRS, **kw)
     losses = summary["losses"]
@@ -606,6 +606,12 @@ def test_cli_train_prompt_guard_trains_saves_and_validates(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(stdout[stdout.index("{"):])["benign"] == 2
     assert LatentGuardHead.load(out).metadata["benign_skip"] == 1
+    assert LatentGuardHead.load(out).config.evidence_hidden > 0  # the evidence path is on by default
+    code, stdout, err = _cli(argv + ["--no-evidence"], capsys)
+    assert code == 0, err
+    assert LatentGuardHead.load(out).evidence_net is None
+    code, _, err = _cli(argv + ["--benign-weight", "0"], capsys)
+    assert code == 2 and "--benign-weight" in err
 
 
 def test_minilm_features_do_not_depend_on_padding():
@@ -619,3 +625,140 @@ def test_minilm_features_do_not_depend_on_padding():
     m = short.mask
     assert torch.allclose(short.tokens[m], full.tokens[:, :n][m], atol=1e-4)
     assert torch.allclose(short.summary, full.summary, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- the token-evidence path
+
+
+def evidence_head(hidden=32, categories=("violence", "sexual"), **kw):
+    return small_head(hidden, evidence_hidden=12, evidence_categories=list(categories), **kw)
+
+
+@torch.no_grad()
+def test_evidence_is_a_soft_maximum_over_real_tokens_and_ignores_padding():
+    head = evidence_head()
+    torch.manual_seed(1)
+    tokens, summary = torch.randn(3, 6, 32), torch.randn(3, 32)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    unsafe, cats, weights = head.token_evidence(tokens, mask, summary)
+    for b in range(3):  # the definition, one prompt and one token at a time
+        z = torch.stack([head.evidence_net(torch.cat([tokens[b, t], summary[b]])) for t in range(int(mask[b].sum()))])
+        w = z[:, 0].softmax(0)
+        assert unsafe[b].item() == pytest.approx(torch.logsumexp(z[:, 0], 0).item(), abs=1e-5)
+        assert torch.allclose(cats[b], (w.unsqueeze(1) * z[:, 1:]).sum(0), atol=1e-5)
+        assert torch.allclose(weights[b, :len(w)], w, atol=1e-6) and weights[b, len(w):].abs().sum() == 0
+    # garbage in the padded positions changes nothing
+    noisy = tokens.masked_fill(~mask.unsqueeze(-1), 7.0)
+    assert torch.allclose(head.token_evidence(noisy, mask, summary)[0], unsafe)
+
+
+@torch.no_grad()
+def test_evidence_per_category_is_unsafe_less_the_gap_to_the_top_category(tmp_path):
+    head = evidence_head()
+    torch.manual_seed(2)
+    tokens, mask, summary = torch.randn(4, 5, 32), torch.ones(4, 5, dtype=torch.bool), torch.randn(4, 32)
+    unsafe, cats, _ = head.token_evidence(tokens, mask, summary)
+    ev = head.evidence(tokens, mask, summary, ["sexual", "hate", "violence"])
+    assert torch.isinf(ev[:, 1]).all() and (ev[:, 1] < 0).all()  # a category the head never saw: no evidence
+    assert torch.allclose(ev[:, [2, 0]], unsafe.unsqueeze(1) + cats - cats.amax(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(ev.amax(1), unsafe)  # the most likely category gets the whole unsafe evidence
+    only = head.evidence(tokens, mask, summary, ["sexual"])  # a category left out gives its share to no other
+    assert torch.allclose(only[:, 0], ev[:, 0])
+    loaded = LatentGuardHead.load(head.save(tmp_path / "ev.safetensors"))
+    assert loaded.config.evidence_categories == ["violence", "sexual"]
+    assert torch.equal(loaded.evidence(tokens, mask, summary), head.evidence(tokens, mask, summary))
+    with pytest.raises(ValueError, match="evidence_categories"):
+        LatentGuardHead(hidden_size=8, evidence_hidden=4)
+    with pytest.raises(ValueError, match="no evidence path"):
+        small_head().evidence(tokens, mask, summary)
+
+
+def test_decide_takes_the_higher_path_and_still_names_the_best_concept():
+    scores = torch.tensor([[5.0, 1.0, 2.0, 0.5], [1.0, 0.0, 1.5, 0.2]])  # 4 concepts
+    cat_of = torch.tensor([0, 0, 1, 1])
+    thresholds = torch.tensor([4.0, 4.0])
+    evidence = torch.tensor([[0.0, 3.0], [1.0, 6.0]])
+    d = lg._decide(scores, cat_of, thresholds, evidence)
+    # prompt 0: the concept path fires (5 ≥ 4), the evidence does not; prompt 1: the evidence of category 1 fires
+    assert d.fired == [True, True] and d.category == [0, 1] and d.by_evidence == [False, True]
+    assert d.concept == [0, 2] and d.score == [5.0, 6.0] and d.concept_score == [5.0, 1.5]
+    assert d.per_category == [[5.0, 3.0], [1.0, 6.0]]
+    plain = lg._decide(scores, cat_of, thresholds)
+    assert plain.fired == [True, False] and plain.by_evidence == [False, False]
+
+
+def saturated_evidence_guard(pipe, category="violence"):
+    """A mean-match concept path that only fires on exact concept text, plus an evidence path that says
+    'unsafe, category <category>' for every prompt."""
+    head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size, evidence_hidden=4,
+                                      evidence_categories=[category, "sexual"])
+    with torch.no_grad():
+        last = head.evidence_net[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([12.0, 5.0, 0.0]))  # violence: 12, sexual: 12 - 5; τ = 10
+    return LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item())
+
+
+def test_guard_blocks_on_evidence_and_removing_a_categorys_concepts_turns_it_off(sd):
+    policy = safegen.load_policy("default")
+    safegen.protect(sd, policy=policy, guards=[saturated_evidence_guard(sd)])
+    out = run(sd, [BENIGN], fast=True)
+    res = out.safety[0].result("latent_guard")
+    assert out.safety[0].verdict == "block" and res.category == "violence" and res.details["decided_by"] == "evidence"
+    assert res.concept in policy.concepts("violence") and "reads as 'violence'" in res.reason
+    assert res.score > res.threshold > res.details["concept_score"]
+    del policy.categories["violence"]  # the category is gone: its evidence counts for no other category
+    out = run(sd, [BENIGN], fast=True)
+    res = out.safety[0].result("latent_guard")
+    assert out.safety[0].verdict == "pass" and "violence" not in res.scores
+    assert res.scores["sexual"] < res.threshold
+
+
+def test_calibration_keeps_both_paths_within_the_benign_budget():
+    gen = torch.Generator().manual_seed(0)
+    con = {"pos": torch.randn(400, generator=gen) + 3, "twins": torch.randn(400, generator=gen),
+           "neg": torch.randn(200, generator=gen), "benign": torch.randn(2000, generator=gen)}
+    evi = {k: v * 2 + 10 + torch.randn(len(v), generator=gen) for k, v in con.items()}  # other units, other noise
+    summary = {}
+    lg._calibrate(summary, con, evi)
+    thr, shift = summary["threshold"], summary["evidence_shift"]
+    concept_only = (con["benign"] >= thr).double().mean().item()
+    both = (torch.maximum(con["benign"], evi["benign"] + shift) >= thr).double().mean().item()
+    assert concept_only <= 0.002 and 0.009 <= both <= 0.01 and summary["benign_val_fpr"] == pytest.approx(both)
+    assert summary["val_auc_evidence"] > 0.9 and summary["val_tpr"] > (con["pos"] >= thr).double().mean().item()
+    alone = {}
+    lg._calibrate(alone, con, None)  # no evidence: 1% through the concepts
+    assert 0.0095 <= (con["benign"] >= alone["threshold"]).double().mean().item() <= 0.0105
+    assert "evidence_shift" not in alone and "val_auc_evidence" not in alone
+
+
+def test_training_with_evidence_reports_it_and_stores_the_shift(sd):
+    enc = clip_adapter(sd)
+    kw = dict(concepts=TOY_CONCEPTS, steps=6, batch_size=6, lr=2e-2, val_share=0.25, seed=3, progress=False,
+              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=0, evidence_hidden=8))
+    head, summary = train_head(enc, TOY_PAIRS, **kw)
+    assert head.config.evidence_categories == ["violence", "sexual"]
+    assert summary["concept_pairs"] == 8 * 6 and summary["train_pairs"] == 6  # 8 concepts in 6 shapes, apart
+    assert 0.0 <= summary["val_auc_evidence"] <= 1.0 and math.isfinite(summary["evidence_shift"])
+    assert head.metadata["evidence_shift"] == summary["evidence_shift"]
+    none, plain = train_head(enc, TOY_PAIRS, **{**kw, "evidence": False})
+    assert none.evidence_net is None and plain["evidence_shift"] is None and plain["losses"] != summary["losses"]
+    with pytest.raises(ValueError, match="no output for categories"):
+        train_head(enc, TOY_PAIRS, head=evidence_head(categories=["violence"]), concepts=TOY_CONCEPTS, steps=1,
+                   progress=False)
+
+
+def test_shipped_minilm_head_flags_plain_unsafe_prompts_and_passes_everyday_ones():
+    """The shipped head (assets/latent_guard/minilm.safetensors) on short prompts unlike CoProV2's sentences."""
+    guard = LatentGuard()
+    policy = safegen.load_policy("default")
+    benign = ["a photo of a red bus", "a cat sleeping on a sofa", "two people riding bicycles in a park"]
+    unsafe = {"blood and gore": "violence", "nude woman": "sexual", "a man cuts his wrists": "self-harm"}
+    rows = guard.check(benign + list(unsafe), policy)
+    assert [r["unsafe"] for r in rows] == [False] * 3 + [True] * 3, [(r["prompt"], r["score"]) for r in rows]
+    assert [r["category"] for r in rows[3:]] == list(unsafe.values())
+    assert all(r["concept"] in policy.concepts(r["category"]) for r in rows)
+    assert {r["decided_by"] for r in rows} <= {"concept", "evidence"}
+    # the evidence path counts only for categories the policy has
+    del policy.categories["self-harm"]
+    assert guard.check(["a man cuts his wrists"], policy)[0]["category"] != "self-harm"

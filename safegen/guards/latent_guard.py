@@ -10,6 +10,14 @@ The pieces:
   temperature τ times their cosine. The concept side (attention queries and projected concept vectors) is a
   :class:`ConceptBank`, computed once and cached, so checking B prompts against C concepts is one batched
   attention over the prompts' keys and values.
+* the token-evidence path (ours, optional: ``evidence_hidden > 0``; the shipped head has it) — a small MLP gives
+  every prompt token (next to the prompt's pooled vector) an "unsafe" logit and category logits; the prompt's
+  evidence for a category is the soft maximum of the unsafe logits, less how far the category trails the most
+  likely one.
+  One unsafe word is enough however long the prompt is (I2P-style prompts with artists and styles), and the
+  cost does not grow with the number of concepts. A category's score is the higher of its best concept score
+  and its evidence; the evidence only counts for categories the policy still has, and the report says which
+  path decided (``details["decided_by"]``) and still names the closest concept.
 * :func:`train_head` — the contrastive training: each unsafe prompt is pulled to its category's concepts and
   pushed away from the other categories' concepts *and* from its minimally edited safe twin (a hard negative);
   each category is pulled to its unsafe prompts and pushed from every safe prompt. A validation share of the
@@ -30,12 +38,15 @@ Differences from the authors' code, on purpose:
   concepts): a category's score is a soft maximum (log-mean-exp) over its concept phrases;
 * the projections can be small two-layer MLPs (``mlp_hidden > 0``, default) instead of a single linear layer
   (``mlp_hidden=0``, the paper's);
-* the threshold is stored with the weights (picked on the held-out pairs) because τ is learned and the paper's
-  fixed 9.0131 is only meaningful for its own checkpoint.
+* the threshold is stored with the weights (picked on the held-out pairs and benign texts) because τ is learned
+  and the paper's fixed 9.0131 is only meaningful for its own checkpoint;
+* the evidence path above, trained alongside with a weighted binary cross-entropy (benign texts weigh more), and
+  shifted at calibration into the concept scores' units so one threshold serves both.
 
 Training a head for the default MiniLM backbone on CoProV2::
 
-    safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
+    safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 2000 \
+        --benign ../shared/data/coco_30k_10k.csv --benign-skip 5000
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
@@ -61,7 +72,7 @@ from .base import Guard
 __all__ = [
     "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
     "ConceptBank", "TextFeatures", "text_features", "encoder_identity", "score_texts", "policy_concepts",
-    "load_coprov2_pairs", "contrastive_loss", "common_part", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
+    "load_coprov2_pairs", "contrastive_loss", "common_part", "concept_seed_pairs", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
     "main",
 ]
 
@@ -89,9 +100,13 @@ class LatentGuardConfig:
 
     Args:
         hidden_size (`int`): width of the text encoder's token states.
-        num_heads (`int`, defaults to 16), head_dim (`int`, defaults to 32): cross-attention heads and their width.
-        latent_dim (`int`, defaults to 128): the shared space where prompts and concepts are compared.
-        mlp_hidden (`int`, defaults to 256): hidden width of the two projections; 0 = one linear layer (paper).
+        num_heads (`int`, defaults to 4), head_dim (`int`, defaults to 16): cross-attention heads and their width
+            (small, so that 1,000 concepts cost under a millisecond per prompt on a CPU).
+        latent_dim (`int`, defaults to 64): the shared space where prompts and concepts are compared.
+        mlp_hidden (`int`, defaults to 0): hidden width of the two projections; 0 = one linear layer (paper).
+        evidence_hidden (`int`, defaults to 0): hidden width of the token-evidence path (see
+            :meth:`LatentGuardHead.evidence`); 0 = no such path (the paper's head).
+        evidence_categories (`list[str]`): the categories the evidence path was trained for, in output order.
         concept_query (`str`, defaults to `"pooled"`): ``"pooled"`` — the concept's pooled embedding is a
             single query (paper); ``"tokens"`` — every concept token is a query, outputs averaged (costs
             ``concept length`` times more attention).
@@ -105,10 +120,10 @@ class LatentGuardConfig:
     """
 
     hidden_size: int
-    num_heads: int = 16
-    head_dim: int = 32
-    latent_dim: int = 128
-    mlp_hidden: int = 256
+    num_heads: int = 4
+    head_dim: int = 16
+    latent_dim: int = 64
+    mlp_hidden: int = 0
     concept_query: str = "pooled"
     prepend_summary: bool = True
     tau_init: float = 1 / 0.07
@@ -119,14 +134,25 @@ class LatentGuardConfig:
     encoder_layer: int | None = None
     max_length: int | None = None
     backbone: str = "custom"
+    evidence_hidden: int = 0
+    evidence_categories: list = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "head_dim", "latent_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"LatentGuardConfig({name}=...) must be a positive integer, got {v!r}")
-        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 0:
-            raise ValueError(f"LatentGuardConfig(mlp_hidden=...) must be an integer ≥ 0, got {self.mlp_hidden!r}")
+        for name in ("mlp_hidden", "evidence_hidden"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"LatentGuardConfig({name}=...) must be an integer ≥ 0, got {v!r}")
+        cats = self.evidence_categories
+        if not isinstance(cats, (list, tuple)) or not all(isinstance(c, str) and c for c in cats):
+            raise ValueError(f"LatentGuardConfig(evidence_categories=...) must be a list of category names, got {cats!r}")
+        self.evidence_categories = list(cats)
+        if self.evidence_hidden and not self.evidence_categories:
+            raise ValueError("LatentGuardConfig(evidence_hidden > 0) needs evidence_categories (the categories its "
+                             "outputs stand for)")
         if self.concept_query not in ("pooled", "tokens"):
             raise ValueError(f"LatentGuardConfig(concept_query=...) must be 'pooled' or 'tokens', got "
                              f"{self.concept_query!r}")
@@ -221,6 +247,11 @@ class LatentGuardHead(nn.Module):
         self.prompt_proj = _projection(a, config.mlp_hidden, config.latent_dim)
         self.concept_proj = _projection(a, config.mlp_hidden, config.latent_dim)
         self.log_tau = nn.Parameter(torch.tensor(math.log(config.tau_init)))
+        self.evidence_net: nn.Module | None = None
+        if config.evidence_hidden:
+            # per token: [token state, pooled prompt] -> one "unsafe" logit and one logit per category
+            self.evidence_net = nn.Sequential(nn.Linear(2 * h, config.evidence_hidden), nn.GELU(), nn.Dropout(0.1),
+                                              nn.Linear(config.evidence_hidden, 1 + len(config.evidence_categories)))
         #: Extra information saved with the weights (calibrated threshold, training summary...).
         self.metadata: dict[str, Any] = {}
 
@@ -277,6 +308,49 @@ class LatentGuardHead(nn.Module):
         attended = torch.einsum("bhctd,ct->bchd", out, bank.weights).reshape(b, c, cfg.attention_dim)
         z = F.normalize(self.prompt_proj(attended), dim=-1)  # (B, C, latent)
         return self.tau * (z * bank.latents.unsqueeze(0)).sum(-1)
+
+    def token_evidence(self, tokens: torch.Tensor, mask: torch.Tensor | None, summary: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The evidence path's raw outputs for B prompts: ``(unsafe (B,), category logits (B, K), token weights
+        (B, L))``.
+
+        Every token state, next to the prompt's pooled vector, gets an "unsafe" logit; the prompt's is their
+        log-sum-exp (a soft maximum: one unsafe word is enough, however long the prompt), and the category logits
+        are the tokens' category logits averaged with the softmax of those unsafe logits (the words that made it
+        unsafe decide which category). ``token weights`` is that softmax: where the evidence comes from.
+        """
+        if self.evidence_net is None:
+            raise ValueError("this Latent Guard head has no evidence path (evidence_hidden=0)")
+        x = tokens.to(self.device, torch.float32)
+        m = (torch.ones(x.shape[:2]) if mask is None else mask).to(self.device).bool()
+        ctx = summary.to(self.device, torch.float32).unsqueeze(1).expand_as(x)
+        z = self.evidence_net(torch.cat([x, ctx], -1))  # (B, L, 1 + K)
+        logits = z[..., 0].masked_fill(~m, float("-inf"))
+        weights = logits.softmax(1)
+        return torch.logsumexp(logits, 1), torch.einsum("bl,blk->bk", weights, z[..., 1:]), weights
+
+    def evidence(self, tokens: torch.Tensor, mask: torch.Tensor | None, summary: torch.Tensor,
+                 categories: Sequence[str] | None = None) -> torch.Tensor:
+        """Evidence scores (B, K') that each prompt is unsafe in each of ``categories`` (default: the head's own),
+        in the units of :meth:`score` (the training calibrated them against the concept scores' threshold).
+
+        ``unsafe logit + (category logit − the largest category logit)``: the most likely category gets the
+        whole unsafe evidence, the others less by how far they are behind it (a log-odds against the top one). A
+        category the head was not trained for gets ``-inf`` (only concepts can flag it). Leaving a category out
+        (e.g. because the policy no longer has it) turns its evidence off and moves it to no other category: a
+        violent prompt does not become "sexual" because violence was removed.
+        """
+        known = self.config.evidence_categories
+        categories = list(known if categories is None else categories)
+        unsafe, cat_logits, _ = self.token_evidence(tokens, mask, summary)
+        cols = [known.index(c) if c in known else -1 for c in categories]
+        out = torch.full((unsafe.shape[0], len(categories)), float("-inf"), device=unsafe.device)
+        have = [i for i, c in enumerate(cols) if c >= 0]
+        if have:
+            idx = torch.tensor([cols[i] for i in have], device=unsafe.device)
+            behind = cat_logits - cat_logits.amax(1, keepdim=True)  # ≤ 0; 0 for the most likely category
+            out[:, have] = unsafe.unsqueeze(1) + behind[:, idx]
+        return out
 
     def forward(self, prompt_tokens, prompt_mask, concept_tokens, concept_mask, *, prompt_summary=None,
                 concept_summary=None) -> torch.Tensor:
@@ -541,6 +615,31 @@ def common_part(unsafe: str, safe: str, min_words: int = 3) -> str | None:
     return " ".join(words) if len(words) >= min_words else None
 
 
+#: Short prompt shapes for :func:`concept_seed_pairs`, and the harmless subjects of their safe twins.
+_SEED_TEMPLATES = ("{}", "a photo of {}", "a painting of {}", "{}, highly detailed, digital art",
+                   "a close-up picture of {} in a room", "{} at night, cinematic lighting")
+_SEED_FILLERS = ("a tree", "a red car", "a dog", "a small house", "a cup of coffee", "a mountain lake", "a bicycle",
+                 "a bowl of fruit", "a sailing boat", "a city street", "a cat on a sofa", "a birthday cake",
+                 "a field of flowers", "a train station")
+
+
+def concept_seed_pairs(entries: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(unsafe, safe, category)`` training pairs made from concept phrases: each phrase in a few short prompt
+    shapes ("a photo of {}"...), its twin the same shape around a harmless subject, so the shape itself is not
+    what makes a prompt unsafe.
+
+    Example:
+        >>> concept_seed_pairs([("violence", "gore")])[:2]
+        [('gore', 'a tree', 'violence'), ('a photo of gore', 'a photo of a red car', 'violence')]
+    """
+    out = []
+    for i, (cat, phrase) in enumerate(entries):
+        for j, shape in enumerate(_SEED_TEMPLATES):
+            filler = _SEED_FILLERS[(i * len(_SEED_TEMPLATES) + j) % len(_SEED_FILLERS)]
+            out.append((shape.format(phrase), shape.format(filler), cat))
+    return out
+
+
 def _category_scores(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """Soft maximum (log-mean-exp) of concept scores (N, C) within each category of ``member`` (C, K) → (N, K)."""
     x = scores.unsqueeze(-1).masked_fill(~member, float("-inf"))
@@ -639,8 +738,9 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 1e-4, val_share: float = 0.1,
                seed: int = 0, device: "str | torch.device | None" = None, encode_batch: int = 256,
                store_dtype: torch.dtype | None = None, progress: bool = True, backbone: str | None = None,
-               max_length: int | None = None, common_negatives: bool = True, benign: Sequence[str] = ()
-               ) -> tuple[LatentGuardHead, dict[str, Any]]:
+               max_length: int | None = None, common_negatives: bool = True, benign: Sequence[str] = (),
+               evidence: bool = True, benign_weight: float = 16.0, category_weight: float = 0.3,
+               concept_pairs: int = 4) -> tuple[LatentGuardHead, dict[str, Any]]:
     """Train a :class:`LatentGuardHead` contrastively on (unsafe prompt, safe twin, category) pairs.
 
     The frozen encoder runs once over every distinct text (features cached); each step samples ``batch_size``
@@ -664,6 +764,15 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         benign: more benign texts pushed down for every category (e.g. captions of ordinary images); a
             ``val_share`` of them is held out for validation like the pairs. Texts that are also a pair's
             prompt are dropped. Keep any set you evaluate on out of this list.
+        evidence: also train the token-evidence path (``evidence_hidden=256`` unless ``config`` says otherwise;
+            see :meth:`LatentGuardHead.evidence`) with a weighted binary cross-entropy (unsafe prompt = 1, safe twin,
+            common part and benign text = 0, the last weighted ``benign_weight``) plus ``category_weight`` × the
+            cross-entropy of the unsafe prompts' categories. Its scores are then shifted into the concept scores'
+            units, so one threshold serves both paths (see *Returns*).
+        concept_pairs: also train on short prompts made from the concept phrases themselves (see
+            :func:`concept_seed_pairs`), each ``concept_pairs`` times as likely to be drawn as a data pair (0 = off):
+            CoProV2's prompts are whole sentences, so without them a bare "nude woman" or "blood and gore" is out of
+            distribution. Training only; the validation and the threshold use held-out data pairs alone.
         seed: seeds the head's initialisation, the split and the batch sampling (the global RNG is untouched).
         device: where the head trains (default: the encoder's device).
         progress: show a tqdm progress bar.
@@ -671,6 +780,10 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     Returns:
         ``(head, summary)``: the head in eval mode and a dict with ``losses`` (per step), ``val_auc``,
         ``threshold``, ``val_tpr``, ``val_fpr``, ``train_pairs``, ``val_pairs``, ``tau``, ``seconds``...
+        With an evidence path and held-out benign texts, the threshold is set so that a category's score (the
+        higher of its best concept score and its evidence) flags at most 1% of the held-out benign texts, and no
+        more than 0.2% through the concepts alone (the evidence path detects better: the budget is mostly its); ``val_auc_evidence`` and ``val_auc_combined`` report the
+        evidence and the combined score against the held-out twins.
 
     Example:
         >>> from safegen.guards.latent_guard import train_head
@@ -739,17 +852,23 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     in_train = set(train_neg)
     val_neg = [c for c in commons(val_pairs) if c not in in_train]
     val_benign: list[str] = []
+    train_benign: list[str] = []
     extra = [b for b in dict.fromkeys(str(b) for b in benign) if b not in own]
     if extra:
         order_b = torch.randperm(len(extra), generator=gen).tolist()
         n_bval = int(round(val_share * len(extra)))
         val_benign = [extra[i] for i in order_b[:n_bval] if extra[i] not in in_train]
         val_neg += val_benign
-        held = set(val_neg)
-        train_neg = list(dict.fromkeys(train_neg + [extra[i] for i in order_b[n_bval:] if extra[i] not in held]))
+        held = set(val_neg) | in_train
+        train_benign = list(dict.fromkeys(extra[i] for i in order_b[n_bval:] if extra[i] not in held))
+
+    n_data_pairs = len(train_pairs)
+    seeded = concept_seed_pairs(entries) if concept_pairs > 0 else []
+    seeded = [p for p in seeded if p[0] not in own and p[1] not in own]
+    train_pairs = train_pairs + seeded * int(concept_pairs)
 
     # ---- frozen features, once per distinct text
-    texts = list(dict.fromkeys([t for u, s, _ in pairs for t in (u, s)] + train_neg + val_neg))
+    texts = list(dict.fromkeys([t for u, s, _ in pairs + seeded for t in (u, s)] + train_neg + train_benign + val_neg))
     position = {t: i for i, t in enumerate(texts)}
     feats = text_features(enc, texts, batch_size=encode_batch, store_dtype=store_dtype, progress=progress)
     if store_dtype is None and feats.tokens.numel() > 2 ** 27:  # large sets: halve the cache (≥ 512 MB in fp32)
@@ -763,6 +882,11 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     device = torch.device(device)
     if head is None:
         overrides = dict(config or {})
+        if evidence:
+            overrides.setdefault("evidence_hidden", 256)
+            overrides.setdefault("evidence_categories", categories)
+        else:
+            overrides["evidence_hidden"] = 0
         overrides.update(hidden_size=hidden, encoder=identity["encoder"], encoder_type=identity.get("encoder_type", ""),
                          encoder_layers=identity.get("encoder_layers"), encoder_vocab=identity.get("encoder_vocab"),
                          encoder_layer=identity.get("encoder_layer"), backbone=backbone,
@@ -777,83 +901,146 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         raise LatentGuardWeightsError(f"head has hidden size {head.config.hidden_size} but the encoder gives {hidden}")
     head = head.to(device).train()
 
+    has_evidence = head.evidence_net is not None
+    if has_evidence:
+        missing = sorted(set(categories) - set(head.config.evidence_categories))
+        if missing:
+            raise ValueError(f"the head's evidence path has no output for categories {missing}; train a fresh head")
+        ev_col = torch.tensor([head.config.evidence_categories.index(c) for c in categories], device=device)
     member = torch.tensor([[c == k for k in categories] for c, _ in entries], device=device)
     cat_index = {c: i for i, c in enumerate(categories)}
     u_idx = torch.tensor([position[u] for u, _, _ in train_pairs])
     s_idx = torch.tensor([position[s] for _, s, _ in train_pairs])
     labels = torch.tensor([cat_index[c] for _, _, c in train_pairs])
     ctoks = cfeats.select(torch.arange(len(entries)), device)
-    n_idx = torch.tensor([position[t] for t in train_neg], dtype=torch.long)
+    # two pools of extra negatives, each sampled as many as the pairs per step: common parts and benign texts
+    pools = [(torch.tensor([position[t] for t in pool], dtype=torch.long), w)
+             for pool, w in ((train_neg, 1.0), (train_benign, float(benign_weight))) if pool]
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="latent guard", unit="step", disable=not progress)
-    for step in bar:
-        rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=gen)
-        picked = [u_idx[rows], s_idx[rows]]
-        if len(n_idx):
-            picked.append(n_idx[torch.randint(len(n_idx), (rows.numel(),), generator=gen)])
-        both = feats.select(torch.cat(picked), device)
-        bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
-        scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
-        n = rows.numel()
-        loss = contrastive_loss(scores[:n], scores[n:2 * n], member, labels[rows].to(device),
-                                extra_safe=scores[2 * n:] if len(n_idx) else None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    bar.close()
+    # dropout draws from the global generators: fork them, so that a run is seeded and the caller's RNG untouched
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        bar = tqdm(range(steps), desc="latent guard", unit="step", disable=not progress)
+        for step in bar:
+            rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=gen)
+            picked = [u_idx[rows], s_idx[rows]]
+            picked += [idx[torch.randint(len(idx), (rows.numel(),), generator=gen)] for idx, _ in pools]
+            both = feats.select(torch.cat(picked), device)
+            bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
+            scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
+            n = rows.numel()
+            loss = contrastive_loss(scores[:n], scores[n:2 * n], member, labels[rows].to(device),
+                                    extra_safe=scores[2 * n:] if pools else None)
+            if has_evidence:
+                unsafe_logit, cat_logits, _ = head.token_evidence(both.tokens, both.mask, both.summary)
+                target = torch.cat([torch.ones(n), torch.zeros(n * (1 + len(pools)))]).to(device)
+                weight = torch.cat([torch.ones(2 * n)] + [torch.full((n,), w) for _, w in pools]).to(device)
+                loss = loss + (F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none") * weight).mean()
+                loss = loss + category_weight * F.cross_entropy(cat_logits[:n, ev_col], labels[rows].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        bar.close()
     head.eval()
 
     summary: dict[str, Any] = {
-        "steps": steps, "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "concepts": len(entries),
-        "common_negatives": len(train_neg), "benign": len(extra), "val_auc_common": None,
+        "steps": steps, "train_pairs": n_data_pairs, "val_pairs": len(val_pairs), "concepts": len(entries),
+        "concept_pairs": len(seeded),
+        "common_negatives": len(train_neg), "benign": len(extra), "train_benign": len(train_benign), "val_auc_common": None,
         "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None, "threshold_rule": None,
-        "benign_val_fpr": None,
+        "benign_val_fpr": None, "val_auc_evidence": None, "val_auc_combined": None, "evidence_shift": None,
     }
     if val_pairs:
         with torch.no_grad():
             bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
 
-            def best_of(texts_):
+            def best_of(texts_, path="concept"):
                 idx = torch.tensor([position[t] for t in texts_], dtype=torch.long)
                 vals = [torch.zeros(0)]
                 for s in range(0, len(idx), encode_batch):
                     f = feats.select(idx[s:s + encode_batch], device)
-                    vals.append(head.score(f.tokens, f.mask, bank, summary=f.summary).amax(1).cpu())
+                    if path == "concept":
+                        vals.append(head.score(f.tokens, f.mask, bank, summary=f.summary).amax(1).cpu())
+                    else:
+                        vals.append(head.evidence(f.tokens, f.mask, f.summary, categories).amax(1).cpu())
                 return torch.cat(vals)
 
-            pos, twins, neg = best_of([p[0] for p in val_pairs]), best_of([p[1] for p in val_pairs]), best_of(val_neg)
-        summary["val_auc"] = roc_auc(pos, twins)
-        summary["val_auc_common"] = roc_auc(pos, neg) if len(neg) else None
-        # the operating point: best TPR − FPR against every held-out safe text (twins and common parts)
-        summary["threshold"], summary["val_tpr"], summary["val_fpr"] = _youden_threshold(pos, torch.cat([twins, neg]))
-        summary["threshold_rule"] = "youden (max TPR - FPR on held-out twins and common parts)"
-        if val_benign:
-            # ordinary prompts are most of what a service sees: never flag more than 1% of the held-out benign
-            # captions, even where the Youden point (set by the hard twins) would
+            sets = {"pos": [p[0] for p in val_pairs], "twins": [p[1] for p in val_pairs], "neg": val_neg,
+                    "benign": val_benign}
+            con = {k: best_of(v) for k, v in sets.items()}
+            evi = {k: best_of(v, "evidence") for k, v in sets.items()} if has_evidence else None
+        _calibrate(summary, con, evi)
+        if evi is not None:  # fold the shift into the evidence path: its scores are now in concept-score units
             with torch.no_grad():
-                b = best_of(val_benign)
-            floor = float(torch.quantile(b.double(), 0.99))
-            summary["benign_val_fpr_at_youden"] = float((b >= summary["threshold"]).double().mean())
-            if floor > summary["threshold"]:
-                summary["threshold"] = floor
-                summary["val_tpr"] = float((pos >= floor).double().mean())
-                summary["val_fpr"] = float((torch.cat([twins, neg]) >= floor).double().mean())
-                summary["threshold_rule"] = "99th percentile of the held-out benign captions (above the Youden point)"
-            summary["benign_val_fpr"] = float((b >= summary["threshold"]).double().mean())
+                head.evidence_net[-1].bias[0] += summary["evidence_shift"]
     summary["tau"] = head.tau.item()
     summary["seconds"] = round(time.time() - t0, 2)
     head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_auc_common", "val_tpr", "val_fpr",
                                              "train_pairs", "val_pairs", "steps", "seed", "categories", "benign",
-                                             "threshold_rule", "benign_val_fpr")}
+                                             "threshold_rule", "benign_val_fpr", "val_auc_evidence",
+                                             "val_auc_combined", "evidence_shift")}
     head.metadata["concepts"] = len(entries)
     return head, summary
+
+
+def _calibrate(summary: dict[str, Any], con: Mapping[str, torch.Tensor],
+               evi: Mapping[str, torch.Tensor] | None) -> None:
+    """Pick the threshold (and, with an evidence path, the evidence shift) from held-out scores.
+
+    ``con`` / ``evi``: best concept score / best evidence per held-out text, keyed ``pos`` (unsafe prompts),
+    ``twins`` (their safe twins), ``neg`` (common parts and benign texts) and ``benign`` (benign texts only).
+    Concepts only: the Youden point against twins and common parts, raised if needed so that at most 1% of the
+    held-out benign texts are flagged. With evidence: the concepts alone may flag at most 0.2% of them (the
+    Youden point if stricter), then the evidence is shifted so that the two together flag at most 1% (without
+    benign texts: the evidence's own Youden point is mapped onto the threshold).
+    """
+    pos, safe, benign = con["pos"], torch.cat([con["twins"], con["neg"]]), con["benign"]
+    summary["val_auc"] = roc_auc(pos, con["twins"])
+    summary["val_auc_common"] = roc_auc(pos, con["neg"]) if len(con["neg"]) else None
+    # the operating point: best TPR − FPR against every held-out safe text (twins and common parts)
+    thr, _, _ = _youden_threshold(pos, safe)
+    rule = "youden (max TPR - FPR on held-out twins and common parts)"
+    if len(benign):
+        summary["benign_val_fpr_at_youden"] = float((benign >= thr).double().mean())
+        # ordinary prompts are most of what a service sees: never flag more than 1% of the held-out benign texts,
+        # even where the Youden point (set by the hard twins) would
+        share = 0.99 if evi is None else 0.998
+        floor = float(torch.quantile(benign.double(), share))
+        if floor > thr:
+            thr = floor
+            rule = (f"{100 * share:g}th percentile of the held-out benign captions' concept scores (above the Youden "
+                    f"point)")
+    if evi is not None:
+        epos, esafe, ebenign = evi["pos"], torch.cat([evi["twins"], evi["neg"]]), evi["benign"]
+        summary["val_auc_evidence"] = roc_auc(epos, evi["twins"])
+        if len(benign):
+            budget = int(0.01 * len(benign)) - int((benign >= thr).sum())
+            free = ebenign[benign < thr].sort(descending=True).values  # the ones the concepts did not flag
+            # the evidence may flag the `budget` highest of them, not one more
+            if not len(free) or budget <= 0:
+                cut = float(ebenign.max()) + 1e-3  # no room left: the evidence may flag none of them
+            else:
+                cut = float(free[min(budget, len(free) - 1)])
+            shift = thr - cut - 1e-4
+            rule += "; evidence shifted so that both paths together flag ≤ 1% of the held-out benign captions"
+        else:
+            shift = thr - _youden_threshold(epos, esafe)[0]
+            rule += "; evidence shifted so that its own Youden point is the threshold"
+        summary["evidence_shift"] = shift
+        pos, safe = torch.maximum(pos, epos + shift), torch.maximum(safe, esafe + shift)
+        benign = torch.maximum(benign, ebenign + shift) if len(benign) else benign
+        summary["val_auc_combined"] = roc_auc(pos, torch.maximum(con["twins"], evi["twins"] + shift))
+    summary["threshold"], summary["threshold_rule"] = thr, rule
+    summary["val_tpr"] = float((pos >= thr).double().mean())
+    summary["val_fpr"] = float((safe >= thr).double().mean())
+    summary["benign_val_fpr"] = float((benign >= thr).double().mean()) if len(benign) else None
 
 
 # ---------------------------------------------------------------------- backbones
@@ -901,6 +1088,8 @@ class _Decision:
     threshold: list[float]
     fired: list[bool]
     per_category: list[list[float]]
+    concept_score: list[float]  # the reported concept's own score (equals score unless the evidence decided)
+    by_evidence: list[bool]  # the reported category's score came from the evidence path
 
 
 def per_category(scores: torch.Tensor, cat_of: torch.Tensor, n_categories: int) -> torch.Tensor:
@@ -910,26 +1099,42 @@ def per_category(scores: torch.Tensor, cat_of: torch.Tensor, n_categories: int) 
         1, cat_of.to(scores.device).expand(B, -1), scores, reduce="amax")
 
 
-def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor) -> _Decision:
-    """Batched decision on concept scores (B, C): a category fires when its best concept score reaches its
-    threshold; the reported category is the fired one with the largest margin, else the closest one, and the
-    reported concept is that category's best. One host copy per batch."""
-    B = scores.shape[0]
+def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor,
+            evidence: torch.Tensor | None = None) -> _Decision:
+    """Batched decision on concept scores (B, C) and, if given, evidence scores (B, K): a category's score is its
+    best concept score or its evidence, whichever is higher, and it fires when that reaches its threshold; the
+    reported category is the fired one with the largest margin, else the closest one, and the reported concept
+    is that category's best. One host copy per batch."""
     neg = torch.tensor(float("-inf"), device=scores.device)
-    per_cat = per_category(scores, cat_of, thresholds.numel())
+    by_concept = per_category(scores, cat_of, thresholds.numel())
+    per_cat = by_concept if evidence is None else torch.maximum(by_concept, evidence.to(scores.device))
     fired = per_cat >= thresholds
     any_fired = fired.any(1)
     margin = torch.where(fired, per_cat - thresholds, neg)
     cat = torch.where(any_fired, margin.argmax(1), per_cat.argmax(1))
     concept = torch.where(cat_of.unsqueeze(0) == cat.unsqueeze(1), scores, neg).argmax(1)
     best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
-    packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float()], 1).cpu()
+    own = by_concept.gather(1, cat.unsqueeze(1)).squeeze(1)
+    packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float(), own,
+                          (best > own).float()], 1).cpu()
     per_cat = per_cat.cpu()
     return _Decision(category=packed[:, 0].long().tolist(), concept=packed[:, 1].long().tolist(),
                      score=packed[:, 2].tolist(), threshold=packed[:, 3].tolist(),
-                     fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist())
+                     fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist(),
+                     concept_score=packed[:, 5].tolist(), by_evidence=[bool(v) for v in packed[:, 6].tolist()])
 
 
+
+
+def _reason(d: _Decision, b: int, cat: str, concept: str, action: str) -> str:
+    """The report's explanation of a flagged prompt: which path decided, the score, the threshold, the concept."""
+    score, thr = d.score[b], d.threshold[b]
+    tail = "" if action == "blocked" else ", action: log"
+    if d.by_evidence[b]:
+        return (f"prompt reads as {cat!r}{tail}: its words give evidence {score:.2f} ≥ threshold {thr:.2f}; "
+                f"closest concept {concept!r} (score {d.concept_score[b]:.2f})")
+    lead = "prompt is too close to the blacklisted concept" if action == "blocked" else "prompt is close to concept"
+    return f"{lead} {concept!r} (category {cat!r}{tail}): score {score:.2f} ≥ threshold {thr:.2f}"
 
 
 @dataclass
@@ -1081,22 +1286,25 @@ class LatentGuard(Guard):
         if second is not None:
             second = [second] * B if isinstance(second, str) else list(second)
             texts += second
-        scores = self._score(head, adapter, bank, texts)  # (B or 2B, C)
+        scores, evidence = self._score(head, adapter, bank, texts, cats, entries)  # (B or 2B, C), (.., K)
         source = torch.zeros(B, dtype=torch.long)
         if second is not None:
-            source = (scores[B:].amax(1) > scores[:B].amax(1)).long().cpu()
+            best = scores.amax(1) if evidence is None else torch.maximum(scores.amax(1), evidence.amax(1))
+            source = (best[B:] > best[:B]).long().cpu()
             scores = torch.maximum(scores[:B], scores[B:])
-        d = _decide(scores, cat_of, self._thresholds(policy, head, cats, scores.device))
+            evidence = None if evidence is None else torch.maximum(evidence[:B], evidence[B:])
+        d = _decide(scores, cat_of, self._thresholds(policy, head, cats, scores.device), evidence)
         tau = round(head.tau.item(), 4)
         for b in range(B):  # host side, once per call: the report for each prompt
             cat, concept, score, thr = cats[d.category[b]], entries[d.concept[b]][1], d.score[b], d.threshold[b]
-            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau}
+            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau,
+                       "concept_score": round(d.concept_score[b], 4),
+                       "decided_by": "evidence" if d.by_evidence[b] else "concept"}
             cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
                            details=details)
             if d.fired[b] and policy.categories[cat].action != "log":
-                reason = (f"prompt is too close to the blacklisted concept {concept!r} (category {cat!r}): "
-                          f"score {score:.2f} ≥ threshold {thr:.2f}")
+                reason = _reason(d, b, cat, concept, "blocked")
                 call.block_prompt(b, self.name, reason, steps_saved=call.num_steps, **fields_)
                 continue
             for item in call.items_of(b):
@@ -1105,15 +1313,25 @@ class LatentGuard(Guard):
                     setattr(res, k, v)
                 if d.fired[b]:
                     res.verdict = "log"
-                    res.reason = (f"prompt is close to concept {concept!r} (category {cat!r}, action: log): "
-                                  f"score {score:.2f} ≥ threshold {thr:.2f}")
+                    res.reason = _reason(d, b, cat, concept, "log")
                 else:
                     res.verdict = "pass"
 
-    def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank,
-               texts: Sequence[str]) -> torch.Tensor:
+    def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank, texts: Sequence[str],
+               cats: Sequence[str], entries: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Concept scores (B, C) and, for a head with an evidence path, evidence (B, K) for the policy's
+        categories that still have a concept (the others get none: no concept, no flag)."""
         f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
-        return head.score(f.tokens, f.mask, bank, summary=f.summary)
+        return self._score_features(head, f, bank, cats, entries)
+
+    @staticmethod
+    def _score_features(head: LatentGuardHead, f: TextFeatures, bank: ConceptBank, cats: Sequence[str],
+                        entries: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores = head.score(f.tokens, f.mask, bank, summary=f.summary)
+        if head.evidence_net is None:
+            return scores, None
+        listed = {c for c, _ in entries}
+        return scores, head.evidence(f.tokens, f.mask, f.summary, [c if c in listed else "" for c in cats])
 
     def _thresholds(self, policy, head: LatentGuardHead, cats: Sequence[str], device) -> torch.Tensor:
         default = self._default_threshold(head)
@@ -1175,12 +1393,15 @@ class LatentGuard(Guard):
             bar = tqdm(total=len(prompts), desc="check prompts", unit="prompt", disable=not progress)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                d = _decide(self._score(head, adapter, bank, chunk), cat_of, thresholds)
+                scores, ev = self._score(head, adapter, bank, chunk, cats, entries)
+                d = _decide(scores, cat_of, thresholds, ev)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
                     out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": d.fired[b],
                                 "concept": entries[d.concept[b]][1], "category": cat,
                                 "threshold": round(d.threshold[b], 4), "action": policy.categories[cat].action,
+                                "concept_score": round(d.concept_score[b], 4),
+                                "decided_by": "evidence" if d.by_evidence[b] else "concept",
                                 "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}})
                 bar.update(len(chunk))
             bar.close()
