@@ -72,7 +72,8 @@ from .base import Guard
 __all__ = [
     "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
     "ConceptBank", "TextFeatures", "text_features", "encoder_identity", "score_texts", "policy_concepts",
-    "load_coprov2_pairs", "contrastive_loss", "common_part", "concept_seed_pairs", "roc_auc", "train_head", "default_weights_path", "LatentGuard",
+    "load_coprov2_pairs", "contrastive_loss", "common_part", "concept_seed_pairs", "roc_auc", "train_head",
+    "default_weights_path", "LatentGuard",
     "main",
 ]
 
@@ -148,7 +149,8 @@ class LatentGuardConfig:
                 raise ValueError(f"LatentGuardConfig({name}=...) must be an integer ≥ 0, got {v!r}")
         cats = self.evidence_categories
         if not isinstance(cats, (list, tuple)) or not all(isinstance(c, str) and c for c in cats):
-            raise ValueError(f"LatentGuardConfig(evidence_categories=...) must be a list of category names, got {cats!r}")
+            raise ValueError(f"LatentGuardConfig(evidence_categories=...) must be a list of category names, got "
+                             f"{cats!r}")
         self.evidence_categories = list(cats)
         if self.evidence_hidden and not self.evidence_categories:
             raise ValueError("LatentGuardConfig(evidence_hidden > 0) needs evidence_categories (the categories its "
@@ -782,8 +784,9 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         ``threshold``, ``val_tpr``, ``val_fpr``, ``train_pairs``, ``val_pairs``, ``tau``, ``seconds``...
         With an evidence path and held-out benign texts, the threshold is set so that a category's score (the
         higher of its best concept score and its evidence) flags at most 1% of the held-out benign texts, and no
-        more than 0.2% through the concepts alone (the evidence path detects better: the budget is mostly its); ``val_auc_evidence`` and ``val_auc_combined`` report the
-        evidence and the combined score against the held-out twins.
+        more than 0.2% through the concepts alone (the evidence path detects better: the budget is mostly its);
+        ``val_auc_evidence`` and ``val_auc_combined`` report the evidence and the combined score against the
+        held-out twins.
 
     Example:
         >>> from safegen.guards.latent_guard import train_head
@@ -937,7 +940,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                 unsafe_logit, cat_logits, _ = head.token_evidence(both.tokens, both.mask, both.summary)
                 target = torch.cat([torch.ones(n), torch.zeros(n * (1 + len(pools)))]).to(device)
                 weight = torch.cat([torch.ones(2 * n)] + [torch.full((n,), w) for _, w in pools]).to(device)
-                loss = loss + (F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none") * weight).mean()
+                bce = F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none")
+                loss = loss + (bce * weight).mean()
                 loss = loss + category_weight * F.cross_entropy(cat_logits[:n, ev_col], labels[rows].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -951,7 +955,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     summary: dict[str, Any] = {
         "steps": steps, "train_pairs": n_data_pairs, "val_pairs": len(val_pairs), "concepts": len(entries),
         "concept_pairs": len(seeded),
-        "common_negatives": len(train_neg), "benign": len(extra), "train_benign": len(train_benign), "val_auc_common": None,
+        "common_negatives": len(train_neg), "benign": len(extra), "train_benign": len(train_benign),
+        "val_auc_common": None,
         "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None, "threshold_rule": None,
