@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-prompts", help="score prompts with Latent Guard; writes one JSON line per prompt",
                        description="Check every prompt of a file with Latent Guard (no image is generated). Writes "
                                    "OUT.jsonl: one line per prompt with prompt, score, unsafe (at the policy's "
-                                   "threshold), concept, category, threshold, action and per-category scores.")
+                                   "threshold), concept, category, threshold, action, decided_by (concept or "
+                                   "evidence), concept_score and per-category scores.")
     c.add_argument("file", metavar="FILE", help="a .csv file (see --column) or a text file with one prompt a line")
     c.add_argument("--column", default=None, metavar="NAME", help="CSV column holding the prompts (default: prompt)")
     c.add_argument("--out", required=True, metavar="OUT.jsonl", help="the JSON-lines file to write")

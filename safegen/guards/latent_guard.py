@@ -1348,7 +1348,9 @@ class LatentGuard(Guard):
         """Check prompts without generating: one record per prompt with ``prompt``, ``score`` (best score of the
         reported category), ``unsafe`` (some category reached its threshold), ``concept`` and ``category`` (the
         flagged one with the largest margin, else the closest), ``threshold``, ``action`` (the category's policy
-        action) and ``scores`` (best score per category). Same rule as the guard inside a pipeline.
+        action), ``scores`` (score per category), ``decided_by`` (``"concept"`` or ``"evidence"``: which path gave
+        the reported score) and ``concept_score`` (the reported concept's own score). Same rule as the guard inside
+        a pipeline.
 
         Args:
             prompts: the prompt texts.
