@@ -762,3 +762,11 @@ def test_shipped_minilm_head_flags_plain_unsafe_prompts_and_passes_everyday_ones
     # the evidence path counts only for categories the policy has
     del policy.categories["self-harm"]
     assert guard.check(["a man cuts his wrists"], policy)[0]["category"] != "self-harm"
+
+
+def test_training_an_evidence_head_without_validation_warns_that_nothing_is_calibrated(sd):
+    with pytest.warns(UserWarning, match="nothing is held out.*not shifted"):
+        head, summary = train_head(clip_adapter(sd), TOY_PAIRS, concepts=TOY_CONCEPTS, steps=1, batch_size=4,
+                                   val_share=0, progress=False,
+                                   config=dict(num_heads=2, head_dim=8, latent_dim=8, evidence_hidden=4))
+    assert summary["threshold"] is None and summary["evidence_shift"] is None and head.evidence_net is not None

@@ -56,6 +56,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -985,6 +986,10 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         if evi is not None:  # fold the shift into the evidence path: its scores are now in concept-score units
             with torch.no_grad():
                 head.evidence_net[-1].bias[0] += summary["evidence_shift"]
+    elif has_evidence:
+        warnings.warn("train_head(val_share=0): nothing is held out, so no threshold is calibrated and the evidence "
+                      "path is not shifted into the concept scores' units; its raw logits will meet whatever threshold "
+                      "the guard is given. Keep a validation share for a head you ship.", stacklevel=2)
     summary["tau"] = head.tau.item()
     summary["seconds"] = round(time.time() - t0, 2)
     head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_auc_common", "val_tpr", "val_fpr",
