@@ -82,7 +82,7 @@ def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str
     from safegen.guards.latent_guard import LatentGuard, per_category
 
     guard = LatentGuard()
-    bank, cat_of, cats, entries = guard._bank({}, policy, head, _adapter(head))
+    bank, cat_of, cats, _ = guard._bank({}, policy, head, _adapter(head))
     thr = guard._thresholds(policy, head, cats, head.device)
     out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}}
     with torch.no_grad():
@@ -90,7 +90,7 @@ def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str
             vals: dict[str, list] = {k: [] for k in out}
             for s in range(0, len(f), chunk):
                 part = f.select(torch.arange(s, min(s + chunk, len(f))))
-                scores, ev = guard._score_features(head, part, bank, cats, entries)
+                scores, ev = guard._score_features(head, part, bank, cats)
                 by_concept = per_category(scores, cat_of, len(cats))
                 vals["concepts"].append((by_concept - thr).amax(1))
                 if ev is None:

@@ -1296,7 +1296,7 @@ class LatentGuard(Guard):
         if second is not None:
             second = [second] * B if isinstance(second, str) else list(second)
             texts += second
-        scores, evidence = self._score(head, adapter, bank, texts, cats, entries)  # (B or 2B, C), (.., K)
+        scores, evidence = self._score(head, adapter, bank, texts, cats)  # (B or 2B, C), (.., K)
         source = torch.zeros(B, dtype=torch.long)
         if second is not None:
             best = scores.amax(1) if evidence is None else torch.maximum(scores.amax(1), evidence.amax(1))
@@ -1328,20 +1328,19 @@ class LatentGuard(Guard):
                     res.verdict = "pass"
 
     def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank, texts: Sequence[str],
-               cats: Sequence[str], entries: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Concept scores (B, C) and, for a head with an evidence path, evidence (B, K) for the policy's
-        categories that still have a concept (the others get none: no concept, no flag)."""
+               cats: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
-        return self._score_features(head, f, bank, cats, entries)
+        return self._score_features(head, f, bank, cats)
 
     @staticmethod
-    def _score_features(head: LatentGuardHead, f: TextFeatures, bank: ConceptBank, cats: Sequence[str],
-                        entries: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _score_features(head: LatentGuardHead, f: TextFeatures, bank: ConceptBank, cats: Sequence[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Concept scores (B, C) and, for a head with an evidence path, evidence (B, K) for the policy's categories
+        ``cats`` (a policy category always has a concept; one the head was not trained for gets no evidence)."""
         scores = head.score(f.tokens, f.mask, bank, summary=f.summary)
         if head.evidence_net is None:
             return scores, None
-        listed = {c for c, _ in entries}
-        return scores, head.evidence(f.tokens, f.mask, f.summary, [c if c in listed else "" for c in cats])
+        return scores, head.evidence(f.tokens, f.mask, f.summary, cats)
 
     def _thresholds(self, policy, head: LatentGuardHead, cats: Sequence[str], device) -> torch.Tensor:
         default = self._default_threshold(head)
@@ -1405,7 +1404,7 @@ class LatentGuard(Guard):
             bar = tqdm(total=len(prompts), desc="check prompts", unit="prompt", disable=not progress)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                scores, ev = self._score(head, adapter, bank, chunk, cats, entries)
+                scores, ev = self._score(head, adapter, bank, chunk, cats)
                 d = _decide(scores, cat_of, thresholds, ev)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
