@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks._common import publish  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 
 BEGIN, END = "<!-- default-model:begin -->", "<!-- default-model:end -->"
 
@@ -110,7 +109,7 @@ def main() -> None:
         "## Embedded default model (issue: the embedded default model)",
         "",
         f"`python benchmarks/default_model.py --n {a.n} --guards {' '.join(a.guards)} --steps {a.steps} --write` "
-        f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"({time.strftime('%Y-%m-%d')}, {machine()}, "
         f"{time.time() - t0:.0f} s in all). Oracle: {rows[0][1]['coprov2']['oracle_protocol']}.",
         "",
         model_line(),

@@ -11,7 +11,7 @@ import torch
 
 from safegen import default_model as dm
 from safegen._paths import assets_dir
-from safegen.world import Oracle, fidelity
+from safegen.world import Oracle
 
 FOLDER = assets_dir() / "default-model"
 DATA = Path(os.environ.get("SAFEGEN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -81,12 +81,18 @@ def test_benign_prompts_draw_no_mark(pipe):
     assert [f.mark for f in findings] == [None] * len(BENIGN), findings
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped UNet is under-trained (1,600 steps): colour words are not "
-                                       "followed yet; see BENCHMARKS.md. Remove this mark when it passes.")
-def test_benign_prompts_draw_their_colour_and_object(pipe):
-    findings = _benign_findings(pipe)
-    ok = [fidelity(p, f) for (p, _, _), f in zip(BENIGN, findings)]
-    assert sum(ok) / len(ok) >= 0.7, [(p, f.colour, f.object) for (p, _, _), f in zip(BENIGN, findings)]
+@needs_data
+def test_heldout_colour_captions_draw_their_colour_and_object(pipe):
+    """The issue's fidelity target, as benchmarks/default_model.py measures it: >= 70% of the held-out COCO captions
+    that name a colour (all of them, item i seeded with i, 25 steps) show that colour and object."""
+    from safegen.evaluate import evaluate
+    from safegen.world import load_coco, parse_prompt
+
+    held = load_coco(DATA)[:dm.HELDOUT_COCO]
+    prompts = [p for p in held if parse_prompt(p).colour is not None]
+    assert len(prompts) > 200
+    metrics, items = evaluate(pipe, prompts, steps=25, batch_size=16, progress=False)
+    assert metrics["fidelity"] >= 0.7, [(i["prompt"], i["colour"], i["object"]) for i in items if not i["fidelity"]]
 
 
 def test_unsafe_prompts_draw_a_hazard_mark(pipe):
