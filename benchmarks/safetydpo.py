@@ -116,7 +116,7 @@ def main() -> None:
 
     os.chdir(ROOT)
     t0 = time.time()
-    files = prompt_files(ROOT / "outputs" / "bench-default", a.n)
+    files = prompt_files(ROOT / "outputs" / "bench-safetydpo", a.n)  # not bench-default: its 500-prompt lists stay
     cats = dict(load_coprov2_test())
     folder = ROOT / a.loras
     variants = [("none", None)] + [(f"merged: {m}", folder / f"merged-{m}.safetensors")
