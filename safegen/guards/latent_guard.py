@@ -1101,6 +1101,10 @@ class _Decision:
     concept_score: list[float]  # the reported concept's own score (equals score unless the evidence decided)
     by_evidence: list[bool]  # the reported category's score came from the evidence path
 
+    def decided_by(self, b: int) -> str:
+        """Which path gave prompt ``b``'s reported score: ``"evidence"`` or ``"concept"``."""
+        return "evidence" if self.by_evidence[b] else "concept"
+
 
 def per_category(scores: torch.Tensor, cat_of: torch.Tensor, n_categories: int) -> torch.Tensor:
     """Best concept score (B, C) → per category (B, K); ``cat_of`` (C,) is each concept's category index."""
@@ -1132,8 +1136,6 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
                      score=packed[:, 2].tolist(), threshold=packed[:, 3].tolist(),
                      fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist(),
                      concept_score=packed[:, 5].tolist(), by_evidence=[bool(v) for v in packed[:, 6].tolist()])
-
-
 
 
 def _reason(d: _Decision, b: int, cat: str, concept: str, action: str) -> str:
@@ -1309,7 +1311,7 @@ class LatentGuard(Guard):
             cat, concept, score, thr = cats[d.category[b]], entries[d.concept[b]][1], d.score[b], d.threshold[b]
             details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau,
                        "concept_score": round(d.concept_score[b], 4),
-                       "decided_by": "evidence" if d.by_evidence[b] else "concept"}
+                       "decided_by": d.decided_by(b)}
             cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
                            details=details)
@@ -1412,7 +1414,7 @@ class LatentGuard(Guard):
                                 "concept": entries[d.concept[b]][1], "category": cat,
                                 "threshold": round(d.threshold[b], 4), "action": policy.categories[cat].action,
                                 "concept_score": round(d.concept_score[b], 4),
-                                "decided_by": "evidence" if d.by_evidence[b] else "concept",
+                                "decided_by": d.decided_by(b),
                                 "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}})
                 bar.update(len(chunk))
             bar.close()
