@@ -181,6 +181,47 @@ class TextEncoderAdapter:
         n_content = (mask.sum(1) - n_special).clamp(min=0)
         return TokenBatch(out["input_ids"].long(), mask, n_content, self.first)
 
+    @property
+    def window_tokens(self) -> int:
+        """Content tokens one encoder pass reads (the length less BOS and EOS)."""
+        return self.max_length - (self.first + 1)
+
+    def tokenize_windows(self, texts: Sequence[str], *, pad_to_longest: bool = False
+                         ) -> tuple[TokenBatch, torch.Tensor]:
+        """Every text whole, as windows the encoder can read: ``(batch, owner)`` where row r of ``batch`` is a
+        window of text ``owner[r]``. A text that fits is one row, exactly as :meth:`tokenize` makes it; a longer
+        one becomes windows of :attr:`window_tokens` content tokens, each starting half a window after the last
+        (the last one ends at the text's end), so any phrase of up to half a window lies whole inside one of
+        them. A check that reduces over a text's windows (max) reads all of it, however much the pipeline keeps.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        width = self.window_tokens
+        content = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if all(len(ids) <= width for ids in content):  # the common case: one row per text, the usual path
+            return self.tokenize(texts, pad_to_longest=pad_to_longest), torch.arange(len(texts))
+        step = max(1, width // 2)
+        specials = self.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS (if any) and EOS around nothing
+        head, tail = list(specials[:self.first]), list(specials[self.first:])
+        rows: list[list[int]] = []
+        owner: list[int] = []
+        for i, ids in enumerate(content):  # per text (not per token): where its windows start
+            starts = [0] if len(ids) <= width else [*range(0, len(ids) - width, step), len(ids) - width]
+            for s0 in starts:
+                rows.append(head + list(ids[s0:s0 + width]) + tail)
+                owner.append(i)
+        length = max(len(r) for r in rows) if pad_to_longest and not self.padding_matters else self.max_length
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        ids_t = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids_t[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, :len(row)] = 1
+        n_content = (mask.sum(1) - (self.first + 1)).clamp(min=0)
+        return TokenBatch(ids_t, mask, n_content, self.first), torch.tensor(owner)
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Readable strings for token ids (BPE end-of-word marks and ## pieces cleaned up)."""
         toks = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
@@ -203,7 +244,8 @@ class TextEncoderAdapter:
         if want_hidden:
             tokens = out.hidden_states[self.layer]
             if self.final_norm:
-                tokens = self.encoder.text_model.final_layer_norm(tokens)
+                # transformers 5 drops CLIPTextModel's `text_model` wrapper: the norm sits on the model itself
+                tokens = getattr(self.encoder, "text_model", self.encoder).final_layer_norm(tokens)
         else:
             tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         projected = getattr(out, "text_embeds", None)

@@ -37,7 +37,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .guards.base import STAGES, Guard, GuardError
+from .errors import GuardError
+from .guards.base import STAGES, Guard
+from .hooks import add_hook
 from .policy import Policy, load_policy
 from .report import GuardResult, SafetyReport
 
@@ -164,6 +166,7 @@ class Call:
     seconds: dict = field(default_factory=dict)
     _conditioning: dict | None = None
     _cond_override: dict | None = None
+    _cleanups: list = field(default_factory=list)
 
     @property
     def pipe(self):
@@ -216,17 +219,51 @@ class Call:
             rep.guards.append(res)
         return res
 
-    def block_prompt(self, prompt_index: int, guard: str, reason: str, **fields: Any) -> None:
-        """Block every image of a prompt before the loop: it gets no UNet step and the placeholder."""
+    def condition_texts(self) -> list[list[tuple[str, str]]] | None:
+        """Every text that conditions the denoiser, per prompt: ``[(argument, text), ...]`` with ``prompt`` first,
+        then ``prompt_2`` / ``prompt_3`` where the call gives them (a pipeline with several text encoders feeds
+        ``prompt`` to the ones whose own argument is not given, so those need no second check). Negative prompts
+        are not included: they steer the image *away* from their content. ``None`` when the call gives only
+        embeddings (no text to read).
+
+        Every guard that reads text reads it through this helper, so a new prompt argument is checked everywhere.
+        """
+        if self.prompts is None:
+            return None
+        out = [[("prompt", p)] for p in self.prompts]
+        for name in _EXTRA_TEXT_ARGS:
+            value = self.args.get(name)
+            if value is None:
+                continue
+            texts = _as_list(value, self.batch_size)
+            if len(texts) != self.batch_size:
+                raise ValueError(f"`{name}` has {len(texts)} entries but `prompt` has {self.batch_size}")
+            for b, t in enumerate(texts):
+                if not isinstance(t, str):
+                    raise TypeError(f"`{name}` must be a string or a list of strings, got {type(t).__name__}")
+                if t != out[b][0][1]:
+                    out[b].append((name, t))
+        return out
+
+    def defer(self, cleanup) -> None:
+        """Run ``cleanup()`` when this call ends, whatever happens (per-call hooks and patches register their
+        removal here, so a guard whose ``finish`` fails still leaves the pipeline clean)."""
+        self._cleanups.append(cleanup)
+
+    def block_prompt(self, prompt_index: int, guard: str, reason: str, *, verdict: str = "block",
+                     **fields: Any) -> None:
+        """Block every image of a prompt before the loop: it gets no UNet step and the placeholder. ``verdict``
+        is ``"error"`` when the guard could not decide (a non-finite score): the item is blocked all the same."""
         self.blocked_prompts[prompt_index] = True
         for item in self.items_of(prompt_index):
             res = self.result(item, guard)
-            res.verdict = "block"
+            res.verdict = verdict
             res.reason = reason
             for k, v in fields.items():
                 setattr(res, k, v)
 
-    def stop_item(self, item: int, guard: str, reason: str, steps_run: int, **fields: Any) -> None:
+    def stop_item(self, item: int, guard: str, reason: str, steps_run: int, *, verdict: str = "block",
+                  **fields: Any) -> None:
         """Stop one item inside the loop (from a step hook) after ``steps_run`` UNet steps: its UNet rows stop
         running, its latents are not decoded, it returns the placeholder, and its report says why and how many
         steps were saved. When no item is left, the pipeline's loop is interrupted."""
@@ -240,13 +277,25 @@ class Call:
         if self._stopper is None:
             shape = (lambda z: _decoded_shape(self, z)) if self.spec.video else None
             self._stopper = ItemStopper(self.pipe, len(running), guard=guard, decoded_shape=shape).install()
+            self.defer(self._stopper.remove)
         if self._stopper.stop(running.index(item)):
             self.pipe._interrupt = True
         self.stopped_items[item] = int(steps_run)
         res = self.result(item, guard)
-        res.verdict = "block"
+        res.verdict = verdict
         res.reason = reason
         res.steps_saved = self.num_steps - int(steps_run)
+        for k, v in fields.items():
+            setattr(res, k, v)
+
+    def block_item(self, item: int, guard: str, reason: str, *, verdict: str = "block", **fields: Any) -> None:
+        """Block one item after the loop (a guard that decides on the finished generation): it returns the
+        placeholder instead of what the pipeline made; its UNet steps were all run."""
+        if item not in self.stopped_items:
+            self.stopped_items[item] = int(self.scratch.get("steps_run", self.num_steps))
+        res = self.result(item, guard)
+        res.verdict = verdict
+        res.reason = reason
         for k, v in fields.items():
             setattr(res, k, v)
 
@@ -433,11 +482,30 @@ def unprotect(pipe: Any) -> Any:
     prot: Protection | None = pipe.__dict__.get("_safegen")
     if prot is None:
         return pipe
-    for g in reversed(prot.guards):
-        g.detach(prot)
-    pipe.__class__ = prot.base_class
-    del pipe.__dict__["_safegen"]
+    try:
+        for g in reversed(prot.guards):
+            g.detach(prot)
+    finally:
+        pipe.__class__ = prot.base_class
+        del pipe.__dict__["_safegen"]
+        _verify_clean(pipe)
     return pipe
+
+
+def _verify_clean(pipe: Any) -> None:
+    """After unprotect: no safegen hook, patch or adapter may stay on the pipeline. Hooks and patches left by a
+    guard that failed to clean up are removed (with a warning); anything that cannot be removed is an error."""
+    from .hooks import remove_safegen_hooks, safegen_hooks
+
+    left = safegen_hooks(pipe)
+    if not left:
+        return
+    removed = remove_safegen_hooks(pipe)
+    logger.warning("safegen.unprotect: removed what a guard left behind: %s", removed)
+    still = safegen_hooks(pipe)
+    if still:
+        raise RuntimeError(f"safegen.unprotect could not remove {still} from the pipeline; reload it to be sure it "
+                           "is unmodified")
 
 
 def is_protected(pipe: Any) -> bool:
@@ -453,7 +521,10 @@ def last_reports(pipe: Any) -> list[SafetyReport]:
 
 
 # ---------------------------------------------------------------------- the protected call
-_PROMPT_KEYS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "prompt_embeds",
+#: Text arguments that condition the model besides ``prompt`` (each encoder of a multi-encoder pipeline).
+_EXTRA_TEXT_ARGS = ("prompt_2", "prompt_3")
+_PROMPT_KEYS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
+                "prompt_embeds",
                 "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
@@ -498,6 +569,12 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
         steps = len(a["timesteps"])
     elif a.get("sigmas") is not None:
         steps = len(a["sigmas"])
+    asked = a.get("callback_on_step_end_tensor_inputs")
+    allowed = getattr(pipe, "_callback_tensor_inputs", None)
+    if asked is not None and allowed is not None and any(k not in allowed for k in asked):
+        # what the pipeline's own check_inputs says (the guards add their tensors to the list it checks)
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {allowed}, but found "
+                         f"{[k for k in asked if k not in allowed]}")
     reports = [SafetyReport(index=i, prompt=prompts[i // nipp] if prompts else None) for i in range(batch * nipp)]
     return Call(protection=prot, args=a, prompts=prompts, negative_prompts=negatives, num_images_per_prompt=nipp,
                 batch_size=batch, do_cfg=do_cfg, num_steps=int(steps), reports=reports,
@@ -538,24 +615,22 @@ def _run(pipe, base_call, args, kwargs):
                 out = None
                 if hasattr(pipe, "maybe_free_model_hooks"):
                     pipe.maybe_free_model_hooks()  # what the pipeline's own return path would have done
-            finally:
-                if call._stopper is not None:
-                    call._stopper.remove()
-                bridge = call.scratch.pop("legacy_callback", None)
-                if bridge is not None:
-                    bridge.remove()
             steps_run = call.scratch.get("steps_run", call.num_steps)
         else:
             steps_run = 0
+            _set_call_state(call)  # the pipeline never ran: leave it as a call would have
         for g in prot.guards:
             _timed(call, g, g.finish, call)
     except GuardError as err:
         _cleanup(call)
         _fail_closed(call, err)
+        _set_call_state(call)
         out, keep, steps_run = None, [], 0
     except BaseException:
         _cleanup(call)
         raise
+    finally:
+        _run_deferred(call)  # per-call hooks and patches go, whatever finish did
     pipe._interrupt = False  # a guard may have stopped the whole loop; the next call starts clean
     _fill_step_counts(call, keep, steps_run)
     for rep in call.reports:
@@ -571,6 +646,31 @@ def _run(pipe, base_call, args, kwargs):
     if want_dict:
         return out
     return tuple(getattr(out, f.name) for f in dataclasses.fields(out))  # as the pipeline does, Nones kept
+
+
+def _run_deferred(call: Call) -> None:
+    """Run every cleanup registered with :meth:`Call.defer` (newest first); one failing does not stop the rest."""
+    while call._cleanups:
+        fn = call._cleanups.pop()
+        try:
+            fn()
+        except Exception as e:  # pragma: no cover - a remove() that fails is a bug; say so, keep cleaning
+            logger.warning("safegen: a per-call cleanup failed: %s: %s", type(e).__name__, e)
+
+
+def _set_call_state(call: Call) -> None:
+    """Set what the pipeline's ``__call__`` sets on the pipeline (``_guidance_scale``, ``_clip_skip``,
+    ``_num_timesteps``...) when it did not run (every item blocked before the loop), so reading
+    ``pipe.guidance_scale`` after a protected call works as after a plain one: each read-only property of the
+    pipeline class that is named like a call argument gets that argument's value."""
+    pipe, base = call.pipe, call.protection.base_class
+    params = inspect.signature(base.__call__).parameters
+    for name in params:
+        if isinstance(inspect.getattr_static(base, name, None), property):
+            setattr(pipe, f"_{name}", call_default(call, name))
+    if isinstance(inspect.getattr_static(base, "num_timesteps", None), property):
+        pipe._num_timesteps = call.num_steps
+    pipe._interrupt = False
 
 
 def _cleanup(call: Call) -> None:
@@ -645,15 +745,15 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
             changed = _timed(call, g, g.step_end, call, i, t, tensors)
             if changed:
                 tensors.update(changed)
-        if user_cb is not None:
-            changed = user_cb(pipe, i, t, tensors)
+        if user_cb is not None:  # the user's callback sees the tensors it asked for, as unprotected
+            changed = user_cb(pipe, i, t, {k: tensors[k] for k in user_inputs if k in tensors})
             if changed:
                 tensors.update(changed)
         return tensors
 
     if legacy:
         bridge = _LegacyCallback(call, on_step_end, a.pop("callback", None), a.pop("callback_steps", None) or 1)
-        call.scratch["legacy_callback"] = bridge
+        call.defer(bridge.remove)
         a["callback"], a["callback_steps"] = bridge, 1
     else:
         a["callback_on_step_end"] = on_step_end
@@ -681,7 +781,7 @@ class _LegacyCallback:
         self.call, self.on_step_end = call, on_step_end
         self.user_cb, self.user_steps = user_cb, int(user_steps)
         self.embeds: torch.Tensor | None = None
-        self._handle = call.denoiser.register_forward_pre_hook(self._capture, with_kwargs=True, prepend=True)
+        self._handle = add_hook(call.denoiser, "safegen.core.legacy-callback", pre=self._capture)
 
     def _capture(self, module, args, kwargs):
         if self.embeds is None:

@@ -19,6 +19,8 @@ import weakref
 
 import torch
 
+from .hooks import add_hook, patch
+
 # Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) that carry a batch dimension.
 _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask")
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
@@ -96,13 +98,10 @@ class RowExtender:
     _handles: list = field(default_factory=list)
 
     def install(self) -> "RowExtender":
-        from .guards.base import guarded
-
         _EXTENDERS[self.unet] = _EXTENDERS.get(self.unet, 0) + 1
-        self._handles.append(self.unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True))
-        # prepend: the last extender to add rows is the first to strip them
-        self._handles.append(self.unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True,
-                                                             prepend=True))
+        # one wrapper hook: the last extender to add rows is the first to strip them
+        self._handles.append(add_hook(self.unet, f"safegen.{self.guard}.rows", pre=self._pre, post=self._post,
+                                      guard=self.guard))
         return self
 
     def remove(self) -> None:
@@ -159,7 +158,7 @@ class RowExtender:
             kwargs["added_cond_kwargs"] = {k: grow(k, v, extra.tensors.get(k)) for k, v in added.items()}
         return tuple(args), kwargs
 
-    def _post(self, module, args, kwargs, output):
+    def _post(self, module, output):
         n, extra = self._stack.pop()
         if extra is None:
             return None
@@ -205,16 +204,12 @@ class ItemStopper:
         self._handles: list = []
         self._vae = None
         self._decoded_shape = decoded_shape
-        self._patched: tuple | None = None  # (object, attribute) of the decode function replaced for this call
 
     def install(self) -> "ItemStopper":
-        from .guards.base import guarded
-
         unet = self.pipe.unet if getattr(self.pipe, "unet", None) is not None else self.pipe.transformer
-        # first in, last out: other row hooks see only the rows that run
-        self._handles.append(unet.register_forward_pre_hook(guarded(self.guard, self._pre), with_kwargs=True,
-                                                            prepend=True))
-        self._handles.append(unet.register_forward_hook(guarded(self.guard, self._post), with_kwargs=True))
+        # registered after the row extenders (during the loop): the outermost hook, so they see only running rows
+        self._handles.append(add_hook(unet, f"safegen.{self.guard}.stop-items", pre=self._pre, post=self._post,
+                                      guard=self.guard))
         self._unet = unet
         vae = getattr(self.pipe, "vae", None)
         self._vae = vae
@@ -224,14 +219,13 @@ class ItemStopper:
             target, name, wrapper = vae, "decode", self._decode
         else:
             return self
-        if name not in target.__dict__:
-            original = getattr(target, name)
 
+        def make(original):
             def decode(z, *args, **kwargs):
                 return wrapper(original, z, *args, **kwargs)
+            return decode
 
-            setattr(target, name, decode)  # an instance attribute; removed in remove()
-            self._patched = (target, name)
+        self._handles.append(patch(target, name, make, f"safegen.{self.guard}.skip-decode"))
         return self
 
     def remove(self) -> None:
@@ -239,10 +233,6 @@ class ItemStopper:
             h.remove()
         self._handles.clear()
         self._stack.clear()
-        if self._patched is not None:
-            target, name = self._patched
-            target.__dict__.pop(name, None)
-            self._patched = None
         self._vae = None
 
     def stop(self, j: int) -> bool:
@@ -271,7 +261,7 @@ class ItemStopper:
                       else _select_rows(v, n, rows)) for k, v in kwargs.items()}
         return tuple(args), kwargs
 
-    def _post(self, module, args, kwargs, output):
+    def _post(self, module, output):
         n, rows = self._stack.pop()
         if rows is None:
             return None

@@ -354,7 +354,11 @@ def test_prompt_embeds_only_fails_closed(sd):
     pe, npe = sd.encode_prompt(BENIGN, "cpu", 1, True)
     safegen.protect(sd, guards=[guard])
     out = sd(prompt_embeds=pe, negative_prompt_embeds=npe, num_inference_steps=1, output_type="latent")
-    assert out.safety[0].verdict == "error" and "prompt_embeds" in out.safety[0].reason
+    # no text to check: blocked by the policy's default (embeddings_only: block), and the report says so
+    r = out.safety[0]
+    assert r.blocked and r.result("latent_guard").verdict == "block"
+    assert "prompt_embeds" in r.reason and "embeddings_only: block" in r.reason
+    assert out.safety[0].unet_steps_run == 0
 
 
 def test_sdxl_prompt_2_is_checked(sdxl):
@@ -521,7 +525,9 @@ def test_check_matches_the_guard_and_sees_runtime_concepts(sd):
     policy = safegen.load_policy("default")
     rows = guard.check([BENIGN, "gore", NEW], policy, pipe=sd)
     assert [r["unsafe"] for r in rows] == [False, True, False]
-    assert (rows[1]["category"], rows[1]["concept"], rows[1]["action"]) == ("violence", "gore", "steer")
+    # the action the guard takes in a pipeline: a `steer` category is blocked (Latent Guard cannot steer)
+    assert (rows[1]["category"], rows[1]["concept"], rows[1]["action"]) == ("violence", "gore", "block")
+    assert rows[0]["action"] == "pass"
     assert rows[1]["score"] >= rows[1]["threshold"] > rows[0]["score"]
     assert set(rows[0]["scores"]) == set(policy.categories)
     policy.add_concept("hate", NEW)
@@ -531,6 +537,8 @@ def test_check_matches_the_guard_and_sees_runtime_concepts(sd):
     safegen.protect(sd, policy=policy, guards=[guard])
     out = run(sd, [BENIGN, "gore", NEW], fast=True)
     assert [r.verdict for r in out.safety] == ["pass", "block", "block"]
+    assert [r.verdict for r in out.safety] == [r["action"] for r in guard.check([BENIGN, "gore", NEW], policy,
+                                                                              pipe=sd)]
     assert out.safety[2].result("latent_guard").score == pytest.approx(again["score"], abs=1e-3)
     with pytest.raises(ValueError, match="needs pipe="):
         guard.check(["x"])

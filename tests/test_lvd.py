@@ -32,9 +32,9 @@ def classifier(pipe, flag=lambda x0: torch.zeros(x0.shape[0], dtype=torch.bool),
 
 
 def count_unet_rows(pipe):
+    """Rows the UNet computes per call (counted at its first layer, inside safegen's row hooks)."""
     rows = []
-    pipe.unet.register_forward_pre_hook(lambda m, a, k: rows.append((a[0] if a else k["sample"]).shape[0]),
-                                        with_kwargs=True)
+    pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     return rows
 
 

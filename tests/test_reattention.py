@@ -72,11 +72,19 @@ def test_fourier_reattention_identity_cases():
 
 # ---------------------------------------------------------------------- 2. the hooks on a bare UNet
 class _Capture:
-    """Pre-hooks on up blocks recording the skip tensors they are given."""
+    """Pre-hooks on up blocks recording the skip tensors they are given. ``inner=False``: torch pre-hooks, which run
+    before any hook of diffusers' registry (safegen's) and so see the skips as the down path made them;
+    ``inner=True``: hooks in diffusers' registry registered *before* safegen's, so they run inside them and see
+    what safegen's hooks made of the skips."""
 
-    def __init__(self, blocks):
+    def __init__(self, blocks, inner: bool = False):
         self.seen = {i: [] for i in range(len(blocks))}
-        self.handles = [b.register_forward_pre_hook(self._make(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        if inner:
+            from safegen.hooks import add_hook
+
+            self.handles = [add_hook(b, "safegen.test.capture", pre=self._make(i)) for i, b in enumerate(blocks)]
+        else:
+            self.handles = [b.register_forward_pre_hook(self._make(i), with_kwargs=True) for i, b in enumerate(blocks)]
 
     def _make(self, i):
         def hook(module, args, kwargs):
@@ -107,15 +115,17 @@ def test_hooks_change_only_in_window_filtered_rows(sd, step):
     # prompt 0 filtered on steps <= 1, prompt 1 on steps <= 3; at step 2 only prompt 1 is in its window
     state = {"t_prime": torch.tensor([1, 3]), "orig": orig, "orig_pooled": None, "last_filtered_step": 3}
     call = SimpleNamespace(step=step, scratch={}, num_images_per_prompt=1, do_cfg=True, kept_prompts=[0, 1])
-    before = _Capture(blocks)  # registered first: sees the skips as the down path made them
+    from safegen.hooks import add_hook
+
+    before = _Capture(blocks)  # torch pre-hooks: see the skips as the down path made them
+    after = _Capture(blocks, inner=True)  # inside the re-attention hooks: sees what they made of the skips
+    mid_rows = []  # rows the mid block computes (inside the hook that drops the reference rows)
+    h3 = add_hook(unet.mid_block, "safegen.test.mid-rows", pre=lambda m, a, k: mid_rows.append(a[0].shape[0]))
     lra = LatentReattention(unet, tau=1, s1=0.9, s2=0.2).begin(call, state)
-    after = _Capture(blocks)  # registered after: sees what the re-attention hooks made of them
     batches, ehs_seen = [], []
     h1 = unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     h2 = unet.down_blocks[0].register_forward_pre_hook(  # a cross-attention down block: the reference rows run here
         lambda m, a, k: ehs_seen.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
-    mid_rows = []
-    h3 = unet.mid_block.register_forward_pre_hook(lambda m, a, k: mid_rows.append(a[0].shape[0]), with_kwargs=True)
     try:
         with torch.no_grad():
             out = unet(sample, torch.tensor(500), encoder_hidden_states=ehs, return_dict=False)[0]
@@ -172,8 +182,11 @@ def _hook_counts(module):
 
 
 def _assert_no_hooks(unet):
+    from safegen.hooks import safegen_hooks
+
     for m in [unet, *unet.up_blocks]:
         assert _hook_counts(m) == (0, 0, 0, 0), type(m).__name__
+    assert safegen_hooks(unet) == []
 
 
 def _run(pipe, pol, guard, prompt, steps=6, **kw):

@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import GuardError, guarded  # noqa: F401  (re-exported: guards raise and wrap with these)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..protection import Call, Protection
 
+#: How strongly a policy action acts: when several flagged categories disagree, the strongest one applies.
+ACTION_RANK = {"log": 0, "steer": 1, "block": 2}
+
 #: Order in which guards run inside one call, whatever order the user lists them in.
 STAGES = ("prompt", "conditioning", "loop", "weights", "output")
-
-
-class GuardError(RuntimeError):
-    """Raised (and caught by the orchestrator) when a guard fails; the call then fails closed."""
-
-    def __init__(self, guard: str, error: BaseException):
-        super().__init__(f"guard {guard!r} failed: {type(error).__name__}: {error}")
-        self.guard = guard
-        self.error = error
-
-
-def guarded(guard: str, fn: Callable) -> Callable:
-    """Wrap a hook that runs inside the pipeline (UNet/module hooks): its errors become :class:`GuardError`,
-    so the orchestrator fails the call closed instead of passing a raw exception to the user."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GuardError:
-            raise
-        except Exception as e:
-            raise GuardError(guard, e) from e
-
-    return run
 
 
 class Guard:
@@ -82,3 +61,26 @@ class Guard:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config_dict().items())
         return f"{type(self).__name__}({fields})"
+
+
+def has_text_encoder(pipe) -> bool:
+    """Whether the pipeline has a text encoder with its tokenizer (a pipeline built with ``text_encoder=None``
+    that is fed only ``prompt_embeds`` has none)."""
+    pairs = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+    return any(getattr(pipe, te, None) is not None and getattr(pipe, tok, None) is not None for te, tok in pairs)
+
+
+def unreadable_call(call, guard: str, why: str) -> None:
+    """What a guard does with a call it cannot read (embeddings only, and it needs text or a text encoder): the
+    policy's ``embeddings_only`` setting decides. ``"block"`` (the default: fail closed) blocks every item;
+    ``"allow"`` lets them through unchecked, the report saying so (verdict ``log``)."""
+    mode = getattr(call.policy, "embeddings_only", "block")
+    if mode == "allow":
+        for item in range(call.n_items):
+            res = call.result(item, guard)
+            res.verdict = "log"
+            res.reason = f"not checked: {why} (policy embeddings_only: allow)"
+        return
+    for b in range(call.batch_size):
+        if not call.blocked_prompts[b]:
+            call.block_prompt(b, guard, f"cannot check this call: {why}; blocked (policy embeddings_only: block)")

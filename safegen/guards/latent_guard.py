@@ -52,6 +52,7 @@ Training a head for the default MiniLM backbone on CoProV2::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -68,7 +69,9 @@ from torch import nn
 
 from ..encoders import TextEncoderAdapter
 from ..world import load_coprov2_pairs
-from .base import Guard
+from .base import Guard, has_text_encoder, unreadable_call
+
+logger = logging.getLogger("safegen")
 
 __all__ = [
     "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
@@ -491,6 +494,8 @@ class TextFeatures:
     tokens: torch.Tensor
     mask: torch.Tensor
     summary: torch.Tensor
+    #: with ``windows=True``: the text each row is a window of (``None``: one row per text)
+    owner: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -505,9 +510,13 @@ class TextFeatures:
 
 @torch.no_grad()
 def text_features(encoder, texts: Sequence[str], *, batch_size: int = 256, store_dtype: torch.dtype | None = None,
-                  device=None, progress: bool = False) -> TextFeatures:
+                  device=None, progress: bool = False, windows: bool = False) -> TextFeatures:
     """Token states, attention mask and pooled vectors of ``texts`` from a frozen encoder, in chunks of
     ``batch_size``, cut to the longest real length (trailing padding dropped; the mask marks the rest).
+
+    With ``windows=True`` (an adapter only) a text longer than the encoder reads becomes several rows, overlapping
+    windows that together cover all of it (:meth:`~safegen.encoders.TextEncoderAdapter.tokenize_windows`), and
+    ``owner`` says which text each row belongs to; a check reduces over them so that no part goes unread.
 
     ``encoder`` is a :class:`~safegen.encoders.TextEncoderAdapter` (pooled vector: its summary, e.g. CLIP's EOS
     state) or a callable returning ``(tokens, mask)`` or ``(tokens, mask, pooled)`` (pooled default: the masked
@@ -517,11 +526,16 @@ def text_features(encoder, texts: Sequence[str], *, batch_size: int = 256, store
 
     texts = list(texts)
     chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    owners: list[torch.Tensor] = []
     for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not progress):
         part = texts[start:start + batch_size]
         if isinstance(encoder, TextEncoderAdapter):
             # a masked bidirectional encoder gives the same states without the padding: skip it
-            batch = encoder.tokenize(part, pad_to_longest=not encoder.causal)
+            if windows:
+                batch, owner = encoder.tokenize_windows(part, pad_to_longest=not encoder.causal)
+                owners.append(owner + start)
+            else:
+                batch = encoder.tokenize(part, pad_to_longest=not encoder.causal)
             enc = encoder.encode(batch)
             tokens, mask, summary = enc.tokens, batch.attention_mask.to(enc.tokens.device), enc.summary
         else:
@@ -540,7 +554,22 @@ def text_features(encoder, texts: Sequence[str], *, batch_size: int = 256, store
     length = max(t.shape[1] for t, _, _ in chunks)
     tokens = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _, _ in chunks])
     mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m, _ in chunks])
-    return TextFeatures(tokens, mask, torch.cat([s for _, _, s in chunks]))
+    owner = torch.cat(owners) if windows and owners else None
+    return TextFeatures(tokens, mask, torch.cat([s for _, _, s in chunks]), owner)
+
+
+def reduce_windows(values: torch.Tensor, owner: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Per text, the maximum over its windows' rows of ``values`` (rows, ...) → (n, ...). NaN propagates (a window
+    that cannot be scored makes its text unscorable, never safe)."""
+    if owner is None:
+        return values
+    owner = owner.to(values.device)
+    out = torch.full((n, *values.shape[1:]), float("-inf"), dtype=values.dtype, device=values.device)
+    index = owner.view(-1, *([1] * (values.ndim - 1))).expand_as(values)
+    out = out.scatter_reduce(0, index, values, reduce="amax")
+    nan = torch.zeros((n, *values.shape[1:]), dtype=torch.bool, device=values.device).index_put_(
+        (owner,), torch.isnan(values), accumulate=True)
+    return out.masked_fill(nan, float("nan"))
 
 
 def encoder_identity(encoder, name: str | None = None) -> dict[str, Any]:
@@ -1100,6 +1129,7 @@ class _Decision:
     per_category: list[list[float]]
     concept_score: list[float]  # the reported concept's own score (equals score unless the evidence decided)
     by_evidence: list[bool]  # the reported category's score came from the evidence path
+    error: list[bool]  # a score (NaN, +inf) or a threshold is not a finite number: no decision can be made
 
     def decided_by(self, b: int) -> str:
         """Which path gave prompt ``b``'s reported score: ``"evidence"`` or ``"concept"``."""
@@ -1122,7 +1152,9 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
     neg = torch.tensor(float("-inf"), device=scores.device)
     by_concept = per_category(scores, cat_of, thresholds.numel())
     per_cat = by_concept if evidence is None else torch.maximum(by_concept, evidence.to(scores.device))
-    fired = per_cat >= thresholds
+    # -inf is "no signal" (a category without evidence); NaN, +inf or a non-finite threshold cannot be decided on
+    error = (torch.isnan(per_cat) | torch.isposinf(per_cat)).any(1) | ~torch.isfinite(thresholds).all()
+    fired = (per_cat >= thresholds) & ~error.unsqueeze(1)
     any_fired = fired.any(1)
     margin = torch.where(fired, per_cat - thresholds, neg)
     cat = torch.where(any_fired, margin.argmax(1), per_cat.argmax(1))
@@ -1130,12 +1162,23 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
     best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
     own = by_concept.gather(1, cat.unsqueeze(1)).squeeze(1)
     packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float(), own,
-                          (best > own).float()], 1).cpu()
+                          (best > own).float(), error.float()], 1).cpu()
     per_cat = per_cat.cpu()
     return _Decision(category=packed[:, 0].long().tolist(), concept=packed[:, 1].long().tolist(),
                      score=packed[:, 2].tolist(), threshold=packed[:, 3].tolist(),
                      fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist(),
-                     concept_score=packed[:, 5].tolist(), by_evidence=[bool(v) for v in packed[:, 6].tolist()])
+                     concept_score=packed[:, 5].tolist(), by_evidence=[bool(v) for v in packed[:, 6].tolist()],
+                     error=[bool(v) for v in packed[:, 7].tolist()])
+
+
+def _worse(d: _Decision, t: int, other: int, best: torch.Tensor) -> bool:
+    """Whether text ``t`` weighs more than text ``other`` for their prompt's verdict: an error first, then a
+    fired category, then the larger margin over the threshold."""
+    def key(i: int):
+        margin = d.score[i] - d.threshold[i]
+        return (d.error[i], d.fired[i], margin if margin == margin else float("-inf"))
+
+    return key(t) > key(other)
 
 
 def _reason(d: _Decision, b: int, cat: str, concept: str, action: str) -> str:
@@ -1242,6 +1285,12 @@ class LatentGuard(Guard):
         return LatentGuardHead.load(path), str(path)
 
     def attach(self, protection) -> None:
+        if not has_text_encoder(protection.pipe):
+            mode = getattr(protection.policy, "embeddings_only", "block")
+            logger.warning("safegen: %s has no text encoder, so its calls pass prompt_embeds only and Latent Guard "
+                           "has no text to check: with the policy's embeddings_only=%r they are %s",
+                           type(protection.pipe).__name__, mode,
+                           "let through unchecked" if mode == "allow" else "blocked")
         head, source = self._load_head()
         if self.backbone == "pipeline":
             adapter = _pipeline_adapter(protection.pipe)
@@ -1284,8 +1333,11 @@ class LatentGuard(Guard):
         state: _Attached | None = call.protection.cache.get(("latent_guard", "state"))
         if state is None:
             raise RuntimeError("LatentGuard was not attached to this pipeline; use safegen.protect(pipe, guards=[...])")
-        if call.prompts is None:
-            raise ValueError("Latent Guard checks prompt text, and this call passed only prompt_embeds; pass prompt=")
+        per_prompt = call.condition_texts()  # every text that conditions the model, per prompt
+        if per_prompt is None:
+            unreadable_call(call, self.name, "Latent Guard checks prompt text, and this call passed only "
+                                             "prompt_embeds")
+            return
         head = state.head
         adapter = self._adapter(call, state)
         if head.device != adapter.device:
@@ -1293,46 +1345,70 @@ class LatentGuard(Guard):
         policy = call.policy
         bank, cat_of, cats, entries = self._bank(call.protection.cache, policy, head, adapter)
         B = call.batch_size
-        texts = list(call.prompts)
-        second = call.args.get("prompt_2") if self.check_prompt_2 else None
-        if second is not None:
-            second = [second] * B if isinstance(second, str) else list(second)
-            texts += second
-        scores, evidence = self._score(head, adapter, bank, texts, cats)  # (B or 2B, C), (.., K)
-        source = torch.zeros(B, dtype=torch.long)
-        if second is not None:
-            best = scores.amax(1) if evidence is None else torch.maximum(scores.amax(1), evidence.amax(1))
-            source = (best[B:] > best[:B]).long().cpu()
-            scores = torch.maximum(scores[:B], scores[B:])
-            evidence = None if evidence is None else torch.maximum(evidence[:B], evidence[B:])
+        texts = [t for item in per_prompt for _, t in item]
+        if not self.check_prompt_2:  # only `prompt` (the documented opt-out for prompt_2 / prompt_3)
+            texts = [item[0][1] for item in per_prompt]
+        owner = torch.tensor([b for b, item in enumerate(per_prompt) for _ in (item if self.check_prompt_2
+                                                                                 else item[:1])])
+        names = [name for item in per_prompt for name, _ in (item if self.check_prompt_2 else item[:1])]
+        scores, evidence, windows = self._score(head, adapter, bank, texts, cats)  # (T, C), (T, K), (T,)
         d = _decide(scores, cat_of, self._thresholds(policy, head, cats, scores.device), evidence)
+        best = torch.tensor(d.score)  # the reported (deciding) score of each text; one text per prompt decides
         tau = round(head.tau.item(), 4)
-        for b in range(B):  # host side, once per call: the report for each prompt
-            cat, concept, score, thr = cats[d.category[b]], entries[d.concept[b]][1], d.score[b], d.threshold[b]
-            details = {"text": "prompt_2" if int(source[b]) else "prompt", "tau": tau,
-                       "concept_score": round(d.concept_score[b], 4),
-                       "decided_by": d.decided_by(b)}
-            cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}
+        decider = {}
+        for t, b in enumerate(owner.tolist()):  # host side, once per call: which text decides each prompt
+            cur = decider.get(b)
+            if cur is None or _worse(d, t, cur, best):
+                decider[b] = t
+        for b in range(B):
+            if call.blocked_prompts[b]:
+                continue
+            t = decider[b]
+            if d.error[t]:
+                call.block_prompt(b, self.name, f"a score or threshold of `{names[t]}` is not a finite number (NaN "
+                                                "or inf): prompt blocked (fail closed)", verdict="error")
+                continue
+            cat, concept, score, thr = cats[d.category[t]], entries[d.concept[t]][1], d.score[t], d.threshold[t]
+            details = {"text": names[t], "tau": tau, "concept_score": round(d.concept_score[t], 4),
+                       "decided_by": d.decided_by(t)}
+            if int(windows[t]) > 1:
+                details["windows"] = int(windows[t])
+            cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[t])}
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
                            details=details)
-            if d.fired[b] and policy.categories[cat].action != "log":
-                reason = _reason(d, b, cat, concept, "blocked")
+            action = self.action_for(d.fired[t], policy.categories[cat].action)
+            if action == "block":
+                reason = _reason(d, t, cat, concept, "blocked")
                 call.block_prompt(b, self.name, reason, steps_saved=call.num_steps, **fields_)
                 continue
             for item in call.items_of(b):
                 res = call.result(item, self.name)
                 for k, v in fields_.items():
                     setattr(res, k, v)
-                if d.fired[b]:
-                    res.verdict = "log"
-                    res.reason = _reason(d, b, cat, concept, "log")
-                else:
-                    res.verdict = "pass"
+                res.verdict = action
+                if action == "log":
+                    res.reason = _reason(d, t, cat, concept, "log")
+
+    @staticmethod
+    def action_for(fired: bool, policy_action: str) -> str:
+        """What the guard does with a prompt: ``"pass"`` when no category fired, ``"log"`` for a ``log``
+        category, else ``"block"`` (Latent Guard cannot steer: a ``steer`` category is blocked too)."""
+        if not fired:
+            return "pass"
+        return "log" if policy_action == "log" else "block"
 
     def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank, texts: Sequence[str],
-               cats: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device, store_dtype=torch.float32)
-        return self._score_features(head, f, bank, cats)
+               cats: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Scores of whole texts: a text longer than the backbone reads is scored in overlapping windows and
+        keeps each category's and concept's highest window score. Returns concept scores (T, C), evidence
+        (T, K) or ``None``, and the number of windows per text (T,)."""
+        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device,
+                          store_dtype=torch.float32, windows=True)
+        scores, evidence = self._score_features(head, f, bank, cats)
+        n = len(texts)
+        count = torch.bincount(f.owner, minlength=n) if f.owner is not None else torch.ones(n, dtype=torch.long)
+        evidence = None if evidence is None else reduce_windows(evidence, f.owner, n)
+        return reduce_windows(scores, f.owner, n), evidence, count
 
     @staticmethod
     def _score_features(head: LatentGuardHead, f: TextFeatures, bank: ConceptBank, cats: Sequence[str]
@@ -1352,11 +1428,13 @@ class LatentGuard(Guard):
     def check(self, prompts: Sequence[str], policy: Any = "default", *, pipe=None, batch_size: int = 256,
               progress: bool = False) -> list[dict[str, Any]]:
         """Check prompts without generating: one record per prompt with ``prompt``, ``score`` (best score of the
-        reported category), ``unsafe`` (some category reached its threshold), ``concept`` and ``category`` (the
-        flagged one with the largest margin, else the closest), ``threshold``, ``action`` (the category's policy
-        action), ``scores`` (score per category), ``decided_by`` (``"concept"`` or ``"evidence"``: which path gave
-        the reported score) and ``concept_score`` (the reported concept's own score). Same rule as the guard inside
-        a pipeline.
+        reported category), ``unsafe`` (some category reached its threshold, or a number was not finite),
+        ``concept`` and ``category`` (the flagged one with the largest margin, else the closest), ``threshold``,
+        ``action`` (what the guard does with it inside a pipeline: ``"pass"``, ``"log"``, ``"block"`` — a
+        ``steer`` category is blocked, Latent Guard cannot steer — or ``"error"``, which blocks too), ``scores``
+        (score per category), ``decided_by`` (``"concept"`` or ``"evidence"``: which path gave the reported
+        score), ``concept_score`` (the reported concept's own score) and ``windows`` (how many overlapping windows
+        a prompt longer than the backbone reads was scored in). Same rule as the guard inside a pipeline.
 
         Args:
             prompts: the prompt texts.
@@ -1406,15 +1484,16 @@ class LatentGuard(Guard):
             bar = tqdm(total=len(prompts), desc="check prompts", unit="prompt", disable=not progress)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
-                scores, ev = self._score(head, adapter, bank, chunk, cats)
+                scores, ev, windows = self._score(head, adapter, bank, chunk, cats)
                 d = _decide(scores, cat_of, thresholds, ev)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
-                    out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": d.fired[b],
+                    action = "error" if d.error[b] else self.action_for(d.fired[b], policy.categories[cat].action)
+                    out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": d.fired[b] or d.error[b],
                                 "concept": entries[d.concept[b]][1], "category": cat,
-                                "threshold": round(d.threshold[b], 4), "action": policy.categories[cat].action,
+                                "threshold": round(d.threshold[b], 4), "action": action,
                                 "concept_score": round(d.concept_score[b], 4),
-                                "decided_by": d.decided_by(b),
+                                "decided_by": d.decided_by(b), "windows": int(windows[b]),
                                 "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}})
                 bar.update(len(chunk))
             bar.close()

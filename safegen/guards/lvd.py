@@ -14,8 +14,10 @@ The original decodes the predicted x0 through the VAE at every step and runs one
   pipelines every frame of x0 is classified (whatever the latent layout: :func:`latent_frames`), the clip's
   probability is the max (or mean) over its frames, and the report names the frames that reached the threshold.
 * **The decision rule, online**: over the first ``window`` steps (checked every ``check_every``), a step counts
-  when some category's probability reaches ``threshold``; the item is stopped as soon as ``ceil(window ·
-  ratio)`` steps counted, and accepted (no more checks) as soon as that can no longer happen.
+  when some category's probability reaches ``threshold``; the item is stopped as soon as ``ceil(checks ·
+  ratio)`` steps counted, and accepted (no more checks) as soon as that can no longer happen. A call with fewer
+  steps than the window scales the count to the checks it can make, and its last step (whose x0 is all but the
+  output) stops a flagged item on its own, so LVD protects at any step count (the report says so).
 * **On a stop**: the item's UNet rows stop running (the rest of the batch goes on), its latents are not
   decoded, it returns the policy's placeholder, and its report gives the step, the category, the scores and the
   UNet steps saved (:meth:`safegen.protection.Call.stop_item`).
@@ -45,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NonFiniteError
+from ..hooks import patch
 from ..unet_rows import _expand_rows
 from .base import Guard
 
@@ -156,22 +160,23 @@ class _X0Tap:
 
     def __init__(self, scheduler, history: list | None = None):
         self.scheduler, self.history, self.last = scheduler, history, None
-        original = scheduler.step
         # every diffusers scheduler names them model_output, timestep and sample, but not always in that order
         # (CogVideoXDPMScheduler.step(model_output, old_pred_original_sample, timestep, timestep_back, sample))
-        signature = inspect.signature(original)
+        signature = inspect.signature(scheduler.step)
 
-        def step(*args, **kwargs):
-            got = signature.bind_partial(*args, **kwargs).arguments
-            self.last = predicted_x0(scheduler, got["model_output"], got["timestep"], got["sample"])
-            if self.history is not None:
-                self.history.append((self.last[0].detach(), self.last[1]))
-            return original(*args, **kwargs)
+        def make(original):
+            def step(*args, **kwargs):
+                got = signature.bind_partial(*args, **kwargs).arguments
+                self.last = predicted_x0(scheduler, got["model_output"], got["timestep"], got["sample"])
+                if self.history is not None:
+                    self.history.append((self.last[0].detach(), self.last[1]))
+                return original(*args, **kwargs)
+            return step
 
-        scheduler.step = step
+        self._patch = patch(scheduler, "step", make, "safegen.lvd.x0")
 
     def remove(self) -> None:
-        self.scheduler.__dict__.pop("step", None)
+        self._patch.remove()
 
 
 # ---------------------------------------------------------------------- the classifier
@@ -449,11 +454,20 @@ class LVD(Guard):
 
     @property
     def required(self) -> int:
-        """Checked window steps that must look unsafe: ceil(checks in the window × ratio)."""
-        return max(1, math.ceil(self._checks() * self.ratio - 1e-9))
+        """Checked window steps that must look unsafe in a call long enough to fill the window:
+        ceil(checks in the window × ratio)."""
+        return self.required_for(None)
 
-    def _checks(self) -> int:
-        return len(range(0, self.window, self.check_every))
+    def checks_for(self, num_steps: int | None) -> int:
+        """Checks a call of ``num_steps`` steps can make: the window's checked steps that the call has."""
+        span = self.window if num_steps is None else min(self.window, max(1, int(num_steps)))
+        return len(range(0, span, self.check_every))
+
+    def required_for(self, num_steps: int | None) -> int:
+        """Flagged checks needed to stop an item in a call of ``num_steps`` steps: the ratio applied to the checks
+        that call can make (so a 2-step call can stop an item, which a fixed count from the full window could
+        not), at least 1."""
+        return max(1, math.ceil(self.checks_for(num_steps) * self.ratio - 1e-9))
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
@@ -481,12 +495,17 @@ class LVD(Guard):
         stoppable = torch.tensor([policy.categories[c].action != "log" for c in clf.categories], device=device)
         thresholds = torch.tensor([policy.threshold(c, self.name, self._default_threshold(clf))
                                    for c in clf.categories], device=device).clamp(max=1.0)
+        if not bool(torch.isfinite(thresholds).all()):
+            raise NonFiniteError(f"LVD thresholds {thresholds.tolist()} are not all finite numbers")
         n = len(call.running_items)
+        tap = _X0Tap(call.pipe.scheduler)
+        call.defer(tap.remove)
         call.scratch["lvd"] = {
-            "tap": _X0Tap(call.pipe.scheduler), "clf": clf, "thresholds": thresholds, "stoppable": stoppable,
+            "tap": tap, "clf": clf, "thresholds": thresholds, "stoppable": stoppable,
             "count": torch.zeros(n, dtype=torch.long, device=device),
             "peak": torch.zeros(n, len(clf.categories), device=device),
-            "open": [True] * n, "checks": 0, "need": self.required, "total": self._checks(),
+            "open": [True] * n, "checks": 0, "need": self.required_for(call.num_steps),
+            "total": self.checks_for(call.num_steps),
             "video": call.spec.video, "layout": call.spec.layout, "frame_flags": None,
             # CogVideoX's VAE makes ~4 output frames of each latent frame; UNet video models decode frame by frame
             "time_ratio": int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.layout == "BFCHW" else 1,
@@ -503,7 +522,10 @@ class LVD(Guard):
         sel = torch.tensor(rows, device=x0.device)
         if len(rows) < n:
             frames = frames.index_select(0, _expand_rows(sel, F))
+        # a non-finite latent (clamping would hide an inf) or score cannot be decided on: that item is an error
+        finite_in = torch.isfinite(frames.reshape(len(rows), -1)).all(1)
         per_frame = torch.sigmoid(st["clf"](frames, noise)).view(len(rows), F, -1)  # (rows, F, K)
+        finite = finite_in & torch.isfinite(per_frame.reshape(len(rows), -1)).all(1)
         probs = per_frame.amax(1) if self.clip_score == "max" else per_frame.mean(1)  # the clip's (rows, K)
         if st["video"]:
             flagged = ((per_frame >= st["thresholds"]) & st["stoppable"]).any(2)  # (rows, F)
@@ -517,17 +539,39 @@ class LVD(Guard):
         st["checks"] += 1
         left = st["total"] - st["checks"]
         stop = count >= st["need"]
-        settled = stop | (count + left < st["need"])
-        # the one host copy of a checked step: which items to stop or accept now
-        decided = torch.stack([stop, settled], 1).cpu().tolist()
+        last = call.num_steps - 1
+        if step == last:  # a call no longer than the window: its last x0 is all but the output, it decides too
+            stop = stop | hit
+        # accepted once it can no longer reach the count, unless the call's last step is still to be checked
+        hopeless = (count + left < st["need"]) & (step >= last or last >= self.window or last % self.check_every > 0)
+        settled = stop | hopeless | ~finite
+        # the one host copy of a checked step: which items to stop, accept, or fail closed now
+        decided = torch.stack([stop, settled, ~finite, ~finite_in], 1).cpu().tolist()
         items = call.running_items
-        for r, (j, (s, done)) in enumerate(zip(rows, decided)):
+        for r, (j, (s, done, bad, bad_latent)) in enumerate(zip(rows, decided)):
             if not done:
                 continue
             st["open"][j] = False
-            if s:
+            if bad:
+                what = "the predicted latents" if bad_latent else "the classifier's scores"
+                call.stop_item(items[j], self.name, f"{what} at step {step} are not finite numbers (NaN or inf): "
+                               "item blocked (fail closed)", steps_run=step + 1, verdict="error",
+                               stopped_at_step=step)
+            elif s:
                 self._stop(call, st, j, items[j], step, probs[r], per_frame[r])
         return None
+
+    def _rule(self, st) -> dict[str, Any]:
+        """The decision rule this call used; when the call has fewer steps than the window, the report says the
+        rule was scaled to the checks the call could make."""
+        full = self.checks_for(None)
+        if st["total"] >= full:
+            return {"checks_possible": st["total"]}
+        return {"checks_possible": st["total"],
+                "rule_scaled": (f"the call has fewer steps than the {self.window}-step window: {st['need']} of its "
+                                f"{st['total']} checks must flag (ratio {self.ratio}) instead of {self.required} of "
+                                f"{full}, and a flag at its last step, whose x0 is all but the output, stops the "
+                                "item too")}
 
     def _frame_details(self, st, j: int, k: int, per_frame: torch.Tensor | None = None) -> dict[str, Any]:
         """Which frames drove a video decision: those at or above category ``k``'s threshold (at the stopping
@@ -568,13 +612,12 @@ class LVD(Guard):
                        threshold=float(thr[k]), stopped_at_step=step,
                        scores={c: round(float(v), 4) for c, v in zip(clf.categories, p)},
                        details={"unsafe_checks": count, "checks": st["checks"], "window": self.window,
-                                "required": st["need"], **frames})
+                                "required": st["need"], **self._rule(st), **frames})
 
     def finish(self, call) -> None:
         st = call.scratch.pop("lvd", None)
         if st is None:
             return
-        st["tap"].remove()
         clf = st["clf"]
         peak, count, thr = st["peak"].cpu(), st["count"].cpu(), st["thresholds"].cpu()  # one host copy each
         for j, item in enumerate(call.running_items):
@@ -588,7 +631,8 @@ class LVD(Guard):
             res.threshold = float(thr[k])
             res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, peak[j])}
             res.details = {"unsafe_checks": int(count[j]), "checks": st["checks"], "window": self.window,
-                           "required": st["need"], **self._frame_details(st, j, k)}
+                           "required": st["need"], **self._rule(st),
+                           **self._frame_details(st, j, k)}
             if int(count[j]):
                 res.verdict = "log"
                 res.reason = (f"latents looked unsafe at {int(count[j])} of {st['checks']} checked steps, fewer "

@@ -159,7 +159,15 @@ class OutputGuard(Guard):
         prompts = _item_prompts(call)
         flagged = []
         for i in items:
-            j = dict(self.judge.judge(prompts[i], _as_array(images[i])))
+            arr = _as_array(images[i])
+            if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                # a NaN/inf image cannot be judged (and is no image): fail closed for this item
+                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                res = call.result(i, self.name)
+                res.verdict = "error"
+                res.reason = "the output holds non-finite values (NaN or inf): item blocked (fail closed)"
+                continue
+            j = dict(self.judge.judge(prompts[i], arr))
             if j.get("oracle_error"):
                 raise ValueError(f"the output oracle could not read item {i}: {j['oracle_error']}")
             res = call.result(i, self.name)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from ..unet_rows import ExtraRows, RowExtender, _expand_rows, _rows_per_item
-from .base import guarded
+from ..hooks import add_hook
 
 __all__ = ["LatentReattention", "fourier_reattention", "low_band_mask"]
 
@@ -122,11 +122,11 @@ class LatentReattention:
         # before the mid block and from every up block's inputs, so they cost conv_in + down path, not a full UNet
         mid = getattr(self.unet, "mid_block", None)
         if mid is not None:
-            self._handles.append(mid.register_forward_pre_hook(guarded("safree", self._drop_hook), with_kwargs=True))
+            self._handles.append(add_hook(mid, "safegen.safree.reattention-drop", pre=self._drop_hook, guard="safree"))
         for stage, block in enumerate(getattr(self.unet, "up_blocks", [])):
             s = self.scales[stage] if stage < len(self.scales) else None
-            hook = guarded("safree", self._make_skip_hook(s))
-            self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(add_hook(block, f"safegen.safree.reattention-up{stage}", pre=self._make_skip_hook(s),
+                                          guard="safree"))
         return self
 
     def end(self) -> None:

@@ -98,6 +98,7 @@ class SafetyDPO(Guard):
         metas = [read_lora(f, pipe.unet)[1] for f in self._files]  # clear errors before anything changes
         modules = _lora_modules(pipe.unet)
         originals = {n: m.weight.detach().clone() for n, m in modules.items()}
+        had_merged = "_merged_adapters" in pipe.__dict__
         names = [f"safegen_dpo_{i}" for i in range(len(self._files))]
         try:
             for f, n in zip(self._files, names):
@@ -107,18 +108,24 @@ class SafetyDPO(Guard):
                 pipe.fuse_lora(components=["unet"], adapter_names=names)
                 pipe.unload_lora_weights()
         except Exception:
-            self._restore(pipe, originals)
+            self._restore(pipe, originals, had_merged)
             raise
         protection.cache[("safetydpo", "state")] = {"originals": originals, "adapters": names, "metas": metas,
-                                                    "fused": self.fuse}
+                                                    "fused": self.fuse, "had_merged": had_merged}
 
-    def _restore(self, pipe, originals) -> None:
+    def _restore(self, pipe, originals, had_merged: bool = True) -> None:
         from ..safetydpo import _lora_modules
 
         try:
             pipe.unload_lora_weights()
         except Exception:  # nothing loaded
             pass
+        merged = pipe.__dict__.get("_merged_adapters")
+        if isinstance(merged, set):  # diffusers' record of fused adapters: ours are undone by restoring weights
+            mine = {n for n in merged if str(n).startswith("safegen_dpo_")}
+            pipe._merged_adapters = merged - mine
+            if not pipe._merged_adapters and not had_merged:  # as diffusers left it before: the class default
+                del pipe.__dict__["_merged_adapters"]
         modules = _lora_modules(pipe.unet)
         with torch.no_grad():
             for n, w in originals.items():
@@ -127,7 +134,7 @@ class SafetyDPO(Guard):
     def detach(self, protection) -> None:
         state = protection.cache.pop(("safetydpo", "state"), None)
         if state is not None:
-            self._restore(protection.pipe, state["originals"])
+            self._restore(protection.pipe, state["originals"], state["had_merged"])
 
     def prepare(self, call) -> None:
         state = call.protection.cache[("safetydpo", "state")]

@@ -34,8 +34,9 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..encoders import TextEncoderAdapter, pipeline_adapter
+from ..errors import NonFiniteError
 from ..policy import concept_phrases
-from .base import Guard
+from .base import Guard, has_text_encoder, unreadable_call
 
 logger = logging.getLogger("safegen")
 _WARNED: set[str] = set()
@@ -131,11 +132,18 @@ def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.T
 
 @dataclass
 class _Stream:
-    """One text-conditioning stream of a pipeline: its encoder adapter and the slice of prompt_embeds it fills."""
+    """One text-conditioning stream of a pipeline: its encoder adapter, the slice of prompt_embeds it fills and
+    the call argument whose text it encodes (``prompt_2`` falls back to ``prompt`` when not given)."""
 
     name: str
     adapter: TextEncoderAdapter
     dims: slice
+    text_arg: str = "prompt"
+
+
+def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[str]:
+    """The text each prompt's stream encodes (its own argument's, else ``prompt``'s)."""
+    return [dict(t).get(stream.text_arg, t[0][1]) for t in texts]
 
 
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
@@ -149,13 +157,14 @@ def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     if call.spec.encode == "sdxl":
         s = []
         start = 0
-        for name, tok, te in (("text_encoder", pipe.tokenizer, pipe.text_encoder),
-                              ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2)):
+        for name, tok, te, arg in (("text_encoder", pipe.tokenizer, pipe.text_encoder, "prompt"),
+                                   ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, "prompt_2")):
             if te is None:
                 continue
             width = te.config.hidden_size
             s.append(_Stream(name, TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, sdxl=True,
-                                                               mask_token_id=0, name=name), slice(start, start + width)))
+                                                               mask_token_id=0, name=name), slice(start, start + width),
+                             arg))
             start += width
     else:
         # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
@@ -248,12 +257,46 @@ class Safree(Guard):
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
+        if not has_text_encoder(protection.pipe):
+            mode = getattr(protection.policy, "embeddings_only", "block")
+            logger.warning("safegen: %s has no text encoder, so SAFREE cannot build its concept space: with the "
+                           "policy's embeddings_only=%r every call is %s", type(protection.pipe).__name__, mode,
+                           "let through unchecked" if mode == "allow" else "blocked")
+        else:
+            self._warn_if_unselective(protection)
         den = type(protection.denoiser).__name__
         if self.reattention and not self._has_skips(protection.denoiser) and den not in _WARNED:
             _WARNED.add(den)  # once per process and backbone class (the reports say it on every call)
             logger.warning("safegen: Safree(reattention=True) on %s: its %s has no U-Net skip features, so latent "
                            "re-attention is not applied (the rest of SAFREE is); see safegen.guards.safree",
                            type(protection.pipe).__name__, type(protection.denoiser).__name__)
+
+    def _warn_if_unselective(self, protection) -> None:
+        """Say at protect() time when the gate cannot tell prompts apart on this text encoder: a category whose
+        k concept phrases span k of the encoder's D dimensions gives a *random* direction a cosine of about
+        √(k/D) to its span; when that reaches the category's threshold, every prompt passes the gate (diffusers'
+        tiny test encoders: D = 32 or less) and SAFREE steers everything."""
+        pipe = protection.pipe
+        te = getattr(pipe, "text_encoder_2", None) or getattr(pipe, "text_encoder", None)
+        width = getattr(getattr(te, "config", None), "hidden_size", None)
+        if not width:
+            return
+        policy = protection.policy
+        loose = []
+        for cat in policy.categories:
+            chance = math.sqrt(min(len(policy.concepts(cat)), width) / width)
+            try:
+                threshold = policy.threshold(cat, self.name, self.threshold)
+            except ValueError:  # a bad threshold fails the calls closed; nothing to warn about here
+                continue
+            if chance >= threshold:
+                loose.append(f"{cat} (≈{chance:.2f})")
+        if loose:
+            logger.warning("safegen: SAFREE cannot be selective on %s's %d-dimensional text encoder: for %s the "
+                           "concept span covers so much of the space that a random prompt reaches the gate's "
+                           "threshold, so every prompt is steered; use a real encoder, or raise the categories' "
+                           "safree thresholds (lower sensitivity) to rely on literal phrases only",
+                           type(pipe).__name__, width, ", ".join(loose))
 
     @staticmethod
     def _has_skips(denoiser) -> bool:
@@ -290,45 +333,78 @@ class Safree(Guard):
         policy = call.policy
         clip_skip = call.args.get("clip_skip")
         cache = call.protection.cache  # per pipeline: one guard object may protect several
+        if not has_text_encoder(call.pipe):
+            unreadable_call(call, self.name, "SAFREE builds its concept space with the pipeline's text encoder, and "
+                                         "this pipeline has none")
+            return
         streams = _streams(call, cache, clip_skip)
         primary = streams[-1]
         cond = call.conditioning()
         pe = cond["prompt_embeds"]
         B = pe.shape[0]
         cats = list(policy.categories)
-        text_mode = call.prompts is not None
+        texts = call.condition_texts()  # every text that conditions the model, per prompt (None: embeddings)
+        text_mode = texts is not None
 
-        # ---- gate: which prompts are about which categories
-        if text_mode:  # the pipeline's own token states: no extra encoder pass for the gate
-            batch = primary.adapter.tokenize(call.prompts)
-            summary = primary.adapter.summarize(pe[..., primary.dims], batch.attention_mask).float()
-        else:
-            batch = None
-            summary = pe[..., primary.dims].float()  # (B, L, D): every position is a candidate
-        scores = torch.zeros(B, len(cats))
-        lexical: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
+        # ---- gate: which prompts are about which categories, in every stream whose text differs from the
+        # primary's (SDXL's prompt_2), from the pipeline's own token states: no extra encoder pass
+        gate_streams = [primary]
+        if text_mode:
+            primary_texts = _stream_texts(texts, primary)
+            gate_streams += [st for st in streams[:-1] if _stream_texts(texts, st) != primary_texts]
+        scores = torch.full((B, len(cats)), float("-inf"))
         nearest: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
-        for j, cat in enumerate(cats):
-            basis, origin, regex, unit, phrases = self._gate_space(cache, primary, cat, policy)
-            x = summary - origin.to(summary.device)
-            cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
-            scores[:, j] = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
-            if text_mode:  # the single concept closest to each prompt, for the report
-                for b, k in enumerate((x @ unit.T.to(x.device)).argmax(-1).tolist()):
-                    nearest[b][j] = phrases[k]
+        for stream in gate_streams:
             if text_mode:
-                for b, p in enumerate(call.prompts):
-                    m = regex.search(p)
-                    if m:
-                        lexical[b][j] = m.group(0)
+                batch = stream.adapter.tokenize(_stream_texts(texts, stream))
+                summary = stream.adapter.summarize(pe[..., stream.dims], batch.attention_mask).float()
+            else:
+                summary = pe[..., stream.dims].float()  # (B, L, D): every position is a candidate
+            for j, cat in enumerate(cats):
+                basis, origin, _, unit, phrases = self._gate_space(cache, stream, cat, policy)
+                x = summary - origin.to(summary.device)
+                cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
+                cos = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
+                better = (cos.cpu() > scores[:, j]) | torch.isnan(cos.cpu())
+                scores[:, j] = torch.where(better, cos.cpu(), scores[:, j])
+                if text_mode:  # the single concept closest to each prompt, for the report
+                    for b, k in enumerate((x @ unit.T.to(x.device)).argmax(-1).tolist()):
+                        if better[b]:
+                            nearest[b][j] = phrases[k]
+        # ---- the literal route: a concept phrase written in any text that conditions the model
+        lexical: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
+        if text_mode:
+            for j, cat in enumerate(cats):
+                regex = self._gate_space(cache, primary, cat, policy)[2]
+                for b, item in enumerate(texts):
+                    for _, text in item:
+                        m = regex.search(text)
+                        if m:
+                            lexical[b][j] = m.group(0)
+                            break
         thresholds = torch.tensor([policy.threshold(c, self.name, self.threshold) for c in cats])
-        fired = (scores >= thresholds) | torch.tensor([[h is not None for h in row] for row in lexical],
-                                                       dtype=torch.bool).view(B, len(cats))
+        lex = torch.tensor([[h is not None for h in row] for row in lexical], dtype=torch.bool).view(B, len(cats))
+        # a NaN score or threshold cannot be decided on (score >= NaN is False): those prompts fail closed,
+        # unless a literal phrase already decides them
+        bad = (~torch.isfinite(scores) | ~torch.isfinite(thresholds)).any(1) & ~lex.any(1)
+        fired = (scores >= thresholds) | lex
         state = {"fired": fired, "scores": scores, "lexical": lexical, "cats": cats, "thresholds": thresholds,
-                 "nearest": nearest}
+                 "nearest": nearest, "error": bad}
         call.scratch["safree"] = state
-        steer = torch.tensor([[policy.categories[c].action != "log" for c in cats]]) & fired
-        flagged = fired.any(1)
+        actions = [policy.categories[c].action for c in cats]
+        blocked_before = torch.tensor(call.blocked_prompts)  # an earlier stage's block: nothing left to steer
+        block = (torch.tensor([[a == "block" for a in actions]]) & fired).any(1) & ~blocked_before & ~bad
+        steer = torch.tensor([[a == "steer" for a in actions]]) & fired & ~(block | bad | blocked_before).view(B, 1)
+        for b in torch.nonzero(bad).flatten().tolist():
+            call.block_prompt(b, self.name, "a similarity score or threshold is not a finite number (NaN or inf): "
+                                            "prompt blocked (fail closed)", verdict="error")
+        for b in torch.nonzero(block).flatten().tolist():
+            j = self._reported_category(state, b, among=[k for k, a in enumerate(actions) if a == "block"])
+            call.block_prompt(b, self.name, f"category {cats[j]!r} ({self._why(state, b, j)}; action: block)",
+                              category=cats[j], concept=lexical[b][j] or nearest[b][j],
+                              score=float(scores[b, j]), threshold=float(thresholds[j]),
+                              steps_saved=call.num_steps)
+        state["blocked"] = block | bad
         steered = steer.any(1)
         state["steered"] = steered
         if not bool(steered.any()) or not self.projection and not self.negative_prompt:
@@ -355,13 +431,14 @@ class Safree(Guard):
                     basis = self._space(cache, stream, group, policy).to(pe.device)
                     tokens = pe[idx][..., stream.dims].float()
                     if text_mode:
-                        sb = stream.adapter.tokenize([call.prompts[b] for b in members])
+                        sb = stream.adapter.tokenize([_stream_texts(texts, stream)[b] for b in members])
                         new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T)
-                        if stream is primary:
+                        if stream is primary or stream in gate_streams:  # each distinct text's triggers
                             for r, b in enumerate(members):
                                 pos = torch.nonzero(trig[r]).flatten()
                                 ids = sb.ids[r, sb.first + pos]
-                                triggers[b] = stream.adapter.token_strings(ids.tolist())
+                                new = [t for t in stream.adapter.token_strings(ids.tolist()) if t not in triggers[b]]
+                                triggers[b] = new + triggers[b] if stream is primary else triggers[b] + new
                     else:
                         new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, stream.adapter.first)
                         if stream is primary:
@@ -379,6 +456,9 @@ class Safree(Guard):
                         safe_pooled.dtype)
             if not self.svf:
                 t_prime = torch.where(t_prime >= 0, torch.full_like(t_prime, T), t_prime)
+        if not bool(torch.isfinite(safe_pe).all()) or safe_pooled is not None and not bool(
+                torch.isfinite(safe_pooled).all()):
+            raise NonFiniteError("SAFREE's projected conditioning is not finite (NaN or inf)")
         any_trigger = {b: bool(triggers[b]) for b in rows}
         # prompts whose tokens were not changed use the original conditioning on every step
         changed = torch.tensor([b in any_trigger and any_trigger[b] for b in range(B)])
@@ -391,14 +471,21 @@ class Safree(Guard):
                                                            cond["pooled_prompt_embeds"])
 
         # ---- the concept keywords as negative prompt of steered prompts (authors' setting)
-        if self.negative_prompt and call.do_cfg and cond.get("negative_prompt_embeds") is not None:
-            neg_text = []
+        # (never over the caller's own negative_prompt_embeds: there is no text to add the keywords to)
+        given_embeds = call.args.get("negative_prompt_embeds") is not None
+        state["negative_kept"] = given_embeds
+        if self.negative_prompt and call.do_cfg and cond.get("negative_prompt_embeds") is not None \
+                and not given_embeds:
+            neg_text, neg_text_2 = [], []
+            user_2 = _as_texts(call.args.get("negative_prompt_2"), B)
             for b in rows:
                 order = sorted((j for j in range(len(cats)) if steer[b, j]), key=lambda j: -float(scores[b, j]))
                 kw = self._keyword_prompt(cache, primary.adapter, policy, [cats[j] for j in order])
                 user = call.negative_prompts[b] if call.negative_prompts else ""
                 neg_text.append(f"{user}, {kw}" if user else kw)
-            enc = _encode_texts(call, neg_text)
+                # SDXL's second encoder reads negative_prompt_2 when the caller gave one
+                neg_text_2.append(f"{user_2[b]}, {kw}" if user_2 and user_2[b] else neg_text[-1])
+            enc = _encode_texts(call, neg_text, neg_text_2 if user_2 else None)
             idx = torch.tensor(rows)
             npe = cond["negative_prompt_embeds"].clone()
             npe[idx] = enc["prompt_embeds"].to(npe.dtype)
@@ -416,7 +503,30 @@ class Safree(Guard):
             lra = LatentReattention(call.pipe.unet, tau=self.reattention_tau, s1=self.reattention_s1,
                                     s2=self.reattention_s2)
             lra.begin(call, state)
+            call.defer(lra.end)
             state["lra"] = lra
+
+    @staticmethod
+    def _reported_category(state: dict, b: int, among: Sequence[int] | None = None) -> int:
+        """The category reported for prompt ``b`` (restricted to the indices ``among``): a literal phrase is the
+        strongest evidence, then the highest similarity among the fired categories, else the closest one."""
+        scores, fired = state["scores"][b], state["fired"][b].clone()
+        allowed = torch.ones_like(fired)
+        if among is not None:
+            allowed = torch.zeros_like(fired)
+            allowed[list(among)] = True
+        lexical = torch.tensor([h is not None for h in state["lexical"][b]]) & allowed
+        pool = lexical if bool(lexical.any()) else fired & allowed
+        if not bool(pool.any()):
+            pool = allowed
+        return int(torch.where(pool, scores.nan_to_num(-1.0), torch.full_like(scores, -2.0)).argmax())
+
+    @staticmethod
+    def _why(state: dict, b: int, j: int) -> str:
+        lex = state["lexical"][b][j]
+        if lex:
+            return f"literal {lex!r}"
+        return f"similarity {float(state['scores'][b, j]):.2f} ≥ {float(state['thresholds'][j]):.2f}"
 
     def _keyword_prompt(self, cache: dict, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
         """Joined concept phrases of ``categories`` (most relevant first), cut to fit the encoder's length."""
@@ -532,11 +642,9 @@ class Safree(Guard):
         cats, scores, fired = state["cats"], state["scores"], state["fired"]
         thresholds = state["thresholds"]
         for b in range(call.batch_size):
-            # the reported category: a literal phrase is the strongest evidence, then the highest similarity
-            lexical_hit = torch.tensor([h is not None for h in state["lexical"][b]])
-            pool = lexical_hit if bool(lexical_hit.any()) else fired[b]
-            j = int(torch.where(pool, scores[b], torch.full_like(scores[b], -1)).argmax()) if bool(pool.any()) \
-                else int(scores[b].argmax())
+            if call.blocked_prompts[b]:  # blocked here (its report is written) or by an earlier stage
+                continue
+            j = self._reported_category(state, b)
             cat = cats[j]
             lex = state["lexical"][b][j]
             for item in call.items_of(b):
@@ -561,18 +669,33 @@ class Safree(Guard):
                 lra = self.reattention and self._has_skips(call.denoiser)
                 res.details = {"beta": round(float(state["beta"][b]), 4) if "beta" in state else None,
                                "lexical_match": lex, "negative_prompt": state.get("negative_text", {}).get(b),
+                               "mode": "text" if call.prompts is not None else "embeddings",
                                "reattention": lra}
                 if self.reattention and not lra:
                     res.details["reattention_skipped"] = (f"{type(call.denoiser).__name__} has no U-Net skip "
                                                           "features to filter")
-                why = f"literal {lex!r}" if lex else f"similarity {res.score:.2f} ≥ {res.threshold:.2f}"
+                if state.get("negative_kept") and self.negative_prompt:
+                    res.details["negative_prompt_skipped"] = ("the call gave negative_prompt_embeds: kept as given "
+                                                              "(no text to add the concept keywords to)")
+                if call.prompts is None:
+                    res.details["embeddings_note"] = ("embeddings only: no literal route (no text), the similarity "
+                                                      "gate decided on every token position")
+                why = self._why(state, b, j)
                 res.reason = (f"category {cat!r} ({why}); projected tokens {trig} out of the concept span "
                               f"for {res.filtered_steps} of {call.num_steps} steps")
 
 
-def _encode_texts(call, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Positive-prompt conditioning of ``texts`` through the pipeline's own encode_prompt (no CFG)."""
+def _as_texts(value, n: int) -> list[str] | None:
+    """A text argument as one entry per prompt (``None`` when not given)."""
+    if value is None:
+        return None
+    return [value] * n if isinstance(value, str) else list(value)
+
+
+def _encode_texts(call, texts: list[str], texts_2: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Positive-prompt conditioning of ``texts`` (and, for a second encoder, ``texts_2``) through the pipeline's
+    own encode_prompt (no CFG)."""
     from ..protection import encode_with_pipeline
 
-    enc = encode_with_pipeline(call, texts, do_cfg=False)
+    enc = encode_with_pipeline(call, texts, do_cfg=False, prompt_2=texts_2)
     return {k: v for k, v in enc.items() if k in ("prompt_embeds", "pooled_prompt_embeds")}

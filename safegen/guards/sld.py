@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..unet_rows import ExtraRows, RowExtender
-from .base import Guard
+from .base import ACTION_RANK, Guard
 from .safree import _encode_texts
 
 #: The presets of diffusers' ``SafetyConfig``: (warmup_steps δ, guidance_scale s_S, threshold λ,
@@ -71,6 +71,15 @@ def sld_guidance(eps_u: torch.Tensor, eps_p: torch.Tensor, eps_s: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------- the safety concept
+
+
+def safety_alignment(eps_u: torch.Tensor, eps_p: torch.Tensor, eps_s: torch.Tensor) -> torch.Tensor:
+    """SLD's per-item flag score: the cosine between the item's classifier-free guidance direction ε_p − ε_u
+    and the safety concept's ε_S − ε_u, over the item's whole latent (one value per row, in [−1, 1]). A prompt
+    whose guidance pushes the image the way the unsafe concept would scores high."""
+    dt = torch.promote_types(eps_p.dtype, torch.float32)
+    u = eps_u.to(dt).flatten(1)
+    return torch.nn.functional.cosine_similarity(eps_p.to(dt).flatten(1) - u, eps_s.to(dt).flatten(1) - u, dim=1)
 
 
 def _round_robin(groups: list[list[str]]) -> list[str]:
@@ -142,6 +151,16 @@ class SLD(Guard):
         concept (`str`, *optional*): the safety concept text. Defaults to ``"an image showing "`` followed by the
             policy's concept phrases (one per category in turn, cut to fit the 77-token text encoder), so the
             policy stays the one place that owns concepts.
+        flag_threshold (`float`, defaults to 0.34): the flag's threshold for categories whose policy sets no
+            ``sld`` threshold. The flag score is the cosine between an item's guidance direction ε_p − ε_u and the
+            safety concept's ε_S − ε_u, averaged over the steps with safety rows (:func:`safety_alignment`);
+            0.34 is the 99th percentile of 500 held-out COCO captions on the embedded default model (medium
+            preset, 25 steps: a 1% benign budget there). Other models: set ``thresholds: {sld: ...}`` in the
+            policy from their own benign prompts.
+
+    A flagged item gets its category's policy action: ``block`` returns the placeholder (after the loop: SLD
+    only knows once the item is generated), ``steer`` keeps the steered image, ``log`` reports; with every
+    category on ``log`` SLD measures its flag without steering.
 
     The defaults equal the ``medium`` preset; :meth:`weak`, :meth:`medium`, :meth:`strong` and :meth:`max` give
     diffusers' four ``SafetyConfig`` presets, and :attr:`preset` names the one a config matches (or ``"custom"``).
@@ -168,6 +187,7 @@ class SLD(Guard):
     momentum_scale: float = 0.3
     momentum_beta: float = 0.4
     concept: str | None = None
+    flag_threshold: float = 0.34
 
     def __post_init__(self):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -176,6 +196,7 @@ class SLD(Guard):
         _check_number("threshold", self.threshold)
         _check_number("momentum_scale", self.momentum_scale, 0.0)
         _check_number("momentum_beta", self.momentum_beta, 0.0, 1.0)
+        _check_number("flag_threshold", self.flag_threshold, -1.0, 1.0)
         if self.concept is not None and (not isinstance(self.concept, str) or not self.concept.strip()):
             raise ValueError(f"SLD(concept=...) must be a non-empty string or None, got {self.concept!r}")
 
@@ -266,8 +287,12 @@ class SLD(Guard):
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
         st: dict[str, Any] = {"active": False, "calls": 0, "guided": set(), "nu": None, "n": None,
-                              "rows": None, "reported": False}
+                              "rows": None, "reported": False, "align_sum": None, "align_steps": 0}
         call.scratch["sld"] = st
+        actions = {c.action for c in call.policy.categories.values()}
+        # guidance only where some category asks for more than a log line; with only `log` categories SLD
+        # measures (its flag) without changing the image
+        st["apply"] = bool(actions & {"steer", "block"})
         if not call.do_cfg:
             st["why_inactive"] = ("inactive: SLD needs classifier-free guidance and this call has none "
                                   "(guidance_scale ≤ 1 or a guidance-distilled UNet)")
@@ -283,6 +308,7 @@ class SLD(Guard):
         ext = RowExtender(call.denoiser, provide=lambda b, i: self._provide(call, st, b, i),
                           consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
         st["extender"] = ext.install()
+        call.defer(ext.remove)
 
     # ------------------------------------------------------------------ the hooks (no host syncs)
 
@@ -321,11 +347,15 @@ class SLD(Guard):
     def _consume(self, call, st, main: torch.Tensor, mine: torch.Tensor, extra: ExtraRows, _n: int):
         n, step = extra.info
         eps_u, eps_p = main[:n], main[n:2 * n]
+        # the flag: how far each item's own guidance direction points at the safety concept's (on device)
+        align = safety_alignment(eps_u, eps_p, mine)
+        st["align_sum"] = align if st["align_sum"] is None else st["align_sum"] + align
+        st["align_steps"] += 1
         new_p, st["nu"] = sld_guidance(eps_u, eps_p, mine, st["nu"], step, guidance_scale=self.guidance_scale,
                                        threshold=self.threshold, momentum_scale=self.momentum_scale,
                                        momentum_beta=self.momentum_beta, warmup_steps=self.warmup_steps)
-        if step < self.warmup_steps:
-            return None  # ε_p unchanged; only the momentum moved
+        if step < self.warmup_steps or not st["apply"]:
+            return None  # ε_p unchanged (warm-up: only the momentum moved; log-only policy: measured only)
         return torch.cat([eps_u, new_p, main[2 * n:]], 0)
 
     # ------------------------------------------------------------------ after the loop
@@ -344,12 +374,14 @@ class SLD(Guard):
         if not items:
             return  # every prompt was blocked before the loop: nothing was generated
         preset = self.preset
-        guided = len(st["guided"])
+        guided = len(st["guided"]) if st["apply"] else 0
         steps = call.scratch.get("steps_run", call.num_steps)
         details = {**self.config_dict(), "active": st["active"], "concept": st.get("concept"),
                    "guided_steps": guided, "unet_calls_with_safety_rows": st["calls"]}
         if not st["active"]:
             verdict, reason = "pass", st["why_inactive"]
+        elif not st["apply"]:
+            verdict, reason = "pass", "measured only: every policy category's action is log"
         elif guided == 0:
             verdict = "pass"
             reason = (f"inactive: the {preset} preset's warm-up of {self.warmup_steps} steps was not reached in "
@@ -358,8 +390,50 @@ class SLD(Guard):
             verdict = "steer"
             reason = (f"SLD ({preset} preset) guided the denoising away from the safety concept on {guided} of "
                       f"{steps} steps")
-        for item in items:
+        flags, thresholds = self._flags(call, st, len(items))
+        for j, item in enumerate(items):
             res = call.result(item, self.name)
             res.verdict = verdict
             res.reason = reason
             res.details = dict(details)
+            if flags is None:
+                continue
+            score, fired, bad = flags[j]
+            res.score = score
+            res.details["flag_thresholds"] = dict(thresholds)
+            if bad:
+                call.block_item(item, self.name, "SLD's flag score is not a finite number (NaN or inf): item "
+                                "blocked (fail closed)", verdict="error")
+                continue
+            if not fired:
+                continue
+            cat = max(fired, key=lambda c: ACTION_RANK[call.policy.categories[c].action])
+            action = call.policy.categories[cat].action
+            res.category, res.threshold = cat, thresholds[cat]
+            res.details["flagged_categories"] = fired
+            why = (f"its guidance points at the safety concept (alignment {score:.2f} ≥ {res.threshold:.2f}, "
+                   f"category {cat!r})")
+            if action == "block":
+                call.block_item(item, self.name, f"{why}; action: block", category=cat, score=score,
+                                threshold=res.threshold)
+            elif action == "log" and verdict != "steer":
+                res.verdict, res.reason = "log", f"{why}; action: log"
+            else:
+                res.reason = f"{reason}; {why}"
+
+    def _flags(self, call, st, n: int):
+        """``(rows, thresholds)``: per item ``(alignment score, categories whose threshold it reaches,
+        non-finite)`` from one host copy, and the threshold per category; ``(None, {})`` when no safety rows ran
+        (nothing was measured)."""
+        if st["align_sum"] is None or not st["align_steps"]:
+            return None, {}
+        score = (st["align_sum"] / st["align_steps"]).cpu()[:n]
+        policy = call.policy
+        thresholds = {c: policy.threshold(c, self.name, self.flag_threshold) for c in policy.categories}
+        bad_thr = not all(math.isfinite(t) for t in thresholds.values())
+        rows = []
+        for v in score.tolist():
+            bad = bad_thr or not math.isfinite(v)
+            fired = [] if bad else [c for c, t in thresholds.items() if v >= t]
+            rows.append((round(v, 4) if math.isfinite(v) else v, fired, bad))
+        return rows, thresholds
