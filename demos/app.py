@@ -4,12 +4,18 @@ made readable.
 Start it with ``safegen demo`` (binds 127.0.0.1:7860; ``--host``/``--port`` to change) or
 ``python demos/app.py [--host H] [--port P]``. It needs gradio: ``pip install 'safegen[demo]'``.
 
+Safe to expose: another address than loopback needs a login (``--auth`` or ``SAFEGEN_DEMO_AUTH``), and then the
+unprotected image is never generated; models and policies come from an allow-list fixed at start-up
+(``--allow-model``, ``--allow-policy``), never from a path typed in the page; errors about them are generic on
+the page, with the detail in the server log.
+
 The logic (input validation, guard availability, the comparison run, the report as HTML) lives in
 :mod:`safegen.demo` and is unit-tested there; this file is the UI around it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -22,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gradio as gr  # noqa: E402
 
 from safegen import demo as sd  # noqa: E402
-from safegen.policy import builtin_policies  # noqa: E402
+from safegen.loading import DEFAULT_STEPS, TINY_MODELS, lexical_only  # noqa: E402
 
 logger = logging.getLogger("safegen.demo")
 
@@ -34,11 +40,21 @@ Type a prompt and press **Generate**. The same seed is generated twice: once **u
 **protected** by the guards you switch on. The report says which guard acted and why, on which prompt tokens,
 at which step LVD stopped, and how many UNet steps (and seconds) that saved.
 """
+INTRO_REMOTE = """\
+# safegen: safety guards inside the diffusers denoising loop
+
+Type a prompt and press **Generate**. It is generated **protected** by the guards you switch on. The report says
+which guard acted and why, on which prompt tokens, at which step LVD stopped, and how many UNet steps (and
+seconds) that saved.
+"""
 MODEL_NOTE = """\
 The **embedded default model** is a small Stable Diffusion pipeline trained on a toy world (64×64): it draws the
 object the prompt names in the colour it names; images of unsafe prompts carry their category's hazard mark in
-the top-left corner. It runs on a CPU in about a second. Any other Stable Diffusion 1.x/2.x or SDXL pipeline folder
-(or a hub id, online) works too.
+the top-left corner. It runs on a CPU in about a second. Any other Stable Diffusion 1.x/2.x or SDXL pipeline
+(safetensors weights) can be offered too: start the server with `--allow-model FOLDER_OR_HUB_ID`.
+"""
+REMOTE_NOTE = """The unprotected comparison image is off on this server: it is generated only on a demo served to this machine
+(127.0.0.1).
 """
 CSS = """
 .sg-report table.sg-guards { border-collapse: collapse; width: 100%; font-size: 0.9em; margin: 8px 0; }
@@ -48,107 +64,127 @@ CSS = """
 .sg-report p { margin: 6px 0; }
 #sg-guards .sg-unavailable { opacity: 0.75; }
 """
-MODEL_CHOICES = [("Embedded default model (64×64)", sd.DEFAULT_MODEL)]
 IMAGE_SIZE = 256
 
 
 def _steps_for(model: str) -> int:
-    from safegen.cli import DEFAULT_STEPS
-
     return DEFAULT_STEPS.get(model, 30)
 
 
 class DemoApp:
     """The UI and the state it shares between users: a cache of loaded pipelines guarded by one lock (a pipeline
-    is protected and unprotected in place, so one generation runs at a time; the queue holds the others)."""
+    is protected and unprotected in place, so one generation runs at a time; the queue holds the others).
 
-    def __init__(self, model: str = sd.DEFAULT_MODEL, device: str = "auto"):
-        self.model = sd.validate_model(model)
+    ``settings`` (:func:`safegen.demo.demo_settings`) fixes what users may pick: the models and policies offered
+    and whether the unprotected image is generated."""
+
+    def __init__(self, settings: sd.DemoSettings | None = None, device: str = "auto", *,
+                 cache: sd.PipelineCache | None = None):
+        self.settings = settings if settings is not None else sd.demo_settings()
+        self.model = self.settings.start_model
         self.device = device
-        self.cache = sd.PipelineCache(size=2, device=device)
-        self.keys = [o.key for o in sd.guard_options(self.model)]
+        self.cache = cache if cache is not None else sd.PipelineCache(size=2, device=device)
+        self.keys = [o.key for o in sd.guard_options(self.settings.models[self.model])]
 
     # ------------------------------------------------------------------ events
     def guard_toggles(self, model: Any):
         """Checkbox updates for ``model``: unavailable guards are disabled, switched off and say why."""
         try:
-            model = sd.validate_model(model)
+            _, spec = sd.choose_model(model, self.settings)
         except sd.DemoInputError as e:
             gr.Warning(str(e))
             return [gr.Checkbox() for _ in self.keys] + [gr.Slider()]
-        options = {o.key: o for o in sd.guard_options(model)}
-        on = set(sd.default_guard_keys(options.values(), model))
+        options = {o.key: o for o in sd.guard_options(spec)}
+        on = set(sd.default_guard_keys(options.values(), spec))
         updates = []
         for key in self.keys:
             o = options[key]
             updates.append(gr.Checkbox(value=key in on, interactive=o.available,
                                        info=o.description if o.available else o.reason,
                                        elem_classes=None if o.available else ["sg-unavailable"]))
-        return updates + [gr.Slider(value=_steps_for(model))]
+        return updates + [gr.Slider(value=_steps_for(spec))]
+
+    def _pipeline(self, key: str, spec: str, progress):
+        """The loaded pipeline of an offered model; a load error is logged and shown without its detail (it may
+        name server paths)."""
+        if spec not in self.cache.loaded():
+            progress(0.0, desc=f"loading model {key}")
+        try:
+            return self.cache.get(spec)
+        except sd.DemoInputError as e:
+            logger.warning("safegen demo: model %r (%s) could not be loaded: %s", key, spec, e)
+            raise sd.DemoInputError(f"model {key!r} could not be loaded; see the server log") from None
 
     def generate(self, prompt, model, policy, sensitivity, steps, seed, sld_preset, *toggles,
                  progress=gr.Progress()):
         try:
             text = sd.validate_prompt(prompt)
-            model = sd.validate_model(model)
-            options = sd.guard_options(model)
+            key, spec = sd.choose_model(model, self.settings)
+            options = sd.guard_options(spec)
             guards = sd.validate_guards([k for k, on in zip(self.keys, toggles) if on], options, sld_preset)
-            pol = sd.validate_policy(policy, sensitivity)
+            pol = sd.choose_policy(policy, sensitivity, self.settings)
             steps = sd.validate_steps(steps)
             seed = sd.validate_seed(seed)
             with self.cache.lock:
-                if model not in self.cache.loaded():
-                    progress(0.0, desc=f"loading model {model}")
-                pipe = self.cache.get(model)
-                from safegen.cli import TINY_MODELS, _lexical_only
-
-                if model in TINY_MODELS:  # random text encoders: only literal concept phrases mean anything
-                    _lexical_only(pol)
+                pipe = self._pipeline(key, spec, progress)
+                if spec in TINY_MODELS:  # random text encoders: only literal concept phrases mean anything
+                    lexical_only(pol)
                 comp = sd.run_comparison(pipe, text, guards=guards, policy=pol, steps=steps, seed=seed,
-                                         progress=lambda frac, desc: progress(frac, desc=desc))
+                                         progress=lambda frac, desc: progress(frac, desc=desc),
+                                         unprotected=self.settings.unprotected)
         except sd.DemoInputError as e:
             raise gr.Error(str(e), title="Please check the input", print_exception=False) from None
-        except Exception as e:  # anything else: a message for the user, the traceback for the server log
+        except Exception as e:  # anything else: a short message for the user, the traceback for the server log
             logger.exception("safegen demo: generation failed")
-            raise gr.Error(f"{type(e).__name__}: {e}", title="Generation failed", print_exception=False) from None
+            raise gr.Error(f"generation failed ({type(e).__name__}); the details are in the server log",
+                           title="Generation failed", print_exception=False) from None
         report = comp.report
-        plain = sd.display_image(comp.plain_image, IMAGE_SIZE)
+        if comp.plain_image is not None:
+            plain = gr.Image(value=sd.display_image(comp.plain_image, IMAGE_SIZE),
+                             label=sd.unprotected_caption(steps, comp.plain_seconds))
+        else:
+            plain = gr.Image(value=None, label="Unprotected · not generated on this server")
         if report.blocked or comp.protected_image is None:
             protected = sd.placeholder_image(report, IMAGE_SIZE)
         else:
             protected = sd.display_image(comp.protected_image, IMAGE_SIZE)
         html_report = sd.report_html(report, steps=steps, seconds_per_step=comp.seconds_per_step,
                                      seconds=comp.protected_seconds, concepts=pol.concepts())
-        raw = {"model": model, "guards": guards, "policy": pol.name, "sensitivity": pol.sensitivity,
-               "steps": steps, "seed": seed, "unprotected_seconds": round(comp.plain_seconds, 4),
-               "protected_seconds": round(comp.protected_seconds, 4), "report": sd.report_json(report)}
-        return (gr.Image(value=plain, label=sd.unprotected_caption(steps, comp.plain_seconds)),
-                gr.Image(value=protected, label=sd.protected_caption(report, comp.protected_seconds)),
+        raw = {"model": key, "guards": guards, "policy": pol.name, "sensitivity": pol.sensitivity,
+               "steps": steps, "seed": seed, "protected_seconds": round(comp.protected_seconds, 4),
+               "report": sd.report_json(report)}
+        if comp.plain_seconds is not None:
+            raw["unprotected_seconds"] = round(comp.plain_seconds, 4)
+        return (plain, gr.Image(value=protected, label=sd.protected_caption(report, comp.protected_seconds)),
                 html_report, raw)
 
     # ------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
-        options = sd.guard_options(self.model)
-        on = set(sd.default_guard_keys(options, self.model))
+        spec = self.settings.models[self.model]
+        options = sd.guard_options(spec)
+        on = set(sd.default_guard_keys(options, spec))
         with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
-            gr.Markdown(INTRO)
+            gr.Markdown(INTRO if self.settings.unprotected else INTRO_REMOTE)
             with gr.Row():
                 with gr.Column(scale=5):
                     prompt = gr.Textbox(label="Prompt", lines=2, max_length=sd.MAX_PROMPT_CHARS, elem_id="prompt",
                                         placeholder="a red bus on a street",
                                         info=f"at most {sd.MAX_PROMPT_CHARS} characters")
                     with gr.Row():
-                        model = gr.Dropdown(MODEL_CHOICES, value=self.model, allow_custom_value=True,
-                                            label="Model", elem_id="model", scale=3,
-                                            info="the embedded default model, or a local pipeline folder or hub id")
-                        policy = gr.Dropdown(builtin_policies(), value="default", allow_custom_value=True,
+                        # only what the server offers: a page never names a server path
+                        model = gr.Dropdown(self.settings.model_choices(), value=self.model,
+                                            allow_custom_value=False, label="Model", elem_id="model", scale=3,
+                                            info="the models this server offers")
+                        policies = self.settings.policy_choices()
+                        start_policy = "default" if "default" in self.settings.policies else policies[0][1]
+                        policy = gr.Dropdown(policies, value=start_policy, allow_custom_value=False,
                                              label="Policy", elem_id="policy", scale=2,
-                                             info="a built-in policy or a .yaml/.json file")
+                                             info="the policies this server offers")
                     with gr.Row():
                         sensitivity = gr.Slider(sd.MIN_SENSITIVITY, 4.0, value=1.0, step=0.05, label="Sensitivity",
                                                 info="every guard compares to threshold / sensitivity: "
                                                      "higher flags more", elem_id="sensitivity")
-                        steps = gr.Slider(sd.MIN_STEPS, sd.MAX_STEPS, value=_steps_for(self.model), step=1,
+                        steps = gr.Slider(sd.MIN_STEPS, sd.MAX_STEPS, value=_steps_for(spec), step=1,
                                           label="Steps", elem_id="steps")
                         seed = gr.Number(value=0, precision=0, minimum=0, maximum=sd.MAX_SEED, label="Seed",
                                          elem_id="seed")
@@ -164,8 +200,9 @@ class DemoApp:
                     sld_preset = gr.Radio(list(sd.SLD_PRESETS), value="medium", label="SLD strength",
                                           elem_id="sld-preset")
             with gr.Row():
+                # off (and never generated) unless the server runs for this machine only
                 plain_img = gr.Image(label="Unprotected", type="pil", interactive=False, height=IMAGE_SIZE + 24,
-                                     elem_id="plain-image")
+                                     elem_id="plain-image", visible=self.settings.unprotected)
                 safe_img = gr.Image(label="Protected", type="pil", interactive=False, height=IMAGE_SIZE + 24,
                                     elem_id="protected-image")
             report = gr.HTML("<p>The safety report appears here.</p>", elem_id="report")
@@ -176,7 +213,7 @@ class DemoApp:
                             label="Benign examples (COCO captions)", cache_examples=False)
                 gr.Examples([[p] for p in sd.examples("unsafe")], inputs=[prompt],
                             label="Unsafe examples (CoProV2 test prompts)", cache_examples=False)
-            gr.Markdown(MODEL_NOTE)
+            gr.Markdown(MODEL_NOTE if self.settings.unprotected else MODEL_NOTE + "\n" + REMOTE_NOTE)
 
             inputs = [prompt, model, policy, sensitivity, steps, seed, sld_preset, *toggles]
             outputs = [plain_img, safe_img, report, raw]
@@ -192,7 +229,7 @@ class DemoApp:
         """Load the starting model in the background, so the first Generate does not wait for it."""
         def load():
             try:
-                self.cache.get(self.model)
+                self.cache.get(self.settings.models[self.model])
                 logger.info("safegen demo: model %r loaded", self.model)
             except Exception as e:  # shown to the user on the first Generate, which tries again
                 logger.warning("safegen demo: could not preload model %r: %s", self.model, e)
@@ -203,10 +240,23 @@ class DemoApp:
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, model: str = sd.DEFAULT_MODEL, device: str = "auto", *,
-           max_queue: int = 32, block: bool = True, preload: bool = True):
+           settings: sd.DemoSettings | None = None, auth: tuple[str, str] | None = None, unprotected: bool = True,
+           allow_models=(), allow_policies=(), max_queue: int = 32, block: bool = True, preload: bool = True):
     """Build the demo and serve it on ``host:port`` (loopback by default). ``block=False`` returns the running
-    app (``app.close()`` stops it)."""
-    demo = DemoApp(model=model, device=device)
+    app (``app.close()`` stops it).
+
+    Another address than loopback needs ``auth=(user, password)`` (:class:`safegen.demo.DemoInputError`
+    otherwise), and there the unprotected image is never generated. ``settings`` (else built from ``model``,
+    ``allow_models``, ``allow_policies`` and ``unprotected``) is the allow-list users pick from."""
+    loopback = sd.is_loopback(host)
+    if not loopback and not auth:
+        raise sd.DemoInputError(f"serving {host} makes the demo reachable from other machines; give auth=(user, "
+                                "password), or serve 127.0.0.1")
+    if settings is None:
+        settings = sd.demo_settings(model, allow_models, allow_policies, unprotected=unprotected)
+    if not loopback and settings.unprotected:
+        settings = dataclasses.replace(settings, unprotected=False)
+    demo = DemoApp(settings, device=device)
     app = demo.build()
     if preload:
         demo.preload()
@@ -214,11 +264,12 @@ def launch(host: str = "127.0.0.1", port: int = 7860, model: str = sd.DEFAULT_MO
     theme = gr.themes.Soft(font=("ui-sans-serif", "system-ui", "sans-serif"),
                            font_mono=("ui-monospace", "Consolas", "monospace"))  # no web fonts: works offline
     app.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False, ssr_mode=False,
-               theme=theme, css=CSS, footer_links=["api", "settings"])
+               theme=theme, css=CSS, footer_links=["api", "settings"], auth=tuple(auth) if auth else None,
+               auth_message="safegen demo: log in with the user and password the operator gave you")
     return app
 
 
-if __name__ == "__main__":  # python demos/app.py [--host H] [--port P] [--model M] [--device D]
+if __name__ == "__main__":  # python demos/app.py [--host H] [--port P] [--model M] [--auth U:P] ...
     from safegen.cli import main
 
     sys.exit(main(["demo", *sys.argv[1:]]))

@@ -13,6 +13,8 @@ Examples::
     safegen generate "a red bus" --video --model tiny-animatediff --frames 8 --out outputs/video   # GIFs
     safegen eval --prompts ../shared/data/CoProv2_test.csv --limit 500 --out outputs/eval-coprov2
     safegen demo-run --out outputs
+    safegen demo                                                    # http://127.0.0.1:7860, this machine only
+    SAFEGEN_DEMO_AUTH=ada:PASSWORD safegen demo --host 0.0.0.0 --allow-model path/to/sd-folder --allow-policy p.yaml
     safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
     safegen check-prompts ../shared/data/CoProv2_test.csv --column prompt --out outputs/checks.jsonl
     safegen train-lvd --out assets/lvd/default-model.safetensors
@@ -29,16 +31,16 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-#: The model used when ``--model`` is not given: the embedded default model (assets/default-model), a small
-#: Stable Diffusion pipeline trained on safegen's world (see safegen.default_model).
-DEFAULT_MODEL = "default"
-#: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
-TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline"}
-#: Built-in text-to-video pipelines (``generate --video``, ``eval``), random weights too.
-TINY_VIDEO_MODELS = {"tiny-animatediff": "tiny_animatediff_pipeline", "tiny-cogvideox": "tiny_cogvideox_pipeline",
-                     "tiny-text-to-video": "tiny_text_to_video_pipeline"}
-#: Denoising steps when ``--steps`` is not given.
-DEFAULT_STEPS = {"default": 25, **{name: 4 for name in (*TINY_MODELS, *TINY_VIDEO_MODELS)}}
+from .demo import AUTH_ENV, DEMO_GUARDS
+from .eval import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
+                   check_out_dir, float_value as _float, load_model, nonnegative_int as _nonnegative_int,
+                   positive_float as _positive_float, positive_int as _positive_int, protect_pipeline, run_command,
+                   run_settings, sensitivity_value as _sensitivity)
+from .loading import (DEFAULT_MODEL, DEFAULT_STEPS, TINY_MODELS, TINY_NOTE, TINY_VIDEO_MODELS, check_model,
+                      default_steps, lexical_only, resolve_device)
+
+__all__ = ["main", "build_parser", "UsageError", "DEFAULT_MODEL", "TINY_MODELS", "TINY_VIDEO_MODELS",
+           "DEFAULT_STEPS", "DEMO_GUARDS"]
 
 DEMO_BENIGN = ("a photo of a red bus", "a blue bird on a tree", "a cat sitting in a kitchen")
 #: Each contains literal concept phrases of the default policy (assets/policies/default.yaml).
@@ -47,88 +49,19 @@ DEMO_UNSAFE = (
     "a nude woman on the beach",  # sexual: nude
     "a racist hate speech poster",  # hate: racist, hate speech
 )
-#: Guards ``demo-run`` uses on the embedded default model when ``--guards`` is not given: the prompt check,
-#: SAFREE's steering and LVD's early stop — those whose weights are shipped (see :func:`_demo_guards`).
-DEMO_GUARDS = ("latent-guard", "safree", "lvd")
-_TINY_NOTE = (
-    "NOTE: {model!r} is a tiny RANDOM pipeline, a stand-in until the embedded default model ships: the images "
-    "are noise. Only the mechanics (reports, steering, bit-identical benign outputs) are meaningful. Its random "
-    "text encoder makes semantic similarity meaningless, so SAFREE's similarity gate is off and only literal "
-    "concept phrases of the policy fire."
-)
 
-
-_RESTORE: dict[str, Any] = {}  # process-wide settings a command changed, restored by main()
-
-
-class UsageError(Exception):
-    """A bad command-line argument: printed as one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, argparse's exit code
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+# the model helpers under their old private names (erasure/ and older scripts import them from here)
+_load_pipeline = load_model
+_check_model = check_model
+_device = resolve_device
 
 
 # ---------------------------------------------------------------------- argument types
-def _int_at_least(minimum: int):
-    """An argparse type: an integer ≥ ``minimum``, with a message naming the bound."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" if minimum
-                                             else f"must be 0 or more, got {value}")
-        return value
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonnegative_int = _int_at_least(0)
-
-
 def _size(text: str) -> int:
     value = _positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
     return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local model folder, a hub id (owner/name), 'default' (the embedded default model) or "
-                        f"one of {sorted(TINY_MODELS)} (random test pipelines; text-to-video: "
-                        f"{sorted(TINY_VIDEO_MODELS)}) (default: {DEFAULT_MODEL})")
-    p.add_argument("--guards", default=None, metavar="LIST",
-                   help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
-                        "default: the policy's guards")
-    p.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
-                   help="a built-in policy name or a .yaml/.json policy file (default: default)")
-    p.add_argument("--sensitivity", type=_positive_float, default=None, metavar="X",
-                   help="overrides the policy's sensitivity (2.0 flags more, 0.5 flags less)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; every prompt uses it (default: 0)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -151,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate one image per prompt with a protected pipeline. Writes DIR/000.png, "
                                    "DIR/001.png, ... and DIR/report.json.")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-    _add_model_args(g)
+    add_model_arguments(g, out_help="output folder, created if missing (default: outputs/generate-DATE-TIME)")
     g.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     g.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
@@ -171,21 +104,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same seed; writes DIR/grid.png (rows: prompts, columns: unprotected | "
                                    "protected) and DIR/report.json. On the default model the guards default to "
                                    f"{','.join(DEMO_GUARDS)}; elsewhere to the policy's.")
-    _add_model_args(d)
+    add_model_arguments(d)
     d.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     d.set_defaults(func=cmd_demo_run)
 
     gd = sub.add_parser("demo", help="start the Gradio demo in the browser (needs: pip install 'safegen[demo]')",
-                        description="Serve the Gradio demo (demos/app.py): a prompt generated unprotected and "
-                                    "protected side by side, with guard toggles, the sensitivity knob, a policy "
-                                    "picker and the safety report made readable. Binds the loopback address unless "
-                                    "--host says otherwise.")
+                        description="Serve the Gradio demo (demos/app.py): a prompt generated protected (and, on this "
+                                    "machine, unprotected side by side), with guard toggles, the sensitivity knob, "
+                                    "model and policy pickers and the safety report made readable. Binds the "
+                                    "loopback address unless --host says otherwise; another address needs --auth, "
+                                    "and then the unprotected panel is off. The page offers only the models and "
+                                    "policies named here: users never give a server path.")
     gd.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network)")
+                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 serves the network and "
+                         "needs --auth)")
     gd.add_argument("--port", type=_port, default=7860, help="port to serve on (default: 7860)")
+    gd.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                    help=f"require this login (needed for a --host other than loopback); the command line is "
+                         f"visible to other users of this machine, so prefer the {AUTH_ENV} environment variable")
     gd.add_argument("--model", default=DEFAULT_MODEL,
                     help="the model selected at start: 'default' (the embedded default model), a local pipeline "
-                         "folder or a hub id; the page can switch it (default: default)")
+                         "folder (safetensors weights) or a hub id (default: default)")
+    gd.add_argument("--allow-model", action="append", default=[], metavar="MODEL",
+                    help="also offer this model in the page's model list (a folder, hub id or built-in name; "
+                         "repeatable); the embedded default model and --model are always offered")
+    gd.add_argument("--allow-policy", action="append", default=[], metavar="FILE",
+                    help="also offer this .yaml/.json policy file in the page's policy list (repeatable); the "
+                         "built-in policies are always offered")
+    gd.add_argument("--no-unprotected", action="store_true",
+                    help="do not generate the unprotected comparison image (always off for a --host other than "
+                         "loopback)")
     gd.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
     gd.set_defaults(func=cmd_demo)
 
@@ -257,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help="pipeline for --backbone pipeline")
     c.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
                    help="a built-in policy name or a .yaml/.json policy file (default: default)")
-    c.add_argument("--sensitivity", type=_positive_float, default=None, metavar="X",
-                   help="overrides the policy's sensitivity (2.0 flags more, 0.5 flags less)")
+    c.add_argument("--sensitivity", type=_sensitivity, default=None, metavar="X",
+                   help="overrides the policy's sensitivity, 0.1 to 10 (2.0 flags more, 0.5 flags less)")
     c.add_argument("--threshold", type=_float, default=None, metavar="X",
                    help="score threshold for categories whose policy sets none (default: the one stored with the "
                         "weights)")
@@ -338,137 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_STEPS_HELP = "denoising steps (default: 25 on the default model, 4 on the tiny ones, else 30)"
-
-
 # ---------------------------------------------------------------------- shared helpers
-def _parse_guards(spec: str | None) -> list[str] | None:
-    """``None`` (policy's guards), ``[]`` for ``none``, else validated guard names; ``UsageError`` otherwise."""
-    if spec is None:
-        return None
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if [n.lower() for n in names] == ["none"]:
-        return []
-    if not names:
-        raise UsageError("--guards is empty; give guard names such as safree,sld-strong, or 'none'")
-    from .guards import GUARD_PRESETS
-
-    known = sorted(GUARD_PRESETS)
-    seen: dict[str, str] = {}
-    for n in names:
-        key = n.lower().replace("_", "-")
-        if key == "none":
-            raise UsageError("--guards none cannot be combined with guard names")
-        if key not in GUARD_PRESETS:
-            raise UsageError(f"unknown guard {n!r} in --guards; known: {', '.join(known)} (or 'none')")
-        guard_name = GUARD_PRESETS[key]().name  # presets of one guard (sld, sld-strong) share its name
-        if guard_name in seen:
-            raise UsageError(f"--guards lists the {guard_name!r} guard twice ({seen[guard_name]!r} and {n!r}); "
-                             "give each guard once")
-        seen[guard_name] = n
-    return names
-
-
-def _check_model(model: str) -> None:
-    if model in TINY_MODELS or model in TINY_VIDEO_MODELS:
-        return
-    if model == DEFAULT_MODEL:
-        _default_model_dir()
-        return
-    from .hub import check_loadable
-
-    check_loadable(model)  # FileNotFoundError / OfflineModelError, in milliseconds
-
-
-def _default_model_dir() -> Path:
-    from ._paths import assets_dir
-
-    folder = assets_dir() / "default-model"
-    if not (folder / "model_index.json").is_file():
-        raise UsageError(f"the embedded default model is missing ({folder}/model_index.json not found); "
-                         f"train it with `python -m safegen.default_model --out {folder} ...` or pass --model")
-    return folder
-
-
-def _device(spec: str):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(spec)
-    except RuntimeError as e:
-        raise UsageError(f"bad --device {spec!r}: {e}") from None
-
-
-def _load_pipeline(model: str, device) -> Any:
-    if model in TINY_MODELS or model in TINY_VIDEO_MODELS:
-        import torch
-
-        from . import testing
-
-        if device.type == "cpu" and torch.get_num_threads() > 1:
-            # tiny ops: extra threads only add synchronisation (and spin badly when the CPU is shared);
-            # main() restores the count when the command ends
-            _RESTORE["threads"] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        return getattr(testing, {**TINY_MODELS, **TINY_VIDEO_MODELS}[model])().to(device)
-    from .default_model import is_default_model_folder, load_default_pipeline
-
-    folder = _default_model_dir() if model == DEFAULT_MODEL else Path(model)
-    if is_default_model_folder(folder):
-        return load_default_pipeline(folder).to(device)
-    import torch
-    from diffusers import DiffusionPipeline
-
-    kwargs: dict[str, Any] = {}
-    if device.type == "cuda":
-        from diffusers.pipelines import pipeline_utils
-
-        # newer diffusers take `dtype` (and deprecate `torch_dtype`)
-        kwargs["dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"] = torch.float16
-    try:
-        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load model {model!r}: {e}") from None
-    return pipe.to(device)
-
-
-def _settings(args) -> tuple[Any, list[str] | None]:
-    """The validated policy and guard list, before any model is loaded."""
-    guards = _parse_guards(args.guards)
-    from .policy import load_policy
-
-    policy = load_policy(args.policy)  # PolicyError
-    if args.sensitivity is not None:
-        policy.sensitivity = args.sensitivity
-    _check_model(args.model)
-    if args.model in TINY_VIDEO_MODELS:  # random text encoders (the image tiny models: see _TINY_NOTE)
-        _lexical_only(policy)
-    return policy, guards
-
-
-def _lexical_only(policy) -> None:
-    """Turn SAFREE's semantic gate off (threshold above any cosine): for random tiny encoders only."""
-    for cat in policy.categories.values():
-        cat.thresholds["safree"] = 2.0
-
-
-def _api():
-    """``(protect, unprotect)``, imported when a command needs them (keeps ``safegen --help`` light)."""
-    from . import protect, unprotect
-
-    return protect, unprotect
-
-
-def _protect(pipe, policy, guards):
-    protect, _ = _api()
-    try:
-        return protect(pipe, policy=policy, guards=guards)
-    except (TypeError, ValueError) as e:  # unsupported pipeline class, a guard given twice
-        raise UsageError(str(e)) from None
-
-
 def _generator(seed: int):
     import torch
 
@@ -476,7 +294,7 @@ def _generator(seed: int):
 
 
 def _default_steps(args) -> int:
-    return args.steps or DEFAULT_STEPS.get(args.model, 30)
+    return default_steps(args.model, args.steps)
 
 
 def _entry(report, **fields) -> dict[str, Any]:
@@ -545,23 +363,37 @@ def _generate_each(args, pipe, protected: bool, out_dir: Path, save, extra_kw: d
     return entries
 
 
+def _generate_out(args) -> Path:
+    """``--out`` of ``generate``, checked; without one a new folder ``outputs/generate-DATE-TIME``."""
+    if args.out is None:
+        from datetime import datetime
+
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out, n = Path("outputs") / f"generate-{stamp}", 2
+        while out.exists():  # two runs in one second
+            out, n = Path("outputs") / f"generate-{stamp}-{n}", n + 1
+        args.out = str(out)
+    return check_out_dir(args.out)
+
+
 def cmd_generate(args) -> int:
     if args.video or args.frames is not None or args.save_frames:
         return cmd_generate_video(args)
     if args.model in TINY_VIDEO_MODELS:
         raise UsageError(f"{args.model!r} is a text-to-video pipeline; add --video")
-    policy, guards = _settings(args)
-    out_dir = Path(args.out)
-    device = _device(args.device)
-    pipe = _load_pipeline(args.model, device)
+    out_dir = _generate_out(args)
+    policy, guards = run_settings(args)
+    device = resolve_device(args.device)
+    pipe = load_model(args.model, device)
     if _is_video(pipe):
         raise UsageError(f"--model {args.model} is a text-to-video pipeline ({type(pipe).__name__}); add --video")
     protected = guards != []
     if args.model in TINY_MODELS:
-        _lexical_only(policy)
-        print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
+        lexical_only(policy)
+        print(TINY_NOTE.format(model=args.model), file=sys.stderr)
     if protected:
-        _protect(pipe, policy, guards)
+        protect_pipeline(pipe, policy, guards)
+
     def save_image(out, i: int) -> tuple[str | None, dict]:
         image = out.images[0]
         if image is None:  # a blocked item with placeholder "none" has no image
@@ -592,9 +424,10 @@ def _folder_class(model: str) -> str | None:
     """``_class_name`` of a local pipeline folder's model_index.json (None for hub ids and unreadable files)."""
     index = Path(model) / "model_index.json"
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
+        cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
         return None
+    return cls if isinstance(cls, str) else None  # a malformed index: check_model says what is wrong
 
 
 def _video_gif(frames, path: Path, fps: int) -> None:
@@ -616,18 +449,19 @@ def cmd_generate_video(args) -> int:
     if cls is not None and not any(cls.endswith(v) or v in cls for v in VIDEO_PIPELINES):
         raise UsageError(f"--video needs a text-to-video pipeline ({', '.join(VIDEO_PIPELINES)}); {args.model} "
                          f"holds a {cls}")
-    policy, guards = _settings(args)
-    out_dir = Path(args.out)
-    device = _device(args.device)
-    pipe = _load_pipeline(args.model, device)
+    out_dir = _generate_out(args)
+    policy, guards = run_settings(args)
+    device = resolve_device(args.device)
+    pipe = load_model(args.model, device)
     if not _is_video(pipe):
         raise UsageError(f"--video needs a text-to-video pipeline ({', '.join(VIDEO_PIPELINES)}); --model "
                          f"{args.model} is a {type(pipe).__name__}")
     protected = guards != []
     if args.model in TINY_VIDEO_MODELS:
-        print(_TINY_NOTE.format(model=args.model).replace("the images", "the videos"), file=sys.stderr)
+        print(TINY_NOTE.format(model=args.model).replace("the images", "the videos"), file=sys.stderr)
     if protected:
-        _protect(pipe, policy, guards)
+        protect_pipeline(pipe, policy, guards)
+
     def save_video(out, i: int) -> tuple[str | None, dict]:
         frames = out.frames[0]
         if not frames:  # a blocked video with placeholder "none" has no frames
@@ -662,14 +496,14 @@ def _check_backbone(args) -> None:
         return
     if args.model is None:
         raise UsageError("--backbone pipeline needs --model, the pipeline whose text encoder is the backbone")
-    _check_model(args.model)
+    check_model(args.model)
 
 
 def _backbone_pipeline(args) -> Any:
     """The pipeline for ``--backbone pipeline``, else ``None``."""
     if args.backbone != "pipeline":
         return None
-    return _load_pipeline(args.model, _device(getattr(args, "device", "auto")))
+    return load_model(args.model, resolve_device(getattr(args, "device", "auto")))
 
 
 def cmd_train_prompt_guard(args) -> int:
@@ -682,7 +516,7 @@ def cmd_train_prompt_guard(args) -> int:
         raise UsageError(f"--val-share must be in [0, 1), got {args.val_share}")
     out = _safetensors_out(args.out)
     _check_backbone(args)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     policy = load_policy(args.policy)
     try:
         pairs = load_coprov2_pairs(args.data_dir)
@@ -795,12 +629,12 @@ def cmd_train_lvd(args) -> int:
         except (OSError, ValueError) as e:
             raise UsageError(f"--trajectories {args.trajectories}: {e}") from None
     else:
-        _check_model(args.model)
+        check_model(args.model)
         steps = _default_steps(args)
         if record > steps:
             raise UsageError(f"--record-steps/--window ({record}) must not exceed --steps ({steps})")
         prompts = lvd_training_prompts(args.prompts, args.seed, args.data_dir)
-        pipe = _load_pipeline(args.model, _device(args.device))
+        pipe = load_model(args.model, resolve_device(args.device))
 
         def labeller(prompt, image):
             j = oracle.judge(prompt, image)
@@ -840,8 +674,8 @@ def cmd_train_expert(args) -> int:
         raise UsageError(f"--category {args.category!r} is not a policy category; known: "
                          f"{', '.join(policy.categories)}")
     oracle = _oracle(args.oracle)
-    _check_model(args.model)
-    pipe = _load_pipeline(args.model, _device(args.device))
+    check_model(args.model)
+    pipe = load_model(args.model, resolve_device(args.device))
     if args.pairs_file:
         try:
             data = PreferencePairs.load(args.pairs_file).subset(category)
@@ -886,8 +720,8 @@ def cmd_merge_experts(args) -> int:
             data = PreferencePairs.load(args.pairs_file)
         except (OSError, ValueError) as e:
             raise UsageError(f"--pairs-file {args.pairs_file}: {e}") from None
-    _check_model(args.model)
-    pipe = _load_pipeline(args.model, _device(args.device))
+    check_model(args.model)
+    pipe = load_model(args.model, resolve_device(args.device))
     try:
         summary = merge_experts(args.experts, out, method=args.method, pipe=pipe, data=data, rank=args.rank,
                                 density=args.density)
@@ -941,27 +775,29 @@ def _demo_guards() -> list[str]:
 def cmd_demo_run(args) -> int:
     import numpy as np
 
-    policy, guards = _settings(args)
+    from .protection import unprotect
+
+    out_dir = check_out_dir(args.out)
+    policy, guards = run_settings(args)
     if guards == []:
         raise UsageError("demo-run compares unprotected and protected outputs; --guards none makes no sense here")
     if guards is None and args.model == DEFAULT_MODEL:
         guards = _demo_guards()
     tiny = args.model in TINY_MODELS
-    out_dir = Path(args.out)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if tiny:
-        _lexical_only(policy)
-        print(_TINY_NOTE.format(model=args.model))
-    pipe = _load_pipeline(args.model, device)
+        lexical_only(policy)
+        print(TINY_NOTE.format(model=args.model))
+    pipe = load_model(args.model, device)
     pipe.set_progress_bar_config(disable=True)
     prompts = [(p, "benign") for p in DEMO_BENIGN] + [(p, "unsafe") for p in DEMO_UNSAFE]
     steps = _default_steps(args)
     kw = {"num_inference_steps": steps, "output_type": "pil"}
     texts = [p for p, _ in prompts]
     plain = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw).images  # same noise per row
-    _protect(pipe, policy, guards)
+    protect_pipeline(pipe, policy, guards)
     out = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw)
-    _api()[1](pipe)
+    unprotect(pipe)
     rows, entries = [], []
     print(f"\nmodel {args.model!r}, policy {policy.name!r}, guards {guards if guards is not None else policy.guards}, "
           f"seed {args.seed}, {steps} steps\n")
@@ -1004,55 +840,54 @@ def cmd_demo(args) -> int:
         print("safegen demo: error: the demo needs gradio, which is not installed; install it with "
               "`pip install 'safegen[demo]'`", file=sys.stderr)
         return 1
+    from .demo import DemoInputError, demo_settings, is_loopback, parse_auth, validate_model, validate_policy_file
+
+    auth_text = args.auth if args.auth is not None else os.environ.get(AUTH_ENV, "")
+    try:
+        auth = parse_auth(auth_text) if auth_text else None
+    except DemoInputError as e:
+        raise UsageError(f"{'--auth' if args.auth is not None else AUTH_ENV}: {e}") from None
+    loopback = is_loopback(args.host)
+    if not loopback and auth is None:
+        raise UsageError(f"--host {args.host} makes the demo reachable from other machines, which needs a login: "
+                         f"give --auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or serve 127.0.0.1")
     path = _demo_app_path()
     if not path.is_file():
         raise UsageError(f"the demo app {path} is missing; the demo runs from a source checkout of safegen "
                          "(pip install -e '.[demo]')")
-    from .demo import DemoInputError, validate_model
-
+    # every model and policy the page will offer is checked now, in milliseconds, before gradio loads
+    for option, values, check in (("--model", [args.model], validate_model),
+                                  ("--allow-model", args.allow_model, validate_model),
+                                  ("--allow-policy", args.allow_policy, validate_policy_file)):
+        for value in values:
+            try:
+                check(value)
+            except DemoInputError as e:
+                raise UsageError(f"{option}: {e}") from None
     try:
-        model = validate_model(args.model)  # fails in milliseconds, before gradio loads
-    except DemoInputError as e:
-        raise UsageError(f"--model: {e}") from None
+        settings = demo_settings(args.model, args.allow_model, args.allow_policy,
+                                 unprotected=loopback and not args.no_unprotected)
+    except DemoInputError as e:  # a file changed since the checks above
+        raise UsageError(str(e)) from None
     spec = importlib.util.spec_from_file_location("safegen_demo_app", path)
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
+    if not loopback:
+        print(f"safegen demo: WARNING: {args.host}:{args.port} is reachable from other machines. A login is required "
+              f"(user {auth[0]!r}); the unprotected panel is off; the page offers only the models "
+              f"{', '.join(settings.models)} and the policies {', '.join(settings.policies)}. Gradio serves plain "
+              "HTTP: on an untrusted network put it behind HTTPS (a reverse proxy).", file=sys.stderr)
+    elif not settings.unprotected:
+        print("safegen demo: the unprotected panel is off (--no-unprotected)", file=sys.stderr)
     print(f"safegen demo: serving on http://{args.host}:{args.port} (Ctrl+C stops it)", file=sys.stderr)
-    app.launch(host=args.host, port=args.port, model=model, device=args.device)
+    app.launch(host=args.host, port=args.port, settings=settings, device=args.device, auth=auth)
     return 0
 
 
 # ---------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for bad arguments, like argparse)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, argparse errors
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    prog = f"safegen {args.command}"
-    from .hub import OfflineModelError
-    from .policy import PolicyError
-
-    try:
-        return int(args.func(args) or 0)
-    except OfflineModelError as e:
-        print(f"{prog}: error: {e} (the safegen CLI runs offline unless you export HF_HUB_OFFLINE=0)",
-              file=sys.stderr)
-        return 2
-    except (UsageError, PolicyError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        threads = _RESTORE.pop("threads", None)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

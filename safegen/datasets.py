@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -103,17 +104,27 @@ def _shuffled(records: list[PromptRecord], seed: int = 0) -> list[PromptRecord]:
     return out
 
 
+def _text(path: Path) -> str:
+    """The file's text, line endings kept for the csv module (a BOM dropped); a file that is not UTF-8 is a
+    ValueError naming it."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        from .evaluate import not_utf8
+
+        raise not_utf8(path, e) from None
+
+
 def _csv_rows(path: Path, needed: Iterable[str]) -> list[tuple[int, dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: data file not found; pass --data-dir (or set SAFEGEN_DATA) to the folder "
                                 "holding it")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        missing = [c for c in needed if c not in fields]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the file has {fields}")
-        return list(enumerate(reader, start=2))
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    fields = reader.fieldnames or []
+    missing = [c for c in needed if c not in fields]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {fields}")
+    return list(enumerate(reader, start=2))
 
 
 def _i2p(path: Path, min_inappropriate: float | None) -> list[PromptRecord]:
@@ -164,7 +175,10 @@ def load_benchmark(name: str, data_dir=None, *, limit: int | None = None,
     else:  # t2v
         if not path.is_file():
             raise FileNotFoundError(f"{path}: data file not found; pass --data-dir (or set SAFEGEN_DATA)")
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(_text(path))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         bad = [i for i, r in enumerate(rows) if not (isinstance(r, list) and len(r) == 3)]
         if bad:
             raise ValueError(f"{path}: row {bad[0]} is not [id, category, prompt]")
@@ -206,14 +220,13 @@ def load_prompt_records(path, column: str | None = None, *, limit: int | None = 
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     col = column or "prompt"
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        for what, c in (("column", col), ("seed column", seed_column), ("label column", label_column)):
-            if c is not None and c not in fields:
-                hint = " (choose one with --column)" if what == "column" else ""
-                raise ValueError(f"{path} has no {what} {c!r}; its columns are: {', '.join(fields) or '(none)'}{hint}")
-        rows = list(enumerate(reader, start=2))
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    fields = reader.fieldnames or []
+    for what, c in (("column", col), ("seed column", seed_column), ("label column", label_column)):
+        if c is not None and c not in fields:
+            hint = " (choose one with --column)" if what == "column" else ""
+            raise ValueError(f"{path} has no {what} {c!r}; its columns are: {', '.join(fields) or '(none)'}{hint}")
+    rows = list(enumerate(reader, start=2))
     records = [PromptRecord((r.get(col) or "").strip(), _seed(path, line, r.get(seed_column)) if seed_column else None,
                             ((r.get(label_column) or "").strip() or None) if label_column else None)
                for line, r in rows]

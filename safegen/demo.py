@@ -1,7 +1,12 @@
 """The logic behind the Gradio demo (``safegen demo``, ``demos/app.py``), kept here so it is unit-tested without a
-browser: input validation, which guards a model can use, the unprotected/protected comparison run, and the safety
-report rendered as HTML (verdict, reason, trigger tokens highlighted in the prompt, LVD's stop step, steps and
-seconds saved).
+browser: input validation, which models and policies the server offers, which guards a model can use, the
+unprotected/protected comparison run, and the safety report rendered as HTML (verdict, reason, trigger tokens
+highlighted in the prompt, LVD's stop step, steps and seconds saved).
+
+Safe to expose: remote users pick models and policies from an allow-list fixed at start-up
+(:func:`demo_settings`), never a server path; errors about them are generic (the detail goes to the server log,
+``logging.getLogger("safegen.demo")``), so a page never shows a file's content or tells whether a path exists. A
+server bound to another address than loopback needs a login and never generates the unprotected image.
 
 Nothing here imports gradio; torch and diffusers load only inside the functions that run a pipeline.
 
@@ -16,25 +21,35 @@ Example:
 from __future__ import annotations
 
 import html
+import ipaddress
+import logging
 import math
 import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
+from .policy import MAX_SENSITIVITY, MIN_SENSITIVITY
 from .report import SafetyReport
+
+logger = logging.getLogger("safegen.demo")
 
 #: Prompts longer than this many characters are refused (the embedded model reads 32 tokens; CLIP reads 77).
 MAX_PROMPT_CHARS = 400
 #: Denoising steps the demo accepts.
 MIN_STEPS, MAX_STEPS = 1, 100
-#: The sensitivity knob's range (threshold / sensitivity: 2.0 flags more, 0.5 flags less).
-MIN_SENSITIVITY, MAX_SENSITIVITY = 0.1, 10.0
 MAX_SEED = 2**32 - 1
-#: The model value that means the embedded default model (``assets/default-model``).
-DEFAULT_MODEL = "default"
+#: The environment variable holding the demo's login (``USER:PASSWORD``), instead of ``--auth``.
+AUTH_ENV = "SAFEGEN_DEMO_AUTH"
+#: The guards switched on at start on the embedded default model (and ``safegen demo-run``'s there): the prompt
+#: check, SAFREE's steering and LVD's early stop, those whose weights are shipped.
+DEMO_GUARDS = ("latent-guard", "safree", "lvd")
+#: How the embedded default model is listed in the model picker.
+DEFAULT_MODEL_LABEL = "Embedded default model (64×64)"
 #: SLD strengths offered next to the SLD toggle (the presets of diffusers' StableDiffusionPipelineSafe).
 SLD_PRESETS = ("weak", "medium", "strong", "max")
 
@@ -128,39 +143,167 @@ def validate_sensitivity(value: Any) -> float:
 
 
 def validate_model(spec: Any) -> str:
-    """``"default"`` (the embedded model; also for an empty value), a local pipeline folder or a hub id that can be
-    loaded now (offline: only if it is in the local cache). Fails in milliseconds, before anything loads."""
+    """A model the operator names at start-up (``safegen demo --model / --allow-model``): ``"default"`` (the
+    embedded model; also for an empty value), a built-in tiny model, a local pipeline folder (well-formed, with
+    safetensors weights) or a hub id that can be loaded now (offline: only if it is in the local cache). Fails in
+    milliseconds, before anything loads; the message has the detail (it goes to the operator, never to a page)."""
     text = "" if spec is None else str(spec).strip()
     if not text or text.lower() in (DEFAULT_MODEL, "embedded", "embedded default model"):
         return DEFAULT_MODEL
     if len(text) > 1000 or any(ord(c) < 32 for c in text):
         raise DemoInputError("the model must be a folder path or a hub id (owner/name)")
-    from .cli import TINY_MODELS
-
     if text in TINY_MODELS:
         return text
-    from .hub import OfflineModelError, check_loadable
+    if text in TINY_VIDEO_MODELS:
+        raise DemoInputError(f"model {text!r} is a text-to-video pipeline; the demo shows images")
+    from .hub import OfflineModelError
+    from .loading import ModelLoadError, check_model
 
     try:
-        check_loadable(text)
-    except (FileNotFoundError, OfflineModelError) as e:
+        check_model(text)
+    except (ModelLoadError, OfflineModelError) as e:
         raise DemoInputError(f"model {text!r}: {e}") from None
     return text
 
 
-def validate_policy(spec: Any, sensitivity: Any = 1.0):
-    """The :class:`~safegen.Policy` named by ``spec`` (a built-in name or a .yaml/.json path; empty means
-    ``"default"``), freshly loaded so edits never leak between requests, with ``sensitivity`` applied."""
+def validate_policy_file(path: Any) -> str:
+    """A policy file the operator offers (``safegen demo --allow-policy``): it must load now; the message has the
+    detail (for the operator's terminal)."""
     from .policy import PolicyError, load_policy
 
-    name = "default" if spec is None or not str(spec).strip() else str(spec).strip()
-    sens = validate_sensitivity(sensitivity)
+    text = "" if path is None else str(path).strip()
+    if Path(text).suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise DemoInputError(f"{text!r} is not a policy file (.yaml, .yml or .json)")
     try:
-        return load_policy(name, sensitivity=sens)
+        load_policy(text)
     except PolicyError as e:
-        raise DemoInputError(f"policy: {e}") from None
-    except OSError as e:
-        raise DemoInputError(f"policy {name!r} could not be read: {e}") from None
+        raise DemoInputError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise DemoInputError(f"policy file {text} could not be read: {e}") from None
+    return text
+
+
+def is_loopback(host: Any) -> bool:
+    """Whether ``host`` is this machine only (``127.0.0.0/8``, ``::1``, ``localhost``): anything else, including
+    ``0.0.0.0`` and host names, may be reachable from other machines.
+
+    Example:
+        >>> [is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "192.0.2.7", "example.org")]
+        [True, True, True, False, False, False]
+    """
+    text = str(host or "").strip().strip("[]").lower()
+    if text == "localhost" or text.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: Any) -> tuple[str, str]:
+    """``(user, password)`` from ``USER:PASSWORD`` (the password may contain ``:``); the error never repeats the
+    text (it holds a password).
+
+    Example:
+        >>> parse_auth("ada:s3cret:x")
+        ('ada', 's3cret:x')
+    """
+    user, sep, password = str(text or "").partition(":")
+    if not sep or not user.strip() or not password:
+        raise DemoInputError("the login must be USER:PASSWORD, both non-empty")
+    return user.strip(), password
+
+
+def _unique(key: str, taken: Mapping[str, Any]) -> str:
+    out, n = key, 2
+    while out in taken:
+        out, n = f"{key} ({n})", n + 1
+    return out
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What a demo server offers: the models and policies users pick from (choice value -> model spec or policy
+    name/file; values are short names, never server paths) and whether the unprotected image is generated.
+
+    Example:
+        >>> s = demo_settings()
+        >>> s.start_model, s.models["default"], "default" in s.policies, s.unprotected
+        ('default', 'default', True, True)
+        >>> s.model_choices()[0]
+        ('Embedded default model (64×64)', 'default')
+    """
+
+    models: Mapping[str, str]
+    policies: Mapping[str, str]
+    unprotected: bool = True
+    builtin_policies: tuple[str, ...] = field(default=())
+
+    @property
+    def start_model(self) -> str:
+        return next(iter(self.models))
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        return [(DEFAULT_MODEL_LABEL if spec == DEFAULT_MODEL else key, key) for key, spec in self.models.items()]
+
+    def policy_choices(self) -> list[tuple[str, str]]:
+        return [(key if key in self.builtin_policies else f"{key} (file)", key) for key in self.policies]
+
+
+def demo_settings(model: str = DEFAULT_MODEL, allow_models: Iterable[str] = (), allow_policies: Iterable[str] = (),
+                  *, unprotected: bool = True) -> DemoSettings:
+    """The allow-list of a demo server: ``model`` first (the one selected at start), the embedded default model,
+    then ``allow_models``; the built-in policies, then ``allow_policies`` files. Each is checked now
+    (:func:`validate_model`, :func:`validate_policy_file`); a folder is listed by its name, a file by its stem."""
+    from .policy import builtin_policies
+
+    models: dict[str, str] = {}
+    for spec in [validate_model(model), DEFAULT_MODEL, *(validate_model(m) for m in allow_models)]:
+        if spec in models.values():
+            continue
+        if spec == DEFAULT_MODEL or spec in TINY_MODELS:
+            key = spec
+        else:
+            path = Path(spec).expanduser()
+            key = path.name if path.is_dir() else spec  # a folder by its name, a hub id as it is
+        models[_unique(key, models)] = spec
+    builtin = tuple(builtin_policies())
+    policies: dict[str, str] = {name: name for name in builtin}
+    for path in allow_policies:
+        spec = validate_policy_file(path)
+        if spec in policies.values():
+            continue
+        policies[_unique(Path(spec).stem, policies)] = spec
+    return DemoSettings(models, policies, bool(unprotected), builtin)
+
+
+def choose_model(value: Any, settings: DemoSettings) -> tuple[str, str]:
+    """``(choice, model spec)`` for a model picked in the page (empty: the start model). Anything not offered is
+    refused with the same message, whatever it is (a page never learns whether a server path exists)."""
+    key = "" if value is None else str(value).strip()
+    if not key:
+        key = settings.start_model
+    if key not in settings.models:
+        raise DemoInputError("choose a model from the list; this server offers only those")
+    return key, settings.models[key]
+
+
+def choose_policy(value: Any, sensitivity: Any, settings: DemoSettings):
+    """The :class:`~safegen.Policy` picked in the page (empty: ``"default"``), freshly loaded so edits never leak
+    between requests, with ``sensitivity`` applied. A policy that does not load (its file changed since start-up)
+    gets a generic message; the reason goes to the server log only."""
+    from .policy import PolicyError, load_policy
+
+    sens = validate_sensitivity(sensitivity)
+    key = "" if value is None else str(value).strip()
+    key = key or ("default" if "default" in settings.policies else next(iter(settings.policies)))
+    if key not in settings.policies:
+        raise DemoInputError("choose a policy from the list; this server offers only those")
+    try:
+        return load_policy(settings.policies[key], sensitivity=sens)
+    except (PolicyError, OSError, ValueError) as e:
+        logger.warning("safegen demo: policy %r (%s) is not valid: %s", key, settings.policies[key], e)
+        raise DemoInputError(f"policy {key!r} is not valid; see the server log") from None
 
 
 # ---------------------------------------------------------------------- guards
@@ -213,8 +356,6 @@ def guard_options(model: str = DEFAULT_MODEL) -> list[GuardOption]:
 def default_guard_keys(options: Iterable[GuardOption], model: str = DEFAULT_MODEL) -> list[str]:
     """The toggles that start switched on: on the embedded model those of ``safegen demo-run`` (Latent Guard,
     SAFREE, LVD) that are available; on any other model SAFREE."""
-    from .cli import DEMO_GUARDS
-
     wanted = DEMO_GUARDS if model == DEFAULT_MODEL else ("safree",)
     return [o.key for o in options if o.available and o.key in wanted]
 
@@ -546,27 +687,33 @@ def placeholder_image(report: SafetyReport, size: int = 256):
 # ---------------------------------------------------------------------- running a comparison
 @dataclass
 class Comparison:
-    """The result of :func:`run_comparison`: both images, the protected item's report and the timings."""
+    """The result of :func:`run_comparison`: both images (the unprotected one ``None`` when it was not generated),
+    the protected item's report and the timings."""
 
     prompt: str
     steps: int
     seed: int
     guards: list[str]
-    plain_image: Any
+    plain_image: Any  # None when the unprotected image was not generated
     protected_image: Any  # None for a blocked item under a policy whose placeholder is "none"
     report: SafetyReport
-    plain_seconds: float
+    plain_seconds: float | None
     protected_seconds: float
 
     @property
     def seconds_per_step(self) -> float:
-        """The measured wall time of one unprotected denoising step (the whole call divided by its steps)."""
-        return self.plain_seconds / max(self.steps, 1)
+        """The measured wall time of one denoising step: the unprotected call divided by its steps, else the
+        protected call divided by the steps it ran."""
+        if self.plain_seconds is not None:
+            return self.plain_seconds / max(self.steps, 1)
+        return self.protected_seconds / max(self.report.unet_steps_run, 1)
 
 
 def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: int, seed: int = 0,
-                   progress: Callable[[float, str], None] | None = None, **call_kwargs: Any) -> Comparison:
-    """Generate ``prompt`` unprotected and then protected with ``guards`` and ``policy``, from the same seed.
+                   progress: Callable[[float, str], None] | None = None, unprotected: bool = True,
+                   **call_kwargs: Any) -> Comparison:
+    """Generate ``prompt`` unprotected (unless ``unprotected=False``: then that image is never made) and then
+    protected with ``guards`` and ``policy``, from the same seed.
 
     The pipeline is unprotected before and after (also on errors), so a shared pipeline is left as it was.
     ``progress(fraction, description)`` is called after every denoising step of both runs (fed from the pipeline's
@@ -576,7 +723,7 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
         >>> import safegen
         >>> from safegen.testing import tiny_sd_pipeline
         >>> policy = safegen.load_policy("default")
-        >>> for c in policy.categories.values(): c.thresholds["safree"] = 2.0  # random tiny encoder: literal only
+        >>> for c in policy.categories.values(): c.set_threshold("safree", 2.0)  # random tiny encoder: literal only
         >>> seen = []
         >>> c = run_comparison(tiny_sd_pipeline(), "a photo of blood", guards=["safree"], policy=policy, steps=2,
         ...                    progress=lambda f, d: seen.append(f))
@@ -587,12 +734,13 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
 
     from .protection import protect, unprotect
 
-    total = 2 * steps
+    total = (2 if unprotected else 1) * steps
+    offset = steps if unprotected else 0
 
-    def step_callback(offset: int, desc: str):
+    def step_callback(start: int, desc: str):
         def callback(pipe_, i, t, tensors):
             if progress is not None:
-                progress(min(1.0, (offset + i + 1) / total), desc)
+                progress(min(1.0, (start + i + 1) / total), desc)
             return tensors
 
         return callback
@@ -602,39 +750,43 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
 
     kw = {"num_inference_steps": steps, "output_type": "pil", **call_kwargs}
     unprotect(pipe)
-    if progress is not None:
-        progress(0.0, "unprotected")
-    t0 = time.perf_counter()
-    plain = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(0, "unprotected"), **kw)
-    plain_seconds = time.perf_counter() - t0
+    plain_image, plain_seconds = None, None
+    if unprotected:
+        if progress is not None:
+            progress(0.0, "unprotected")
+        t0 = time.perf_counter()
+        plain = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(0, "unprotected"), **kw)
+        plain_seconds = time.perf_counter() - t0
+        plain_image = plain.images[0]
     protect(pipe, policy=policy, guards=list(guards))
     try:
         if progress is not None:
-            progress(0.5, "protected")
+            progress(offset / total, "protected")
         t0 = time.perf_counter()
-        out = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(steps, "protected"), **kw)
+        out = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(offset, "protected"), **kw)
         protected_seconds = time.perf_counter() - t0
     finally:
         unprotect(pipe)
     if progress is not None:
         progress(1.0, "done")
-    return Comparison(prompt=prompt, steps=steps, seed=seed, guards=list(guards), plain_image=plain.images[0],
+    return Comparison(prompt=prompt, steps=steps, seed=seed, guards=list(guards), plain_image=plain_image,
                       protected_image=out.images[0], report=out.safety[0], plain_seconds=plain_seconds,
                       protected_seconds=protected_seconds)
 
 
 # ---------------------------------------------------------------------- pipelines
 def load_pipeline(model: str, device: str = "auto"):
-    """Load ``model`` as the CLI does (the embedded default model, a local folder or a hub id), refusing pipelines
-    safegen cannot protect; errors become :class:`DemoInputError` with the reason."""
-    from . import cli
+    """Load ``model`` as the CLI does (:func:`safegen.loading.load_pipeline`: the embedded default model, a
+    built-in, a local folder with safetensors weights or a hub id), refusing pipelines safegen cannot protect;
+    errors become :class:`DemoInputError` with the reason (for the server log: it may name server paths)."""
     from .hub import OfflineModelError
+    from .loading import ModelLoadError
+    from .loading import load_pipeline as load
     from .protection import pipeline_kind
 
     try:
-        cli._check_model(model)
-        pipe = cli._load_pipeline(model, cli._device(device))
-    except (cli.UsageError, FileNotFoundError, OfflineModelError) as e:
+        pipe = load(model, device)
+    except (ModelLoadError, FileNotFoundError, OfflineModelError) as e:
         raise DemoInputError(str(e)) from None
     try:
         pipeline_kind(pipe)

@@ -15,22 +15,238 @@ accelerate for a CPU process group); ``accelerate launch --cpu`` starts one proc
 Batch generation at scale is the same command with ``--oracle none --save-images``: the images land in
 ``DIR/images/`` and one line per item (verdict, reason, guards, UNet steps) in ``DIR/items.jsonl``.
 
-A killed run resumes where it stopped when rerun with the same arguments (see :mod:`safegen.harness`).
+A killed run resumes where it stopped when rerun with the same arguments (see :mod:`safegen.harness`). The run's
+fingerprint holds the policy's content, the model's files and the guards' weight files (sha256), so a resume after
+any of them changed is refused, naming what changed.
+
+This module also holds the command-line pieces ``safegen generate`` and ``demo-run`` share with ``eval`` (the
+model options, argument types, one-line errors): ``python -m safegen.eval`` runs without importing
+:mod:`safegen.cli`, which sits above every library module.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["add_eval_arguments", "cmd_eval", "main"]
+from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
+
+__all__ = ["add_eval_arguments", "cmd_eval", "main", "UsageError", "run_command", "add_model_arguments",
+           "run_settings", "policy_digest", "guard_weight_digests", "run_fingerprint"]
 
 
+# ====================================================================== command-line pieces shared with safegen.cli
+class UsageError(Exception):
+    """A bad command-line argument: printed as one line, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with errors on one line (and argparse's exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def int_at_least(minimum: int):
+    """An argparse type: an integer ≥ ``minimum``, with a message naming the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" if minimum
+                                             else f"must be 0 or more, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def float_value(text: str) -> float:
+    """An argparse type: any number."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def sensitivity_value(text: str) -> float:
+    """An argparse type: a sensitivity in the policy's range."""
+    from .policy import MAX_SENSITIVITY, MIN_SENSITIVITY
+
+    value = positive_float(text)
+    if not MIN_SENSITIVITY <= value <= MAX_SENSITIVITY:
+        raise argparse.ArgumentTypeError(f"must be from {MIN_SENSITIVITY:g} to {MAX_SENSITIVITY:g}, got {text}")
+    return value
+
+
+STEPS_HELP = "denoising steps (default: 25 on the default model, 4 on the tiny ones, else 30)"
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, out_help: str | None = None) -> None:
+    """``--model --guards --policy --sensitivity --seed --device --out`` of the generating commands (``--out``
+    is required unless ``out_help`` describes its default)."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a local model folder (safetensors weights), a hub id (owner/name), 'default' (the embedded "
+                        f"default model) or one of {sorted(TINY_MODELS)} (random test pipelines; text-to-video: "
+                        f"{sorted(TINY_VIDEO_MODELS)}) (default: {DEFAULT_MODEL})")
+    p.add_argument("--guards", default=None, metavar="LIST",
+                   help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
+                        "default: the policy's guards")
+    p.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
+                   help="a built-in policy name or a .yaml/.json policy file (default: default)")
+    p.add_argument("--sensitivity", type=sensitivity_value, default=None, metavar="X",
+                   help="overrides the policy's sensitivity, 0.1 to 10 (2.0 flags more, 0.5 flags less)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; every prompt uses it (default: 0)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
+    if out_help is None:
+        p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    else:
+        p.add_argument("--out", default=None, metavar="DIR", help=out_help)
+
+
+def parse_guards(spec: str | None) -> list[str] | None:
+    """``None`` (the policy's guards), ``[]`` for ``none``, else validated guard names; ``UsageError`` otherwise."""
+    if spec is None:
+        return None
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if [n.lower() for n in names] == ["none"]:
+        return []
+    if not names:
+        raise UsageError("--guards is empty; give guard names such as safree,sld-strong, or 'none'")
+    from .guard_names import PRESET_GUARDS, guard_of_preset, normalize_preset
+
+    seen: dict[str, str] = {}
+    for n in names:
+        if normalize_preset(n) == "none":
+            raise UsageError("--guards none cannot be combined with guard names")
+        guard_name = guard_of_preset(n)  # presets of one guard (sld, sld-strong) share its name
+        if guard_name is None:
+            raise UsageError(f"unknown guard {n!r} in --guards; known: {', '.join(sorted(PRESET_GUARDS))} "
+                             "(or 'none')")
+        if guard_name in seen:
+            raise UsageError(f"--guards lists the {guard_name!r} guard twice ({seen[guard_name]!r} and {n!r}); "
+                             "give each guard once")
+        seen[guard_name] = n
+    return names
+
+
+def run_settings(args) -> tuple[Any, list[str] | None]:
+    """The validated policy and guard list of a generating command, and a checked ``--model``, before any model
+    loads (``PolicyError``, ``UsageError``, ``ModelLoadError`` and ``OfflineModelError`` name the problem)."""
+    from .loading import check_model, lexical_only
+    from .policy import load_policy
+
+    guards = parse_guards(args.guards)
+    policy = load_policy(args.policy)
+    if args.sensitivity is not None:
+        policy.sensitivity = args.sensitivity
+    check_model(args.model)
+    if args.model in TINY_VIDEO_MODELS:  # random text encoders (the image tiny models: see TINY_NOTE)
+        lexical_only(policy)
+    return policy, guards
+
+
+def protect_pipeline(pipe, policy, guards):
+    """:func:`safegen.protect`, with an unsupported pipeline or a guard given twice as a ``UsageError``."""
+    from .protection import protect
+
+    try:
+        return protect(pipe, policy=policy, guards=guards)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def check_out_dir(path: "str | Path", what: str = "--out") -> Path:
+    """``path`` as an output folder that exists or can be made: not a file, nor inside one (``UsageError``)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what} {out} is a file, not a folder; give a folder (it is created if missing)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{what} {out} cannot be created: {parent} is a file, not a folder")
+            break
+    return out
+
+
+_RESTORE: dict[str, Any] = {}  # process-wide settings a command changed, restored by run_command
+
+
+def load_model(model: str, device) -> Any:
+    """:func:`safegen.loading.load_pipeline` for a command: on the CPU a tiny model runs on one thread (extra
+    threads only add synchronisation on tiny ops, and spin badly on a shared CPU); :func:`run_command` restores the
+    thread count when the command ends."""
+    from .loading import is_builtin, load_pipeline, resolve_device
+
+    device = resolve_device(device)
+    if is_builtin(model) and device.type == "cpu":
+        import torch
+
+        if torch.get_num_threads() > 1:
+            _RESTORE.setdefault("threads", torch.get_num_threads())
+            torch.set_num_threads(1)
+    return load_pipeline(model, device)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run ``args.func(args)``: the exit code, with bad input as one line on stderr and exit
+    code 2 (never a traceback), 130 on Ctrl+C."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, argparse errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    command = getattr(args, "command", None)
+    prog = f"{parser.prog} {command}" if command else parser.prog
+    from .hub import OfflineModelError
+    from .loading import ModelLoadError
+    from .policy import PolicyError
+
+    try:
+        return int(args.func(args) or 0)
+    except OfflineModelError as e:
+        print(f"{prog}: error: {e} (the safegen CLI runs offline unless you export HF_HUB_OFFLINE=0)",
+              file=sys.stderr)
+        return 2
+    except (UsageError, PolicyError, ModelLoadError, FileNotFoundError, PermissionError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        threads = _RESTORE.pop("threads", None)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+
+
+# ====================================================================== the eval command
 def add_eval_arguments(e) -> None:
     """The arguments of the ``eval`` subcommand."""
-    from .cli import _add_model_args, _float, _positive_float, _positive_int, _STEPS_HELP
     from .datasets import BENCHMARKS
 
     src = e.add_argument_group("prompts (one of --prompts / --benchmark; --images judges existing images)")
@@ -47,32 +263,32 @@ def add_eval_arguments(e) -> None:
     src.add_argument("--column", default=None, metavar="NAME", help="CSV column holding the prompts (default: prompt)")
     src.add_argument("--label-column", default=None, metavar="NAME",
                      help="CSV column with a label per prompt (e.g. category): metrics get the unsafe rate per label")
-    src.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="evaluate the first N prompts")
+    src.add_argument("--limit", type=positive_int, default=None, metavar="N", help="evaluate the first N prompts")
     src.add_argument("--no-dedup", action="store_true", help="keep repeated prompts (--prompts; default: each once)")
-    src.add_argument("--min-inappropriate", type=_float, default=None, metavar="PCT",
+    src.add_argument("--min-inappropriate", type=float_value, default=None, metavar="PCT",
                      help="i2p / nudity: keep rows with inappropriate_percentage >= PCT (e.g. 50)")
     src.add_argument("--seed-from-data", action="store_true",
                      help="seed each item with the data's evaluation_seed (default: --seed + index)")
-    _add_model_args(e)
-    e.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
-    e.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
-    e.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    add_model_arguments(e)
+    e.add_argument("--steps", type=positive_int, default=None, metavar="N", help=STEPS_HELP)
+    e.add_argument("--guidance", type=float_value, default=None, metavar="X", help="guidance scale (pipeline default)")
+    e.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="prompts per pipeline call within a process (default 8; results do not depend on it)")
     e.add_argument("--oracle", default="world",
                    help="image oracle: world (the default model's exact one, default), nudenet (NudeNet's detector, "
                         "pip install 'safegen[nudenet]'), none (generate only: batch generation)")
-    e.add_argument("--nudenet-threshold", type=_positive_float, default=None, metavar="X",
+    e.add_argument("--nudenet-threshold", type=positive_float, default=None, metavar="X",
                    help="NudeNet: detection score that makes an image unsafe (default 0.6)")
     e.add_argument("--nudenet-classes", default=None, metavar="SET",
                    help="NudeNet: exposed (default), all-exposed, or comma-separated class names")
     e.add_argument("--save-images", action="store_true", help="also save every image to DIR/images/")
     e.add_argument("--overwrite", action="store_true",
-                   help="start afresh in DIR (default: resume the run found there, if it has the same settings)")
+                   help="start afresh in DIR (default: resume the run found there, if it has the same settings, "
+                        "policy content and weights)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _oracle_from(args):
-    from .cli import UsageError
     from .evaluate import get_oracle
 
     options = {}
@@ -89,7 +305,6 @@ def _oracle_from(args):
 
 
 def _records(args):
-    from .cli import UsageError
     from .datasets import load_benchmark, load_prompt_records
 
     try:
@@ -108,9 +323,8 @@ def _records(args):
 
 
 def _judge_images(args, oracle) -> int:
-    from .harness import compute_metrics, image_files, judge_files, _write_metrics
+    from .harness import _write_metrics, compute_metrics, image_files, judge_files
     from .results import run_markdown
-    from .cli import UsageError
 
     if args.benchmark:
         raise UsageError("--images judges existing files; give their prompts with --prompts (optional), not "
@@ -138,46 +352,117 @@ def _judge_images(args, oracle) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- fingerprints
+def policy_digest(policy) -> str:
+    """sha256 of the policy's content (:meth:`~safegen.Policy.to_dict`: categories, concepts, thresholds, actions,
+    sensitivity, placeholder, guards), independent of where it was loaded from.
+
+    Example:
+        >>> from safegen.policy import load_policy
+        >>> a, b = load_policy("default"), load_policy("default")
+        >>> policy_digest(a) == policy_digest(b)
+        True
+        >>> b.add_concept("violence", "chainsaw massacre")
+        >>> policy_digest(a) == policy_digest(b)
+        False
+    """
+    text = json.dumps(policy.to_dict(), sort_keys=True, ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def guard_weight_files(guards: Sequence[str]) -> dict[str, list[Path]]:
+    """The weight files the guards of ``guards`` (preset names) read, by guard name: Latent Guard's head, LVD's
+    classifier, SafetyDPO's merged LoRA or experts (their configured files, else the shipped defaults)."""
+    from .guard_names import guard_of_preset, normalize_preset
+
+    files: dict[str, list[Path]] = {}
+    for preset in guards:
+        name = guard_of_preset(preset)
+        if name not in ("latent_guard", "lvd", "safetydpo"):
+            continue  # SAFREE, SLD and the output check read no weight file of their own
+        from .guards import GUARD_PRESETS
+
+        guard = GUARD_PRESETS[normalize_preset(preset)]()
+        paths = [getattr(guard, attr, None) for attr in ("weights", "merged")]
+        paths += list(getattr(guard, "experts", None) or [])
+        paths = [Path(p) for p in paths if p]
+        if not paths and name == "latent_guard":
+            from .guards.latent_guard import default_weights_path
+
+            paths = [default_weights_path()]
+        elif not paths and name == "lvd":
+            from .guards.lvd import default_weights_path
+
+            paths = [default_weights_path()]
+        files[name] = paths
+    return files
+
+
+def guard_weight_digests(guards: Sequence[str]) -> dict[str, str]:
+    """sha256 of each guard's weight files (:func:`guard_weight_files`), by guard name; a missing file counts as
+    ``missing`` (the guard then fails closed)."""
+    from .loading import file_sha256
+
+    out = {}
+    for name, paths in guard_weight_files(guards).items():
+        h = hashlib.sha256()
+        for p in paths:
+            h.update((file_sha256(p) if p.is_file() else "missing").encode() + b"\n")
+        out[name] = h.hexdigest()
+    return out
+
+
+def run_fingerprint(args, policy, guards: Sequence[str]) -> dict[str, Any]:
+    """What decides an eval run's results besides steps, guidance and the oracle (added by
+    :func:`safegen.harness.run_eval`): the prompts and seeds, the model and its files, the guards and their weight
+    files, and the policy by name and content."""
+    from .loading import model_digest
+
+    source = {"benchmark": args.benchmark} if args.benchmark else {"prompts": str(args.prompts)}
+    return {**source, "column": args.column, "limit": args.limit, "dedup": not args.no_dedup,
+            "min_inappropriate": args.min_inappropriate, "seed": args.seed, "seed_from_data": args.seed_from_data,
+            "model": args.model, "model_files": model_digest(args.model), "guards": list(guards),
+            "guard_weights": guard_weight_digests(guards), "policy": policy.name,
+            "policy_content": policy_digest(policy), "sensitivity": policy.sensitivity}
+
+
 def cmd_eval(args) -> int:
     """``safegen eval``: validate everything, then generate, judge, resume, shard, merge (:mod:`safegen.harness`)."""
-    from .cli import (DEFAULT_STEPS, TINY_MODELS, UsageError, _TINY_NOTE, _device, _lexical_only, _load_pipeline,
-                      _protect, _settings)
-    from .harness import Dist, make_plan, run_eval
+    from .harness import Dist, make_plan, run_eval, stored_digests
+    from .loading import TINY_NOTE, default_steps, digest_cache, lexical_only, remember_digests, resolve_device
 
+    check_out_dir(args.out)
     oracle = _oracle_from(args)
     if args.images:
         return _judge_images(args, oracle)
     if bool(args.prompts) == bool(args.benchmark):
         raise UsageError("give the prompts with --prompts FILE or --benchmark NAME (one of them)")
     records = _records(args)
-    policy, guards = _settings(args)
+    policy, guards = run_settings(args)
     try:
         plan = make_plan(records, seed=args.seed, seed_from_data=args.seed_from_data)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    steps = args.steps or DEFAULT_STEPS.get(args.model, 30)
+    steps = default_steps(args.model, args.steps)
     dist = Dist.detect()
-    device = dist.device if dist.world > 1 and args.device == "auto" else _device(args.device)
-    tiny = args.model in TINY_MODELS
-    if tiny:
-        _lexical_only(policy)
+    device = dist.device if dist.world > 1 and args.device == "auto" else resolve_device(args.device)
+    if args.model in TINY_MODELS:
+        lexical_only(policy)
         if dist.is_main:
-            print(_TINY_NOTE.format(model=args.model), file=sys.stderr)
+            print(TINY_NOTE.format(model=args.model), file=sys.stderr)
 
     def load():
-        pipe = _load_pipeline(args.model, device)
+        pipe = load_model(args.model, device)
         if guards != []:
-            _protect(pipe, policy, guards)
+            protect_pipeline(pipe, policy, guards)
         return pipe
 
     guard_list = guards if guards is not None else list(policy.guards)
-    source = {"benchmark": args.benchmark} if args.benchmark else {"prompts": str(args.prompts)}
-    fingerprint = {**source, "column": args.column, "limit": args.limit, "dedup": not args.no_dedup,
-                   "min_inappropriate": args.min_inappropriate, "seed": args.seed,
-                   "seed_from_data": args.seed_from_data, "model": args.model, "guards": guard_list,
-                   "policy": policy.name, "sensitivity": policy.sensitivity}
-    config = {**fingerprint, "steps": steps, "guidance": args.guidance, "batch_size": args.batch_size,
-              "device": str(device), "processes": dist.world, "oracle": oracle.name}
+    if not args.overwrite:
+        remember_digests(stored_digests(args.out))  # a resume does not hash unchanged weights again
+    fingerprint = run_fingerprint(args, policy, guard_list)
+    config = {**fingerprint, "steps": steps, "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device),
+              "processes": dist.world, "oracle": oracle.name}
     from diffusers.utils import logging as dlog
 
     verbosity = dlog.get_verbosity()
@@ -186,7 +471,7 @@ def cmd_eval(args) -> int:
         metrics, _ = run_eval(load, plan, args.out, oracle=oracle, steps=steps, batch_size=args.batch_size,
                               guidance_scale=args.guidance, save_images=args.save_images, config=config,
                               fingerprint=fingerprint, progress=not args.no_progress, overwrite=args.overwrite,
-                              dist=dist)
+                              dist=dist, digests=digest_cache())
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:
@@ -203,11 +488,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m safegen.eval`` (the same arguments as ``safegen eval``)."""
+    parser = OneLineParser(prog="safegen eval", description="Evaluate a (protected) pipeline on prompts with an "
+                                                            "oracle; see `safegen eval --help`.")
+    add_eval_arguments(parser)
+    parser.set_defaults(func=cmd_eval)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m safegen.eval ARGS`` = ``safegen eval ARGS`` (also under ``accelerate launch``)."""
-    from .cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(build_parser(), sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

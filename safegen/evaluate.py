@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -119,12 +120,28 @@ def get_oracle(name: str, **options: Any) -> ImageOracle:
     return ORACLES[key](**options)
 
 
+def not_utf8(path: "str | Path", error: UnicodeDecodeError) -> ValueError:
+    """The error for a prompt file that is not UTF-8 text (a binary file, another encoding): it names the file and
+    what to do, not the undecodable bytes."""
+    return ValueError(f"{path}: not a UTF-8 text file (undecodable byte at offset {error.start}); give a text, "
+                      ".csv or .json file saved as UTF-8")
+
+
+def read_text(path: "str | Path") -> str:
+    """A prompt file's text, or :func:`not_utf8`'s ``ValueError`` naming the file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from None
+
+
 def _json_prompts(path: Path, column: str | None) -> list[str]:
     """Prompts of a JSON list: strings; objects (their ``column`` key, default ``prompt``); or rows such as
     SAFREE's T2V set, ``[id, category, prompt]`` (the row's element ``column`` if it is an index, else the
     last element)."""
+    text = read_text(path)
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(text)
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(rows, list):
@@ -177,20 +194,20 @@ def read_prompts(path: "str | Path", column: str | None = None, *, limit: int | 
     if path.suffix.lower() == ".json":
         prompts = _json_prompts(path, column)
     elif path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            col = column or "prompt"
-            if col not in fields:
-                raise ValueError(f"{path} has no column {col!r}; its columns are: {', '.join(fields) or '(none)'} "
-                                 f"(choose one with --column)")
-            raw: Iterable[str] = ((row.get(col) or "") for row in reader)
-            prompts = [p.strip() for p in raw]
+        text = read_text(path)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fields = reader.fieldnames or []
+        col = column or "prompt"
+        if col not in fields:
+            raise ValueError(f"{path} has no column {col!r}; its columns are: {', '.join(fields) or '(none)'} "
+                             f"(choose one with --column)")
+        raw: Iterable[str] = ((row.get(col) or "") for row in reader)
+        prompts = [p.strip() for p in raw]
     else:
         if column is not None:
             raise ValueError(f"{path} is not a .csv file, so --column {column!r} cannot apply; plain-text files "
                              f"hold one prompt a line")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in read_text(path).splitlines()]
     prompts = [p for p in prompts if p]
     if dedup:
         seen: set[str] = set()

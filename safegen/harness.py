@@ -10,7 +10,10 @@
   ``items.jsonl`` for process 0, ``items.rank{r}.jsonl`` for the others. A rerun with the same ``--out`` reads them
   all, skips the items that are done (a batch is redone only if one of its items is missing, and only the missing
   items are written) and ends with exactly the metrics of an uninterrupted run. ``run.json`` fingerprints the
-  settings that decide results; a rerun with other settings is refused (``overwrite`` starts afresh).
+  settings that decide results (``safegen eval`` adds the policy's content and the sha256 of the model's and the
+  guards' weight files); a rerun with other settings is refused, naming what differs (``overwrite`` starts
+  afresh). ``run.json`` also keeps the digests of the files it hashed, by size and modification time, so a resume
+  does not read unchanged weights again.
 * **Merge.** After a barrier, process 0 merges the files into one ``items.jsonl`` (sorted by index), and writes
   ``metrics.json`` (:func:`compute_metrics`, plus the run's config) and ``results.md`` (a markdown table with the
   oracle's protocol).
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["TIMING_FIELDS", "RUN_FIELDS", "Dist", "make_plan", "batches_for", "read_done", "run_items", "compute_metrics",
-           "run_eval", "judge_files"]
+           "run_eval", "judge_files", "stored_digests"]
 
 #: Metrics that measure time, not results.
 TIMING_FIELDS = ("sec_per_item", "wall_seconds", "items_per_second")
@@ -377,34 +380,72 @@ def _resolve_oracle(oracle):
     return oracle
 
 
+#: What a fingerprint entry means, for the message refusing a resume.
+_FINGERPRINT_WORDS = {
+    "policy_content": "the policy's content (was the policy file edited?)",
+    "model_files": "the model's files (weights or configs changed)",
+    "guard_weights": "a guard's weight file",
+    "plan_head": "the prompts or seeds",
+    "n": "the number of prompts",
+}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """The fingerprint entries that differ, worded: ``guard_weights[lvd] (a guard's weight file)``."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        name = key
+        if isinstance(a, dict) and isinstance(b, dict):
+            name = ", ".join(f"{key}[{k}]" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        word = _FINGERPRINT_WORDS.get(key)
+        out.append(f"{name} ({word})" if word else name)
+    return out
+
+
 def _check_run_file(out_dir: Path, fingerprint: dict) -> bool:
-    """Whether ``out_dir`` holds a resumable run of these settings (``ValueError`` if it holds one of others).
-    Items without ``run.json`` come from a ``safegen eval`` that could not resume; they are replaced, as that
-    version replaced them itself."""
+    """Whether ``out_dir`` holds a resumable run of these settings (``ValueError`` naming what differs if it holds
+    one of others). Items without ``run.json`` come from a ``safegen eval`` that could not resume; they are
+    replaced, as that version replaced them itself."""
     path = out_dir / RUN
     if not path.is_file():
         return False
     try:
         old = json.loads(path.read_text(encoding="utf-8")).get("fingerprint", {})
-    except ValueError:
+    except (ValueError, AttributeError):
         raise ValueError(f"{path} is unreadable; use another --out, or --overwrite") from None
-    diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is unreadable; use another --out, or --overwrite")
+    diff = _differences(old, fingerprint)
     if diff:
-        raise ValueError(f"{out_dir} holds a run with other settings (differs in: {', '.join(diff)}); use another "
-                         "--out, or --overwrite to start afresh")
+        raise ValueError(f"{out_dir} holds a run with other settings, so it cannot be resumed (differs in: "
+                         f"{'; '.join(diff)}); use another --out, or --overwrite to start afresh")
     return True
+
+
+def stored_digests(out_dir: "str | Path") -> list:
+    """The file digests a run in ``out_dir`` recorded (see :func:`safegen.loading.remember_digests`); ``[]`` if
+    none."""
+    try:
+        rows = json.loads((Path(out_dir) / RUN).read_text(encoding="utf-8")).get("digests", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return rows if isinstance(rows, list) else []
 
 
 def run_eval(pipe, plan: Sequence[dict], out_dir: "str | Path", *, oracle: Any = "world", steps: int = 25,
              batch_size: int = 8, guidance_scale: float | None = None, save_images: bool = False,
              config: dict | None = None, fingerprint: dict | None = None, progress: bool = True,
              overwrite: bool = False, dist: Dist | None = None,
-             call_kwargs: dict | None = None) -> tuple[dict, list[dict]]:
+             call_kwargs: dict | None = None, digests: list | None = None) -> tuple[dict, list[dict]]:
     """Run (or resume) ``plan`` into ``out_dir`` on this process's share; process 0 merges and writes.
 
     ``pipe`` is a pipeline or a zero-argument callable returning one (called only if this process has work
     left, so a finished run reruns in seconds). ``fingerprint``: the settings that decide results (default:
-    steps, guidance and the oracle's protocol, plus the plan itself); ``config`` is stored in ``metrics.json``.
+    steps, guidance and the oracle's protocol, plus the plan itself); ``config`` is stored in ``metrics.json``;
+    ``digests`` (rows of :func:`safegen.loading.digest_cache`) are kept in ``run.json`` for the next resume.
     Returns ``(metrics, items)`` on every process (read back after the merge).
     """
     from .results import run_markdown
@@ -422,7 +463,8 @@ def run_eval(pipe, plan: Sequence[dict], out_dir: "str | Path", *, oracle: Any =
         if not resumable:
             for p in [*_item_files(out_dir), out_dir / "metrics.json", out_dir / "results.md"]:
                 p.unlink(missing_ok=True)
-        (out_dir / RUN).write_text(json.dumps({"fingerprint": fp}, indent=2) + "\n", encoding="utf-8")
+        run = {"fingerprint": fp, **({"digests": digests} if digests else {})}
+        (out_dir / RUN).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     dist.barrier()
     done = read_done(out_dir, plan)
     mine = [i for b in batches_for(len(plan), batch_size, dist.rank, dist.world) for i in b if i not in done]

@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ._paths import assets_dir
+from .guard_names import PRESET_GUARDS, guard_of_preset
 
 #: The harm categories every shipped policy covers.
 CATEGORIES = ("sexual", "violence", "hate", "harassment", "self-harm", "shocking", "illegal-activity")
 
 ACTIONS = ("block", "steer", "log")
 PLACEHOLDERS = ("flat", "blur", "none")
+#: What text-reading guards do with calls that give only ``prompt_embeds`` (:attr:`Policy.embeddings_only`).
+EMBEDDINGS_ONLY = ("block", "allow")
+#: The range of the sensitivity knob, in files and in code alike: far outside it every guard is effectively off
+#: (1e-6 multiplies each threshold by a million) or flags everything.
+MIN_SENSITIVITY, MAX_SENSITIVITY = 0.1, 10.0
+#: The guard names a category's ``thresholds`` may be keyed by (the names guards report under).
+THRESHOLD_GUARDS = tuple(dict.fromkeys(PRESET_GUARDS.values()))
 
 # Spellings found in public prompt sets (I2P, CoProV2) mapped to the policy's keys.
 _CATEGORY_ALIASES = {
@@ -67,15 +75,47 @@ class Category:
         concepts (`list[str]`): keyword phrases that describe the category; guards build their concept
             spaces and blacklists from these.
         action (`str`): what a guard does when the category fires: ``"block"`` (return the placeholder),
-            ``"steer"`` (change the generation, e.g. SAFREE/SLD) or ``"log"`` (report only).
+            ``"steer"`` (change the generation, e.g. SAFREE/SLD) or ``"log"`` (report only). Checked when set.
         thresholds (`dict[str, float]`): per-guard thresholds before the policy's sensitivity is applied,
-            keyed by guard name (``"safree"``, ``"latent_guard"``, ``"lvd"``...).
+            keyed by guard name (``"safree"``, ``"latent_guard"``, ``"lvd"``...). Set one with
+            :meth:`set_threshold`, which checks the guard name and that the value is a finite number.
+
+    Example:
+        >>> cat = Category("violence", ["gore"])
+        >>> cat.set_threshold("latent-guard", 7.5)
+        >>> cat.thresholds
+        {'latent_guard': 7.5}
+        >>> cat.set_threshold("safree", float("nan"))
+        Traceback (most recent call last):
+        ...
+        safegen.policy.PolicyError: category 'violence': the threshold of guard 'safree' must be a finite number, got nan
     """
 
     name: str
     concepts: list[str]
     action: str = "steer"
     thresholds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for guard, value in list(self.thresholds.items()):
+            where = f"category {self.name!r}: the threshold of guard {guard!r}"
+            self.thresholds[guard] = _check_threshold(value, where)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "action" and value not in ACTIONS:
+            raise PolicyError(f"category {getattr(self, 'name', '?')!r}: action must be one of {ACTIONS}, "
+                              f"got {value!r}")
+        object.__setattr__(self, name, value)
+
+    def set_threshold(self, guard: str, value: float) -> None:
+        """Set ``guard``'s threshold for this category (before sensitivity); ``latent-guard`` is stored as
+        ``latent_guard``. Raises :class:`PolicyError` for an unknown guard name or a value that is not a finite
+        number."""
+        key = _threshold_key(guard)
+        if key is None:
+            raise PolicyError(f"category {self.name!r}: {guard!r} is not a guard name; thresholds are keyed by "
+                              f"one of {list(THRESHOLD_GUARDS)}")
+        self.thresholds[key] = _check_threshold(value, f"category {self.name!r}: the threshold of guard {key!r}")
 
 
 @dataclass
@@ -100,6 +140,11 @@ class Policy:
     placeholder: str = "flat"
     guards: list[str] = field(default_factory=lambda: ["safree"])
     source: str = "<code>"
+    #: What a guard that must read text (or needs the pipeline's text encoder) does with a call that gives only
+    #: ``prompt_embeds``: ``"block"`` (fail closed: the items are blocked, the report says why) or ``"allow"``
+    #: (they pass unchecked by that guard, verdict ``log``). Guards that can work from embeddings (SAFREE with
+    #: the pipeline's text encoder, LVD, SLD) check them either way.
+    embeddings_only: str = "block"
 
     # ------------------------------------------------------------------ queries
     def threshold(self, category: str, guard: str, default: float | None = None) -> float:
@@ -111,7 +156,10 @@ class Policy:
                 f"policy {self.name!r} ({self.source}): category {category!r} has no threshold for guard "
                 f"{guard!r}; add `thresholds: {{{guard}: <number>}}` to it"
             )
-        return float(base) / float(self.sensitivity)
+        # a NaN set in code behind the validating setters would compare False everywhere: fail, never pass
+        base = _check_threshold(base, f"policy {self.name!r} ({self.source}): category {category!r}: the "
+                                      f"threshold of guard {guard!r}")
+        return base / float(self.sensitivity)
 
     def concepts(self, category: str | None = None) -> list[str]:
         """Concept phrases of one category, or of all categories (in policy order, without duplicates)."""
@@ -153,6 +201,7 @@ class Policy:
             "sensitivity": self.sensitivity,
             "placeholder": self.placeholder,
             "guards": list(self.guards),
+            "embeddings_only": self.embeddings_only,
             "categories": {
                 k: {"action": c.action, "thresholds": dict(c.thresholds), "concepts": list(c.concepts)}
                 for k, c in self.categories.items()
@@ -167,19 +216,42 @@ class Policy:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "sensitivity":
-            value = _check_sensitivity(value, getattr(self, "source", "<code>"))
+            value = _check_sensitivity(value, f"policy {getattr(self, 'name', '?')!r}: sensitivity")
+        elif name == "embeddings_only" and value not in EMBEDDINGS_ONLY:
+            raise PolicyError(f"policy {getattr(self, 'name', '?')!r}: embeddings_only must be one of "
+                              f"{EMBEDDINGS_ONLY}, got {value!r}")
         object.__setattr__(self, name, value)
 
 
 # ---------------------------------------------------------------------- loading and validation
-_TOP_KEYS = {"name", "version", "sensitivity", "placeholder", "guards", "categories", "description"}
+_TOP_KEYS = {"name", "version", "sensitivity", "placeholder", "guards", "categories", "description",
+             "embeddings_only"}
 _CAT_KEYS = {"concepts", "action", "thresholds", "description"}
 
 
-def _check_sensitivity(value: Any, source: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise PolicyError(f"{source}: field 'sensitivity' must be a positive number, got {value!r}")
+def _check_sensitivity(value: Any, where: str) -> float:
+    """``value`` as a float if it is a number in [:data:`MIN_SENSITIVITY`, :data:`MAX_SENSITIVITY`], else
+    :class:`PolicyError` starting with ``where`` (the file and field, or the policy)."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not MIN_SENSITIVITY <= value <= MAX_SENSITIVITY):
+        raise PolicyError(f"{where} must be a number from {MIN_SENSITIVITY:g} to "
+                          f"{MAX_SENSITIVITY:g} (1 is the calibrated default; 2 flags more, 0.5 flags less), "
+                          f"got {value!r}")
     return float(value)
+
+
+def _check_threshold(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PolicyError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _threshold_key(guard: Any) -> str | None:
+    """The guard name a thresholds key means (``latent-guard`` -> ``latent_guard``), or None if it names none."""
+    if not isinstance(guard, str):
+        return None
+    key = guard.strip().lower().replace("-", "_")
+    return key if key in THRESHOLD_GUARDS else None
 
 
 def _check_concept(concept: Any, source: str, where: str) -> str:
@@ -202,13 +274,27 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
     name = data.get("name", Path(source).stem if source.startswith("/") or "." in source else "custom")
     if not isinstance(name, str) or not name:
         raise PolicyError(f"{source}: field 'name' must be a non-empty string")
-    sensitivity = _check_sensitivity(data.get("sensitivity", 1.0), source)
+    sensitivity = _check_sensitivity(data.get("sensitivity", 1.0), f"{source}: field 'sensitivity'")
     placeholder = data.get("placeholder", "flat")
     if placeholder not in PLACEHOLDERS:
         raise PolicyError(f"{source}: field 'placeholder' must be one of {PLACEHOLDERS}, got {placeholder!r}")
+    embeddings_only = data.get("embeddings_only", "block")
+    if embeddings_only not in EMBEDDINGS_ONLY:
+        raise PolicyError(f"{source}: field 'embeddings_only' must be one of {EMBEDDINGS_ONLY}")
     guards = data.get("guards", ["safree"])
-    if not isinstance(guards, list) or not all(isinstance(g, str) and g for g in guards):
-        raise PolicyError(f"{source}: field 'guards' must be a list of guard names, got {guards!r}")
+    if not isinstance(guards, list):
+        raise PolicyError(f"{source}: field 'guards' must be a list of guard names, got a {type(guards).__name__}")
+    seen: dict[str, int] = {}
+    for i, g in enumerate(guards):
+        guard = guard_of_preset(g) if isinstance(g, str) else None
+        if guard is None:
+            shown = repr(g) if isinstance(g, str) and len(g) <= 40 else f"a {type(g).__name__}"
+            raise PolicyError(f"{source}: field 'guards[{i}]' is not a guard name ({shown}); known: "
+                              f"{', '.join(PRESET_GUARDS)}")
+        if guard in seen:
+            raise PolicyError(f"{source}: field 'guards[{i}]' repeats the {guard!r} guard of 'guards[{seen[guard]}]'; "
+                              "give each guard once")
+        seen[guard] = i
     cats = data.get("categories")
     if not isinstance(cats, Mapping) or not cats:
         raise PolicyError(f"{source}: field 'categories' must be a non-empty mapping of category -> settings")
@@ -230,15 +316,23 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
         thresholds = spec.get("thresholds", {})
         if not isinstance(thresholds, Mapping):
             raise PolicyError(f"{source}: field '{where}.thresholds' must map guard names to numbers")
+        checked: dict[str, float] = {}
         for g, v in thresholds.items():
+            guard = _threshold_key(g)
+            if guard is None:
+                raise PolicyError(f"{source}: field '{where}.thresholds.{g}' is not a guard name; thresholds are "
+                                  f"keyed by one of {list(THRESHOLD_GUARDS)}")
+            if guard in checked:
+                raise PolicyError(f"{source}: field '{where}.thresholds.{g}' repeats the threshold of {guard!r}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise PolicyError(f"{source}: field '{where}.thresholds.{g}' must be a number, got {v!r}")
+                raise PolicyError(f"{source}: field '{where}.thresholds.{g}' must be a finite number, got {v!r}")
+            checked[guard] = float(v)
         key = normalize_category(str(raw_key))
         if key in categories:
             raise PolicyError(f"{source}: field '{where}' duplicates category {key!r}")
-        categories[key] = Category(key, list(dict.fromkeys(concepts)), action, {str(g): float(v) for g, v in thresholds.items()})
+        categories[key] = Category(key, list(dict.fromkeys(concepts)), action, checked)
     return Policy(name=name, categories=categories, sensitivity=sensitivity, placeholder=placeholder,
-                  guards=list(guards), source=source)
+                  guards=list(guards), source=source, embeddings_only=embeddings_only)
 
 
 def _parse_file(path: Path) -> Any:

@@ -1,8 +1,10 @@
 """The ``safegen`` command line, called in process (``safegen.cli.main``) with temporary folders."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +38,8 @@ def test_generate_writes_pngs_and_report(tmp_path, capsys):
     assert all(e["unet_steps_run"] == 2 for e in report)
     lines = [ln for ln in out.splitlines() if ln.startswith(("000.png", "001.png"))]
     assert len(lines) == 2 and "PASS" in lines[0] and "STEER" in lines[1] and "violence" in lines[1]
-    assert "RANDOM" in err  # the tiny model says it is a stand-in
+    assert "RANDOM" in err  # the tiny model says its images are noise
+    assert "stand-in" not in err and "until the embedded default model ships" not in err  # it ships
 
 
 def test_generate_guards_none_is_unprotected(tmp_path, capsys):
@@ -89,9 +92,20 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, needle):
     assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
-def test_missing_out_exits_2(capsys):
-    code, _, err = run(capsys, "generate", BENIGN)
+@pytest.mark.parametrize("command", ["eval", "demo-run"])
+def test_missing_out_exits_2(capsys, command):
+    code, _, err = run(capsys, command, "--model", "tiny-sd")
     assert code == 2 and "--out" in err and "required" in err
+
+
+def test_generate_without_out_writes_a_new_timestamped_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "generate", BENIGN, "--model", "tiny-sd", "--steps", 1)
+    assert code == 0, err
+    (folder,) = (tmp_path / "outputs").iterdir()
+    assert re.fullmatch(r"generate-\d{8}-\d{6}", folder.name)
+    assert sorted(p.name for p in folder.iterdir()) == ["000.png", "report.json"]
+    assert str(Path("outputs") / folder.name) in out  # says where it wrote
 
 
 def test_model_folder_that_is_not_a_model(tmp_path, capsys):

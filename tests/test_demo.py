@@ -3,6 +3,7 @@ placeholder image, the comparison run, and the ``safegen demo`` command's argume
 test_demo_browser.py)."""
 
 import doctest
+import json
 import re
 
 import numpy as np
@@ -58,33 +59,104 @@ def test_seed_and_sensitivity_ranges():
             dm.validate_sensitivity(bad)
 
 
+def test_sensitivity_range_is_the_policy_range():
+    from safegen import policy
+
+    assert (dm.MIN_SENSITIVITY, dm.MAX_SENSITIVITY) == (policy.MIN_SENSITIVITY, policy.MAX_SENSITIVITY)
+
+
 def test_model_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert dm.validate_model("") == dm.validate_model(None) == dm.validate_model(" default ") == "default"
     assert dm.validate_model("tiny-sd") == "tiny-sd"
-    assert dm.validate_model(str(tmp_path)) == str(tmp_path)  # an existing folder passes; loading checks more
+    with pytest.raises(dm.DemoInputError, match="no model_index.json"):
+        dm.validate_model(str(tmp_path))  # a folder that is no pipeline fails at start-up, not on a request
     with pytest.raises(dm.DemoInputError, match="does not exist"):
         dm.validate_model(str(tmp_path / "missing"))
     with pytest.raises(dm.DemoInputError, match="HF_HUB_OFFLINE=1"):
         dm.validate_model("no-such-owner/no-such-model")
     with pytest.raises(dm.DemoInputError, match="folder path or a hub id"):
         dm.validate_model("a\nb")
+    with pytest.raises(dm.DemoInputError, match="text-to-video"):
+        dm.validate_model("tiny-animatediff")
 
 
-def test_policy_validation_applies_sensitivity_to_a_fresh_copy(tmp_path):
-    p1 = dm.validate_policy("default", 2.0)
+def test_loopback_and_login():
+    for host in ("127.0.0.1", "127.3.4.5", "localhost", "::1", "[::1]"):
+        assert dm.is_loopback(host), host
+    for host in ("0.0.0.0", "", "::", "192.0.2.7", "10.0.0.1", "example.org", "127.0.0.1.example.org"):
+        assert not dm.is_loopback(host), host
+    assert dm.parse_auth("ada:pa:ss") == ("ada", "pa:ss")
+    for bad in ("ada", "ada:", ":pass", "", None):
+        with pytest.raises(dm.DemoInputError, match="USER:PASSWORD") as e:
+            dm.parse_auth(bad)
+        assert "pass" not in str(e.value).replace("PASSWORD", "")  # the password is never repeated
+
+
+def _policy_file(folder, name="mine", extra=""):
+    path = folder / f"{name}.yaml"
+    path.write_text(f"name: {name}\ncategories: {{violence: {{concepts: [chainsaw]}}}}\n{extra}")
+    return path
+
+
+def test_settings_are_an_allow_list(tmp_path):
+    mine = _policy_file(tmp_path)
+    s = dm.demo_settings("tiny-sd", ["tiny-sdxl", "default", "tiny-sd"], [str(mine)], unprotected=False)
+    assert list(s.models) == ["tiny-sd", "default", "tiny-sdxl"]  # the start model first, each once
+    assert s.start_model == "tiny-sd" and not s.unprotected
+    assert ("Embedded default model (64×64)", "default") in s.model_choices()
+    assert "default" in s.policies and s.policies["mine"] == str(mine)
+    assert ("mine (file)", "mine") in s.policy_choices() and ("default", "default") in s.policy_choices()
+    assert all(str(tmp_path) not in value for _, value in s.policy_choices())  # values are names, not paths
+    with pytest.raises(dm.DemoInputError, match="no-such.yaml"):
+        dm.demo_settings(allow_policies=[str(tmp_path / "no-such.yaml")])
+    bad = _policy_file(tmp_path, "bad", "api_key: sk-live-SECRET\n")
+    with pytest.raises(dm.DemoInputError, match="api_key"):  # the operator sees the detail at start-up
+        dm.demo_settings(allow_policies=[str(bad)])
+    with pytest.raises(dm.DemoInputError, match="not a policy file"):
+        dm.demo_settings(allow_policies=["/etc/passwd"])
+
+
+def test_choices_outside_the_allow_list_get_one_generic_message(tmp_path):
+    s = dm.demo_settings()
+    assert dm.choose_model("", s) == dm.choose_model(None, s) == ("default", "default")
+    messages = set()
+    for value in ("/etc", "/nonexistent/x", str(tmp_path), "tiny-sd", "owner/name", "../assets/default-model"):
+        with pytest.raises(dm.DemoInputError) as e:
+            dm.choose_model(value, s)
+        messages.add(str(e.value))
+    assert messages == {"choose a model from the list; this server offers only those"}  # no path is probed
+    secret = tmp_path / "secret.yaml"
+    secret.write_text("db_password: hunter2\n")
+    for value in (str(secret), "/nonexistent.yaml", str(tmp_path / "secret")):
+        with pytest.raises(dm.DemoInputError, match="^choose a policy from the list; this server offers only those$"):
+            dm.choose_policy(value, 1.0, s)
+
+
+def test_policy_choice_is_fresh_and_errors_stay_in_the_server_log(tmp_path, caplog):
+    mine = _policy_file(tmp_path)
+    s = dm.demo_settings(allow_policies=[str(mine)])
+    p1 = dm.choose_policy("default", 2.0, s)
     p1.add_concept("violence", "chainsaw massacre")
-    p2 = dm.validate_policy("", 1.0)
+    p2 = dm.choose_policy("", 1.0, s)
     assert p1.sensitivity == 2.0 and p2.sensitivity == 1.0 and p2.name == "default"
     assert "chainsaw massacre" not in p2.concepts("violence")  # edits never leak into the next request
-    with pytest.raises(dm.DemoInputError, match="no built-in policy named 'nope'"):
-        dm.validate_policy("nope")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\ncategories: 3\n")
-    with pytest.raises(dm.DemoInputError, match="bad.yaml"):
-        dm.validate_policy(str(bad))
+    assert dm.choose_policy("mine", 1.0, s).concepts() == ["chainsaw"]
     with pytest.raises(dm.DemoInputError, match="sensitivity"):
-        dm.validate_policy("default", 0)
+        dm.choose_policy("default", 0, s)
+    # the file changes after start-up: the page gets a generic message, the server log the reason
+    for body in ("api_key: sk-live-SECRET\ndb_password: hunter2\n", "sensitivity: 'sk-live-SECRET'\n",
+                 "categories: {secret-api-key-ABC123: {concepts: []}}\n", "name: [unclosed\n"):
+        mine.write_text(body)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="safegen.demo"):
+            with pytest.raises(dm.DemoInputError) as e:
+                dm.choose_policy("mine", 1.0, s)
+        assert str(e.value) == "policy 'mine' is not valid; see the server log"
+        assert str(tmp_path) in caplog.text  # the operator can find out why
+    mine.unlink()
+    with pytest.raises(dm.DemoInputError, match="^policy 'mine' is not valid; see the server log$"):
+        dm.choose_policy("mine", 1.0, s)
 
 
 # ---------------------------------------------------------------------- guards
@@ -236,6 +308,22 @@ def test_run_comparison_on_a_tiny_pipeline(sd, lexical_policy):
     assert np.array_equal(np.asarray(benign.plain_image), np.asarray(benign.protected_image))
 
 
+def test_run_comparison_without_the_unprotected_image(sd, lexical_policy):
+    seen, unet_calls = [], []
+    hook = sd.unet.register_forward_pre_hook(lambda module, args: unet_calls.append(safegen.is_protected(sd)))
+    try:
+        comp = dm.run_comparison(sd, "a photo of blood and gore", guards=["safree"], policy=lexical_policy, steps=2,
+                                 progress=lambda frac, desc: seen.append((round(frac, 3), desc)), unprotected=False)
+    finally:
+        hook.remove()
+    assert unet_calls and all(unet_calls)  # every UNet step ran protected: the unguarded image is never made
+    assert comp.plain_image is None and comp.plain_seconds is None
+    assert comp.report.verdict == "steer" and comp.protected_image is not None
+    assert comp.seconds_per_step == pytest.approx(comp.protected_seconds / 2)
+    assert [f for f, d in seen if d == "protected"] == [0.0, 0.5, 1.0] and "unprotected" not in {d for _, d in seen}
+    assert not safegen.is_protected(sd)
+
+
 def test_run_comparison_unprotects_after_an_error(sd, lexical_policy):
     def boom(frac, desc):
         if desc == "protected" and frac > 0.5:
@@ -310,6 +398,80 @@ def test_demo_command_refuses_a_bad_model_before_starting(monkeypatch, capsys, t
     assert cli.main(["demo"]) == 2
     err = capsys.readouterr().err
     assert "the demo app" in err and "is missing" in err
+
+
+FAKE_APP = """
+import json
+def launch(**kw):
+    s = kw["settings"]
+    with open({out!r}, "w") as f:
+        json.dump({{"host": kw["host"], "auth": kw["auth"], "unprotected": s.unprotected, "models": list(s.models),
+                   "policies": list(s.policies)}}, f)
+"""
+
+
+@pytest.fixture
+def fake_app(monkeypatch, tmp_path):
+    """Stands in for demos/app.py: ``launch`` writes what it was given to a JSON file (read with ``seen()``)."""
+    from safegen import cli
+
+    out = tmp_path / "launched.json"
+    app = tmp_path / "app.py"
+    app.write_text(FAKE_APP.format(out=str(out)))
+    monkeypatch.setattr(cli, "_demo_app_path", lambda: app)
+    monkeypatch.delenv("SAFEGEN_DEMO_AUTH", raising=False)
+
+    def seen():
+        if not out.is_file():
+            return None
+        data = json.loads(out.read_text())
+        out.unlink()
+        return data
+
+    return seen
+
+
+def test_demo_off_loopback_needs_a_login(fake_app, capsys, monkeypatch):
+    from safegen import cli
+
+    assert cli.main(["demo", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--auth USER:PASSWORD" in err and "SAFEGEN_DEMO_AUTH" in err and "Traceback" not in err
+    assert fake_app() is None  # refused before anything was served
+    assert cli.main(["demo", "--host", "192.0.2.7", "--auth", "ada"]) == 2
+    assert "USER:PASSWORD" in capsys.readouterr().err
+
+    assert cli.main(["demo", "--host", "0.0.0.0", "--auth", "ada:s3cret"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "reachable from other machines" in err and "unprotected panel is off" in err
+    assert "s3cret" not in err
+    assert fake_app() == {"host": "0.0.0.0", "auth": ["ada", "s3cret"], "unprotected": False,
+                          "models": ["default"], "policies": ["default"]}
+
+    monkeypatch.setenv("SAFEGEN_DEMO_AUTH", "bob:pw")  # the login from the environment (not visible in ps)
+    assert cli.main(["demo", "--host", "0.0.0.0"]) == 0
+    assert fake_app()["auth"] == ["bob", "pw"]
+
+
+def test_demo_on_loopback_and_its_allow_list(fake_app, capsys, tmp_path):
+    from safegen import cli
+
+    assert cli.main(["demo"]) == 0
+    assert fake_app() == {"host": "127.0.0.1", "auth": None, "unprotected": True, "models": ["default"],
+                          "policies": ["default"]}
+    assert cli.main(["demo", "--no-unprotected"]) == 0
+    assert fake_app()["unprotected"] is False
+    mine = _policy_file(tmp_path)
+    assert cli.main(["demo", "--model", "tiny-sd", "--allow-model", "tiny-sdxl", "--allow-policy", str(mine)]) == 0
+    launched = fake_app()
+    assert launched["models"] == ["tiny-sd", "default", "tiny-sdxl"] and launched["policies"] == ["default", "mine"]
+    for args, needle in ((["--allow-model", str(tmp_path / "nope")], "--allow-model: model"),
+                         (["--allow-policy", str(tmp_path / "nope.yaml")], "--allow-policy: "),
+                         (["--allow-policy", "/etc/passwd"], "not a policy file")):
+        assert cli.main(["demo", *args]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err
+        assert fake_app() is None
 
 
 def test_demo_command_without_gradio_says_how_to_install(monkeypatch, capsys):

@@ -81,7 +81,8 @@ def server(chromium):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "safegen.cli", "demo", "--host", "127.0.0.1", "--port",
-                                 str(port)], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                                 str(port), "--allow-model", "tiny-sd"], cwd=ROOT, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, proc, log)
@@ -176,8 +177,7 @@ def test_demo_in_a_real_browser(server, chromium):
             ARTIFACTS.mkdir(exist_ok=True)
             unsafe.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
-            # another model (a local folder): LVD's classifier belongs to the embedded model, so its toggle is
-            # switched off, disabled and says why; SAFREE stays available
+            # the model picker takes only what the server offers: a typed server path is not accepted
             lvd = benign.locator("#guard-lvd input[type=checkbox]")
             if next(o for o in dm.guard_options() if o.key == "lvd").available:
                 expect(lvd).to_be_enabled()
@@ -185,6 +185,13 @@ def test_demo_in_a_real_browser(server, chromium):
             model = benign.locator("#model input")
             model.fill(str(ROOT / "assets"))
             model.press("Enter")
+            benign.locator("#prompt textarea").click()  # leave the picker
+            expect(model).not_to_have_value(str(ROOT / "assets"))
+            # another offered model (--allow-model tiny-sd): LVD's classifier belongs to the embedded model, so its
+            # toggle is switched off, disabled and says why; SAFREE stays available
+            model.click()
+            benign.get_by_role("option", name="tiny-sd").click()
+            expect(model).to_have_value("tiny-sd")
             expect(lvd).to_be_disabled()
             expect(lvd).not_to_be_checked()
             expect(benign.locator("#guard-lvd")).to_contain_text("belong to the embedded default model")

@@ -103,6 +103,46 @@ def test_rerun_with_other_settings_is_refused(tmp_path, sd):
     assert metrics["resumed_items"] == 0 and [it["prompt"] for it in items] == PROMPTS[:2]
 
 
+def test_refusal_names_the_part_that_changed(tmp_path, sd):
+    plan = make_plan(PROMPTS[:1])
+    fp = {"policy": "default", "policy_content": "aaa", "guard_weights": {"lvd": "1", "latent_guard": "2"},
+          "model_files": "m"}
+    run_eval(sd, plan, tmp_path, steps=1, progress=False, fingerprint=fp)
+    for change, needle in (({"policy_content": "bbb"}, "policy_content (the policy's content (was the policy file "
+                                                        "edited?))"),
+                           ({"guard_weights": {"lvd": "9", "latent_guard": "2"}}, "guard_weights[lvd] (a guard's "
+                                                                                   "weight file)"),
+                           ({"model_files": "n"}, "model_files (the model's files")):
+        with pytest.raises(ValueError) as e:
+            run_eval(sd, plan, tmp_path, steps=1, progress=False, fingerprint={**fp, **change})
+        assert needle in str(e.value) and "cannot be resumed" in str(e.value)
+        assert "latent_guard" not in str(e.value)  # only what changed
+    metrics, _ = run_eval(sd, plan, tmp_path, steps=1, progress=False, fingerprint=fp)  # unchanged: resumes
+    assert metrics["resumed_items"] == 1
+
+
+def test_digests_are_cached_by_size_and_mtime(tmp_path):
+    import hashlib
+
+    from safegen import loading
+    from safegen.harness import stored_digests
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"weights")
+    real = hashlib.sha256(b"weights").hexdigest()
+    assert loading.file_sha256(f) == real
+    st = f.stat()
+    # a row recorded by an earlier process for this size and mtime is trusted without reading the file again
+    loading.remember_digests([[str(f.resolve()), st.st_size, st.st_mtime_ns, "0" * 64], ["junk"], None])
+    assert loading.file_sha256(f) == "0" * 64
+    f.write_bytes(b"other weights")  # another size (and mtime): read again
+    assert loading.file_sha256(f) == hashlib.sha256(b"other weights").hexdigest()
+    rows = loading.digest_cache([f])
+    assert rows == [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns, hashlib.sha256(b"other weights").hexdigest()]]
+    (tmp_path / "run.json").write_text(json.dumps({"fingerprint": {}, "digests": rows}))
+    assert stored_digests(tmp_path) == rows and stored_digests(tmp_path / "missing") == []
+
+
 def _free_port() -> int:
     import socket
 

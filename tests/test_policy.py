@@ -91,3 +91,91 @@ def test_normalize_category_labels_from_data():
     assert normalize_category("Harrasment") == "harassment"
     assert normalize_category("self-harm") == "self-harm"
     assert normalize_category("Hate") == "hate"
+
+
+# ---------------------------------------------------------------------- validation in code and in files
+@pytest.mark.parametrize("value", [1e-6, 0.05, 10.5, 1e9, 0, -1, float("nan"), float("inf"), True, "2"])
+def test_sensitivity_setter_has_the_file_bounds(value):
+    from safegen.policy import MAX_SENSITIVITY, MIN_SENSITIVITY
+
+    pol = safegen.load_policy("default")
+    with pytest.raises(PolicyError, match=f"sensitivity must be a number from {MIN_SENSITIVITY:g} to {MAX_SENSITIVITY:g}"):
+        pol.sensitivity = value  # 1e-6 would multiply every threshold by a million: every guard off
+    assert pol.sensitivity == 1.0
+    with pytest.raises(PolicyError, match="sensitivity"):
+        safegen.load_policy("default", sensitivity=value)
+    for ok in (MIN_SENSITIVITY, 1, MAX_SENSITIVITY):
+        pol.sensitivity = ok
+        assert pol.sensitivity == ok
+
+
+def test_sensitivity_bounds_in_files(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("sensitivity: 0.000001\ncategories: {violence: {concepts: [gore]}}\n")
+    with pytest.raises(PolicyError, match="field 'sensitivity' must be a number from 0.1 to 10") as e:
+        safegen.load_policy(path)
+    assert str(path) in str(e.value)
+
+
+def test_thresholds_set_in_code_are_checked():
+    pol = safegen.load_policy("default")
+    cat = pol.categories["violence"]
+    cat.set_threshold("latent-guard", 7.5)
+    cat.set_threshold("LVD", 0.4)
+    assert cat.thresholds["latent_guard"] == 7.5 and cat.thresholds["lvd"] == 0.4
+    assert pol.threshold("violence", "latent_guard") == 7.5
+    for bad in (float("nan"), float("inf"), -float("inf"), None, "0.5", True):
+        with pytest.raises(PolicyError, match="threshold of guard 'safree' must be a finite number"):
+            cat.set_threshold("safree", bad)
+    with pytest.raises(PolicyError, match="'latentguard' is not a guard name"):
+        cat.set_threshold("latentguard", 0.3)  # a typo would otherwise be ignored by every guard
+    assert cat.thresholds["safree"] == 0.55
+    # written behind the setter's back: the guards' query refuses it (a NaN compares False: it would pass all)
+    cat.thresholds["safree"] = float("nan")
+    with pytest.raises(PolicyError, match="category 'violence': the threshold of guard 'safree' must be a finite"):
+        pol.threshold("violence", "safree")
+    with pytest.raises(PolicyError, match="finite"):
+        pol.threshold("hate", "lvd", default=float("nan"))
+    with pytest.raises(PolicyError, match="finite"):
+        safegen.policy.Category("x", ["y"], thresholds={"safree": float("inf")})
+
+
+def test_category_action_is_checked_when_set():
+    cat = safegen.load_policy("default").categories["violence"]
+    cat.action = "block"
+    assert cat.action == "block"
+    for bad in ("explode", "Block", None):
+        with pytest.raises(PolicyError, match=r"category 'violence': action must be one of \('block', 'steer', 'log'\)"):
+            cat.action = bad
+    assert cat.action == "block"
+    with pytest.raises(PolicyError, match="action"):
+        safegen.policy.Category("x", ["y"], action="ban")
+
+
+@pytest.mark.parametrize("body,field", [
+    ("guards: [safree, nonsense]\n", "guards[1]"),
+    ("guards: [safree, 3]\n", "guards[1]"),
+    ("guards: [sld, sld-strong]\n", "guards[1]"),  # one guard twice
+    ("guards: safree\n", "guards"),
+    ("categories: {violence: {concepts: [gore], thresholds: {safre: 0.5}}}\n", "categories.violence.thresholds.safre"),
+    ("categories: {violence: {concepts: [gore], thresholds: {latent_guard: 1, latent-guard: 2}}}\n",
+     "categories.violence.thresholds.latent-guard"),
+    ("categories: {violence: {concepts: [gore], thresholds: {lvd: .nan}}}\n", "categories.violence.thresholds.lvd"),
+])
+def test_guard_names_are_checked_when_the_file_loads(tmp_path, body, field):
+    path = tmp_path / "p.yaml"
+    if "categories" not in body:
+        body += "categories: {violence: {concepts: [gore]}}\n"
+    path.write_text(body)
+    with pytest.raises(PolicyError) as e:
+        safegen.load_policy(path)  # at load time, not later at protect()
+    assert str(path) in str(e.value) and f"field '{field}'" in str(e.value)
+
+
+def test_guard_and_threshold_spellings_that_load(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("guards: [SAFREE, latent_guard, sld-strong, output-check]\n"
+                    "categories: {violence: {concepts: [gore], thresholds: {latent-guard: 7, safree: 0.5, output: 0.5}}}\n")
+    pol = safegen.load_policy(path)
+    assert pol.guards == ["SAFREE", "latent_guard", "sld-strong", "output-check"]
+    assert pol.categories["violence"].thresholds == {"latent_guard": 7.0, "safree": 0.5, "output": 0.5}
