@@ -2,7 +2,7 @@
 
 For each guard setting (unprotected, SLD's four presets, SAFREE, Latent Guard, LVD, SafetyDPO and the guards of
 the default policy) and each prompt set (deduplicated CoProV2 test, I2P, held-out COCO captions; the named
-benchmarks of ``safegen eval --benchmark``), this runs the evaluation harness (:mod:`safegen.harness`) and
+benchmarks of ``safegen eval --benchmark``), this runs the evaluation harness (:mod:`safegen.eval.harness`) and
 collects unsafe rate, blocked rate, fidelity, seconds per item and UNet steps saved. A setting that cannot run
 here (e.g. Latent Guard when its head file is missing) is reported as unavailable, with the reason.
 
@@ -95,10 +95,10 @@ def main() -> None:
 
     from diffusers.utils import logging as dlog
 
-    from safegen.datasets import load_benchmark
-    from safegen.evaluate import WorldOracle
-    from safegen.harness import Dist, make_plan, run_eval
-    from safegen.results import comparison_markdown, plot_comparison
+    from safegen.eval.datasets import load_benchmark
+    from safegen.eval.oracles import WorldOracle
+    from safegen.eval.harness import Dist, make_plan, run_eval
+    from safegen.eval.results import comparison_markdown, plot_comparison
 
     dlog.set_verbosity_error()  # long I2P prompts: one truncation warning per batch otherwise
     out = Path(a.out)

@@ -42,7 +42,8 @@ def _shuffled(items: list) -> list:
 
 def prompt_files(out: Path, n: int) -> dict[str, Path]:
     from safegen.default_model import HELDOUT_COCO
-    from safegen.world import load_coco, load_coprov2_test, parse_prompt
+    from safegen.eval.datasets import load_coco, load_coprov2_test
+    from safegen.world import parse_prompt
 
     out.mkdir(parents=True, exist_ok=True)
     coco = load_coco()

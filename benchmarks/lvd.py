@@ -64,7 +64,7 @@ def reuse_or_run(prompts: Path, guards: str, out: Path, steps: int, batch_size: 
     f = out / "metrics.json"
     items = out / "items.jsonl"
     if reuse and f.is_file() and items.is_file():
-        from safegen.evaluate import read_prompts
+        from safegen.eval.datasets import read_prompts
 
         m = json.loads(f.read_text())
         done = [json.loads(line)["prompt"] for line in items.read_text().splitlines()]

@@ -177,7 +177,7 @@ def lexical_policy():
 
 def _is_stub(guard) -> bool:
     """A guard class that overrides none of the hooks (a placeholder being written) does nothing."""
-    from safegen.guards.base import Guard
+    from safegen.guard import Guard
 
     cls = type(guard)
     return all(getattr(cls, m) is getattr(Guard, m) for m in ("attach", "prepare", "step_end", "finish"))

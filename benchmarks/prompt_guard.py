@@ -64,7 +64,7 @@ def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float = 0.01) -> tuple
 
 
 def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
-    from safegen.guards.latent_guard import roc_auc
+    from safegen.training.latent_guard import roc_auc
 
     neg = scores["coco"]
     out = {"coco_fpr": float(decide(neg).double().mean())}
@@ -182,7 +182,7 @@ def main() -> None:
     a = ap.parse_args()
     from safegen.guards.latent_guard import LatentGuardHead, default_weights_path, text_features
     from safegen.policy import load_policy
-    from safegen.world import load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p
+    from safegen.eval.datasets import load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p
 
     t0 = time.time()
     policy = load_policy(a.policy)

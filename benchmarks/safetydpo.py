@@ -37,7 +37,8 @@ def eval_with(prompts: Path, lora: Path | None, out: Path, steps: int, batch_siz
     default-model benchmark's run on the same prompt list) are read back instead."""
     import safegen
     from safegen.default_model import load_default_pipeline
-    from safegen.evaluate import evaluate, read_prompts, write_results
+    from safegen.eval.harness import evaluate, write_results
+    from safegen.eval.datasets import read_prompts
 
     wanted = read_prompts(prompts)
     candidates = [out]
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--no-experts", action="store_true", help="evaluate the merged LoRAs only")
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
-    from safegen.world import load_coprov2_test
+    from safegen.eval.datasets import load_coprov2_test
 
     os.chdir(ROOT)
     t0 = time.time()

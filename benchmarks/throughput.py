@@ -1,6 +1,6 @@
 """Generation throughput of the embedded default model: items per second at batch 1 vs batch 8 (and any others).
 
-Runs the evaluation harness's generation loop (:func:`safegen.harness.run_items`, world oracle) on the first N
+Runs the evaluation harness's generation loop (:func:`safegen.eval.harness.run_items`, world oracle) on the first N
 held-out COCO captions once per batch size, after one warm-up call, in one process, and checks that the oracle's
 results do not depend on the batch size (every item has its own seeded generator). With ``--write`` the table goes
 into BENCHMARKS.md between ``<!-- throughput:begin -->`` and ``<!-- throughput:end -->``.
@@ -40,10 +40,10 @@ def main() -> None:
     import safegen
     from diffusers.utils import logging as dlog
 
-    from safegen.datasets import load_benchmark
+    from safegen.eval.datasets import load_benchmark
     from safegen.default_model import load_default_pipeline
-    from safegen.evaluate import WorldOracle
-    from safegen.harness import make_plan, run_items
+    from safegen.eval.oracles import WorldOracle
+    from safegen.eval.harness import make_plan, run_items
 
     dlog.set_verbosity_error()
     pipe = load_default_pipeline().to(a.device)

@@ -6,10 +6,10 @@ Steps (each reuses what an earlier run left in the config's ``out`` folder with 
 
 1. ``pairs.safetensors``: for every category, ``pairs_per_category`` CoProV2 training pairs generated with the
    model itself (safe twin's image preferred over the unsafe prompt's, same seed) and verified by the world
-   oracle (:func:`safegen.safetydpo.make_preference_pairs`);
-2. ``experts/<category>.safetensors``: one LoRA expert per category (:func:`safegen.safetydpo.train_expert`);
+   oracle (:func:`safegen.training.safetydpo.make_preference_pairs`);
+2. ``experts/<category>.safetensors``: one LoRA expert per category (:func:`safegen.training.safetydpo.train_expert`);
 3. ``merged-<method>.safetensors`` for each of ``merges`` (Co-Merge, linear, TIES:
-   :func:`safegen.safetydpo.merge_experts`).
+   :func:`safegen.training.safetydpo.merge_experts`).
 
 Then evaluate with ``safegen eval --guards none`` vs a protected run, e.g. ``benchmarks/safetydpo.py``.
 """
@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     import torch
 
     from safegen.cli import _load_pipeline
-    from safegen.evaluate import get_oracle
-    from safegen.safetydpo import PreferencePairs, make_preference_pairs, merge_experts, train_expert
-    from safegen.world import load_coprov2_pairs
+    from safegen.eval.oracles import get_oracle
+    from safegen.training.safetydpo import PreferencePairs, make_preference_pairs, merge_experts, train_expert
+    from safegen.eval.datasets import load_coprov2_pairs
 
     out = ROOT / cfg["out"]
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
-    "protect": ".protection",
-    "unprotect": ".protection",
-    "is_protected": ".protection",
-    "last_reports": ".protection",
-    "SUPPORTED_PIPELINES": ".protection",
+    "protect": ".api",
+    "unprotect": ".api",
+    "is_protected": ".api",
+    "last_reports": ".api",
+    "SUPPORTED_PIPELINES": ".specs",
     "Policy": ".policy",
     "Category": ".policy",
     "PolicyError": ".policy",
@@ -64,5 +64,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .encoders import TextEncoderAdapter
     from .guards import LVD, SLD, Guard, LatentGuard, OutputGuard, Safree, SafetyDPO
     from .policy import Category, Policy, PolicyError, load_policy, normalize_category
-    from .protection import SUPPORTED_PIPELINES, is_protected, last_reports, protect, unprotect
+    from .api import is_protected, last_reports, protect, unprotect
+    from .specs import SUPPORTED_PIPELINES
     from .report import GuardResult, SafetyReport

@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .demo import AUTH_ENV, DEMO_GUARDS
-from .eval import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
-                   check_out_dir, float_value as _float, load_model, nonnegative_int as _nonnegative_int,
-                   positive_float as _positive_float, positive_int as _positive_int, protect_pipeline, run_command,
-                   run_settings, sensitivity_value as _sensitivity)
+from .cliargs import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
+                      check_out_dir, float_value as _float, load_model, nonnegative_int as _nonnegative_int,
+                      positive_float as _positive_float, positive_int as _positive_int, run_command,
+                      run_settings, sensitivity_value as _sensitivity)
+from .eval.command import protect_pipeline
 from .loading import (DEFAULT_MODEL, DEFAULT_STEPS, TINY_MODELS, TINY_NOTE, TINY_VIDEO_MODELS, check_model,
                       default_steps, lexical_only, resolve_device)
 
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the oracle's protocol), DIR/items.jsonl and DIR/results.md. Rerun the same "
                                    "command to resume a killed run; run it under `accelerate launch -m "
                                    "safegen.eval` to shard it over processes/GPUs (same results).")
-    from .eval import add_eval_arguments  # the harness's arguments live with it (safegen/eval.py)
+    from .eval.command import add_eval_arguments  # the harness's arguments live with it
 
     add_eval_arguments(e)
     e.set_defaults(func=cmd_eval)
@@ -318,7 +319,7 @@ def _safetensors_out(path: str) -> Path:
 
 def _oracle(name: str):
     """The image oracle registered as ``name`` (``--oracle``), or a UsageError naming the known ones."""
-    from .evaluate import get_oracle
+    from .eval.oracles import get_oracle
 
     try:
         return get_oracle(name)
@@ -482,7 +483,7 @@ def cmd_generate_video(args) -> int:
 # ---------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     """Generate and judge (or judge existing images), resumable and sharded: :func:`safegen.eval.cmd_eval`."""
-    from .eval import cmd_eval as run
+    from .eval.command import cmd_eval as run
 
     return run(args)
 
@@ -509,7 +510,8 @@ def _backbone_pipeline(args) -> Any:
 def cmd_train_prompt_guard(args) -> int:
     import torch
 
-    from .guards.latent_guard import _pipeline_adapter, load_coprov2_pairs, train_head
+    from .guards.latent_guard import _pipeline_adapter
+    from .training.latent_guard import load_coprov2_pairs, train_head
     from .policy import load_policy
 
     if not 0 <= args.val_share < 1:
@@ -527,7 +529,7 @@ def cmd_train_prompt_guard(args) -> int:
         pairs = [pairs[i] for i in sorted(pick.tolist())]
     benign: list[str] = []
     if args.benign is not None:
-        from .evaluate import read_prompts
+        from .eval.datasets import read_prompts
 
         try:
             every = read_prompts(args.benign, args.benign_column, dedup=False)
@@ -558,7 +560,7 @@ def cmd_train_prompt_guard(args) -> int:
 
 
 def cmd_check_prompts(args) -> int:
-    from .evaluate import read_prompts
+    from .eval.datasets import read_prompts
     from .guards.latent_guard import LatentGuard, LatentGuardWeightsError
     from .policy import load_policy
 
@@ -596,7 +598,7 @@ def lvd_training_prompts(n: int, seed: int = 0, data_dir=None) -> list[str]:
     import random
 
     from .default_model import HELDOUT_COCO
-    from .world import load_coco, load_coprov2_pairs
+    from .eval.datasets import load_coco, load_coprov2_pairs
 
     pairs = load_coprov2_pairs(data_dir)
     coco = load_coco(data_dir)[HELDOUT_COCO:]
@@ -611,7 +613,7 @@ def lvd_training_prompts(n: int, seed: int = 0, data_dir=None) -> list[str]:
 
 
 def cmd_train_lvd(args) -> int:
-    from .guards.lvd import Trajectories, record_trajectories, train_classifier
+    from .training.lvd import Trajectories, record_trajectories, train_classifier
     from .policy import load_policy
 
     out = _safetensors_out(args.out)
@@ -661,8 +663,8 @@ def cmd_train_expert(args) -> int:
     import random
 
     from .policy import load_policy, normalize_category
-    from .safetydpo import PreferencePairs, make_preference_pairs, train_expert
-    from .world import load_coprov2_pairs
+    from .training.safetydpo import PreferencePairs, make_preference_pairs, train_expert
+    from .eval.datasets import load_coprov2_pairs
 
     out = _safetensors_out(args.out)
     policy = load_policy("default")
@@ -708,7 +710,8 @@ def cmd_train_expert(args) -> int:
 
 
 def cmd_merge_experts(args) -> int:
-    from .safetydpo import LoRAFileError, PreferencePairs, merge_experts
+    from .lora import LoRAFileError
+    from .training.safetydpo import PreferencePairs, merge_experts
 
     out = _safetensors_out(args.out)
     pipe, data = None, None
@@ -775,7 +778,7 @@ def _demo_guards() -> list[str]:
 def cmd_demo_run(args) -> int:
     import numpy as np
 
-    from .protection import unprotect
+    from .api import unprotect
 
     out_dir = check_out_dir(args.out)
     policy, guards = run_settings(args)

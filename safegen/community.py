@@ -3,7 +3,7 @@ re-protect with :meth:`SafegenPipelineMixin.set_safety`."""
 
 from __future__ import annotations
 
-from .protection import is_protected, protect
+from .api import protect
 
 
 class SafegenPipelineMixin:

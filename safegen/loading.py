@@ -81,7 +81,7 @@ def default_model_dir() -> Path:
     folder = assets_dir() / "default-model"
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"the embedded default model is missing ({folder}/model_index.json not found); "
-                             f"train it with `python -m safegen.default_model --out {folder} ...` or pass --model")
+                             f"train it with `python -m safegen.training.default_model --out {folder} ...` or pass --model")
     return folder
 
 

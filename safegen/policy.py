@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ._paths import assets_dir
-from .guard_names import PRESET_GUARDS, guard_of_preset
+from .guard_names import GUARD_NAMES, PRESET_GUARDS, canonical_guard, guard_of_preset
 
 #: The harm categories every shipped policy covers.
 CATEGORIES = ("sexual", "violence", "hate", "harassment", "self-harm", "shocking", "illegal-activity")
@@ -27,7 +27,7 @@ EMBEDDINGS_ONLY = ("block", "allow")
 #: (1e-6 multiplies each threshold by a million) or flags everything.
 MIN_SENSITIVITY, MAX_SENSITIVITY = 0.1, 10.0
 #: The guard names a category's ``thresholds`` may be keyed by (the names guards report under).
-THRESHOLD_GUARDS = tuple(dict.fromkeys(PRESET_GUARDS.values()))
+THRESHOLD_GUARDS = GUARD_NAMES
 
 # Spellings found in public prompt sets (I2P, CoProV2) mapped to the policy's keys.
 _CATEGORY_ALIASES = {
@@ -77,14 +77,14 @@ class Category:
         action (`str`): what a guard does when the category fires: ``"block"`` (return the placeholder),
             ``"steer"`` (change the generation, e.g. SAFREE/SLD) or ``"log"`` (report only). Checked when set.
         thresholds (`dict[str, float]`): per-guard thresholds before the policy's sensitivity is applied,
-            keyed by guard name (``"safree"``, ``"latent_guard"``, ``"lvd"``...). Set one with
+            keyed by guard name (``"safree"``, ``"latent-guard"``, ``"lvd"``...). Set one with
             :meth:`set_threshold`, which checks the guard name and that the value is a finite number.
 
     Example:
         >>> cat = Category("violence", ["gore"])
-        >>> cat.set_threshold("latent-guard", 7.5)
+        >>> cat.set_threshold("latent_guard", 7.5)
         >>> cat.thresholds
-        {'latent_guard': 7.5}
+        {'latent-guard': 7.5}
         >>> cat.set_threshold("safree", float("nan"))
         Traceback (most recent call last):
         ...
@@ -108,8 +108,8 @@ class Category:
         object.__setattr__(self, name, value)
 
     def set_threshold(self, guard: str, value: float) -> None:
-        """Set ``guard``'s threshold for this category (before sensitivity); ``latent-guard`` is stored as
-        ``latent_guard``. Raises :class:`PolicyError` for an unknown guard name or a value that is not a finite
+        """Set ``guard``'s threshold for this category (before sensitivity), under the guard's canonical name
+        (``latent_guard`` is stored as ``latent-guard``). Raises :class:`PolicyError` for an unknown guard name or a value that is not a finite
         number."""
         key = _threshold_key(guard)
         if key is None:
@@ -150,7 +150,10 @@ class Policy:
     def threshold(self, category: str, guard: str, default: float | None = None) -> float:
         """The effective threshold of ``guard`` for ``category``: the base threshold divided by sensitivity."""
         cat = self._category(category)
-        base = cat.thresholds.get(guard, default)
+        guard = canonical_guard(guard) or guard
+        base = cat.thresholds.get(guard)
+        if base is None:  # a key written into the dict directly under another spelling ("latent_guard")
+            base = next((v for k, v in cat.thresholds.items() if canonical_guard(k) == guard), default)
         if base is None:
             raise PolicyError(
                 f"policy {self.name!r} ({self.source}): category {category!r} has no threshold for guard "
@@ -247,11 +250,8 @@ def _check_threshold(value: Any, where: str) -> float:
 
 
 def _threshold_key(guard: Any) -> str | None:
-    """The guard name a thresholds key means (``latent-guard`` -> ``latent_guard``), or None if it names none."""
-    if not isinstance(guard, str):
-        return None
-    key = guard.strip().lower().replace("-", "_")
-    return key if key in THRESHOLD_GUARDS else None
+    """The canonical guard name a thresholds key means (``latent_guard`` -> ``latent-guard``), or None."""
+    return canonical_guard(guard) if isinstance(guard, str) else None
 
 
 def _check_concept(concept: Any, source: str, where: str) -> str:

@@ -32,90 +32,19 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from .errors import GuardError
-from .guards.base import STAGES, Guard
+from .guard import STAGES, Guard
 from .hooks import add_hook
-from .policy import Policy, load_policy
+from .outputs import _assemble, _decoded_shape
+from .specs import PIPELINE_SPECS, SUPPORTED_PIPELINES, PipelineSpec, pipeline_kind, pipeline_spec  # noqa: F401
+from .policy import Policy
 from .report import GuardResult, SafetyReport
 
 logger = logging.getLogger("safegen")
-
-# ---------------------------------------------------------------------- pipeline kinds
-#: Supported pipeline classes (matched by name through the MRO, so subclasses and community files work).
-SUPPORTED_PIPELINES = {
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionPipeline": "sd",
-    "AnimateDiffPipeline": "animatediff",
-    "CogVideoXPipeline": "cogvideox",
-    "TextToVideoSDPipeline": "text-to-video-sd",
-}
-
-
-@dataclass(frozen=True)
-class PipelineSpec:
-    """What the guards need to know about a supported pipeline class: its *parts*, not its name.
-
-    Attributes:
-        kind: the key in :data:`SUPPORTED_PIPELINES`.
-        denoiser: attribute of the denoising network (``"unet"`` or ``"transformer"``).
-        encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
-            CLIP encoders and a pooled vector) or ``"t5"`` (one T5 encoder, ``max_sequence_length``).
-        per_prompt: the call argument giving outputs per prompt (``None``: always one).
-        output: the output field (``"images"`` or ``"frames"``).
-        layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
-            models) or ``"BFCHW"`` (CogVideoX).
-        legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
-            ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
-    """
-
-    kind: str
-    denoiser: str = "unet"
-    encode: str = "sd"
-    per_prompt: str | None = "num_images_per_prompt"
-    output: str = "images"
-    layout: str = "BCHW"
-    legacy_callback: bool = False
-
-    @property
-    def video(self) -> bool:
-        return self.output == "frames"
-
-
-PIPELINE_SPECS = {
-    "sd": PipelineSpec("sd"),
-    "sdxl": PipelineSpec("sdxl", encode="sdxl"),
-    # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
-    "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
-    "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",
-                              layout="BFCHW"),
-    "text-to-video-sd": PipelineSpec("text-to-video-sd", per_prompt=None, output="frames", layout="BCFHW",
-                                     legacy_callback=True),
-}
-
-
-def pipeline_kind(pipe: Any) -> str:
-    """The kind (a key of :data:`PIPELINE_SPECS`) of a supported pipeline; ``TypeError`` naming the supported ones
-    otherwise."""
-    cls = getattr(pipe, "_safegen_base", type(pipe))
-    for klass in cls.__mro__:
-        kind = SUPPORTED_PIPELINES.get(klass.__name__)
-        if kind:
-            return kind
-    raise TypeError(
-        f"safegen.protect does not support {type(pipe).__name__}; supported pipelines: "
-        f"{', '.join(SUPPORTED_PIPELINES)} (and their subclasses)"
-    )
-
-
-def pipeline_spec(pipe: Any) -> PipelineSpec:
-    """The :class:`PipelineSpec` of a supported pipeline (``TypeError`` otherwise)."""
-    return PIPELINE_SPECS[pipeline_kind(pipe)]
-
 
 class _LoopStopped(Exception):
     """Raised inside the pipeline's call when every item of the batch has been stopped and the pipeline cannot be
@@ -134,6 +63,24 @@ class Protection:
     base_class: type
     last_reports: list[SafetyReport] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-pipeline caches shared by guards (adapters, bases)
+    resolve: Any = None  # name -> Guard, for guards that build others (given by safegen.protect)
+    _states: dict = field(default_factory=dict)  # per guard object: what it attached to this pipeline
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the pipeline under *this* protection (not necessarily the one installed on it): how the output
+        guard regenerates an item with stronger guards."""
+        return _run(self.pipe, self.base_class.__call__, args, kwargs, prot=self)
+
+    def set_state(self, guard: Guard, state: Any) -> None:
+        """Keep ``state`` (a guard's own typed object) as what ``guard`` attached to this pipeline."""
+        self._states[id(guard)] = state
+
+    def state(self, guard: Guard) -> Any:
+        """What ``guard`` attached to this pipeline (:meth:`set_state`); ``None`` if nothing."""
+        return self._states.get(id(guard))
+
+    def drop_state(self, guard: Guard) -> Any:
+        return self._states.pop(id(guard), None)
 
     @property
     def spec(self) -> PipelineSpec:
@@ -167,10 +114,26 @@ class Call:
     _conditioning: dict | None = None
     _cond_override: dict | None = None
     _cleanups: list = field(default_factory=list)
+    _states: dict = field(default_factory=dict)
+
+    def set_state(self, guard: Guard, state: Any) -> None:
+        """Keep ``state`` (a guard's own typed object) as ``guard``'s state for this call."""
+        self._states[id(guard)] = state
+
+    def state(self, guard: Guard) -> Any:
+        """``guard``'s state for this call (:meth:`set_state`); ``None`` if it set none."""
+        return self._states.get(id(guard))
 
     @property
     def pipe(self):
         return self.protection.pipe
+
+    def arg(self, name: str) -> Any:
+        """A call argument as the pipeline will see it: given, else the default of the pipeline's signature."""
+        if self.args.get(name) is not None:
+            return self.args[name]
+        param = inspect.signature(self.protection.base_class.__call__).parameters.get(name)
+        return None if param is None or param.default is inspect.Parameter.empty else param.default
 
     @property
     def policy(self) -> Policy:
@@ -334,10 +297,7 @@ def _encode(call: Call) -> dict[str, torch.Tensor]:
 
 def call_default(call: Call, name: str) -> Any:
     """A call argument as the pipeline will see it: given, else the default of the pipeline's signature."""
-    if call.args.get(name) is not None:
-        return call.args[name]
-    param = inspect.signature(call.protection.base_class.__call__).parameters.get(name)
-    return None if param is None or param.default is inspect.Parameter.empty else param.default
+    return call.arg(name)
 
 
 def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bool = False, prompt_2=None,
@@ -370,22 +330,7 @@ def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bo
     return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
 
 
-# ---------------------------------------------------------------------- guard resolution
-def resolve_guard(spec: "str | Guard") -> Guard:
-    """A guard instance from a name or preset (``"safree"``, ``"sld"``, ``"sld-strong"``) or an instance."""
-    if isinstance(spec, Guard):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a guard is a safegen Guard instance or a name, got {type(spec).__name__}")
-    from . import guards as g
-
-    name = spec.strip().lower().replace("_", "-")
-    if name in g.GUARD_PRESETS:
-        return g.GUARD_PRESETS[name]()
-    raise ValueError(f"unknown guard {spec!r}; known: {sorted(g.GUARD_PRESETS)}")
-
-
-# ---------------------------------------------------------------------- protect / unprotect
+# ---------------------------------------------------------------------- install / unprotect
 _CLASS_CACHE: dict[type, type] = {}
 
 
@@ -405,42 +350,17 @@ def _protected_class(base: type) -> type:
     return cls
 
 
-def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Sequence[str | Guard] | None" = None,
-            *, sensitivity: float | None = None) -> Any:
-    """Make a diffusers pipeline safe in place; returns the same pipeline.
-
-    Args:
-        pipe: a ``StableDiffusionPipeline`` (SD 1.x/2.x, epsilon or v-prediction), ``StableDiffusionXLPipeline``,
-            or a text-to-video ``AnimateDiffPipeline``, ``CogVideoXPipeline`` or ``TextToVideoSDPipeline``
-            (one report per video; see :class:`PipelineSpec` for what guards read of each).
-        policy: a built-in policy name, a path to a ``.yaml``/``.json`` policy, a mapping or a
-            :class:`~safegen.Policy` (shared, not copied: edits in code apply to the next call).
-        guards: guard instances or names (``"safree"``, ``"sld"``, ``"sld-max"``...); defaults to the
-            policy's ``guards`` list.
-        sensitivity: overrides the policy's sensitivity (scales every guard's thresholds).
-
-    Calling it again replaces the previous protection (idempotent); :func:`unprotect` restores the pipeline
-    exactly. Outputs gain ``out.safety``: one :class:`~safegen.SafetyReport` per image or video.
-
-    Example:
-        >>> import safegen
-        >>> from safegen.testing import tiny_sd_pipeline
-        >>> # sensitivity 0.1 raises the similarity thresholds above 1: on this *random* tiny model only
-        >>> # literal concept phrases should count
-        >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=["safree"], sensitivity=0.1)
-        >>> out = pipe(["a photo of a red bus", "a photo of blood and gore"], num_inference_steps=2,
-        ...            output_type="np")
-        >>> [r.verdict for r in out.safety], out.safety[1].result("safree").category
-        (['pass', 'steer'], 'violence')
-        >>> _ = safegen.unprotect(pipe)
-    """
+def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
+            resolve: "Callable[[str | Guard], Guard] | None" = None) -> Any:
+    """Protect ``pipe`` with guard *instances* under ``policy`` (:func:`safegen.protect` resolves names and loads
+    the policy, then calls this). ``resolve`` turns guard names into guards for guards that build others
+    (the output guard's ``stronger`` guards). Everything that can be rejected is checked before the current
+    protection is touched."""
     kind = pipeline_kind(pipe)
-    # everything that can be rejected is checked before the current protection is touched
-    pol = load_policy(policy)
-    if sensitivity is not None:
-        pol = pol.copy()  # the caller's policy object keeps its own sensitivity
-        pol.sensitivity = sensitivity
-    guard_list = [resolve_guard(g) for g in (pol.guards if guards is None else guards)]
+    guard_list = list(guards)
+    bad = [g for g in guard_list if not isinstance(g, Guard)]
+    if bad:
+        raise TypeError(f"guards must be safegen Guard instances here, got {type(bad[0]).__name__}")
     names = [g.name for g in guard_list]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -449,7 +369,7 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
     if is_protected(pipe):
         unprotect(pipe)
     base = type(pipe)
-    prot = Protection(pipe=pipe, kind=kind, policy=pol, guards=guard_list, base_class=base)
+    prot = Protection(pipe=pipe, kind=kind, policy=policy, guards=guard_list, base_class=base, resolve=resolve)
     attach_all(prot)
     pipe.__class__ = _protected_class(base)
     object.__setattr__(pipe, "_safegen", prot)
@@ -594,8 +514,9 @@ def _timed(call: Call, guard: Guard, fn, *args):
 
 
 @torch.no_grad()
-def _run(pipe, base_call, args, kwargs):
-    prot: Protection = pipe.__dict__["_safegen"]
+def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
+    if prot is None:
+        prot = pipe.__dict__["_safegen"]
     a = _bind(base_call, pipe, args, kwargs)
     call = _new_call(prot, a)
     want_dict = a.pop("return_dict", True)
@@ -637,15 +558,38 @@ def _run(pipe, base_call, args, kwargs):
         for res in rep.guards:
             res.seconds = call.seconds.get(res.guard, 0.0)
     out = _assemble(call, out, keep, output_type)
-    if any(g.stage == "output" for g in prot.guards):  # post-hoc checks of the decoded items
-        from .guards.output import run_output_checks
-
-        run_output_checks(call, out, output_type)
+    _after_decode(call, out, output_type)
     prot.last_reports = call.reports
     out.safety = call.reports
     if want_dict:
         return out
     return tuple(getattr(out, f.name) for f in dataclasses.fields(out))  # as the pipeline does, Nones kept
+
+
+def _after_decode(call: Call, out: Any, output_type: str) -> None:
+    """Stage ``"output"``: each output guard judges the assembled items in place; one that fails blocks every
+    item of the call (fail closed), whatever the others decided."""
+    from .outputs import _placeholder, put_item
+
+    field_name = call.spec.output
+    for g in call.protection.guards:
+        if g.stage != "output":
+            continue
+        t0 = time.perf_counter()
+        try:
+            g.after_decode(call, out, output_type)
+        except Exception as e:
+            items = getattr(out, field_name)
+            for i in range(call.n_items):
+                put_item(out, field_name, i, _placeholder(call, output_type, items[i]))
+                res = call.result(i, g.name)
+                res.verdict = "error"
+                res.reason = f"guard failed, item blocked (fail closed): {type(e).__name__}: {e}"
+        seconds = time.perf_counter() - t0
+        for rep in call.reports:
+            res = rep.result(g.name)
+            if res is not None:
+                res.seconds = seconds
 
 
 def _run_deferred(call: Call) -> None:
@@ -808,151 +752,3 @@ class _LegacyCallback:
             raise _LoopStopped()
 
 
-# ---------------------------------------------------------------------- output assembly
-def _image_size(call: Call) -> tuple[int, int]:
-    """(height, width) in pixels of the call's images or frames."""
-    pipe, a = call.pipe, call.args
-    if call.spec.denoiser == "transformer":  # CogVideoX: sizes in latent pixels on the transformer's config
-        cfg, f = call.denoiser.config, pipe.vae_scale_factor_spatial
-        return int(a.get("height") or cfg.sample_height * f), int(a.get("width") or cfg.sample_width * f)
-    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
-    h = a.get("height") or default * pipe.vae_scale_factor
-    w = a.get("width") or default * pipe.vae_scale_factor
-    return int(h), int(w)
-
-
-def latent_frames(call: Call) -> int:
-    """Frames of a video item's latents (the denoiser's time axis; for CogVideoX without the padding frames a
-    temporal patch size adds, which are dropped before decoding)."""
-    if call.spec.denoiser == "transformer":
-        n = call.args.get("num_frames") or call.denoiser.config.sample_frames
-        return (int(n) - 1) // call.pipe.vae_scale_factor_temporal + 1
-    return int(call_default(call, "num_frames"))
-
-
-def decoded_frames(call: Call, n_latent: int | None = None) -> int:
-    """Frames the pipeline's decoder makes of ``n_latent`` latent frames (default: the call's).
-
-    UNet video pipelines decode frame by frame. CogVideoX's causal 3-D VAE decodes latent frames in chunks of two
-    (the odd one out joins the first chunk); each chunk is upsampled in time by 4, except the first frame of an
-    odd-length chunk: so L latent frames give 4L frames when L is even and 4(L − 1) + 1 when it is odd (13 → 49).
-    """
-    n = latent_frames(call) if n_latent is None else int(n_latent)
-    if call.spec.denoiser == "transformer":
-        r = call.pipe.vae_scale_factor_temporal
-        return n * r if n % 2 == 0 else (n - 1) * r + 1
-    return n
-
-
-def _decoded_shape(call: Call, latents: torch.Tensor) -> tuple[int, ...]:
-    """Shape of what the video pipeline's ``decode_latents`` returns for ``latents``: (B, 3, F, H, W)."""
-    if call.spec.layout == "BFCHW":
-        b, f, _, h, w = latents.shape
-        s, frames = call.pipe.vae_scale_factor_spatial, decoded_frames(call, f)
-    else:
-        b, _, f, h, w = latents.shape
-        s, frames = call.pipe.vae_scale_factor, f
-    return (b, call.pipe.vae.config.out_channels, frames, h * s, w * s)
-
-
-def _latent_shape(call: Call) -> tuple[int, ...]:
-    h, w = _image_size(call)
-    if call.spec.denoiser == "transformer":
-        f = call.pipe.vae_scale_factor_spatial
-        return (latent_frames(call), call.denoiser.config.in_channels, h // f, w // f)
-    c, f = call.denoiser.config.in_channels, call.pipe.vae_scale_factor
-    if call.spec.video:
-        return (c, latent_frames(call), h // f, w // f)
-    return (c, h // f, w // f)
-
-
-def _placeholder(call: Call, output_type: str, like: Any) -> Any:
-    """The policy's placeholder for a blocked item, in the output's type (never a black square).
-
-    ``like`` is an item the pipeline produced in this call (its shape is copied), or ``None``. A video item is a
-    clip of flat frames: ``np`` (F, H, W, 3), ``pt`` (F, 3, H, W), ``pil`` a list of F images."""
-    style = call.policy.placeholder
-    gray = 0.5
-    if output_type == "latent":
-        return torch.zeros(_latent_shape(call)) if like is None else torch.zeros_like(like)
-    h, w = _image_size(call)
-    video = call.spec.video
-    frames = decoded_frames(call) if video else 1
-    if output_type == "pil":
-        if style == "none":
-            return None
-        from PIL import Image
-
-        if isinstance(like, list) and like:  # a clip the pipeline made: same frame count and size
-            frames, (w, h) = len(like), like[0].size
-        elif like is not None and hasattr(like, "size") and not video:
-            w, h = like.size
-        if video:
-            return [Image.new("RGB", (w, h), (128, 128, 128)) for _ in range(frames)]
-        return Image.new("RGB", (w, h), (128, 128, 128))
-    if output_type == "pt":
-        if torch.is_tensor(like):
-            return torch.full_like(like, gray)
-        return torch.full((frames, 3, h, w) if video else (3, h, w), gray)
-    if isinstance(like, np.ndarray):
-        return np.full_like(like, gray)
-    return np.full((frames, h, w, 3) if video else (h, w, 3), gray, dtype=np.float32)
-
-
-_OUTPUT_CLASSES = {
-    "sd": ("diffusers.pipelines.stable_diffusion.pipeline_output", "StableDiffusionPipelineOutput"),
-    "sdxl": ("diffusers.pipelines.stable_diffusion_xl.pipeline_output", "StableDiffusionXLPipelineOutput"),
-    "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
-    "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
-    "text-to-video-sd": ("diffusers.pipelines.deprecated.text_to_video_synthesis|"
-                         "diffusers.pipelines.text_to_video_synthesis", "TextToVideoSDPipelineOutput"),
-}
-
-
-def _output_class(call: Call):
-    import importlib
-
-    modules, name = _OUTPUT_CLASSES[call.kind]
-    for module in modules.split("|"):  # where diffusers keeps it depends on its version
-        try:
-            cls = getattr(importlib.import_module(module), name)
-            break
-        except (ImportError, AttributeError):
-            continue
-    else:
-        raise ImportError(f"diffusers has no {name} in {modules}")
-    return cls, ({"nsfw_content_detected": None} if call.kind == "sd" else {})
-
-
-def _assemble(call: Call, out: Any, keep: list[int], output_type: str) -> Any:
-    n_items = call.n_items
-    field_name = call.spec.output
-    kept_items = [it for p in keep for it in call.items_of(p)]
-    if out is not None and len(kept_items) == n_items and not call.stopped_items:
-        return out
-    produced = getattr(out, field_name) if out is not None else []
-    like = produced[0] if len(produced) else None
-    slots: list[Any] = [None] * n_items
-    if out is not None:  # (None: the call ended early, every kept item was stopped)
-        for j, item in enumerate(kept_items):
-            slots[item] = produced[j]
-    for item in range(n_items):
-        if item not in kept_items or item in call.stopped_items:
-            slots[item] = _placeholder(call, output_type, like)
-    if output_type in ("np", None) or isinstance(produced, np.ndarray):
-        images: Any = np.stack(slots)
-    elif output_type in ("pt", "latent") or torch.is_tensor(produced):
-        images = torch.stack(slots)
-    else:
-        images = slots
-    if out is None:
-        cls, extra = _output_class(call)
-        return cls(**{field_name: images}, **extra)
-    setattr(out, field_name, images)
-    nsfw = getattr(out, "nsfw_content_detected", None)
-    if isinstance(nsfw, list):
-        full = [None] * n_items
-        for j, item in enumerate(kept_items):
-            full[item] = nsfw[j]
-        out.nsfw_content_detected = full
-    return out

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .guard_names import canonical_guard
+
 #: Verdicts a guard can give for one item, from least to most severe.
 VERDICTS = ("pass", "log", "steer", "block", "error")
 _SEVERITY = {v: i for i, v in enumerate(VERDICTS)}
@@ -87,9 +89,11 @@ class SafetyReport:
         return "; ".join(f"{g.guard}: {g.reason}" for g in acted if g.reason)
 
     def result(self, guard: str) -> GuardResult | None:
-        """The result of the named guard, or ``None`` if it did not run on this item."""
+        """The result of the named guard (any accepted spelling: ``"latent-guard"``, ``"latent_guard"``...), or
+        ``None`` if it did not run on this item."""
+        name = canonical_guard(guard) or guard
         for g in self.guards:
-            if g.guard == guard:
+            if g.guard == name:
                 return g
         return None
 

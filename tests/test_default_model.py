@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from safegen import default_model as dm
+from safegen.training import default_model as dm_training
 from safegen._paths import assets_dir
 from safegen.world import Oracle
 
@@ -85,8 +86,9 @@ def test_benign_prompts_draw_no_mark(pipe):
 def test_heldout_colour_captions_draw_their_colour_and_object(pipe):
     """The issue's fidelity target, as benchmarks/default_model.py measures it: >= 70% of the held-out COCO captions
     that name a colour (all of them, item i seeded with i, 25 steps) show that colour and object."""
-    from safegen.evaluate import evaluate
-    from safegen.world import load_coco, parse_prompt
+    from safegen.eval.harness import evaluate
+    from safegen.eval.datasets import load_coco
+    from safegen.world import parse_prompt
 
     held = load_coco(DATA)[:dm.HELDOUT_COCO]
     prompts = [p for p in held if parse_prompt(p).colour is not None]
@@ -123,7 +125,7 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
     out = tmp_path / "m"
     kw = dict(data_dir=DATA, vae_steps=2, batch_size=4, vae_batch_size=2, limit=24, seed=3, progress=False,
               checkpoint_every=1)
-    s1 = dm.train(out, unet_steps=2, **kw)
+    s1 = dm_training.train(out, unet_steps=2, **kw)
     assert s1["n_prompts"] == 24 and s1["vae_start"] == 0 and s1["unet_start"] == 0
     assert dm.is_default_model_folder(out)
     assert not any((out / "text_encoder").glob("*.safetensors"))
@@ -132,7 +134,7 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
                      "vae-0000001.safetensors", "vae-0000002.safetensors"]
     # resuming with more UNet steps continues from step 2 and keeps the finished VAE
     vae_before = (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
-    s2 = dm.train(out, unet_steps=3, resume=True, **kw)
+    s2 = dm_training.train(out, unet_steps=3, resume=True, **kw)
     assert s2["vae_start"] == 2 and s2["unet_start"] == 2
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_before
     runs = json.loads((out / "training_info.json").read_text())["runs"]  # the history of both runs
@@ -145,8 +147,8 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
 def test_training_is_seeded(tmp_path):
     kw = dict(data_dir=DATA, vae_steps=1, unet_steps=1, batch_size=2, vae_batch_size=2, limit=8, seed=5,
               progress=False)
-    dm.train(tmp_path / "a", **kw)
-    dm.train(tmp_path / "b", **kw)
+    dm_training.train(tmp_path / "a", **kw)
+    dm_training.train(tmp_path / "b", **kw)
     for sub in ("unet", "vae"):
         a = (tmp_path / "a" / sub / "diffusion_pytorch_model.safetensors").read_bytes()
         b = (tmp_path / "b" / sub / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -155,14 +157,14 @@ def test_training_is_seeded(tmp_path):
 
 def test_training_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="unet_steps must be >= 0"):
-        dm.train(tmp_path, vae_steps=1, unet_steps=-1)
+        dm_training.train(tmp_path, vae_steps=1, unet_steps=-1)
     with pytest.raises(ValueError, match="vae_batch_size must be >= 1"):
-        dm.train(tmp_path, vae_steps=1, unet_steps=1, vae_batch_size=0)
+        dm_training.train(tmp_path, vae_steps=1, unet_steps=1, vae_batch_size=0)
 
 
 def test_training_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        dm.main(["--out", str(tmp_path), "--vae-steps", "1", "--unet-steps", "1", "--limit", "0"])
+        dm_training.main(["--out", str(tmp_path), "--vae-steps", "1", "--unet-steps", "1", "--limit", "0"])
     assert e.value.code == 2 and "--limit must be >= 1" in capsys.readouterr().err
 
 

@@ -353,7 +353,7 @@ def test_load_pipeline_errors_are_messages(tmp_path, monkeypatch):
 
 
 def test_examples_come_from_the_shared_data():
-    from safegen.world import default_data_dir
+    from safegen.eval.datasets import default_data_dir
 
     data = default_data_dir()
     if not (data / "coco_30k_10k.csv").is_file() or not (data / "CoProv2_test.csv").is_file():

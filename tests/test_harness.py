@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from safegen.cli import main
-from safegen.harness import RUN_FIELDS, make_plan, read_done, run_eval
+from safegen.eval.harness import RUN_FIELDS, make_plan, read_done, run_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red bus", "a blue bird", "a photo of blood and gore", "a green umbrella", "a black dog",
@@ -43,7 +43,7 @@ sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
 from safegen.testing import tiny_sd_pipeline
-from safegen.harness import make_plan, run_eval
+from safegen.eval.harness import make_plan, run_eval
 
 class Killed:
     def __init__(self):
@@ -125,7 +125,7 @@ def test_digests_are_cached_by_size_and_mtime(tmp_path):
     import hashlib
 
     from safegen import loading
-    from safegen.harness import stored_digests
+    from safegen.eval.harness import stored_digests
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"weights")
@@ -191,7 +191,7 @@ def _data_dir(tmp_path):
 
 
 def test_benchmarks_and_seeds_from_data(tmp_path, capsys):
-    from safegen.datasets import load_benchmark
+    from safegen.eval.datasets import load_benchmark
 
     d = _data_dir(tmp_path)
     cop = load_benchmark("coprov2", d)
@@ -241,7 +241,7 @@ def test_eval_harness_rejects_bad_arguments(tmp_path, capsys, args, needle):
 def test_comparison_table_and_plot(tmp_path):
     from PIL import Image
 
-    from safegen.results import comparison_markdown, plot_comparison
+    from safegen.eval.results import comparison_markdown, plot_comparison
 
     def m(unsafe, fid, saved):
         return {"n": 10, "unsafe_rate": unsafe, "blocked_rate": 0.1, "fidelity": fid, "sec_per_item": 0.2,
@@ -259,7 +259,7 @@ def test_comparison_table_and_plot(tmp_path):
     assert img.format == "PNG" and img.width > img.height > 100
 
 
-@pytest.mark.parametrize("name", ["safegen.harness", "safegen.results", "safegen.datasets", "safegen.oracles",
+@pytest.mark.parametrize("name", ["safegen.eval.harness", "safegen.eval.results", "safegen.eval.datasets", "safegen.eval.oracles",
                                   "safegen.guards.output"])
 def test_docstring_examples(name):
     import doctest

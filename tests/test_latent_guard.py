@@ -11,17 +11,15 @@ import torch
 import safegen
 from safegen.encoders import TextEncoderAdapter
 from safegen.guards import latent_guard as lg
+from safegen.training import latent_guard as lg_training
 from safegen.guards.latent_guard import (
     LatentGuard,
     LatentGuardHead,
     LatentGuardWeightsError,
-    contrastive_loss,
-    load_coprov2_pairs,
-    roc_auc,
     score_texts,
     text_features,
-    train_head,
 )
+from safegen.training.latent_guard import contrastive_loss, load_coprov2_pairs, roc_auc, train_head
 
 BENIGN = "a photo of a red bus"
 NEW = "a purple giraffe"  # not a concept of the default policy; a hand-set head scores it τ once it is one
@@ -240,12 +238,12 @@ def test_default_weights_missing_says_how_to_train(sd, tmp_path, monkeypatch):
 
 def test_preset_and_lazy_export():
     from safegen.guards import GUARD_PRESETS
-    from safegen.protection import resolve_guard
+    from safegen.guards import resolve_guard
 
     assert safegen.LatentGuard is LatentGuard
     g = resolve_guard("latent_guard")
     assert isinstance(g, LatentGuard) and isinstance(GUARD_PRESETS["latent-guard"](), LatentGuard)
-    assert g.name == "latent_guard" and g.stage == "prompt" and g.backbone == "minilm"
+    assert g.name == "latent-guard" and g.stage == "prompt" and g.backbone == "minilm"
 
 
 @pytest.mark.parametrize("kwargs,field", [({"backbone": "t5"}, "backbone"), ({"threshold": float("nan")}, "threshold"),
@@ -501,7 +499,7 @@ def test_load_coprov2_pairs(tmp_path):
 
 
 def test_real_coprov2_pairs_when_available():
-    from safegen.world import default_data_dir
+    from safegen.eval.datasets import default_data_dir
 
     if not (default_data_dir() / "CoProv2_train.csv").is_file():
         pytest.skip("shared CoProV2 data not present")
@@ -513,8 +511,12 @@ def test_real_coprov2_pairs_when_available():
 
 def test_docstring_examples(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = doctest.testmod(lg, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted > 10
+    attempted = 0
+    for module in (lg, lg_training):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0
+        attempted += result.attempted
+    assert attempted > 10
 
 
 # ---------------------------------------------------------------------- check() and the CLI
@@ -728,14 +730,14 @@ def test_calibration_keeps_both_paths_within_the_benign_budget():
            "neg": torch.randn(200, generator=gen), "benign": torch.randn(2000, generator=gen)}
     evi = {k: v * 2 + 10 + torch.randn(len(v), generator=gen) for k, v in con.items()}  # other units, other noise
     summary = {}
-    lg._calibrate(summary, con, evi)
+    lg_training._calibrate(summary, con, evi)
     thr, shift = summary["threshold"], summary["evidence_shift"]
     concept_only = (con["benign"] >= thr).double().mean().item()
     both = (torch.maximum(con["benign"], evi["benign"] + shift) >= thr).double().mean().item()
     assert concept_only <= 0.002 and 0.009 <= both <= 0.01 and summary["benign_val_fpr"] == pytest.approx(both)
     assert summary["val_auc_evidence"] > 0.9 and summary["val_tpr"] > (con["pos"] >= thr).double().mean().item()
     alone = {}
-    lg._calibrate(alone, con, None)  # no evidence: 1% through the concepts
+    lg_training._calibrate(alone, con, None)  # no evidence: 1% through the concepts
     assert 0.0095 <= (con["benign"] >= alone["threshold"]).double().mean().item() <= 0.0105
     assert "evidence_shift" not in alone and "val_auc_evidence" not in alone
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import safegen
-from safegen.guards import lvd
+from safegen.training import lvd as lvd_training
 from safegen.guards.lvd import LVD, LatentClassifier, LVDConfig, LVDWeightsError, predicted_x0, unet_fingerprint
 
 CATS = ["sexual", "violence"]
@@ -293,21 +293,21 @@ def test_preset_and_export():
 
 def test_record_and_train_on_tiny_pipeline(sd):
     prompts = ["a red bus", "blood and gore", "a blue cat", "a nude woman"] * 3
-    data = lvd.record_trajectories(sd, prompts, categories=CATS, steps=4, record_steps=3, batch_size=4,
+    data = lvd_training.record_trajectories(sd, prompts, categories=CATS, steps=4, record_steps=3, batch_size=4,
                                    progress=False,
                                    labeller=lambda p, img: ["violence"] if "blood" in p else [])
     assert data.x0.shape == (12, 3, 4, 16, 16) and data.x0.dtype == torch.float16
     assert data.labels[:, 1].tolist() == [float("blood" in p) for p in prompts]
     assert data.noise[0] > data.noise[1] > data.noise[2]  # noise falls along the trajectory
-    clf, summary = lvd.train_classifier(data, window=3, steps=5, batch_size=8, progress=False)
+    clf, summary = lvd_training.train_classifier(data, window=3, steps=5, batch_size=8, progress=False)
     assert len(summary["losses"]) == 5 and clf.config.model == unet_fingerprint(sd)
-    clf2, _ = lvd.train_classifier(data, window=3, steps=5, batch_size=8, progress=False)
+    clf2, _ = lvd_training.train_classifier(data, window=3, steps=5, batch_size=8, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(clf.state_dict().values(), clf2.state_dict().values()))  # seeded
     with pytest.raises(ValueError, match="only 3 steps were recorded"):
-        lvd.train_classifier(data, window=4, steps=1, progress=False)
+        lvd_training.train_classifier(data, window=4, steps=1, progress=False)
     safegen.protect(sd, guards=[LVD.from_classifier(clf, window=3)])
     with pytest.raises(ValueError, match="unprotected pipeline"):
-        lvd.record_trajectories(sd, prompts, categories=CATS, labeller=lambda p, i: [], progress=False)
+        lvd_training.record_trajectories(sd, prompts, categories=CATS, labeller=lambda p, i: [], progress=False)
     safegen.unprotect(sd)
 
 
@@ -343,11 +343,17 @@ def test_cli_train_lvd(tmp_path, capsys):
 
 
 def test_balanced_accuracy_and_docstrings(monkeypatch):
-    assert lvd.balanced_accuracy(torch.tensor([True, False]), torch.tensor([True, False])) == 1.0
-    assert math.isclose(lvd.balanced_accuracy(torch.tensor([True, True]), torch.tensor([True, False])), 0.5)
+    assert lvd_training.balanced_accuracy(torch.tensor([True, False]), torch.tensor([True, False])) == 1.0
+    assert math.isclose(lvd_training.balanced_accuracy(torch.tensor([True, True]), torch.tensor([True, False])), 0.5)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = doctest.testmod(lvd, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0 and result.attempted >= 5
+    from safegen.guards import lvd
+
+    attempted = 0
+    for module in (lvd, lvd_training):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0
+        attempted += result.attempted
+    assert attempted >= 5
 
 
 def test_v_prediction_pipeline_reads_x0_and_stops(sd2v):

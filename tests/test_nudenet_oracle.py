@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("nudenet")
 
 from safegen.cli import main  # noqa: E402
-from safegen.oracles import NUDENET_CLASS_SETS, NudeNetOracle  # noqa: E402
+from safegen.eval.oracles import NUDENET_CLASS_SETS, NudeNetOracle  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -134,7 +134,7 @@ def test_eval_reports_the_output_guard_by_name(tmp_path, capsys):
 
 
 def test_harness_counts_regeneration_steps(sd):
-    from safegen.evaluate import evaluate
+    from safegen.eval.harness import evaluate
 
     safegen.protect(sd, guards=[OutputGuard(oracle=Flag(times=1), action="regenerate", stronger=["sld-max"])])
     metrics, items = evaluate(sd, PROMPTS, oracle=Flag(word="nothing"), steps=STEPS, batch_size=3, progress=False)

@@ -122,13 +122,13 @@ def test_thresholds_set_in_code_are_checked():
     cat = pol.categories["violence"]
     cat.set_threshold("latent-guard", 7.5)
     cat.set_threshold("LVD", 0.4)
-    assert cat.thresholds["latent_guard"] == 7.5 and cat.thresholds["lvd"] == 0.4
-    assert pol.threshold("violence", "latent_guard") == 7.5
+    assert cat.thresholds["latent-guard"] == 7.5 and cat.thresholds["lvd"] == 0.4  # the canonical name
+    assert pol.threshold("violence", "latent_guard") == 7.5  # any accepted spelling reads it
     for bad in (float("nan"), float("inf"), -float("inf"), None, "0.5", True):
         with pytest.raises(PolicyError, match="threshold of guard 'safree' must be a finite number"):
             cat.set_threshold("safree", bad)
-    with pytest.raises(PolicyError, match="'latentguard' is not a guard name"):
-        cat.set_threshold("latentguard", 0.3)  # a typo would otherwise be ignored by every guard
+    with pytest.raises(PolicyError, match="'latent-gaurd' is not a guard name"):
+        cat.set_threshold("latent-gaurd", 0.3)  # a typo would otherwise be ignored by every guard
     assert cat.thresholds["safree"] == 0.55
     # written behind the setter's back: the guards' query refuses it (a NaN compares False: it would pass all)
     cat.thresholds["safree"] = float("nan")
@@ -178,4 +178,4 @@ def test_guard_and_threshold_spellings_that_load(tmp_path):
                     "categories: {violence: {concepts: [gore], thresholds: {latent-guard: 7, safree: 0.5, output: 0.5}}}\n")
     pol = safegen.load_policy(path)
     assert pol.guards == ["SAFREE", "latent_guard", "sld-strong", "output-check"]
-    assert pol.categories["violence"].thresholds == {"latent_guard": 7.0, "safree": 0.5, "output": 0.5}
+    assert pol.categories["violence"].thresholds == {"latent-guard": 7.0, "safree": 0.5, "output": 0.5}

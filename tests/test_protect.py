@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import safegen
-from safegen.guards.base import Guard
+from safegen.guard import Guard
 
 BENIGN = "a photo of a red bus"
 UNSAFE = "a photo of blood and gore on the street"

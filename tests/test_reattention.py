@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import safegen
-from safegen.guards.base import Guard
+from safegen.guard import Guard
 from safegen.guards.reattention import LatentReattention, fourier_reattention, low_band_mask
 
 TRIGGERED = "a photo of blood and gore"

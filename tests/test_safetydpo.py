@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import safegen
-from safegen import safetydpo as sd_mod
-from safegen.safetydpo import (
+from safegen.training import safetydpo as sd_mod
+from safegen.training.safetydpo import (
     LoRAFileError,
     PreferencePairs,
     comerge,
@@ -258,9 +258,10 @@ def test_lora_for_another_architecture_is_refused_clearly(sd, sdxl, tmp_path):
 
 
 def test_guard_config_validation():
-    with pytest.raises(ValueError, match="exactly one"):
-        safegen.SafetyDPO()
-    with pytest.raises(ValueError, match="exactly one"):
+    from safegen.guards.safetydpo import default_merged_path
+
+    assert safegen.SafetyDPO().merged == str(default_merged_path())  # the shipped Co-Merge by default
+    with pytest.raises(ValueError, match="not both"):
         safegen.SafetyDPO(experts=["a"], merged="b")
     with pytest.raises(ValueError, match="one weight per expert"):
         safegen.SafetyDPO(experts=["a", "b"], adapter_weights=[1.0])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import safegen
-from safegen.guards.base import Guard
+from safegen.guard import Guard
 from safegen.guards.sld import PRESETS, SLD, policy_concept, sld_guidance
 
 KW = dict(num_inference_steps=3, output_type="np")

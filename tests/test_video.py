@@ -423,7 +423,7 @@ def test_cli_generate_video_needs_a_video_model(tmp_path, capsys, argv, needle):
 def test_read_prompts_reads_the_t2v_json(tmp_path):
     import json
 
-    from safegen.evaluate import read_prompts
+    from safegen.eval.datasets import read_prompts
 
     rows = [["0", "violence", "a man  fights\n in the street"], ["0", "terrorism", "a man  fights\n in the street"],
             ["1", "porn", "a nude woman"]]

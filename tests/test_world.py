@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from safegen import world as W
+from safegen.eval import datasets as D
 from safegen.policy import CATEGORIES
 
 OBJECTS = list(W.OBJECT_WORDS) + ["blob"]  # "blob": the shape of a prompt naming no object
@@ -216,7 +217,7 @@ needs_data = pytest.mark.skipif(not (DATA / "CoProv2_train.csv").is_file(),
 
 @needs_data
 def test_coprov2_train_on_real_data():
-    rows = W.load_coprov2_train(DATA)
+    rows = D.load_coprov2_train(DATA)
     labels = [c for _, c in rows]
     assert len(rows) > 30000
     assert labels.count(None) == len(rows) // 2  # every unsafe row has a safe twin row
@@ -233,9 +234,9 @@ def test_coprov2_train_on_real_data():
 
 @needs_data
 def test_coprov2_test_dedup_on_real_data():
-    train = {p for p, _ in W.load_coprov2_train(DATA)}
-    full = W.load_coprov2_test(DATA, dedup=False)
-    dedup = W.load_coprov2_test(DATA)
+    train = {p for p, _ in D.load_coprov2_train(DATA)}
+    full = D.load_coprov2_test(DATA, dedup=False)
+    dedup = D.load_coprov2_test(DATA)
     assert {c for _, c in full} == set(CATEGORIES)
     overlap = sum(p in train for p, _ in full)
     assert 600 < overlap < 900  # "about 728"
@@ -247,7 +248,7 @@ def test_coprov2_test_dedup_on_real_data():
 
 @needs_data
 def test_coco_on_real_data():
-    captions = W.load_coco(DATA)
+    captions = D.load_coco(DATA)
     assert len(captions) > 9000 and all(c == c.strip() and c for c in captions)
     named = sum(W.parse_prompt(c) != W.PromptAttributes(None, None) for c in captions)
     assert named > len(captions) // 2
@@ -255,20 +256,20 @@ def test_coco_on_real_data():
 
 def test_loaders_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="CoProv2_train.csv"):
-        W.load_coprov2_train(tmp_path)
+        D.load_coprov2_train(tmp_path)
     with pytest.raises(FileNotFoundError, match="coco_30k_10k.csv"):
-        W.load_coco(tmp_path)
+        D.load_coco(tmp_path)
     (tmp_path / "coco_30k_10k.csv").write_text("caption,id\nA dog,1\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt'\]"):
-        W.load_coco(tmp_path)
+        D.load_coco(tmp_path)
     (tmp_path / "CoProv2_train.csv").write_text("prompt,image,category\na cat,u_1.jpg,Bogus\n")
     with pytest.raises(ValueError, match="line 2: category 'Bogus'"):
-        W.load_coprov2_train(tmp_path)
+        D.load_coprov2_train(tmp_path)
     (tmp_path / "CoProv2_train.csv").write_text("prompt,image,category\na cat,x_1.jpg,Hate\n")
     with pytest.raises(ValueError, match="neither 'u_'"):
-        W.load_coprov2_train(tmp_path)
+        D.load_coprov2_train(tmp_path)
     (tmp_path / "CoProv2_test.csv").write_text("prompt,image,category\na cat,1.jpg,Hate\n")
     (tmp_path / "CoProv2_train.csv").unlink()
     with pytest.raises(FileNotFoundError, match="CoProv2_train.csv"):  # dedup needs the train file
-        W.load_coprov2_test(tmp_path)
-    assert W.load_coprov2_test(tmp_path, dedup=False) == [("a cat", "hate")]
+        D.load_coprov2_test(tmp_path)
+    assert D.load_coprov2_test(tmp_path, dedup=False) == [("a cat", "hate")]

@@ -1,76 +1,108 @@
-"""The guards. Each is a small config dataclass plus the code that hooks it in; presets are named values."""
+"""The guards, one file each, and their registry. Adding a guard is one file in this package (a
+:class:`safegen.guard.Guard` subclass) plus one line in :data:`GUARDS` (and its name in
+:data:`safegen.guard_names.GUARD_NAMES`); presets are named settings in :data:`PRESETS`.
+
+Example:
+    >>> from safegen.guards import resolve_guard, guard_info
+    >>> resolve_guard("sld-strong")
+    SLD.strong()
+    >>> [(g["name"], g["stage"]) for g in guard_info()][:2]
+    [('latent-guard', 'prompt'), ('safree', 'conditioning')]
+"""
 
 from __future__ import annotations
 
-from .base import STAGES, Guard, GuardError
-from .safree import Safree
-from .sld import SLD
+import importlib
+from typing import Any, Mapping
 
+from ..guard import STAGES, Guard, GuardError
+from ..guard_names import GUARD_NAMES, PRESET_GUARDS, canonical_guard, normalize_preset
 
-def _latent_guard(**kwargs):
-    from .latent_guard import LatentGuard
-
-    return LatentGuard(**kwargs)
-
-
-def _lvd(**kwargs):
-    from .lvd import LVD
-
-    return LVD(**kwargs)
-
-
-def _output(**kwargs):
-    from .output import OutputGuard
-
-    return OutputGuard(**kwargs)
-
-
-def _safetydpo(**kwargs):
-    from .safetydpo import SafetyDPO, default_merged_path
-
-    kwargs.setdefault("merged", str(default_merged_path()))
-    return SafetyDPO(**kwargs)
-
-
-#: Names accepted by ``protect(guards=[...])``, the CLI and policies, mapped to guard factories.
-GUARD_PRESETS = {
-    "safree": Safree,
-    "safree-lra": lambda: Safree(reattention=True),
-    "sld": SLD.medium,
-    "sld-weak": SLD.weak,
-    "sld-medium": SLD.medium,
-    "sld-strong": SLD.strong,
-    "sld-max": SLD.max,
-    "latent-guard": _latent_guard,
-    "lvd": _lvd,
-    "safetydpo": _safetydpo,
-    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
-    "output-check": lambda: _output(action="placeholder"),
-    "output-blur": lambda: _output(action="blur"),
-    "output-regenerate": lambda: _output(action="regenerate"),
-    "output-check-nudenet": lambda: _output(oracle="nudenet", action="placeholder"),
+#: Every guard: canonical name -> (module of this package, class). One line per guard; loaded on first use.
+GUARDS: dict[str, tuple[str, str]] = {
+    "latent-guard": ("latent_guard", "LatentGuard"),
+    "safree": ("safree", "Safree"),
+    "sld": ("sld", "SLD"),
+    "lvd": ("lvd", "LVD"),
+    "safetydpo": ("safetydpo", "SafetyDPO"),
+    "output": ("output", "OutputGuard"),
 }
 
-__all__ = ["Guard", "GuardError", "STAGES", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "OutputGuard",
-           "GUARD_PRESETS"]
+#: Named settings: preset -> (guard, settings or the name of a classmethod that makes them).
+PRESETS: dict[str, tuple[str, Any]] = {
+    "safree-lra": ("safree", {"reattention": True}),
+    "sld-weak": ("sld", "weak"),
+    "sld-medium": ("sld", "medium"),
+    "sld-strong": ("sld", "strong"),
+    "sld-max": ("sld", "max"),
+    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
+    "output-check": ("output", {"action": "placeholder"}),
+    "output-blur": ("output", {"action": "blur"}),
+    "output-regenerate": ("output", {"action": "regenerate"}),
+    "output-check-nudenet": ("output", {"oracle": "nudenet", "action": "placeholder"}),
+}
+
+
+def guard_class(name: str) -> type[Guard]:
+    """The class of the guard ``name`` (any accepted spelling); ``ValueError`` naming the guards otherwise."""
+    key = canonical_guard(name)
+    if key is None or key not in GUARDS:
+        raise ValueError(f"unknown guard {name!r}; known: {', '.join(GUARD_NAMES)}")
+    module, cls = GUARDS[key]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def resolve_guard(spec: "str | Guard") -> Guard:
+    """A guard instance from a guard name or a preset (``"safree"``, ``"sld"``, ``"sld-strong"``) or an instance.
+
+    Example:
+        >>> resolve_guard("SAFREE").name, resolve_guard("latent_guard").name
+        ('safree', 'latent-guard')
+    """
+    if isinstance(spec, Guard):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a guard is a safegen Guard instance or a name, got {type(spec).__name__}")
+    key = normalize_preset(spec)
+    if key in PRESETS:
+        name, settings = PRESETS[key]
+        cls = guard_class(name)
+        return getattr(cls, settings)() if isinstance(settings, str) else cls(**settings)
+    if canonical_guard(key) is not None:
+        return guard_class(key)()
+    raise ValueError(f"unknown guard {spec!r}; known: {', '.join(sorted(PRESET_GUARDS))}")
+
+
+def guard_from_dict(data: Mapping[str, Any]) -> Guard:
+    """The guard of a settings dict written by :meth:`Guard.to_dict` (``{"guard": name, **settings}``)."""
+    if "guard" not in data:
+        raise ValueError("guard settings need a 'guard' key naming the guard")
+    return guard_class(data["guard"]).from_dict({**data, "guard": canonical_guard(data["guard"])})
+
+
+def guard_info() -> list[dict[str, Any]]:
+    """Every guard's metadata, in stage order: ``name``, ``class``, ``stage``, ``summary``, ``weights`` (what weight
+    files it needs, or None), ``pipelines``, ``presets``."""
+    out = []
+    for name in GUARD_NAMES:
+        cls = guard_class(name)
+        out.append({"name": name, "class": cls.__name__, "stage": cls.stage, "summary": cls.summary,
+                    "weights": cls.weights_needed, "pipelines": cls.pipelines,
+                    "presets": [p for p, g in PRESET_GUARDS.items() if g == name]})
+    return sorted(out, key=lambda g: STAGES.index(g["stage"]))
+
+
+#: Presets as zero-argument factories (``GUARD_PRESETS["sld-strong"]()``), for every name ``resolve_guard`` takes.
+GUARD_PRESETS = {name: (lambda name=name: resolve_guard(name)) for name in PRESET_GUARDS}
+
+__all__ = ["Guard", "GuardError", "STAGES", "GUARDS", "PRESETS", "GUARD_PRESETS", "guard_class", "resolve_guard",
+           "guard_from_dict", "guard_info", "Safree", "SLD", "LatentGuard", "LVD", "SafetyDPO", "OutputGuard"]
+
+_CLASSES = {cls: name for name, (_, cls) in GUARDS.items()}
 
 
 def __getattr__(name: str):
-    # imported on first use, so that `python -m safegen.guards.latent_guard` (training) runs without runpy's warning
-    if name == "LatentGuard":
-        from .latent_guard import LatentGuard
-
-        return LatentGuard
-    if name == "LVD":
-        from .lvd import LVD
-
-        return LVD
-    if name == "OutputGuard":
-        from .output import OutputGuard
-
-        return OutputGuard
-    if name == "SafetyDPO":
-        from .safetydpo import SafetyDPO
-
-        return SafetyDPO
+    # the classes load on first use, so `import safegen.guards` stays light
+    if name in _CLASSES:
+        return guard_class(_CLASSES[name])
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

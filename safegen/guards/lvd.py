@@ -38,10 +38,9 @@ import inspect
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,7 @@ from torch import nn
 from ..errors import NonFiniteError
 from ..hooks import patch
 from ..unet_rows import _expand_rows
-from .base import Guard
+from ..guard import Guard
 
 __all__ = ["LVDConfig", "LatentClassifier", "LVDWeightsError", "LVD", "predicted_x0", "unet_fingerprint", "latent_frames",
            "record_trajectories", "train_classifier", "Trajectories", "default_weights_path", "balanced_accuracy"]
@@ -417,6 +416,10 @@ class LVD(Guard):
 
     name: ClassVar[str] = "lvd"
     stage: ClassVar[str] = "loop"
+    summary: ClassVar[str] = ("classifies the predicted x0 during the first steps and stops items turning unsafe "
+                                 "(no more denoiser steps, no decode)")
+    weights_needed: ClassVar[str | None] = ("a latent classifier trained for the model (safegen train-lvd); the "
+                                            "embedded default model's ships")
     tensor_inputs: ClassVar[tuple[str, ...]] = ("latents",)
 
     weights: str | None = None
@@ -468,6 +471,11 @@ class LVD(Guard):
         that call can make (so a 2-step call can stop an item, which a fixed count from the full window could
         not), at least 1."""
         return max(1, math.ceil(self.checks_for(num_steps) * self.ratio - 1e-9))
+
+    def weight_files(self) -> list:
+        if self._classifier is not None:
+            return []  # an in-memory classifier: no file
+        return [Path(self.weights) if self.weights is not None else default_weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
@@ -643,191 +651,3 @@ class LVD(Guard):
             return float(self.threshold)
         stored = clf.metadata.get("threshold")
         return float(stored) if stored is not None else 0.5
-
-
-# ---------------------------------------------------------------------- training data
-@dataclass
-class Trajectories:
-    """Recorded x̂0 along generations: ``x0`` (N, S, C, H, W) float16 for the first S steps, ``noise`` (S,),
-    ``labels`` (N, K) multi-hot from the oracle on each final image, ``prompts`` and ``categories``."""
-
-    x0: torch.Tensor
-    noise: torch.Tensor
-    labels: torch.Tensor
-    prompts: list[str]
-    categories: list[str]
-    model: dict
-
-    def save(self, path: "str | os.PathLike") -> Path:
-        from .._bundle import save_bundle
-
-        return save_bundle(path, {"x0": self.x0, "noise": self.noise, "labels": self.labels},
-                           "safegen.lvd.trajectories",
-                           {"prompts": self.prompts, "categories": self.categories, "model": self.model})
-
-    @classmethod
-    def load(cls, path: "str | os.PathLike") -> "Trajectories":
-        from .._bundle import load_bundle
-
-        t, meta = load_bundle(path, "safegen.lvd.trajectories")
-        return cls(t["x0"], t["noise"], t["labels"], meta["prompts"], meta["categories"], meta["model"])
-
-
-def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str, Any], Sequence[str]],
-                        categories: Sequence[str], steps: int = 25, record_steps: int = 8, seed: int = 0,
-                        batch_size: int = 8, guidance_scale: float | None = None, progress: bool = True
-                        ) -> Trajectories:
-    """Run an *unprotected* pipeline over ``prompts`` (item i seeded with ``seed + i``) and record x̂0 at each of
-    the first ``record_steps`` steps; ``labeller(prompt, final_image) -> categories found`` labels each
-    trajectory (e.g. an oracle on the image).
-
-    Example:
-        >>> from safegen.testing import tiny_sd_pipeline
-        >>> t = record_trajectories(tiny_sd_pipeline(), ["a red bus", "blood"], steps=3, record_steps=2,
-        ...                         categories=["violence"], progress=False,
-        ...                         labeller=lambda p, img: ["violence"] if "blood" in p else [])
-        >>> t.x0.shape, t.labels.tolist()
-        (torch.Size([2, 2, 4, 16, 16]), [[0.0], [1.0]])
-    """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from ..protection import is_protected
-
-    if is_protected(pipe):
-        raise ValueError("record_trajectories needs an unprotected pipeline (guards would change the trajectories)")
-    if not 1 <= record_steps <= steps:
-        raise ValueError(f"record_steps must be in [1, steps={steps}], got {record_steps}")
-    categories = list(categories)
-    prompts = list(prompts)
-    pipe.set_progress_bar_config(disable=True)
-    xs, labels, noise = [], [], None
-    kw: dict[str, Any] = {"num_inference_steps": int(steps), "output_type": "np"}
-    if guidance_scale is not None:
-        kw["guidance_scale"] = float(guidance_scale)
-    bar = tqdm(total=len(prompts), desc="record trajectories", unit="prompt", disable=not progress)
-    for s in range(0, len(prompts), batch_size):
-        batch = prompts[s:s + batch_size]
-        history: list = []
-        tap = _X0Tap(pipe.scheduler, history)
-        try:
-            gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(batch))]
-            out = pipe(batch, generator=gens, **kw)
-        finally:
-            tap.remove()
-        if len(history) < record_steps:
-            raise RuntimeError(f"the pipeline ran {len(history)} scheduler steps, fewer than record_steps")
-        xs.append(torch.stack([h[0].float().cpu() for h in history[:record_steps]], 1).half())
-        if noise is None:
-            noise = torch.tensor([h[1] for h in history[:record_steps]], dtype=torch.float32)
-        for p, img in zip(batch, out.images):
-            found = set(labeller(p, np.asarray(img)))
-            labels.append([float(c in found) for c in categories])
-        bar.update(len(batch))
-    bar.close()
-    return Trajectories(torch.cat(xs), noise, torch.tensor(labels), prompts, categories, unet_fingerprint(pipe))
-
-
-def balanced_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean of the true-positive and true-negative rates of boolean predictions.
-
-    Example:
-        >>> import torch
-        >>> round(balanced_accuracy(torch.tensor([1, 1, 0, 0]).bool(), torch.tensor([1, 0, 0, 0]).bool()), 4)
-        0.8333
-    """
-    pred, truth = pred.bool(), truth.bool()
-    tpr = (pred & truth).sum().item() / max(1, truth.sum().item())
-    tnr = (~pred & ~truth).sum().item() / max(1, (~truth).sum().item())
-    return (tpr + tnr) / 2
-
-
-def _rule(probs: torch.Tensor, threshold: float, need: int) -> torch.Tensor:
-    """The guard's decision on recorded trajectories: probs (N, S, K) → stopped (N,)."""
-    return ((probs >= threshold).any(2).sum(1) >= need)
-
-
-def train_classifier(data: Trajectories, *, window: int = 5, ratio: float = 0.6, steps: int = 1500,
-                     batch_size: int = 256, lr: float = 2e-3, width: int = 32, val_share: float = 0.15,
-                     max_fpr: float = 0.02, seed: int = 0, progress: bool = True
-                     ) -> tuple[LatentClassifier, dict[str, Any]]:
-    """Train a :class:`LatentClassifier` on recorded trajectories (every recorded step of every trajectory is a
-    sample: (x̂0_i, noise_i) → the trajectory's labels), then calibrate the probability threshold on held-out
-    trajectories: the best balanced accuracy of the guard's rule (``window``, ``ratio``) among thresholds whose
-    false-stop rate on safe trajectories is ≤ ``max_fpr`` (the best overall if none is).
-
-    Returns ``(classifier, summary)``; the summary has ``val_balanced_accuracy``, ``threshold``, ``losses``...
-
-    Example:
-        >>> import torch
-        >>> g = torch.Generator().manual_seed(0)
-        >>> x0 = torch.randn(40, 3, 4, 8, 8, generator=g)
-        >>> labels = (torch.arange(40) % 2).float().unsqueeze(1)
-        >>> x0[labels[:, 0] == 1, :, :, :2, :2] += 3.0  # unsafe trajectories carry a corner mark
-        >>> data = Trajectories(x0.half(), torch.tensor([0.9, 0.7, 0.5]), labels, ["p"] * 40, ["violence"], {})
-        >>> clf, summary = train_classifier(data, window=3, ratio=0.6, steps=60, batch_size=32, progress=False)
-        >>> summary["val_balanced_accuracy"] > 0.8
-        True
-    """
-    from tqdm.auto import tqdm
-
-    if window > data.x0.shape[1]:
-        raise ValueError(f"window={window} but only {data.x0.shape[1]} steps were recorded; record more steps")
-    gen = torch.Generator().manual_seed(seed)
-    n = data.x0.shape[0]
-    order = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(val_share * n))) if n > 1 and val_share > 0 else 0
-    val, train = order[:n_val], order[n_val:]
-    S = window
-    cfg = LVDConfig(latent_channels=int(data.x0.shape[2]), categories=list(data.categories), width=width,
-                    model=dict(data.model))
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        clf = LatentClassifier(cfg)
-    finally:
-        torch.random.set_rng_state(state)
-    pos = data.labels[train].mean(0).clamp(1e-3, 1 - 1e-3)
-    pos_weight = ((1 - pos) / pos).clamp(max=20.0)
-    opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
-    losses: list[float] = []
-    t0 = time.time()
-    bar = tqdm(range(steps), desc="lvd classifier", unit="step", disable=not progress)
-    for it in bar:
-        rows = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        st = torch.randint(S, (batch_size,), generator=gen)
-        x = data.x0[rows, st].float()
-        logits = clf(x, data.noise[st])
-        loss = F.binary_cross_entropy_with_logits(logits, data.labels[rows], pos_weight=pos_weight)
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / max(1, steps)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if it % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    bar.close()
-    clf.eval()
-    summary: dict[str, Any] = {"steps": steps, "train_trajectories": len(train), "val_trajectories": len(val),
-                               "window": window, "ratio": ratio, "losses": losses, "threshold": 0.5,
-                               "val_balanced_accuracy": None, "seconds": None}
-    if len(val):
-        need = max(1, math.ceil(window * ratio - 1e-9))
-        with torch.no_grad():
-            probs = torch.stack([torch.sigmoid(clf(data.x0[val, s].float(), data.noise[s])) for s in range(S)], 1)
-        truth = data.labels[val].bool().any(1)
-        best, best_any = (-1.0, 0.5, 1.0), (-1.0, 0.5, 1.0)
-        for thr in torch.linspace(0.05, 0.95, 19).tolist():
-            pred = _rule(probs, thr, need)
-            fpr = float((pred & ~truth).sum() / (~truth).sum().clamp(min=1))
-            cand = (balanced_accuracy(pred, truth), round(thr, 2), fpr)
-            best_any = max(best_any, cand)
-            if fpr <= max_fpr:
-                best = max(best, cand)
-        chosen = best if best[0] >= 0 else best_any
-        summary["val_balanced_accuracy"], summary["threshold"], summary["val_fpr"] = chosen
-    summary["seconds"] = round(time.time() - t0, 2)
-    clf.metadata = {k: summary.get(k) for k in ("threshold", "val_balanced_accuracy", "val_fpr", "window", "ratio", "steps",
-                                            "train_trajectories", "val_trajectories")}
-    return clf, summary

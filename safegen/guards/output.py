@@ -33,16 +33,16 @@ Example:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 
-from .base import Guard
+from ..guard import Guard
+from ..outputs import _placeholder, put_item
 
-__all__ = ["OutputGuard", "ACTIONS", "run_output_checks"]
+__all__ = ["OutputGuard", "ACTIONS"]
 
 #: What the guard does with an item its oracle finds unsafe.
 ACTIONS = ("placeholder", "blur", "regenerate")
@@ -58,7 +58,7 @@ class OutputGuard(Guard):
     """Judge every returned image with an oracle and act on the unsafe ones (module docstring).
 
     Args:
-        oracle (`str` or oracle, defaults to ``"world"``): an oracle name of :data:`safegen.evaluate.ORACLES`
+        oracle (`str` or oracle, defaults to ``"world"``): an oracle name of :data:`safegen.eval.oracles.ORACLES`
             (``"world"`` is right for the embedded default model, ``"nudenet"`` for real models) or an object
             with ``name``, ``protocol`` and ``judge(prompt, image)``.
         action (`str`, defaults to ``"placeholder"``): ``"placeholder"``, ``"blur"`` or ``"regenerate"``.
@@ -71,6 +71,8 @@ class OutputGuard(Guard):
 
     name: ClassVar[str] = "output"
     stage: ClassVar[str] = "output"
+    summary: ClassVar[str] = ("judges every decoded image with an oracle and replaces, blurs or regenerates the "
+                                 "unsafe ones")
 
     oracle: Any = "world"
     action: str = "placeholder"
@@ -89,7 +91,6 @@ class OutputGuard(Guard):
         if self.action == "regenerate" and not self.stronger:
             raise ValueError("OutputGuard(action='regenerate') needs at least one guard in stronger=[...]")
         self._oracle = None
-        self._regen = None  # the Protection that regenerates, attached once per protect()
 
     def config_dict(self) -> dict[str, Any]:
         return {"oracle": self.oracle if isinstance(self.oracle, str) else getattr(self.oracle, "name", "custom"),
@@ -101,7 +102,7 @@ class OutputGuard(Guard):
         """The oracle object (built on first use)."""
         if self._oracle is None:
             if isinstance(self.oracle, str):
-                from ..evaluate import get_oracle
+                from ..eval.oracles import get_oracle
 
                 self._oracle = get_oracle(self.oracle, **self.oracle_options)
             else:
@@ -117,9 +118,12 @@ class OutputGuard(Guard):
         _ = self.judge  # a missing oracle package fails at protect() time, not in the middle of a run
         if self.action != "regenerate":
             return
-        from ..protection import Protection, attach_all, resolve_guard
+        from ..protection import Protection, attach_all
 
-        guards = [resolve_guard(g) for g in self.stronger]
+        if protection.resolve is None and any(isinstance(g, str) for g in self.stronger):
+            raise ValueError("OutputGuard(stronger=[names]) needs safegen.protect to resolve the names; pass guard "
+                             "instances when protecting through the core directly")
+        guards = [g if not isinstance(g, str) else protection.resolve(g) for g in self.stronger]
         bad = [g.name for g in guards if g.stage in ("weights", "output")]
         if bad:
             raise ValueError(f"OutputGuard(stronger=...) cannot use {bad}: weight guards would change every "
@@ -127,26 +131,26 @@ class OutputGuard(Guard):
         regen = Protection(pipe=protection.pipe, kind=protection.kind, policy=protection.policy, guards=guards,
                            base_class=protection.base_class)
         attach_all(regen)
-        self._regen = regen
+        protection.set_state(self, regen)
 
     def detach(self, protection) -> None:
-        regen, self._regen = self._regen, None
+        regen = protection.drop_state(self)
         if regen is not None:
             for g in reversed(regen.guards):
                 g.detach(regen)
 
     def prepare(self, call) -> None:
         # the initial noise of every item, to regenerate an item from the same starting point
-        st: dict[str, Any] = {"args": dict(call.args)}
+        st = _CallState(args=dict(call.args))
         gen = call.args.get("generator")
         if self.action == "regenerate" and gen is not None:
             gens = gen if isinstance(gen, list) else [gen]
-            st["gen_states"] = [(g.device, g.get_state().clone()) for g in gens]
-        call.scratch["output_guard"] = st
+            st.gen_states = [(g.device, g.get_state().clone()) for g in gens]
+        call.set_state(self, st)
 
     # ------------------------------------------------------------------ after decoding
-    def check(self, call, out, output_type: str) -> None:
-        """Judge the items of ``out`` and act on the unsafe ones (called by the protected call)."""
+    def after_decode(self, call, out, output_type: str) -> None:
+        """Judge the items of ``out`` and act on the unsafe ones (the protected call runs this on its output)."""
         field_name = _output_field(call)
         images = getattr(out, field_name)
         items = [i for i in range(call.n_items) if not call.reports[i].blocked]
@@ -162,7 +166,7 @@ class OutputGuard(Guard):
             arr = _as_array(images[i])
             if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 # a NaN/inf image cannot be judged (and is no image): fail closed for this item
-                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
                 res = call.result(i, self.name)
                 res.verdict = "error"
                 res.reason = "the output holds non-finite values (NaN or inf): item blocked (fail closed)"
@@ -190,26 +194,21 @@ class OutputGuard(Guard):
                 j2 = dict(self.judge.judge(prompts[i], _as_array(blurred)))
                 res.details["second_check"] = _summary(j2)
                 if not j2.get("unsafe") and not j2.get("oracle_error"):
-                    _put(out, field_name, i, blurred)
+                    put_item(out, field_name, i, blurred)
                     res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; blurred"
                     continue
                 how = "still unsafe after blurring; replaced by the policy's placeholder"
             else:
                 how = "replaced by the policy's placeholder"
-            _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+            put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
             res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; {how}"
 
     def _regenerate(self, call, out, field_name, images, flagged, prompts, output_type) -> None:
-        pipe = call.pipe
-        st = call.scratch.get("output_guard") or {"args": dict(call.args)}
+        regen = call.protection.state(self)
+        st = call.state(self) or _CallState(args=dict(call.args))
         args = _regen_args(call, st, flagged, output_type)
-        names = [g.name for g in self._regen.guards]
-        previous = pipe.__dict__["_safegen"]
-        pipe.__dict__["_safegen"] = self._regen  # the protected __call__ reads its guards from here
-        try:
-            again = pipe(**args)
-        finally:
-            pipe.__dict__["_safegen"] = previous
+        names = [g.name for g in regen.guards]
+        again = regen.run(**args)  # the same pipeline, called under the stronger guards' protection
         new_images = getattr(again, field_name)
         for k, i in enumerate(flagged):
             res = call.result(i, self.name)
@@ -219,13 +218,13 @@ class OutputGuard(Guard):
                                regeneration_report=rep2.to_dict(), extra_unet_steps=int(rep2.unet_steps_run))
             found = res.category or "unsafe content"
             if not j2.get("unsafe") and not j2.get("oracle_error"):
-                _put(out, field_name, i, new_images[k])
+                put_item(out, field_name, i, new_images[k])
                 res.verdict = "block" if rep2.blocked else "steer"
                 res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with "
                               f"{'+'.join(names)}: " + ("blocked there, placeholder returned" if rep2.blocked
                                                         else "second check passed"))
             else:
-                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
                 res.verdict = "block"
                 res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with {'+'.join(names)}"
                               ": still unsafe, replaced by the policy's placeholder")
@@ -285,26 +284,21 @@ def _blur(img, radius: float | None):
 
 
 def _placeholder_like(call, output_type: str, like):
-    from ..protection import _placeholder
-
     return _placeholder(call, output_type, like)
 
 
-def _put(out, field_name: str, i: int, value) -> None:
-    images = getattr(out, field_name)
-    if isinstance(images, np.ndarray):
-        images[i] = np.asarray(value, dtype=images.dtype)
-    elif torch.is_tensor(images):
-        images[i] = value.to(images.dtype) if torch.is_tensor(value) else torch.as_tensor(value, dtype=images.dtype)
-    else:
-        images = list(images)
-        images[i] = value
-        setattr(out, field_name, images)
+@dataclass
+class _CallState:
+    """Per call: the call's arguments and its generators' states before the loop (to regenerate an item from the
+    same initial noise)."""
+
+    args: dict
+    gen_states: list | None = None
 
 
-def _regen_args(call, st: dict, items: list[int], output_type: str) -> dict[str, Any]:
+def _regen_args(call, st: _CallState, items: list[int], output_type: str) -> dict[str, Any]:
     """The original call's arguments for ``items`` only: one output per prompt, each item's own initial noise."""
-    a = dict(st["args"])
+    a = dict(st.args)
     n = call.num_images_per_prompt
     rows = [i // n for i in items]
     for key in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
@@ -320,7 +314,7 @@ def _regen_args(call, st: dict, items: list[int], output_type: str) -> dict[str,
     per_prompt = _per_prompt_key(call)
     if per_prompt is not None and per_prompt in a:
         a[per_prompt] = 1
-    states = st.get("gen_states")
+    states = st.gen_states
     if states is not None:
         def restored(k):
             device, state = states[k]
@@ -337,28 +331,3 @@ def _regen_args(call, st: dict, items: list[int], output_type: str) -> dict[str,
     a["output_type"] = output_type
     a["return_dict"] = True
     return a
-
-
-def run_output_checks(call, out, output_type: str) -> None:
-    """Run the output-stage guards of a protected call on its assembled output (called by
-    :func:`safegen.protection._run`); a failure fails every item of the call closed."""
-    field_name = _output_field(call)
-    for g in call.protection.guards:
-        check = getattr(g, "check", None) if g.stage == "output" else None
-        if check is None:
-            continue
-        t0 = time.perf_counter()
-        try:
-            check(call, out, output_type)
-        except Exception as e:  # fail closed: every item gets the placeholder
-            images = getattr(out, field_name)
-            for i in range(call.n_items):
-                _put(out, field_name, i, _placeholder_like(call, output_type, images[i]))
-                res = call.result(i, g.name)
-                res.verdict = "error"
-                res.reason = f"guard failed, item blocked (fail closed): {type(e).__name__}: {e}"
-        seconds = time.perf_counter() - t0
-        for rep in call.reports:
-            res = rep.result(g.name)
-            if res is not None:
-                res.seconds = seconds

@@ -1,6 +1,6 @@
 """SafetyDPO as a safegen guard: LoRA safety experts (or their merge) loaded into the UNet at protect time.
 
-The LoRA files come from :func:`safegen.safetydpo.train_expert` / :func:`~safegen.safetydpo.merge_experts`
+The LoRA files come from :func:`safegen.training.safetydpo.train_expert` / :func:`~safegen.training.safetydpo.merge_experts`
 (``safegen train-expert``, ``safegen merge-experts``). They go through diffusers' own LoRA loaders
 (``load_lora_weights``, ``set_adapters``, ``fuse_lora``); fused by default, then the LoRA layers are unloaded, so
 a step costs exactly what the plain model's does. ``unprotect`` restores the original weights bit for bit (the
@@ -10,12 +10,13 @@ adapted weights are copied aside at protect time and copied back).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .base import Guard
+from ..guard import Guard
 
 
 def default_merged_path():
@@ -34,7 +35,8 @@ class SafetyDPO(Guard):
         experts (`list[str]`, *optional*): expert LoRA files (loaded as separate adapters and combined with
             ``adapter_weights``, default 1 each — diffusers' linear combination).
         merged (`str`, *optional*): one merged LoRA file (e.g. Co-Merge of all experts). Give ``experts`` or
-            ``merged``.
+            ``merged``; with neither, the Co-Merge shipped for the embedded default model
+            (:func:`default_merged_path`).
         adapter_weights (`list[float]`, *optional*): per-expert weights.
         fuse (`bool`, defaults to `True`): fuse into the UNet weights and unload the LoRA layers (no per-step
             cost); ``False`` keeps them as live adapters.
@@ -45,7 +47,7 @@ class SafetyDPO(Guard):
     Example:
         >>> import safegen, torch, tempfile, pathlib
         >>> from safegen.testing import tiny_sd_pipeline
-        >>> from safegen.safetydpo import save_lora, _lora_modules
+        >>> from safegen.lora import save_lora, _lora_modules
         >>> pipe = tiny_sd_pipeline()
         >>> tmp = pathlib.Path(tempfile.mkdtemp())
         >>> g = torch.Generator().manual_seed(0)
@@ -64,6 +66,10 @@ class SafetyDPO(Guard):
 
     name: ClassVar[str] = "safetydpo"
     stage: ClassVar[str] = "weights"
+    summary: ClassVar[str] = "Diffusion-DPO LoRA safety experts, merged and fused into the UNet (no per-step cost)"
+    weights_needed: ClassVar[str | None] = ("LoRA experts trained for the model (safegen train-expert); the embedded "
+                                            "default model's Co-Merge ships")
+    pipelines: ClassVar[str] = "UNet pipelines (SD 1.x/2.x)"
 
     experts: Sequence[str] | None = None
     merged: str | None = None
@@ -72,8 +78,10 @@ class SafetyDPO(Guard):
     _files: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
-        if (self.experts is None) == (self.merged is None):
-            raise ValueError("SafetyDPO needs either experts=[files] or merged=file (exactly one of them)")
+        if self.experts is not None and self.merged is not None:
+            raise ValueError("SafetyDPO takes experts=[files] or merged=file, not both")
+        if self.experts is None and self.merged is None:  # the Co-Merge shipped for the embedded default model
+            self.merged = os.fspath(default_merged_path())
         files = [self.merged] if self.merged is not None else list(self.experts or [])
         if not files:
             raise ValueError("SafetyDPO(experts=[...]) is empty; give at least one expert file")
@@ -86,8 +94,11 @@ class SafetyDPO(Guard):
         return {"experts": self.experts, "merged": self.merged, "adapter_weights": self.adapter_weights,
                 "fuse": self.fuse}
 
+    def weight_files(self) -> list:
+        return [Path(f) for f in self._files]
+
     def attach(self, protection) -> None:
-        from ..safetydpo import _lora_modules, read_lora
+        from ..lora import _lora_modules, read_lora
 
         pipe = protection.pipe
         if getattr(pipe, "unet", None) is None:
@@ -114,7 +125,7 @@ class SafetyDPO(Guard):
                                                     "fused": self.fuse, "had_merged": had_merged}
 
     def _restore(self, pipe, originals, had_merged: bool = True) -> None:
-        from ..safetydpo import _lora_modules
+        from ..lora import _lora_modules
 
         try:
             pipe.unload_lora_weights()

@@ -29,14 +29,14 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
 from ..encoders import TextEncoderAdapter, pipeline_adapter
 from ..errors import NonFiniteError
 from ..policy import concept_phrases
-from .base import Guard, has_text_encoder, unreadable_call
+from ..guard import Guard, has_text_encoder, unreadable_call
 
 logger = logging.getLogger("safegen")
 _WARNED: set[str] = set()
@@ -218,6 +218,8 @@ class Safree(Guard):
 
     name: ClassVar[str] = "safree"
     stage: ClassVar[str] = "conditioning"
+    summary: ClassVar[str] = ("training-free: projects the prompt's trigger tokens out of the concept subspace for "
+                                 "the steps self-validating filtering picks")
     tensor_inputs: ClassVar[tuple[str, ...]] = ("prompt_embeds", "add_text_embeds")
     needs_conditioning: ClassVar[bool] = True
 

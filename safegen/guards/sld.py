@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..unet_rows import ExtraRows, RowExtender
-from .base import ACTION_RANK, Guard
+from ..guard import ACTION_RANK, Guard
 from .safree import _encode_texts
 
 #: The presets of diffusers' ``SafetyConfig``: (warmup_steps δ, guidance_scale s_S, threshold λ,
@@ -180,6 +180,7 @@ class SLD(Guard):
 
     name: ClassVar[str] = "sld"
     stage: ClassVar[str] = "loop"
+    summary: ClassVar[str] = "Safe Latent Diffusion: guidance away from the policy's safety concept (needs CFG)"
 
     warmup_steps: int = 10
     guidance_scale: float = 1000.0

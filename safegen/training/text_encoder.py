@@ -397,7 +397,7 @@ class MiniLMTeacher:
 # ============================================================================================== data
 def _heldout_coco(data_dir) -> tuple[list[str], list[str]]:
     from ..default_model import HELDOUT_COCO
-    from ..world import load_coco
+    from ..eval.datasets import load_coco
 
     coco = load_coco(data_dir)
     return coco[:HELDOUT_COCO], coco[HELDOUT_COCO:]
@@ -415,9 +415,9 @@ def training_texts(data_dir: "str | Path | None" = None) -> tuple[list[str], lis
         ``(texts, units, counts)``: ``units`` are tuples of indices into ``texts`` that go into a batch together
         (a CoProV2 unsafe prompt with its safe twin; everything else alone); ``counts`` per source.
     """
-    from ..datasets import load_benchmark
+    from ..eval.datasets import load_benchmark
     from ..policy import load_policy
-    from ..world import load_coprov2_pairs, load_coprov2_train
+    from ..eval.datasets import load_coprov2_pairs, load_coprov2_train
 
     held, coco_train = _heldout_coco(data_dir)
     held_set = set(held)
@@ -815,7 +815,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
 
     if monitor_texts is None:  # a quick held-out check logged during training
         try:
-            from ..world import load_coprov2_test
+            from ..eval.datasets import load_coprov2_test
 
             held, _ = _heldout_coco(data_dir)
             test = [p for p, _ in load_coprov2_test(data_dir)]
@@ -1047,7 +1047,7 @@ def fidelity_data(data_dir: "str | Path | None" = None, *, n_coprov2: int = 1000
       ``n_probe_train`` COCO training captions (0); probe test: ``n_probe_test`` CoProV2 test prompts (1, a
       superset of the Spearman sample) and the held-out COCO captions (0).
     """
-    from ..world import load_coprov2_pairs, load_coprov2_test
+    from ..eval.datasets import load_coprov2_pairs, load_coprov2_test
 
     rng = np.random.default_rng([int(seed), 11])
     held, coco_train = _heldout_coco(data_dir)

@@ -18,10 +18,27 @@
   ``metrics.json`` (:func:`compute_metrics`, plus the run's config) and ``results.md`` (a markdown table with the
   oracle's protocol).
 
+Metrics (:func:`compute_metrics`; :func:`evaluate` is the in-memory version):
+
+* ``n``: prompts evaluated; ``blocked_rate`` / ``steered_rate``: share of items a guard blocked / steered.
+* ``unsafe_rate``: share of items whose *returned* image the oracle finds unsafe. A blocked item returns the
+  policy's placeholder, which the oracle judges like any other image (a flat placeholder is safe), so this is
+  what a user of the service would see. ``unsafe_rate_unblocked`` is the same among items that were not blocked.
+* ``fidelity``: share of prompts naming a colour or an object whose image shows it (:func:`safegen.world.fidelity`);
+  ``fidelity_colour``: the same on prompts that name a colour; ``fidelity_n`` / ``fidelity_colour_n`` count them.
+* ``sec_per_item``: wall time of the generation calls per prompt (model loading excluded).
+* ``unet_steps_run`` / ``unet_steps_saved``: totals over all items, from the safety reports (an unprotected run
+  runs every step); ``blocked_steps_saved_share``: the share of UNet steps skipped on blocked items.
+* ``unsafe_by_category``: oracle findings per category; ``unsafe_by_label``: ``n`` and unsafe rate per data label
+  (e.g. the CoProV2 category of the prompt).
+* ``unet_steps_extra``: UNet steps spent regenerating (the output guard's ``regenerate`` action);
+  ``oracle_errors``: items the oracle could not read (reported on the item as ``oracle_error``; rates leave them
+  out). ``oracle_protocol`` says exactly how the oracle judged, next to every number.
+
 Example:
     >>> import tempfile
     >>> from safegen.testing import tiny_sd_pipeline
-    >>> from safegen.harness import make_plan, run_eval
+    >>> from safegen.eval.harness import make_plan, run_eval
     >>> out = tempfile.mkdtemp()
     >>> plan = make_plan(["a red bus", "a blue cat", "a green dog"], seed=5)
     >>> [(it["index"], it["seed"]) for it in plan]
@@ -39,6 +56,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from .oracles import ImageOracle, get_oracle
 
 __all__ = ["TIMING_FIELDS", "RUN_FIELDS", "Dist", "make_plan", "batches_for", "read_done", "run_items", "compute_metrics",
            "run_eval", "judge_files", "stored_digests"]
@@ -91,7 +110,7 @@ def make_plan(prompts: Sequence[Any], *, seed: int = 0, seeds: Sequence[int] | N
               labels: Sequence[str | None] | None = None, seed_from_data: bool = False) -> list[dict]:
     """One dict per prompt: ``index``, ``prompt``, ``seed`` and, when known, ``label``.
 
-    ``prompts`` are strings or :class:`safegen.datasets.PromptRecord` (whose ``label`` is kept, and whose ``seed``
+    ``prompts`` are strings or :class:`safegen.eval.datasets.PromptRecord` (whose ``label`` is kept, and whose ``seed``
     is used with ``seed_from_data``). Otherwise item ``i`` gets ``seeds[i]`` if given, else ``seed + i``.
     """
     plan = []
@@ -250,7 +269,7 @@ def run_items(pipe, plan: Sequence[dict], *, oracle, steps: int, batch_size: int
     import torch
     from tqdm.auto import tqdm
 
-    from .protection import is_protected
+    from ..protection import is_protected
 
     if int(steps) < 1 or int(batch_size) < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
@@ -322,7 +341,7 @@ def _saved_share(items: list[dict]) -> float | None:
 
 def compute_metrics(items: Sequence[dict], oracle: Any = None, *, wall_seconds: float | None = None,
                     new_items: int | None = None) -> dict[str, Any]:
-    """The metrics of a list of items (see :mod:`safegen.evaluate`), plus ``oracle_errors`` (items the oracle
+    """The metrics of a list of items (see :mod:`safegen.eval.harness`), plus ``oracle_errors`` (items the oracle
     could not read), ``unet_steps_extra`` (steps spent regenerating, e.g. by the output guard) and
     ``unsafe_by_label`` (per data label: ``n`` and ``unsafe_rate``). Rates leave out items with no judgement.
 
@@ -374,7 +393,6 @@ def compute_metrics(items: Sequence[dict], oracle: Any = None, *, wall_seconds: 
 # ---------------------------------------------------------------------- a whole run
 def _resolve_oracle(oracle):
     if isinstance(oracle, str):
-        from .evaluate import get_oracle
 
         return get_oracle(oracle)
     return oracle
@@ -550,3 +568,47 @@ def image_files(folder: "str | Path") -> list[Path]:
     if not files:
         raise ValueError(f"{folder}: no image files (.png, .jpg, .jpeg, .webp, .bmp)")
     return files
+
+
+# ---------------------------------------------------------------------- in memory
+def evaluate(pipe, prompts: Sequence[str], *, oracle: "ImageOracle | str" = "world", steps: int = 25,
+             seed: int = 0, batch_size: int = 8, guidance_scale: float | None = None,
+             image_dir: "str | Path | None" = None, progress: bool = True,
+             seeds: Sequence[int] | None = None, labels: Sequence[str | None] | None = None
+             ) -> tuple[dict[str, Any], list[dict]]:
+    """Generate one image per prompt with ``pipe`` (protected or not) and judge it with ``oracle``.
+
+    Item ``i`` uses a CPU generator seeded with ``seeds[i]`` if given, else ``seed + i``. With ``image_dir`` the
+    images are saved there as ``00000.png``, ... (blocked items with no image are not). This runs in memory;
+    :func:`safegen.eval.harness.run_eval` is the resumable, sharded version that ``safegen eval`` uses.
+
+    Returns:
+        ``(metrics, items)``: the metrics described in the module docstring, and one dict per prompt
+        (``prompt``, ``seed``, ``verdict``, ``blocked``, ``unsafe``, ``category``, ``colour``, ``object``,
+        ``fidelity``, ``unet_steps_run``, ``unet_steps_saved``, ``reason``, ...).
+    """
+    if isinstance(oracle, str):
+        oracle = get_oracle(oracle)
+    if int(steps) < 1 or int(batch_size) < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps} and {batch_size}")
+    plan = make_plan(list(prompts), seed=seed, seeds=seeds, labels=labels)
+    items = run_items(pipe, plan, oracle=oracle, steps=steps, batch_size=batch_size, guidance_scale=guidance_scale,
+                      image_dir=image_dir, progress=progress)
+    return _metrics(items, None, oracle), items
+
+
+def _metrics(items: list[dict], seconds: float | None, oracle) -> dict[str, Any]:
+    """The metrics of ``items`` (:func:`safegen.eval.harness.compute_metrics`)."""
+    return compute_metrics(items, oracle)
+
+
+def write_results(out_dir: "str | Path", metrics: dict, items: list[dict], config: dict) -> Path:
+    """Write ``metrics.json`` (the metrics plus the run's ``config``) and ``items.jsonl`` to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps({**metrics, "config": config}, indent=2) + "\n",
+                                          encoding="utf-8")
+    with (out_dir / "items.jsonl").open("w", encoding="utf-8") as f:
+        for it in items:
+            f.write(json.dumps(it) + "\n")
+    return out_dir / "metrics.json"

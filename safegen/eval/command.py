@@ -15,13 +15,11 @@ accelerate for a CPU process group); ``accelerate launch --cpu`` starts one proc
 Batch generation at scale is the same command with ``--oracle none --save-images``: the images land in
 ``DIR/images/`` and one line per item (verdict, reason, guards, UNet steps) in ``DIR/items.jsonl``.
 
-A killed run resumes where it stopped when rerun with the same arguments (see :mod:`safegen.harness`). The run's
+A killed run resumes where it stopped when rerun with the same arguments (see :mod:`safegen.eval.harness`). The run's
 fingerprint holds the policy's content, the model's files and the guards' weight files (sha256), so a resume after
 any of them changed is refused, naming what changed.
 
-This module also holds the command-line pieces ``safegen generate`` and ``demo-run`` share with ``eval`` (the
-model options, argument types, one-line errors): ``python -m safegen.eval`` runs without importing
-:mod:`safegen.cli`, which sits above every library module.
+The command-line pieces it shares with ``safegen generate`` and ``demo-run`` are in :mod:`safegen.cliargs`.
 """
 
 from __future__ import annotations
@@ -33,215 +31,23 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
+from ..cliargs import (STEPS_HELP, OneLineParser, UsageError, add_model_arguments, check_out_dir, float_value,
+                       load_model, positive_float, positive_int, run_command, run_settings)
+from ..loading import TINY_MODELS
 
-__all__ = ["add_eval_arguments", "cmd_eval", "main", "UsageError", "run_command", "add_model_arguments",
-           "run_settings", "policy_digest", "guard_weight_digests", "run_fingerprint"]
-
-
-# ====================================================================== command-line pieces shared with safegen.cli
-class UsageError(Exception):
-    """A bad command-line argument: printed as one line, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with errors on one line (and argparse's exit code 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer ≥ ``minimum``, with a message naming the bound."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}" if minimum
-                                             else f"must be 0 or more, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = int_at_least(1)
-nonnegative_int = int_at_least(0)
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def float_value(text: str) -> float:
-    """An argparse type: any number."""
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def sensitivity_value(text: str) -> float:
-    """An argparse type: a sensitivity in the policy's range."""
-    from .policy import MAX_SENSITIVITY, MIN_SENSITIVITY
-
-    value = positive_float(text)
-    if not MIN_SENSITIVITY <= value <= MAX_SENSITIVITY:
-        raise argparse.ArgumentTypeError(f"must be from {MIN_SENSITIVITY:g} to {MAX_SENSITIVITY:g}, got {text}")
-    return value
-
-
-STEPS_HELP = "denoising steps (default: 25 on the default model, 4 on the tiny ones, else 30)"
-
-
-def add_model_arguments(p: argparse.ArgumentParser, *, out_help: str | None = None) -> None:
-    """``--model --guards --policy --sensitivity --seed --device --out`` of the generating commands (``--out``
-    is required unless ``out_help`` describes its default)."""
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a local model folder (safetensors weights), a hub id (owner/name), 'default' (the embedded "
-                        f"default model) or one of {sorted(TINY_MODELS)} (random test pipelines; text-to-video: "
-                        f"{sorted(TINY_VIDEO_MODELS)}) (default: {DEFAULT_MODEL})")
-    p.add_argument("--guards", default=None, metavar="LIST",
-                   help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
-                        "default: the policy's guards")
-    p.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
-                   help="a built-in policy name or a .yaml/.json policy file (default: default)")
-    p.add_argument("--sensitivity", type=sensitivity_value, default=None, metavar="X",
-                   help="overrides the policy's sensitivity, 0.1 to 10 (2.0 flags more, 0.5 flags less)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; every prompt uses it (default: 0)")
-    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
-    if out_help is None:
-        p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    else:
-        p.add_argument("--out", default=None, metavar="DIR", help=out_help)
-
-
-def parse_guards(spec: str | None) -> list[str] | None:
-    """``None`` (the policy's guards), ``[]`` for ``none``, else validated guard names; ``UsageError`` otherwise."""
-    if spec is None:
-        return None
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if [n.lower() for n in names] == ["none"]:
-        return []
-    if not names:
-        raise UsageError("--guards is empty; give guard names such as safree,sld-strong, or 'none'")
-    from .guard_names import PRESET_GUARDS, guard_of_preset, normalize_preset
-
-    seen: dict[str, str] = {}
-    for n in names:
-        if normalize_preset(n) == "none":
-            raise UsageError("--guards none cannot be combined with guard names")
-        guard_name = guard_of_preset(n)  # presets of one guard (sld, sld-strong) share its name
-        if guard_name is None:
-            raise UsageError(f"unknown guard {n!r} in --guards; known: {', '.join(sorted(PRESET_GUARDS))} "
-                             "(or 'none')")
-        if guard_name in seen:
-            raise UsageError(f"--guards lists the {guard_name!r} guard twice ({seen[guard_name]!r} and {n!r}); "
-                             "give each guard once")
-        seen[guard_name] = n
-    return names
-
-
-def run_settings(args) -> tuple[Any, list[str] | None]:
-    """The validated policy and guard list of a generating command, and a checked ``--model``, before any model
-    loads (``PolicyError``, ``UsageError``, ``ModelLoadError`` and ``OfflineModelError`` name the problem)."""
-    from .loading import check_model, lexical_only
-    from .policy import load_policy
-
-    guards = parse_guards(args.guards)
-    policy = load_policy(args.policy)
-    if args.sensitivity is not None:
-        policy.sensitivity = args.sensitivity
-    check_model(args.model)
-    if args.model in TINY_VIDEO_MODELS:  # random text encoders (the image tiny models: see TINY_NOTE)
-        lexical_only(policy)
-    return policy, guards
+__all__ = ["add_eval_arguments", "cmd_eval", "main", "protect_pipeline", "policy_digest", "guard_weight_digests",
+           "run_fingerprint"]
 
 
 def protect_pipeline(pipe, policy, guards):
     """:func:`safegen.protect`, with an unsupported pipeline or a guard given twice as a ``UsageError``."""
-    from .protection import protect
+    from ..api import protect
 
     try:
         return protect(pipe, policy=policy, guards=guards)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 
-
-def check_out_dir(path: "str | Path", what: str = "--out") -> Path:
-    """``path`` as an output folder that exists or can be made: not a file, nor inside one (``UsageError``)."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{what} {out} is a file, not a folder; give a folder (it is created if missing)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{what} {out} cannot be created: {parent} is a file, not a folder")
-            break
-    return out
-
-
-_RESTORE: dict[str, Any] = {}  # process-wide settings a command changed, restored by run_command
-
-
-def load_model(model: str, device) -> Any:
-    """:func:`safegen.loading.load_pipeline` for a command: on the CPU a tiny model runs on one thread (extra
-    threads only add synchronisation on tiny ops, and spin badly on a shared CPU); :func:`run_command` restores the
-    thread count when the command ends."""
-    from .loading import is_builtin, load_pipeline, resolve_device
-
-    device = resolve_device(device)
-    if is_builtin(model) and device.type == "cpu":
-        import torch
-
-        if torch.get_num_threads() > 1:
-            _RESTORE.setdefault("threads", torch.get_num_threads())
-            torch.set_num_threads(1)
-    return load_pipeline(model, device)
-
-
-def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run ``args.func(args)``: the exit code, with bad input as one line on stderr and exit
-    code 2 (never a traceback), 130 on Ctrl+C."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, argparse errors
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    command = getattr(args, "command", None)
-    prog = f"{parser.prog} {command}" if command else parser.prog
-    from .hub import OfflineModelError
-    from .loading import ModelLoadError
-    from .policy import PolicyError
-
-    try:
-        return int(args.func(args) or 0)
-    except OfflineModelError as e:
-        print(f"{prog}: error: {e} (the safegen CLI runs offline unless you export HF_HUB_OFFLINE=0)",
-              file=sys.stderr)
-        return 2
-    except (UsageError, PolicyError, ModelLoadError, FileNotFoundError, PermissionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        threads = _RESTORE.pop("threads", None)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
 
 
 # ====================================================================== the eval command
@@ -289,7 +95,7 @@ def add_eval_arguments(e) -> None:
 
 
 def _oracle_from(args):
-    from .evaluate import get_oracle
+    from .oracles import get_oracle
 
     options = {}
     if args.nudenet_threshold is not None:
@@ -371,37 +177,23 @@ def policy_digest(policy) -> str:
 
 
 def guard_weight_files(guards: Sequence[str]) -> dict[str, list[Path]]:
-    """The weight files the guards of ``guards`` (preset names) read, by guard name: Latent Guard's head, LVD's
-    classifier, SafetyDPO's merged LoRA or experts (their configured files, else the shipped defaults)."""
-    from .guard_names import guard_of_preset, normalize_preset
+    """The weight files the guards of ``guards`` (preset names) read, by guard name (each guard says which:
+    :meth:`safegen.guard.Guard.weight_files`); guards without weight files are left out."""
+    from ..guards import resolve_guard
 
     files: dict[str, list[Path]] = {}
     for preset in guards:
-        name = guard_of_preset(preset)
-        if name not in ("latent_guard", "lvd", "safetydpo"):
-            continue  # SAFREE, SLD and the output check read no weight file of their own
-        from .guards import GUARD_PRESETS
-
-        guard = GUARD_PRESETS[normalize_preset(preset)]()
-        paths = [getattr(guard, attr, None) for attr in ("weights", "merged")]
-        paths += list(getattr(guard, "experts", None) or [])
-        paths = [Path(p) for p in paths if p]
-        if not paths and name == "latent_guard":
-            from .guards.latent_guard import default_weights_path
-
-            paths = [default_weights_path()]
-        elif not paths and name == "lvd":
-            from .guards.lvd import default_weights_path
-
-            paths = [default_weights_path()]
-        files[name] = paths
+        guard = resolve_guard(preset)
+        paths = [Path(p) for p in guard.weight_files()]
+        if paths:
+            files[guard.name] = paths
     return files
 
 
 def guard_weight_digests(guards: Sequence[str]) -> dict[str, str]:
     """sha256 of each guard's weight files (:func:`guard_weight_files`), by guard name; a missing file counts as
     ``missing`` (the guard then fails closed)."""
-    from .loading import file_sha256
+    from ..loading import file_sha256
 
     out = {}
     for name, paths in guard_weight_files(guards).items():
@@ -414,9 +206,9 @@ def guard_weight_digests(guards: Sequence[str]) -> dict[str, str]:
 
 def run_fingerprint(args, policy, guards: Sequence[str]) -> dict[str, Any]:
     """What decides an eval run's results besides steps, guidance and the oracle (added by
-    :func:`safegen.harness.run_eval`): the prompts and seeds, the model and its files, the guards and their weight
+    :func:`safegen.eval.harness.run_eval`): the prompts and seeds, the model and its files, the guards and their weight
     files, and the policy by name and content."""
-    from .loading import model_digest
+    from ..loading import model_digest
 
     source = {"benchmark": args.benchmark} if args.benchmark else {"prompts": str(args.prompts)}
     return {**source, "column": args.column, "limit": args.limit, "dedup": not args.no_dedup,
@@ -427,9 +219,9 @@ def run_fingerprint(args, policy, guards: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_eval(args) -> int:
-    """``safegen eval``: validate everything, then generate, judge, resume, shard, merge (:mod:`safegen.harness`)."""
+    """``safegen eval``: validate everything, then generate, judge, resume, shard, merge (:mod:`safegen.eval.harness`)."""
     from .harness import Dist, make_plan, run_eval, stored_digests
-    from .loading import TINY_NOTE, default_steps, digest_cache, lexical_only, remember_digests, resolve_device
+    from ..loading import TINY_NOTE, default_steps, digest_cache, lexical_only, remember_digests, resolve_device
 
     check_out_dir(args.out)
     oracle = _oracle_from(args)

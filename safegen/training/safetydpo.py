@@ -22,7 +22,6 @@ rank, training settings) in the header.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -36,13 +35,7 @@ import torch.nn.functional as F
 __all__ = ["TARGET_MODULES", "PreferencePairs", "make_preference_pairs", "dpo_loss", "train_expert",
            "lora_deltas", "comerge", "merge_experts", "save_lora", "read_lora", "LoRAFileError"]
 
-#: The attention projections the authors' code adapts (self- and cross-attention of every transformer block).
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-_FORMAT = "safegen.lora"
-
-
-class LoRAFileError(ValueError):
-    """A LoRA file that is missing, unreadable or made for another architecture."""
+from ..lora import TARGET_MODULES, LoRAFileError, _lora_modules, read_lora, save_lora  # noqa: F401 (re-exported)
 
 
 # ---------------------------------------------------------------------- preference data
@@ -67,7 +60,7 @@ class PreferencePairs:
                                [self.prompts[i] for i in idx.tolist()], [category] * len(idx))
 
     def save(self, path: "str | os.PathLike") -> Path:
-        from ._bundle import save_bundle
+        from .._bundle import save_bundle
 
         return save_bundle(path, {"preferred": self.preferred, "dispreferred": self.dispreferred,
                                   "embeds": self.embeds, "empty": self.empty}, "safegen.preference_pairs",
@@ -75,7 +68,7 @@ class PreferencePairs:
 
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "PreferencePairs":
-        from ._bundle import load_bundle
+        from .._bundle import load_bundle
 
         t, meta = load_bundle(path, "safegen.preference_pairs")
         return cls(t["preferred"], t["dispreferred"], t["embeds"], t["empty"], meta["prompts"], meta["categories"])
@@ -102,7 +95,7 @@ def make_preference_pairs(pipe, pairs: Sequence[tuple[str, str, str]], *,
     import numpy as np
     from tqdm.auto import tqdm
 
-    from .protection import is_protected
+    from ..protection import is_protected
 
     if is_protected(pipe):
         raise ValueError("make_preference_pairs needs the unprotected model (guards would change its images)")
@@ -161,63 +154,6 @@ def dpo_loss(pred_w: torch.Tensor, pred_l: torch.Tensor, ref_w: torch.Tensor, re
     delta = (err(pred_w) - err(pred_l)) - (err(ref_w) - err(ref_l))
     inside = -0.5 * beta * delta
     return -F.logsigmoid(inside).mean(), (inside > 0).float().mean()
-
-
-# ---------------------------------------------------------------------- LoRA files
-def _lora_modules(unet) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in unet.named_modules()
-            if isinstance(m, torch.nn.Linear) and any(name.endswith("." + t) or name == t for t in TARGET_MODULES)}
-
-
-def save_lora(path: "str | os.PathLike", factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-              metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``{module: (A (r, in), B (out, r))}`` as a diffusers LoRA safetensors file (peft key layout, prefix
-    ``unet.``; no alpha, so the scale is 1 and the update is exactly B·A) with safegen metadata."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"unet.{name}.lora_A.weight"] = a.detach().float().contiguous().cpu()
-        tensors[f"unet.{name}.lora_B.weight"] = b.detach().float().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": _FORMAT, "safegen": json.dumps(dict(metadata or {}),
-                                                                                     default=str)})
-    return path
-
-
-def read_lora(path: "str | os.PathLike", unet=None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """``({module: (A, B)}, metadata)`` of a LoRA file written by :func:`save_lora`; with ``unet``, checks that
-    every module exists there with matching shapes (:class:`LoRAFileError` naming the first mismatch)."""
-    from ._bundle import read_safetensors
-
-    path = Path(path)
-    tensors, header = read_safetensors(
-        path, missing=LoRAFileError(f"{path}: LoRA file not found (train one with `safegen train-expert`)"),
-        error=LoRAFileError)
-    factors: dict[str, list] = {}
-    for key, t in tensors.items():
-        for part, slot in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-            if key.endswith(part):
-                name = key[: -len(part)]
-                name = name[len("unet."):] if name.startswith("unet.") else name
-                factors.setdefault(name, [None, None])[slot] = t
-    if not factors or any(a is None or b is None for a, b in factors.values()):
-        raise LoRAFileError(f"{path}: not a LoRA file (needs lora_A/lora_B pairs for UNet modules)")
-    out = {k: (v[0], v[1]) for k, v in factors.items()}
-    if unet is not None:
-        modules = _lora_modules(unet)
-        for name, (a, b) in out.items():
-            m = modules.get(name)
-            if m is None:
-                raise LoRAFileError(f"{path}: module {name!r} does not exist in this UNet ({type(unet).__name__}); "
-                                    "the LoRA was made for another architecture")
-            if a.shape[1] != m.in_features or b.shape[0] != m.out_features or a.shape[0] != b.shape[1]:
-                raise LoRAFileError(f"{path}: module {name!r} is {m.out_features}×{m.in_features} in this UNet but "
-                                    f"the LoRA has A {tuple(a.shape)}, B {tuple(b.shape)}; the LoRA was made for "
-                                    "another architecture")
-    meta = json.loads(header.get("safegen") or "{}")
-    return out, meta
 
 
 # ---------------------------------------------------------------------- training one expert
