@@ -108,7 +108,8 @@ class Call:
     blocked_prompts: list[bool]
     step: int = 0  # index of the step about to run (updated after every step)
     stopped_items: dict = field(default_factory=dict)  # item -> UNet steps it ran before a guard stopped it
-    scratch: dict = field(default_factory=dict)
+    kept_items: list[int] | None = None  # items of the denoising batch, when some prompts were blocked before it
+    steps_run: int | None = None  # denoising steps the loop has run so far (None: it did not start)
     _stopper: Any = None  # the ItemStopper, installed by the first stop_item
     seconds: dict = field(default_factory=dict)
     _conditioning: dict | None = None
@@ -255,7 +256,7 @@ class Call:
         """Block one item after the loop (a guard that decides on the finished generation): it returns the
         placeholder instead of what the pipeline made; its UNet steps were all run."""
         if item not in self.stopped_items:
-            self.stopped_items[item] = int(self.scratch.get("steps_run", self.num_steps))
+            self.stopped_items[item] = int(self.steps_run if self.steps_run is not None else self.num_steps)
         res = self.result(item, guard)
         res.verdict = verdict
         res.reason = reason
@@ -536,7 +537,7 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
                 out = None
                 if hasattr(pipe, "maybe_free_model_hooks"):
                     pipe.maybe_free_model_hooks()  # what the pipeline's own return path would have done
-            steps_run = call.scratch.get("steps_run", call.num_steps)
+            steps_run = call.steps_run if call.steps_run is not None else call.num_steps
         else:
             steps_run = 0
             _set_call_state(call)  # the pipeline never ran: leave it as a call would have
@@ -639,7 +640,7 @@ def _fail_closed(call: Call, err: GuardError) -> None:
 
 def _fill_step_counts(call: Call, keep: list[int], steps_run: int) -> None:
     kept_items = {it for p in keep for it in call.items_of(p)}
-    per_item = {**call.scratch.get("steps_run_per_item", {}), **call.stopped_items}
+    per_item = call.stopped_items
     for rep in call.reports:
         if rep.index in kept_items:
             rep.unet_steps_run = per_item.get(rep.index, steps_run)
@@ -670,7 +671,7 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
             a["generator"] = [gen[i] for i in items]
         if a.get("latents") is not None:
             a["latents"] = a["latents"][torch.tensor(items)]
-        call.scratch["kept_items"] = items
+        call.kept_items = items
     # composite step callback: guards first (in stage order), then the user's
     legacy = call.spec.legacy_callback
     user_cb = None if legacy else a.pop("callback_on_step_end", None)
@@ -684,7 +685,7 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
 
     def on_step_end(pipe, i, t, tensors):
         call.step = i + 1
-        call.scratch["steps_run"] = i + 1
+        call.steps_run = i + 1
         for g in stepping:
             changed = _timed(call, g, g.step_end, call, i, t, tensors)
             if changed:
@@ -702,7 +703,6 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
     else:
         a["callback_on_step_end"] = on_step_end
         a["callback_on_step_end_tensor_inputs"] = inputs
-    call.scratch["kept_prompts"] = keep
     return a
 
 

@@ -249,7 +249,7 @@ def test_save_load_round_trip_and_model_check(sd, sdxl, tmp_path):
     assert not safegen.is_protected(sdxl)
     guard = LVD(weights=str(path))
     safegen.protect(sd, guards=[guard])
-    assert sd._safegen.cache[("lvd", "classifier")].metadata["threshold"] == 0.7
+    assert sd._safegen.state(guard).metadata["threshold"] == 0.7  # the classifier attached to this pipeline
     safegen.unprotect(sd)
 
 

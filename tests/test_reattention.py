@@ -114,14 +114,14 @@ def test_hooks_change_only_in_window_filtered_rows(sd, step):
     sample, ehs, orig = _unet_inputs(unet)
     # prompt 0 filtered on steps <= 1, prompt 1 on steps <= 3; at step 2 only prompt 1 is in its window
     state = {"t_prime": torch.tensor([1, 3]), "orig": orig, "orig_pooled": None, "last_filtered_step": 3}
-    call = SimpleNamespace(step=step, scratch={}, num_images_per_prompt=1, do_cfg=True, kept_prompts=[0, 1])
+    call = SimpleNamespace(step=step, num_images_per_prompt=1, do_cfg=True, kept_prompts=[0, 1])
     from safegen.hooks import add_hook
 
     before = _Capture(blocks)  # torch pre-hooks: see the skips as the down path made them
     after = _Capture(blocks, inner=True)  # inside the re-attention hooks: sees what they made of the skips
     mid_rows = []  # rows the mid block computes (inside the hook that drops the reference rows)
     h3 = add_hook(unet.mid_block, "safegen.test.mid-rows", pre=lambda m, a, k: mid_rows.append(a[0].shape[0]))
-    lra = LatentReattention(unet, tau=1, s1=0.9, s2=0.2).begin(call, state)
+    lra = LatentReattention(unet, tau=1, s1=0.9, s2=0.2).begin(call, **state)
     batches, ehs_seen = [], []
     h1 = unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
     h2 = unet.down_blocks[0].register_forward_pre_hook(  # a cross-attention down block: the reference rows run here
@@ -162,10 +162,10 @@ def test_end_twice_and_no_rows_without_filtered_items(sd):
     unet = sd.unet
     sample, ehs, orig = _unet_inputs(unet)
     state = {"t_prime": torch.tensor([-1, -1]), "orig": orig, "orig_pooled": None, "last_filtered_step": 0}
-    call = SimpleNamespace(step=0, scratch={}, num_images_per_prompt=1, do_cfg=True, kept_prompts=[0, 1])
+    call = SimpleNamespace(step=0, num_images_per_prompt=1, do_cfg=True, kept_prompts=[0, 1])
     batches = []
     h = unet.conv_in.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
-    lra = LatentReattention(unet).begin(call, state)
+    lra = LatentReattention(unet).begin(call, **state)
     with torch.no_grad():
         unet(sample, torch.tensor(500), encoder_hidden_states=ehs, return_dict=False)
     lra.end()

@@ -842,11 +842,11 @@ class LatentGuard(Guard):
             identity, what = encoder_identity(minilm, MINILM_NAME), f"the MiniLM backbone ({MINILM_NAME})"
         head.check_encoder(identity, what=what, source=source)
         head.eval()
-        protection.cache[("latent_guard", "state")] = _Attached(head, source, adapter)
+        protection.set_state(self, _Attached(head, source, adapter))
 
     def detach(self, protection) -> None:
-        for key in [k for k in protection.cache if isinstance(k, tuple) and k and k[0] == "latent_guard"]:
-            del protection.cache[key]
+        protection.drop_state(self)
+        protection.cache.pop(("latent_guard", "bank"), None)
 
     def _adapter(self, call, state: _Attached) -> TextEncoderAdapter:
         if state.adapter is not None:
@@ -871,7 +871,7 @@ class LatentGuard(Guard):
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
-        state: _Attached | None = call.protection.cache.get(("latent_guard", "state"))
+        state: _Attached | None = call.protection.state(self)
         if state is None:
             raise RuntimeError("LatentGuard was not attached to this pipeline; use safegen.protect(pipe, guards=[...])")
         per_prompt = call.condition_texts()  # every text that conditions the model, per prompt

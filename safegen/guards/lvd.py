@@ -370,6 +370,28 @@ def _output_span(f: int, n_latent: int, ratio: int) -> list[int]:
     return [f * ratio, (f + 1) * ratio - 1]
 
 
+# ---------------------------------------------------------------------- per call
+@dataclass
+class _CallState:
+    """LVD's state for one call: the x0 tap, the classifier and thresholds, and per running item its flagged
+    checks, its peak probabilities and whether it is still undecided."""
+
+    tap: Any
+    clf: "LatentClassifier"
+    thresholds: torch.Tensor  # (K,)
+    stoppable: torch.Tensor  # (K,) the category's action is not log
+    count: torch.Tensor  # (n,) flagged checks
+    peak: torch.Tensor  # (n, K)
+    open: list  # (n,) still undecided
+    need: int  # flagged checks that stop an item in this call
+    total: int  # checks this call can make
+    video: bool
+    layout: str
+    time_ratio: int
+    checks: int = 0
+    frame_flags: torch.Tensor | None = None  # (n, F) video: checked steps that flagged each frame
+
+
 # ---------------------------------------------------------------------- the guard
 @dataclass(repr=False)
 class LVD(Guard):
@@ -489,13 +511,13 @@ class LVD(Guard):
         if unknown:
             raise LVDWeightsError(f"{source} predicts categories {unknown} that policy {protection.policy.name!r} "
                                   f"does not have ({list(protection.policy.categories)})")
-        protection.cache[("lvd", "classifier")] = clf.eval()
+        protection.set_state(self, clf.eval())
 
     def detach(self, protection) -> None:
-        protection.cache.pop(("lvd", "classifier"), None)
+        protection.drop_state(self)
 
     def prepare(self, call) -> None:
-        clf: LatentClassifier = call.protection.cache[("lvd", "classifier")]
+        clf: LatentClassifier = call.protection.state(self)
         device = call.device
         if next(clf.parameters()).device != device:
             clf.to(device)
@@ -508,50 +530,49 @@ class LVD(Guard):
         n = len(call.running_items)
         tap = _X0Tap(call.pipe.scheduler)
         call.defer(tap.remove)
-        call.scratch["lvd"] = {
-            "tap": tap, "clf": clf, "thresholds": thresholds, "stoppable": stoppable,
-            "count": torch.zeros(n, dtype=torch.long, device=device),
-            "peak": torch.zeros(n, len(clf.categories), device=device),
-            "open": [True] * n, "checks": 0, "need": self.required_for(call.num_steps),
-            "total": self.checks_for(call.num_steps),
-            "video": call.spec.video, "layout": call.spec.layout, "frame_flags": None,
+        call.set_state(self, _CallState(
+            tap=tap, clf=clf, thresholds=thresholds, stoppable=stoppable,
+            count=torch.zeros(n, dtype=torch.long, device=device),
+            peak=torch.zeros(n, len(clf.categories), device=device),
+            open=[True] * n, need=self.required_for(call.num_steps), total=self.checks_for(call.num_steps),
+            video=call.spec.video, layout=call.spec.layout,
             # CogVideoX's VAE makes ~4 output frames of each latent frame; UNet video models decode frame by frame
-            "time_ratio": int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.layout == "BFCHW" else 1,
-        }
+            time_ratio=int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.layout == "BFCHW" else 1,
+        ))
 
     def step_end(self, call, step: int, timestep, tensors):
-        st = call.scratch.get("lvd")
-        if st is None or step >= self.window or step % self.check_every or not any(st["open"]):
+        st = call.state(self)
+        if st is None or step >= self.window or step % self.check_every or not any(st.open):
             return None
-        x0, noise = st["tap"].last
-        n = len(st["open"])
-        frames, F = latent_frames(x0, n, st["layout"])  # (n·F, C, H, W); F = 1 for images
-        rows = [j for j, o in enumerate(st["open"]) if o]  # only undecided items are classified
+        x0, noise = st.tap.last
+        n = len(st.open)
+        frames, F = latent_frames(x0, n, st.layout)  # (n·F, C, H, W); F = 1 for images
+        rows = [j for j, o in enumerate(st.open) if o]  # only undecided items are classified
         sel = torch.tensor(rows, device=x0.device)
         if len(rows) < n:
             frames = frames.index_select(0, _expand_rows(sel, F))
         # a non-finite latent (clamping would hide an inf) or score cannot be decided on: that item is an error
         finite_in = torch.isfinite(frames.reshape(len(rows), -1)).all(1)
-        per_frame = torch.sigmoid(st["clf"](frames, noise)).view(len(rows), F, -1)  # (rows, F, K)
+        per_frame = torch.sigmoid(st.clf(frames, noise)).view(len(rows), F, -1)  # (rows, F, K)
         finite = finite_in & torch.isfinite(per_frame.reshape(len(rows), -1)).all(1)
         probs = per_frame.amax(1) if self.clip_score == "max" else per_frame.mean(1)  # the clip's (rows, K)
-        if st["video"]:
-            flagged = ((per_frame >= st["thresholds"]) & st["stoppable"]).any(2)  # (rows, F)
-            if st["frame_flags"] is None:
-                st["frame_flags"] = torch.zeros(n, F, dtype=torch.long, device=flagged.device)
-            st["frame_flags"][sel] += flagged
-        st["peak"][sel] = torch.maximum(st["peak"][sel], probs)
-        hit = ((probs >= st["thresholds"]) & st["stoppable"]).any(1)
-        count = st["count"][sel] + hit
-        st["count"][sel] = count
-        st["checks"] += 1
-        left = st["total"] - st["checks"]
-        stop = count >= st["need"]
+        if st.video:
+            flagged = ((per_frame >= st.thresholds) & st.stoppable).any(2)  # (rows, F)
+            if st.frame_flags is None:
+                st.frame_flags = torch.zeros(n, F, dtype=torch.long, device=flagged.device)
+            st.frame_flags[sel] += flagged
+        st.peak[sel] = torch.maximum(st.peak[sel], probs)
+        hit = ((probs >= st.thresholds) & st.stoppable).any(1)
+        count = st.count[sel] + hit
+        st.count[sel] = count
+        st.checks += 1
+        left = st.total - st.checks
+        stop = count >= st.need
         last = call.num_steps - 1
         if step == last:  # a call no longer than the window: its last x0 is all but the output, it decides too
             stop = stop | hit
         # accepted once it can no longer reach the count, unless the call's last step is still to be checked
-        hopeless = (count + left < st["need"]) & (step >= last or last >= self.window or last % self.check_every > 0)
+        hopeless = (count + left < st.need) & (step >= last or last >= self.window or last % self.check_every > 0)
         settled = stop | hopeless | ~finite
         # the one host copy of a checked step: which items to stop, accept, or fail closed now
         decided = torch.stack([stop, settled, ~finite, ~finite_in], 1).cpu().tolist()
@@ -559,7 +580,7 @@ class LVD(Guard):
         for r, (j, (s, done, bad, bad_latent)) in enumerate(zip(rows, decided)):
             if not done:
                 continue
-            st["open"][j] = False
+            st.open[j] = False
             if bad:
                 what = "the predicted latents" if bad_latent else "the classifier's scores"
                 call.stop_item(items[j], self.name, f"{what} at step {step} are not finite numbers (NaN or inf): "
@@ -573,61 +594,62 @@ class LVD(Guard):
         """The decision rule this call used; when the call has fewer steps than the window, the report says the
         rule was scaled to the checks the call could make."""
         full = self.checks_for(None)
-        if st["total"] >= full:
-            return {"checks_possible": st["total"]}
-        return {"checks_possible": st["total"],
-                "rule_scaled": (f"the call has fewer steps than the {self.window}-step window: {st['need']} of its "
-                                f"{st['total']} checks must flag (ratio {self.ratio}) instead of {self.required} of "
+        if st.total >= full:
+            return {"checks_possible": st.total}
+        return {"checks_possible": st.total,
+                "rule_scaled": (f"the call has fewer steps than the {self.window}-step window: {st.need} of its "
+                                f"{st.total} checks must flag (ratio {self.ratio}) instead of {self.required} of "
                                 f"{full}, and a flag at its last step, whose x0 is all but the output, stops the "
                                 "item too")}
 
     def _frame_details(self, st, j: int, k: int, per_frame: torch.Tensor | None = None) -> dict[str, Any]:
         """Which frames drove a video decision: those at or above category ``k``'s threshold (at the stopping
         step when ``per_frame`` (F, K) is given), and per frame how many checked steps flagged it."""
-        if not st["video"] or st["frame_flags"] is None:
+        if not st.video or st.frame_flags is None:
             return {}
-        flags = st["frame_flags"][j].cpu().tolist()
+        flags = st.frame_flags[j].cpu().tolist()
         out: dict[str, Any] = {"num_frames": len(flags), "frame_flags": flags}
         if per_frame is not None:
             scores = per_frame[:, k].cpu()
-            thr = float(st["thresholds"][k])
+            thr = float(st.thresholds[k])
             out["frames"] = [f for f, p in enumerate(scores.tolist()) if p >= thr]
             out["frame_scores"] = [round(float(p), 4) for p in scores]
         else:
             out["frames"] = [f for f, c in enumerate(flags) if c]
         out["clip_score"] = self.clip_score
-        if st["time_ratio"] > 1:  # the listed frames are latent frames: say which output frames each one makes
-            out["output_frames"] = {f: _output_span(f, len(flags), st["time_ratio"]) for f in out["frames"]}
+        if st.time_ratio > 1:  # the listed frames are latent frames: say which output frames each one makes
+            out["output_frames"] = {f: _output_span(f, len(flags), st.time_ratio) for f in out["frames"]}
         return out
 
     def _stop(self, call, st, j: int, item: int, step: int, probs: torch.Tensor,
               per_frame: torch.Tensor | None = None) -> None:
-        clf = st["clf"]
+        clf = st.clf
         p = probs.cpu()
-        thr = st["thresholds"].cpu()
-        stoppable = st["stoppable"].cpu()
+        thr = st.thresholds.cpu()
+        stoppable = st.stoppable.cpu()
         margin = torch.where(stoppable, p - thr, torch.full_like(p, float("-inf")))
         k = int(margin.argmax())
         cat = clf.categories[k]
-        count = int(st["count"][j])
+        count = int(st.count[j])
         frames = self._frame_details(st, j, k, per_frame)
         where = ""
         if frames:
             where = f" in frame(s) {frames['frames']} of {frames['num_frames']}"
         reason = (f"latents looked unsafe ({cat!r}, p={float(p[k]):.2f} ≥ {float(thr[k]):.2f}{where}) at {count} of "
-                  f"the {st['checks']} steps checked; stopped after step {step}")
+                  f"the {st.checks} steps checked; stopped after step {step}")
         call.stop_item(item, self.name, reason, steps_run=step + 1, category=cat, score=float(p[k]),
                        threshold=float(thr[k]), stopped_at_step=step,
                        scores={c: round(float(v), 4) for c, v in zip(clf.categories, p)},
-                       details={"unsafe_checks": count, "checks": st["checks"], "window": self.window,
-                                "required": st["need"], **self._rule(st), **frames})
+                       details={"unsafe_checks": count, "checks": st.checks, "window": self.window,
+                                "required": st.need, **self._rule(st), **frames})
 
     def finish(self, call) -> None:
-        st = call.scratch.pop("lvd", None)
+        st = call.state(self)
         if st is None:
             return
-        clf = st["clf"]
-        peak, count, thr = st["peak"].cpu(), st["count"].cpu(), st["thresholds"].cpu()  # one host copy each
+        call.set_state(self, None)  # reported once, even when a failing call runs finish again
+        clf = st.clf
+        peak, count, thr = st.peak.cpu(), st.count.cpu(), st.thresholds.cpu()  # one host copy each
         for j, item in enumerate(call.running_items):
             if item in call.stopped_items:
                 continue
@@ -638,13 +660,13 @@ class LVD(Guard):
             res.score = round(float(peak[j, k]), 4)
             res.threshold = float(thr[k])
             res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, peak[j])}
-            res.details = {"unsafe_checks": int(count[j]), "checks": st["checks"], "window": self.window,
-                           "required": st["need"], **self._rule(st),
+            res.details = {"unsafe_checks": int(count[j]), "checks": st.checks, "window": self.window,
+                           "required": st.need, **self._rule(st),
                            **self._frame_details(st, j, k)}
             if int(count[j]):
                 res.verdict = "log"
-                res.reason = (f"latents looked unsafe at {int(count[j])} of {st['checks']} checked steps, fewer "
-                              f"than the {st['need']} needed to stop")
+                res.reason = (f"latents looked unsafe at {int(count[j])} of {st.checks} checked steps, fewer "
+                              f"than the {st.need} needed to stop")
 
     def _default_threshold(self, clf: LatentClassifier) -> float:
         if self.threshold is not None:

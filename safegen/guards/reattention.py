@@ -41,6 +41,7 @@ row pairs, a per-step window mask applied with ``torch.where``; no host synchron
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,6 +87,16 @@ def fourier_reattention(filtered: torch.Tensor, reference: torch.Tensor, tau: in
     return out.to(filtered.dtype)
 
 
+@dataclass
+class _Window:
+    """SAFREE's filtered window for one call (what re-attention needs of it)."""
+
+    t_prime: torch.Tensor
+    orig: torch.Tensor
+    orig_pooled: torch.Tensor | None
+    last_filtered_step: int
+
+
 class LatentReattention:
     """SAFREE's latent re-attention for one pipeline call (see the module docstring).
 
@@ -106,16 +117,19 @@ class LatentReattention:
         self._handles: list = []
         self._masks: dict[tuple, torch.Tensor] = {}
         self._call: Any = None
-        self._state: dict | None = None
+        self._state: _Window | None = None
         self._items: dict[str, Any] | None = None  # per-call item tables, built at the first UNet call
         self._rows: dict[str, torch.Tensor] | None = None  # row pairs of the UNet call in flight
 
     # ------------------------------------------------------------------ lifecycle
-    def begin(self, call, state: dict) -> "LatentReattention":
-        """Hook the UNet for ``call``; ``state`` is SAFREE's (``t_prime``, ``orig``, ``orig_pooled``,
-        ``last_filtered_step``)."""
+    def begin(self, call, *, t_prime: torch.Tensor, orig: torch.Tensor, orig_pooled: torch.Tensor | None,
+              last_filtered_step: int) -> "LatentReattention":
+        """Hook the UNet for ``call``, with SAFREE's filtered window: ``t_prime`` (per prompt, host tensor: steps
+        ``≤ t'`` are filtered, −1 never), the original conditioning ``orig`` (and SDXL's ``orig_pooled``) the
+        reference rows use, and the last step any prompt is filtered."""
         self.end()
-        self._call, self._state = call, state
+        self._call = call
+        self._state = _Window(t_prime, orig, orig_pooled, int(last_filtered_step))
         self._items, self._rows = None, None
         self._extender = RowExtender(self.unet, self._provide, self._consume, guard="safree").install()
         # the reference rows are needed only for their skip features, which the down path makes: drop them
@@ -149,8 +163,8 @@ class LatentReattention:
         call, st = self._call, self._state
         nipp = call.num_images_per_prompt
         keep = call.kept_prompts
-        tp = st["t_prime"].detach().cpu()
-        orig, pooled = st["orig"], st.get("orig_pooled")
+        tp = st.t_prime.detach().cpu()
+        orig, pooled = st.orig, st.orig_pooled
         if keep is not None:
             k = torch.as_tensor(keep, dtype=torch.long)
             tp = tp[k]
@@ -173,7 +187,7 @@ class LatentReattention:
     def _provide(self, batch: int, inputs: dict[str, Any]) -> ExtraRows | None:
         self._rows = None
         call, st = self._call, self._state
-        if call is None or call.step > st["last_filtered_step"]:
+        if call is None or call.step > st.last_filtered_step:
             return None
         sample = inputs["sample"]
         if self._items is None:

@@ -27,6 +27,17 @@ def default_merged_path():
     return assets_dir() / "safetydpo" / "default-model-comerge.safetensors"
 
 
+@dataclass
+class _Attached:
+    """What SafetyDPO changed on one pipeline: the UNet weights before the LoRA (for the exact undo)."""
+
+    originals: dict
+    adapters: list
+    metas: list
+    fused: bool
+    had_merged: bool
+
+
 @dataclass(repr=False)
 class SafetyDPO(Guard):
     """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA.
@@ -121,8 +132,7 @@ class SafetyDPO(Guard):
         except Exception:
             self._restore(pipe, originals, had_merged)
             raise
-        protection.cache[("safetydpo", "state")] = {"originals": originals, "adapters": names, "metas": metas,
-                                                    "fused": self.fuse, "had_merged": had_merged}
+        protection.set_state(self, _Attached(originals, names, metas, self.fuse, had_merged))
 
     def _restore(self, pipe, originals, had_merged: bool = True) -> None:
         from ..lora import _lora_modules
@@ -143,16 +153,16 @@ class SafetyDPO(Guard):
                 modules[n].weight.copy_(w)
 
     def detach(self, protection) -> None:
-        state = protection.cache.pop(("safetydpo", "state"), None)
+        state = protection.drop_state(self)
         if state is not None:
-            self._restore(protection.pipe, state["originals"], state["had_merged"])
+            self._restore(protection.pipe, state.originals, state.had_merged)
 
     def prepare(self, call) -> None:
-        state = call.protection.cache[("safetydpo", "state")]
-        cats = sorted({c for m in state["metas"] for c in (m.get("categories") or [m.get("category")]) if c})
+        state = call.protection.state(self)
+        cats = sorted({c for m in state.metas for c in (m.get("categories") or [m.get("category")]) if c})
         what = "merged LoRA" if self.merged is not None else f"{len(self._files)} expert LoRA(s)"
         for item in range(call.n_items):
             res = call.result(item, self.name)
             res.verdict = "steer"
             res.reason = f"generated with the SafetyDPO {what} ({', '.join(cats) or 'categories not recorded'})"
-            res.details = {"files": list(self._files), "fused": state["fused"], "categories": cats}
+            res.details = {"files": list(self._files), "fused": state.fused, "categories": cats}

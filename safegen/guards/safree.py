@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -184,6 +184,36 @@ def _phrase_regex(phrases: Sequence[str]) -> re.Pattern:
 
 
 # ---------------------------------------------------------------------- the guard
+
+
+@dataclass
+class _CallState:
+    """SAFREE's state for one call: the gate's decision per prompt and category, then (for steered prompts) the
+    filtered and original conditioning and each prompt's filtered window."""
+
+    fired: torch.Tensor  # (B, K) bool
+    scores: torch.Tensor  # (B, K) gate similarities
+    lexical: list  # per prompt and category: the literal phrase found, or None
+    cats: list
+    thresholds: torch.Tensor  # (K,)
+    nearest: list  # per prompt and category: the closest concept phrase
+    error: torch.Tensor  # (B,) a non-finite score or threshold
+    blocked: torch.Tensor | None = None
+    steered: torch.Tensor | None = None
+    groups: dict = field(default_factory=dict)
+    safe: torch.Tensor | None = None
+    orig: torch.Tensor | None = None
+    t_prime: torch.Tensor | None = None  # per prompt: last filtered step (−1: none)
+    beta: torch.Tensor | None = None
+    triggers: dict = field(default_factory=dict)
+    safe_pooled: torch.Tensor | None = None
+    orig_pooled: torch.Tensor | None = None
+    negative_text: dict = field(default_factory=dict)
+    negative_kept: bool = False
+    last_filtered_step: int = -1
+    lra: Any = None
+    loop: dict | None = None
+    reported: bool = False
 
 
 @dataclass(repr=False)
@@ -390,9 +420,9 @@ class Safree(Guard):
         # unless a literal phrase already decides them
         bad = (~torch.isfinite(scores) | ~torch.isfinite(thresholds)).any(1) & ~lex.any(1)
         fired = (scores >= thresholds) | lex
-        state = {"fired": fired, "scores": scores, "lexical": lexical, "cats": cats, "thresholds": thresholds,
-                 "nearest": nearest, "error": bad}
-        call.scratch["safree"] = state
+        state = _CallState(fired=fired, scores=scores, lexical=lexical, cats=cats, thresholds=thresholds,
+                           nearest=nearest, error=bad)
+        call.set_state(self, state)
         actions = [policy.categories[c].action for c in cats]
         blocked_before = torch.tensor(call.blocked_prompts)  # an earlier stage's block: nothing left to steer
         block = (torch.tensor([[a == "block" for a in actions]]) & fired).any(1) & ~blocked_before & ~bad
@@ -406,16 +436,16 @@ class Safree(Guard):
                               category=cats[j], concept=lexical[b][j] or nearest[b][j],
                               score=float(scores[b, j]), threshold=float(thresholds[j]),
                               steps_saved=call.num_steps)
-        state["blocked"] = block | bad
+        state.blocked = block | bad
         steered = steer.any(1)
-        state["steered"] = steered
+        state.steered = steered
         if not bool(steered.any()) or not self.projection and not self.negative_prompt:
             return
         rows = torch.nonzero(steered).flatten().tolist()
         groups = {}
         for b in rows:
             groups.setdefault(tuple(c for j, c in enumerate(cats) if steer[b, j]), []).append(b)
-        state["groups"] = groups
+        state.groups = groups
 
         # ---- parts (a)-(d) per stream, batched over the steered prompts
         T = call.num_steps
@@ -465,8 +495,8 @@ class Safree(Guard):
         # prompts whose tokens were not changed use the original conditioning on every step
         changed = torch.tensor([b in any_trigger and any_trigger[b] for b in range(B)])
         t_prime = torch.where(changed, t_prime, torch.full_like(t_prime, -1))
-        state.update(safe=safe_pe, orig=pe, t_prime=t_prime, beta=beta_all, triggers=triggers,
-                     safe_pooled=safe_pooled, orig_pooled=cond.get("pooled_prompt_embeds"))
+        state.safe, state.orig, state.t_prime, state.beta, state.triggers = safe_pe, pe, t_prime, beta_all, triggers
+        state.safe_pooled, state.orig_pooled = safe_pooled, cond.get("pooled_prompt_embeds")
         override = {"prompt_embeds": torch.where(changed.view(B, 1, 1).to(pe.device), safe_pe, pe)}
         if safe_pooled is not None:
             override["pooled_prompt_embeds"] = torch.where(changed.view(B, 1).to(pe.device), safe_pooled,
@@ -475,7 +505,7 @@ class Safree(Guard):
         # ---- the concept keywords as negative prompt of steered prompts (authors' setting)
         # (never over the caller's own negative_prompt_embeds: there is no text to add the keywords to)
         given_embeds = call.args.get("negative_prompt_embeds") is not None
-        state["negative_kept"] = given_embeds
+        state.negative_kept = given_embeds
         if self.negative_prompt and call.do_cfg and cond.get("negative_prompt_embeds") is not None \
                 and not given_embeds:
             neg_text, neg_text_2 = [], []
@@ -496,39 +526,40 @@ class Safree(Guard):
                 nppe = cond["negative_pooled_prompt_embeds"].clone()
                 nppe[idx] = enc["pooled_prompt_embeds"].to(nppe.dtype)
                 override["negative_pooled_prompt_embeds"] = nppe
-            state["negative_text"] = dict(zip(rows, neg_text))
+            state.negative_text = dict(zip(rows, neg_text))
         call.override_conditioning(**override)
-        state["last_filtered_step"] = int(t_prime.max()) if len(t_prime) else -1  # the one host sync
-        if self.reattention and state["last_filtered_step"] >= 0 and self._has_skips(call.denoiser):
+        state.last_filtered_step = int(t_prime.max()) if len(t_prime) else -1  # the one host sync
+        if self.reattention and state.last_filtered_step >= 0 and self._has_skips(call.denoiser):
             from .reattention import LatentReattention
 
             lra = LatentReattention(call.pipe.unet, tau=self.reattention_tau, s1=self.reattention_s1,
                                     s2=self.reattention_s2)
-            lra.begin(call, state)
+            lra.begin(call, t_prime=state.t_prime, orig=state.orig, orig_pooled=state.orig_pooled,
+                      last_filtered_step=state.last_filtered_step)
             call.defer(lra.end)
-            state["lra"] = lra
+            state.lra = lra
 
     @staticmethod
-    def _reported_category(state: dict, b: int, among: Sequence[int] | None = None) -> int:
+    def _reported_category(state: "_CallState", b: int, among: Sequence[int] | None = None) -> int:
         """The category reported for prompt ``b`` (restricted to the indices ``among``): a literal phrase is the
         strongest evidence, then the highest similarity among the fired categories, else the closest one."""
-        scores, fired = state["scores"][b], state["fired"][b].clone()
+        scores, fired = state.scores[b], state.fired[b].clone()
         allowed = torch.ones_like(fired)
         if among is not None:
             allowed = torch.zeros_like(fired)
             allowed[list(among)] = True
-        lexical = torch.tensor([h is not None for h in state["lexical"][b]]) & allowed
+        lexical = torch.tensor([h is not None for h in state.lexical[b]]) & allowed
         pool = lexical if bool(lexical.any()) else fired & allowed
         if not bool(pool.any()):
             pool = allowed
         return int(torch.where(pool, scores.nan_to_num(-1.0), torch.full_like(scores, -2.0)).argmax())
 
     @staticmethod
-    def _why(state: dict, b: int, j: int) -> str:
-        lex = state["lexical"][b][j]
+    def _why(state: "_CallState", b: int, j: int) -> str:
+        lex = state.lexical[b][j]
         if lex:
             return f"literal {lex!r}"
-        return f"similarity {float(state['scores'][b, j]):.2f} ≥ {float(state['thresholds'][j]):.2f}"
+        return f"similarity {float(state.scores[b, j]):.2f} ≥ {float(state.thresholds[j]):.2f}"
 
     def _keyword_prompt(self, cache: dict, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
         """Joined concept phrases of ``categories`` (most relevant first), cut to fit the encoder's length."""
@@ -593,25 +624,25 @@ class Safree(Guard):
         per-step work is two ``torch.where`` and no host-to-device copy)."""
         keep = torch.tensor(call.kept_prompts)
         nipp = call.num_images_per_prompt
-        dev = state["safe"].device
+        dev = state.safe.device
         rows = keep.to(dev)
 
         def items(t):
             return t.index_select(0, rows).repeat_interleave(nipp, 0)
 
-        tables = {"t_prime": state["t_prime"].index_select(0, keep).repeat_interleave(nipp).to(dev),
-                  "safe": items(state["safe"]), "orig": items(state["orig"])}
-        if state.get("safe_pooled") is not None:
-            tables["safe_pooled"], tables["orig_pooled"] = items(state["safe_pooled"]), items(state["orig_pooled"])
+        tables = {"t_prime": state.t_prime.index_select(0, keep).repeat_interleave(nipp).to(dev),
+                  "safe": items(state.safe), "orig": items(state.orig)}
+        if state.safe_pooled is not None:
+            tables["safe_pooled"], tables["orig_pooled"] = items(state.safe_pooled), items(state.orig_pooled)
         return tables
 
     def step_end(self, call, step, timestep, tensors):
-        state = call.scratch.get("safree")
-        if not state or "safe" not in state or step >= state["last_filtered_step"] + 1:
+        state = call.state(self)
+        if state is None or state.safe is None or step >= state.last_filtered_step + 1:
             return None  # past every prompt's window: nothing to switch any more
-        tab = state.get("loop")
+        tab = state.loop
         if tab is None:
-            tab = state["loop"] = self._loop_tables(call, state)
+            tab = state.loop = self._loop_tables(call, state)
         use_safe = (step + 1) <= tab["t_prime"]  # (n_items,), on device: the next step's conditioning
         out = {}
         pe = tensors.get("prompt_embeds")
@@ -632,23 +663,23 @@ class Safree(Guard):
 
     # ------------------------------------------------------------------ after the loop
     def finish(self, call) -> None:
-        state = call.scratch.get("safree")
-        if not state:
+        state = call.state(self)
+        if state is None:
             return
-        lra = state.pop("lra", None)
+        lra, state.lra = state.lra, None
         if lra is not None:
             lra.end()
-        if state.get("reported"):
+        if state.reported:
             return
-        state["reported"] = True
-        cats, scores, fired = state["cats"], state["scores"], state["fired"]
-        thresholds = state["thresholds"]
+        state.reported = True
+        cats, scores, fired = state.cats, state.scores, state.fired
+        thresholds = state.thresholds
         for b in range(call.batch_size):
             if call.blocked_prompts[b]:  # blocked here (its report is written) or by an earlier stage
                 continue
             j = self._reported_category(state, b)
             cat = cats[j]
-            lex = state["lexical"][b][j]
+            lex = state.lexical[b][j]
             for item in call.items_of(b):
                 res = call.result(item, self.name)
                 res.scores = {c: round(float(scores[b, i]), 4) for i, c in enumerate(cats)}
@@ -658,25 +689,25 @@ class Safree(Guard):
                     res.verdict = "pass"
                     continue
                 res.category = cat
-                res.concept = lex or state["nearest"][b][j]
-                if not bool(state["steered"][b]):
+                res.concept = lex or state.nearest[b][j]
+                if not bool(state.steered[b]):
                     res.verdict = "log"
                     res.reason = f"prompt matches category {cat!r} (action: log)"
                     continue
                 res.verdict = "steer"
-                trig = state.get("triggers", {}).get(b, [])
+                trig = state.triggers.get(b, [])
                 res.trigger_tokens = list(trig)
-                tp = int(state["t_prime"][b]) if "t_prime" in state else -1
+                tp = int(state.t_prime[b]) if state.t_prime is not None else -1
                 res.filtered_steps = min(tp + 1, call.num_steps) if tp >= 0 else 0
                 lra = self.reattention and self._has_skips(call.denoiser)
-                res.details = {"beta": round(float(state["beta"][b]), 4) if "beta" in state else None,
-                               "lexical_match": lex, "negative_prompt": state.get("negative_text", {}).get(b),
+                res.details = {"beta": round(float(state.beta[b]), 4) if state.beta is not None else None,
+                               "lexical_match": lex, "negative_prompt": state.negative_text.get(b),
                                "mode": "text" if call.prompts is not None else "embeddings",
                                "reattention": lra}
                 if self.reattention and not lra:
                     res.details["reattention_skipped"] = (f"{type(call.denoiser).__name__} has no U-Net skip "
                                                           "features to filter")
-                if state.get("negative_kept") and self.negative_prompt:
+                if state.negative_kept and self.negative_prompt:
                     res.details["negative_prompt_skipped"] = ("the call gave negative_prompt_embeds: kept as given "
                                                               "(no text to add the concept keywords to)")
                 if call.prompts is None:

@@ -19,7 +19,7 @@ Per step i, element-wise over the latent (ν starts at 0 in every call):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -120,6 +120,27 @@ def _check_number(name: str, value: Any, low: float | None = None, high: float |
 
 
 # ---------------------------------------------------------------------- the guard
+@dataclass
+class _CallState:
+    """SLD's state for one call."""
+
+    apply: bool = True  # some category's action is steer or block (else: measure the flag, change nothing)
+    active: bool = False
+    why_inactive: str = ""
+    concept: str | None = None
+    embeds: dict | None = None
+    extender: Any = None
+    n: int | None = None  # items in the denoising batch
+    rows: dict | None = None  # the safety-concept conditioning, repeated for the items
+    src: torch.Tensor | None = None
+    calls: int = 0  # denoiser calls that ran safety rows
+    guided: set = field(default_factory=set)  # steps whose ε_p was changed
+    nu: torch.Tensor | None = None  # the momentum
+    align_sum: torch.Tensor | None = None  # per item, the flag's running sum (on device)
+    align_steps: int = 0
+    reported: bool = False
+
+
 
 
 @dataclass(repr=False)
@@ -287,46 +308,45 @@ class SLD(Guard):
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
-        st: dict[str, Any] = {"active": False, "calls": 0, "guided": set(), "nu": None, "n": None,
-                              "rows": None, "reported": False, "align_sum": None, "align_steps": 0}
-        call.scratch["sld"] = st
+        st = _CallState()
+        call.set_state(self, st)
         actions = {c.action for c in call.policy.categories.values()}
         # guidance only where some category asks for more than a log line; with only `log` categories SLD
         # measures (its flag) without changing the image
-        st["apply"] = bool(actions & {"steer", "block"})
+        st.apply = bool(actions & {"steer", "block"})
         if not call.do_cfg:
-            st["why_inactive"] = ("inactive: SLD needs classifier-free guidance and this call has none "
+            st.why_inactive = ("inactive: SLD needs classifier-free guidance and this call has none "
                                   "(guidance_scale ≤ 1 or a guidance-distilled UNet)")
             return
         if not self.enabled:
-            st["why_inactive"] = (f"inactive: SLD guidance_scale={self.guidance_scale} ≤ 1 disables safety "
+            st.why_inactive = (f"inactive: SLD guidance_scale={self.guidance_scale} ≤ 1 disables safety "
                                   "guidance (as in diffusers)")
             return
         text = self.concept_text(call)
-        st["concept"] = text
-        st["embeds"] = self._concept_embeds(call, text)
-        st["active"] = True
+        st.concept = text
+        st.embeds = self._concept_embeds(call, text)
+        st.active = True
         ext = RowExtender(call.denoiser, provide=lambda b, i: self._provide(call, st, b, i),
                           consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
-        st["extender"] = ext.install()
+        st.extender = ext.install()
         call.defer(ext.remove)
 
     # ------------------------------------------------------------------ the hooks (no host syncs)
 
     def _provide(self, call, st, batch: int, inputs: dict[str, Any]) -> ExtraRows | None:
-        n = st["n"]
+        n = st.n
         if n is None:
-            kept = call.scratch.get("kept_items")
-            n = st["n"] = len(kept) if kept is not None else call.n_items
+            kept = call.kept_items
+            n = st.n = len(kept) if kept is not None else call.n_items
         if batch < 2 * n:  # this UNet call has no CFG halves (e.g. a CFG cut-off callback): leave it alone
             return None
         step = call.step
         if step < self.warmup_steps and self.momentum_scale == 0:
             return None  # the momentum is never used: the warm-up steps need no safety rows
         sample = inputs["sample"]
-        rows = st["rows"]
+        rows = st.rows
         if rows is None:  # once per call: the concept conditioning repeated for the N items, on the UNet's device
-            emb = st["embeds"]
+            emb = st.embeds
             ehs = inputs.get("encoder_hidden_states")
             pe = emb["prompt_embeds"].to(sample.device)
             if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:]:
@@ -338,50 +358,50 @@ class SLD(Guard):
             if "text_embeds" in added and emb.get("pooled_prompt_embeds") is not None:
                 ppe = emb["pooled_prompt_embeds"].to(sample.device)
                 rows["text_embeds"] = ppe.expand(n, *ppe.shape[1:])
-            st["src"] = torch.arange(n, 2 * n, device=sample.device)
-            st["rows"] = rows
-        st["calls"] += 1
+            st.src = torch.arange(n, 2 * n, device=sample.device)
+            st.rows = rows
+        st.calls += 1
         if step >= self.warmup_steps:
-            st["guided"].add(step)
-        return ExtraRows(tensors={"sample": sample[n:2 * n], **rows}, source_rows=st["src"], info=(n, step))
+            st.guided.add(step)
+        return ExtraRows(tensors={"sample": sample[n:2 * n], **rows}, source_rows=st.src, info=(n, step))
 
     def _consume(self, call, st, main: torch.Tensor, mine: torch.Tensor, extra: ExtraRows, _n: int):
         n, step = extra.info
         eps_u, eps_p = main[:n], main[n:2 * n]
         # the flag: how far each item's own guidance direction points at the safety concept's (on device)
         align = safety_alignment(eps_u, eps_p, mine)
-        st["align_sum"] = align if st["align_sum"] is None else st["align_sum"] + align
-        st["align_steps"] += 1
-        new_p, st["nu"] = sld_guidance(eps_u, eps_p, mine, st["nu"], step, guidance_scale=self.guidance_scale,
+        st.align_sum = align if st.align_sum is None else st.align_sum + align
+        st.align_steps += 1
+        new_p, st.nu = sld_guidance(eps_u, eps_p, mine, st.nu, step, guidance_scale=self.guidance_scale,
                                        threshold=self.threshold, momentum_scale=self.momentum_scale,
                                        momentum_beta=self.momentum_beta, warmup_steps=self.warmup_steps)
-        if step < self.warmup_steps or not st["apply"]:
+        if step < self.warmup_steps or not st.apply:
             return None  # ε_p unchanged (warm-up: only the momentum moved; log-only policy: measured only)
         return torch.cat([eps_u, new_p, main[2 * n:]], 0)
 
     # ------------------------------------------------------------------ after the loop
     def finish(self, call) -> None:
-        st = call.scratch.get("sld")
+        st = call.state(self)
         if st is None:
             return
-        ext = st.pop("extender", None)
+        ext, st.extender = st.extender, None
         if ext is not None:
             ext.remove()
-        st["nu"] = st["rows"] = None
-        if st["reported"]:
+        st.nu = st.rows = None
+        if st.reported:
             return
-        st["reported"] = True
+        st.reported = True
         items = [it for p, blocked in enumerate(call.blocked_prompts) if not blocked for it in call.items_of(p)]
         if not items:
             return  # every prompt was blocked before the loop: nothing was generated
         preset = self.preset
-        guided = len(st["guided"]) if st["apply"] else 0
-        steps = call.scratch.get("steps_run", call.num_steps)
-        details = {**self.config_dict(), "active": st["active"], "concept": st.get("concept"),
-                   "guided_steps": guided, "unet_calls_with_safety_rows": st["calls"]}
-        if not st["active"]:
-            verdict, reason = "pass", st["why_inactive"]
-        elif not st["apply"]:
+        guided = len(st.guided) if st.apply else 0
+        steps = call.steps_run if call.steps_run is not None else call.num_steps
+        details = {**self.config_dict(), "active": st.active, "concept": st.concept,
+                   "guided_steps": guided, "unet_calls_with_safety_rows": st.calls}
+        if not st.active:
+            verdict, reason = "pass", st.why_inactive
+        elif not st.apply:
             verdict, reason = "pass", "measured only: every policy category's action is log"
         elif guided == 0:
             verdict = "pass"
@@ -426,9 +446,9 @@ class SLD(Guard):
         """``(rows, thresholds)``: per item ``(alignment score, categories whose threshold it reaches,
         non-finite)`` from one host copy, and the threshold per category; ``(None, {})`` when no safety rows ran
         (nothing was measured)."""
-        if st["align_sum"] is None or not st["align_steps"]:
+        if st.align_sum is None or not st.align_steps:
             return None, {}
-        score = (st["align_sum"] / st["align_steps"]).cpu()[:n]
+        score = (st.align_sum / st.align_steps).cpu()[:n]
         policy = call.policy
         thresholds = {c: policy.threshold(c, self.name, self.flag_threshold) for c in policy.categories}
         bad_thr = not all(math.isfinite(t) for t in thresholds.values())
