@@ -158,6 +158,24 @@ class DemoApp:
         return (plain, gr.Image(value=protected, label=sd.protected_caption(report, comp.protected_seconds)),
                 html_report, raw)
 
+    def api_function(self):
+        """:meth:`generate` with one named parameter per input, so the page's API (``/generate``) names every
+        toggle (``guard_latent_guard``, ``guard_safree``, ...) instead of numbering them."""
+        import inspect
+
+        fixed = ["prompt", "model", "policy", "sensitivity", "steps", "seed", "sld_preset"]
+        toggles = [f"guard_{key.replace('-', '_')}" for key in self.keys]
+
+        def run(*args, progress=gr.Progress()):
+            return self.generate(*args, progress=progress)
+
+        P = inspect.Parameter
+        run.__signature__ = inspect.Signature(
+            [P(n, P.POSITIONAL_OR_KEYWORD) for n in fixed + toggles]
+            + [P("progress", P.KEYWORD_ONLY, default=gr.Progress())])
+        run.__name__ = "generate"
+        return run
+
     # ------------------------------------------------------------------ layout
     def build(self) -> gr.Blocks:
         spec = self.settings.models[self.model]
@@ -217,9 +235,13 @@ class DemoApp:
 
             inputs = [prompt, model, policy, sensitivity, steps, seed, sld_preset, *toggles]
             outputs = [plain_img, safe_img, report, raw]
-            for trigger in (generate.click, prompt.submit):
-                trigger(self.generate, inputs=inputs, outputs=outputs, concurrency_limit=1,
-                        concurrency_id="pipeline", api_name=False if trigger is prompt.submit else "generate")
+            # one API endpoint, /generate, with a named parameter per input (guard_<key> for the toggles); Enter
+            # in the prompt box runs the same function without a second endpoint
+            run = self.api_function()
+            generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="pipeline",
+                           api_name="generate")
+            prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="pipeline",
+                          api_name=False)
             # queued but unlimited: it only looks at files, so it never waits behind a generation
             model.change(self.guard_toggles, inputs=[model], outputs=[*toggles, steps], concurrency_limit=None,
                          api_name=False)

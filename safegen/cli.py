@@ -3,7 +3,8 @@
 
 Offline by default: ``HF_HUB_OFFLINE=1`` unless the environment already sets it (export ``HF_HUB_OFFLINE=0`` on a
 machine with internet access to download hub models). Heavy modules (torch, diffusers) load inside the
-commands, so ``safegen --help`` stays fast.
+commands, so parsing a command line stays fast; the guard lists of the help texts come from the guard registry
+(:func:`safegen.guards.guard_info`), read only when help is printed.
 
 Examples::
 
@@ -27,16 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
 from .demo import AUTH_ENV, DEMO_GUARDS
 from .cliargs import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
                       check_out_dir, float_value as _float, load_model, nonnegative_int as _nonnegative_int,
-                      positive_float as _positive_float, positive_int as _positive_int, run_command,
-                      run_settings, sensitivity_value as _sensitivity)
-from .eval.command import protect_pipeline
+                      positive_float as _positive_float, positive_int as _positive_int, quiet_libraries,
+                      run_command, run_settings, sensitivity_value as _sensitivity)
+from .eval.command import guards_help, protect_pipeline
 from .loading import (DEFAULT_MODEL, DEFAULT_STEPS, TINY_MODELS, TINY_NOTE, TINY_VIDEO_MODELS, check_model,
                       default_steps, lexical_only, resolve_device)
 
@@ -72,9 +75,37 @@ def _add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
 
 
+OFFLINE_NOTE = "Offline by default (HF_HUB_OFFLINE=1); export HF_HUB_OFFLINE=0 to download hub models."
+
+
+def guards_table(width: int | None = None) -> str:
+    """The guard list at the end of ``safegen --help``, from :func:`safegen.guards.guard_info`: each guard's name,
+    stage, what it does, the weights it needs, the pipelines it works on when not all, and its presets."""
+    from .guard import Guard
+    from .guards import guard_info
+
+    width = width or max(60, min(110, shutil.get_terminal_size((100, 24)).columns - 2))
+    info = guard_info()
+    pad = max(len(g["name"]) for g in info) + 4
+    lines = ["guards (--guards of generate, demo-run and eval; 'none' for no protection), in the order they run:"]
+    for g in info:
+        text = f"[{g['stage']}] {g['summary']}."
+        if g["weights"]:
+            text += f" Weights: {g['weights']}."
+        if g["pipelines"] != Guard.pipelines:
+            text += f" Pipelines: {g['pipelines']}."
+        presets = [p for p in g["presets"] if p != g["name"]]
+        if presets:
+            text += f" Presets: {', '.join(presets)}."
+        lines.append(textwrap.fill(text, width, initial_indent=f"  {g['name']:<{pad - 2}}",
+                                   subsequent_indent=" " * pad))
+    return "\n".join(lines) + "\n\n" + OFFLINE_NOTE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safegen", description="Safety guards for Hugging Face diffusers pipelines.",
-                     epilog="Offline by default (HF_HUB_OFFLINE=1); export HF_HUB_OFFLINE=0 to download hub models.")
+                     epilog=OFFLINE_NOTE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.defer_help(None, guards_table)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"safegen {__version__}")
@@ -85,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate one image per prompt with a protected pipeline. Writes DIR/000.png, "
                                    "DIR/001.png, ... and DIR/report.json.")
     g.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-    add_model_arguments(g, out_help="output folder, created if missing (default: outputs/generate-DATE-TIME)")
+    add_model_arguments(g, out_help="output folder, created if missing (default: outputs/generate-DATE-TIME)",
+                        guards_help=guards_help)
     g.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="prompts per pipeline call (default 8); each prompt has its own generator seeded with "
+                        "--seed, so the images do not depend on it")
     g.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
@@ -105,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "same seed; writes DIR/grid.png (rows: prompts, columns: unprotected | "
                                    "protected) and DIR/report.json. On the default model the guards default to "
                                    f"{','.join(DEMO_GUARDS)}; elsewhere to the policy's.")
-    add_model_arguments(d)
+    add_model_arguments(d, guards_help=guards_help)
     d.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     d.set_defaults(func=cmd_demo_run)
 
@@ -332,36 +367,75 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 # ---------------------------------------------------------------------- generate
-def _generate_each(args, pipe, protected: bool, out_dir: Path, save, extra_kw: dict[str, Any]) -> list[dict]:
-    """One pipeline call per prompt of ``args.prompts`` (same seed each), ``save(out, i) -> (file name or None,
-    extra report fields)`` writes its output; returns the report.json entries and writes report.json."""
+def _has_step_callback(pipe) -> bool:
+    """Whether the pipeline's call takes ``callback_on_step_end`` (diffusers' deprecated TextToVideoSDPipeline has
+    only the legacy ``callback``)."""
+    import inspect
+
+    return "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+
+
+def _generate_each(args, pipe, out_dir: Path, save, extra_kw: dict[str, Any], *, protected: bool,
+                   settings: dict[str, Any], step_bar: bool) -> list[dict]:
+    """Generate ``args.prompts`` in batches of ``args.batch_size`` (one pipeline call per batch; each prompt with
+    its own generator seeded with ``args.seed``, so an image does not depend on the batch it is in). ``save(out, j,
+    i) -> (file name or None, extra report fields)`` writes item ``j`` of a call's output as prompt ``i``. With
+    ``step_bar`` one progress bar counts the denoising steps (fed from ``callback_on_step_end``; the pipeline's own
+    bars are off), else the pipeline shows its own bar per call. Returns the report.json entries (each with the
+    run's ``settings``) and writes report.json."""
     from tqdm.auto import tqdm
 
     from .report import SafetyReport
 
     prompts = list(args.prompts)
-    if len(prompts) > 1:
-        pipe.set_progress_bar_config(disable=True)
-    call_kw: dict[str, Any] = {"num_inference_steps": _default_steps(args), "output_type": "pil"}
+    steps = _default_steps(args)
+    call_kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pil"}
     for key, value in (("guidance_scale", args.guidance), ("height", args.height), ("width", args.width),
                        *extra_kw.items()):
         if value is not None:
             call_kw[key] = value
+    size = args.batch_size
+    batches = [prompts[k:k + size] for k in range(0, len(prompts), size)]
+    bar = tqdm(total=len(batches) * steps, desc="denoising", unit="step", disable=not step_bar, file=sys.stderr,
+               dynamic_ncols=True)
+    if step_bar:
+        pipe.set_progress_bar_config(disable=True)
+
+        def count_step(pipe_, i, t, tensors):
+            bar.update(1)
+            return tensors
+
+        call_kw["callback_on_step_end"] = count_step
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
-    bar = tqdm(prompts, desc="prompts", unit="prompt", disable=len(prompts) < 2, file=sys.stderr)
-    for i, prompt in enumerate(bar):
-        out = pipe(prompt, generator=_generator(args.seed), **call_kw)
-        if protected:
-            report = out.safety[0]
-        else:
-            report = SafetyReport(index=0, prompt=prompt, unet_steps_run=call_kw["num_inference_steps"])
-        name, fields = save(out, i)
-        entries.append(_entry(report, index=i, prompt=prompt, seed=args.seed, file=name, model=args.model,
-                              protected=protected, **fields))
-        tqdm.write(f"{name or '(nothing saved)'}: {_line(report)}  {prompt!r}", file=sys.stdout)
+    try:
+        for k, batch in enumerate(batches):
+            if len(batches) > 1:
+                bar.set_postfix_str(f"batch {k + 1}/{len(batches)}")
+            out = pipe(batch, generator=[_generator(args.seed) for _ in batch], **call_kw)
+            bar.update((k + 1) * steps - bar.n)  # a batch that guards stopped early ends here
+            for j, prompt in enumerate(batch):
+                i = k * size + j
+                report = out.safety[j] if protected else SafetyReport(index=i, prompt=prompt, unet_steps_run=steps)
+                name, fields = save(out, j, i)
+                entries.append({**_entry(report, index=i, prompt=prompt, seed=args.seed, file=name, model=args.model,
+                                         protected=protected, **fields), "settings": settings})
+                tqdm.write(f"{name or '(nothing saved)'}: {_line(report)}  {prompt!r}", file=sys.stdout)
+    finally:
+        bar.close()
     _write_json(out_dir / "report.json", entries)
     return entries
+
+
+def _protect_for_command(pipe, policy, guards) -> dict[str, Any]:
+    """Protect ``pipe`` (unless ``guards == []``) and return the settings report.json stores: the protection's
+    guards as :meth:`~safegen.guard.Guard.to_dict`, the policy's content and its sha256."""
+    from .eval.results import settings_record
+
+    if guards == []:
+        return settings_record(None, [])
+    protect_pipeline(pipe, policy, guards)
+    return settings_record(pipe._safegen.policy, pipe._safegen.guards)
 
 
 def _generate_out(args) -> Path:
@@ -388,21 +462,21 @@ def cmd_generate(args) -> int:
     pipe = load_model(args.model, device)
     if _is_video(pipe):
         raise UsageError(f"--model {args.model} is a text-to-video pipeline ({type(pipe).__name__}); add --video")
-    protected = guards != []
     if args.model in TINY_MODELS:
         lexical_only(policy)
         print(TINY_NOTE.format(model=args.model), file=sys.stderr)
-    if protected:
-        protect_pipeline(pipe, policy, guards)
+    step_bar = _has_step_callback(pipe)
+    settings = _protect_for_command(pipe, policy, guards)
 
-    def save_image(out, i: int) -> tuple[str | None, dict]:
-        image = out.images[0]
+    def save_image(out, j: int, i: int) -> tuple[str | None, dict]:
+        image = out.images[j]
         if image is None:  # a blocked item with placeholder "none" has no image
             return None, {}
         image.save(out_dir / f"{i:03d}.png")
         return f"{i:03d}.png", {}
 
-    entries = _generate_each(args, pipe, protected, out_dir, save_image, {})
+    entries = _generate_each(args, pipe, out_dir, save_image, {}, protected=guards != [], settings=settings,
+                             step_bar=step_bar)
     print(f"wrote {len(entries)} image(s) and report.json to {out_dir}")
     return 0
 
@@ -432,9 +506,10 @@ def _folder_class(model: str) -> str | None:
 
 
 def _video_gif(frames, path: Path, fps: int) -> None:
-    """Write a list of PIL frames as a looping animated GIF (Pillow; no video codec needed)."""
-    frames = [f.convert("RGB") for f in frames]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=max(1, round(1000 / fps)), loop=0)
+    """Write a list of PIL frames as a looping animated GIF (diffusers' ``export_to_gif``; no video codec)."""
+    from diffusers.utils import export_to_gif
+
+    export_to_gif([f.convert("RGB") for f in frames], str(path), fps=fps)
 
 
 def cmd_generate_video(args) -> int:
@@ -457,14 +532,13 @@ def cmd_generate_video(args) -> int:
     if not _is_video(pipe):
         raise UsageError(f"--video needs a text-to-video pipeline ({', '.join(VIDEO_PIPELINES)}); --model "
                          f"{args.model} is a {type(pipe).__name__}")
-    protected = guards != []
     if args.model in TINY_VIDEO_MODELS:
         print(TINY_NOTE.format(model=args.model).replace("the images", "the videos"), file=sys.stderr)
-    if protected:
-        protect_pipeline(pipe, policy, guards)
+    step_bar = _has_step_callback(pipe)
+    settings = _protect_for_command(pipe, policy, guards)
 
-    def save_video(out, i: int) -> tuple[str | None, dict]:
-        frames = out.frames[0]
+    def save_video(out, j: int, i: int) -> tuple[str | None, dict]:
+        frames = out.frames[j]
         if not frames:  # a blocked video with placeholder "none" has no frames
             return None, {"frames": 0, "fps": args.fps}
         _video_gif(frames, out_dir / f"{i:03d}.gif", args.fps)
@@ -475,7 +549,8 @@ def cmd_generate_video(args) -> int:
                 frame.save(folder / f"{k:02d}.png")
         return f"{i:03d}.gif", {"frames": len(frames), "fps": args.fps}
 
-    entries = _generate_each(args, pipe, protected, out_dir, save_video, {"num_frames": args.frames})
+    entries = _generate_each(args, pipe, out_dir, save_video, {"num_frames": args.frames}, protected=guards != [],
+                             settings=settings, step_bar=step_bar)
     print(f"wrote {len(entries)} video(s) (GIF, {args.fps} fps) and report.json to {out_dir}")
     return 0
 
@@ -541,6 +616,7 @@ def cmd_train_prompt_guard(args) -> int:
             raise UsageError(f"--benign {args.benign}: no prompts left after --benign-skip {args.benign_skip}")
     elif args.benign_skip or args.benign_column:
         raise UsageError("--benign-skip and --benign-column need --benign FILE")
+    quiet_libraries()
     pipe = _backbone_pipeline(args)
     encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)
     try:
@@ -575,6 +651,7 @@ def cmd_check_prompts(args) -> int:
     out = Path(args.out)
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'checks.jsonl'}")
+    quiet_libraries()
     pipe = _backbone_pipeline(args)
     try:
         guard = LatentGuard(weights=args.weights, backbone=args.backbone, threshold=args.threshold,
@@ -735,44 +812,53 @@ def cmd_merge_experts(args) -> int:
 
 
 # ---------------------------------------------------------------------- demo-run
-def _grid(rows: list[tuple[str, Any, Any, str, bool]], cell: int = 128, title: str = ""):
-    """A PIL grid: one row per prompt (label | unprotected | protected), tiny images upscaled with NEAREST."""
+def _grid_cell(image, cell: int):
+    """One image of the grid: upscaled to ``cell`` pixels with NEAREST (tiny images stay crisp), or a framed gray
+    "(no image)" square for an item that returned none."""
     from PIL import Image, ImageDraw, ImageFont
 
+    if image is not None:
+        return image.convert("RGB").resize((cell, cell), Image.NEAREST)
+    square = Image.new("RGB", (cell, cell), (255, 255, 255))
+    draw = ImageDraw.Draw(square)
+    draw.rectangle((0, 0, cell - 1, cell - 1), outline=(128, 128, 128))
+    draw.text((8, cell // 2), "(no image)", fill=(128, 128, 128), font=ImageFont.load_default())
+    return square
+
+
+def _grid(rows: list[tuple[str, Any, Any, str, bool]], cell: int = 128, title: str = ""):
+    """A PIL grid: one row per prompt (label | unprotected | protected). The images are laid out by diffusers'
+    ``make_image_grid``; the labels (prompt, protected verdict, whether the output changed) go to their left."""
+    from diffusers.utils import make_image_grid
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = make_image_grid([_grid_cell(img, cell) for _, plain, safe, _, _ in rows for img in (plain, safe)],
+                             rows=len(rows), cols=2)
     font = ImageFont.load_default()
     label_w, head_h, pad = 250, 40 if title else 24, 6
-    w = label_w + 2 * (cell + pad) + pad
-    h = head_h + len(rows) * (cell + pad) + pad
-    grid = Image.new("RGB", (w, h), (255, 255, 255))
+    grid = Image.new("RGB", (label_w + images.width + pad, head_h + images.height + pad), (255, 255, 255))
+    grid.paste(images, (label_w, head_h))
     draw = ImageDraw.Draw(grid)
     if title:
         draw.text((pad, 4), title, fill=(180, 0, 0), font=font)
     for j, name in enumerate(("unprotected", "protected")):
-        draw.text((label_w + pad + j * (cell + pad), head_h - 18), name, fill=(0, 0, 0), font=font)
-    for r, (prompt, plain, safe, verdict, changed) in enumerate(rows):
-        y = head_h + r * (cell + pad)
+        draw.text((label_w + j * cell + pad, head_h - 18), name, fill=(0, 0, 0), font=font)
+    for r, (prompt, _, _, verdict, changed) in enumerate(rows):
+        y = head_h + r * cell
         draw.text((pad, y + cell // 2 - 20), prompt[:40], fill=(0, 0, 0), font=font)
         color = {"pass": (0, 120, 0), "block": (180, 0, 0), "error": (180, 0, 0)}.get(verdict, (200, 110, 0))
         draw.text((pad, y + cell // 2 - 4), f"protected: {verdict.upper()}", fill=color, font=font)
         draw.text((pad, y + cell // 2 + 12), "output changed" if changed else "output identical",
                   fill=(90, 90, 90), font=font)
-        for j, img in enumerate((plain, safe)):
-            x = label_w + pad + j * (cell + pad)
-            if img is None:
-                draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline=(128, 128, 128))
-                draw.text((x + 8, y + cell // 2), "(no image)", fill=(128, 128, 128), font=font)
-            else:
-                grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
     return grid
 
 
 def _demo_guards() -> list[str]:
-    """:data:`DEMO_GUARDS` without the ones whose shipped weights are missing from this installation."""
-    from .guards.latent_guard import default_weights_path as lg_weights
-    from .guards.lvd import default_weights_path as lvd_weights
+    """:data:`DEMO_GUARDS` without the ones unavailable in this installation (their shipped weights are missing),
+    as the demo's toggles say (:func:`safegen.demo.guard_options`)."""
+    from .demo import default_guard_keys, guard_options
 
-    shipped = {"latent-guard": lg_weights().is_file(), "lvd": lvd_weights().is_file()}
-    return [g for g in DEMO_GUARDS if shipped.get(g, True)]
+    return default_guard_keys(guard_options(DEFAULT_MODEL), DEFAULT_MODEL)
 
 
 def cmd_demo_run(args) -> int:
@@ -798,7 +884,7 @@ def cmd_demo_run(args) -> int:
     kw = {"num_inference_steps": steps, "output_type": "pil"}
     texts = [p for p, _ in prompts]
     plain = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw).images  # same noise per row
-    protect_pipeline(pipe, policy, guards)
+    settings = _protect_for_command(pipe, policy, guards)
     out = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw)
     unprotect(pipe)
     rows, entries = [], []
@@ -807,8 +893,8 @@ def cmd_demo_run(args) -> int:
     for i, ((prompt, kind), before, after, report) in enumerate(zip(prompts, plain, out.images, out.safety)):
         changed = after is None or not np.array_equal(np.asarray(before), np.asarray(after))
         rows.append((prompt, before, after, report.verdict, changed))
-        entries.append(_entry(report, index=i, prompt=prompt, seed=args.seed, expected=kind, model=args.model,
-                              output_changed=changed))
+        entries.append({**_entry(report, index=i, prompt=prompt, seed=args.seed, expected=kind, model=args.model,
+                                 output_changed=changed), "settings": settings})
         print(report)
         print(f"    {kind} prompt; protected output {'differs from' if changed else 'identical to'} unprotected\n")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -831,8 +917,10 @@ def _port(text: str) -> int:
 
 
 def _demo_app_path() -> Path:
-    """``demos/app.py`` of the checkout the package is installed from."""
-    return Path(__file__).resolve().parent.parent / "demos" / "app.py"
+    """The Gradio app (:func:`safegen._paths.demo_app_path`)."""
+    from ._paths import demo_app_path
+
+    return demo_app_path()
 
 
 def cmd_demo(args) -> int:
@@ -856,8 +944,8 @@ def cmd_demo(args) -> int:
                          f"give --auth USER:PASSWORD (or set {AUTH_ENV}=USER:PASSWORD), or serve 127.0.0.1")
     path = _demo_app_path()
     if not path.is_file():
-        raise UsageError(f"the demo app {path} is missing; the demo runs from a source checkout of safegen "
-                         "(pip install -e '.[demo]')")
+        raise UsageError(f"the demo app {path} is missing; this installation of safegen carries no demos/app.py "
+                         "(install it from a source checkout: pip install -e '.[demo]')")
     # every model and policy the page will offer is checked now, in milliseconds, before gradio loads
     for option, values, check in (("--model", [args.model], validate_model),
                                   ("--allow-model", args.allow_model, validate_model),

@@ -4,21 +4,28 @@ guard list, the output folder check, model loading on the right number of thread
 turns bad input into one line on stderr and exit code 2, never a traceback.
 
 A leaf module: it imports only other leaves (policy, loading, hub, guard names), so every layer's command can use
-it without importing :mod:`safegen.cli`.
+it without importing :mod:`safegen.cli`. Help texts that need more (the guard list reads the guard registry) are
+passed in as functions and computed only when help is printed (:meth:`OneLineParser.defer_help`).
+
+While a command runs, :func:`quiet_libraries` hides the library notices that are known to be harmless (and the
+model-loading bars); :func:`run_command` restores the libraries' settings when the command ends, so a program
+that calls :func:`safegen.cli.main` keeps its own logging.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
 
 __all__ = ["UsageError", "OneLineParser", "int_at_least", "positive_int", "nonnegative_int", "positive_float",
            "float_value", "sensitivity_value", "STEPS_HELP", "add_model_arguments", "parse_guards", "run_settings",
-           "check_out_dir", "load_model", "run_command"]
+           "check_out_dir", "load_model", "quiet_libraries", "run_command"]
 
 
 class UsageError(Exception):
@@ -26,10 +33,24 @@ class UsageError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with errors on one line (and argparse's exit code 2)."""
+    """argparse with errors on one line (and argparse's exit code 2), and help texts computed when help is printed
+    (:meth:`defer_help`), so parsing a command line stays fast."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def defer_help(self, action: "argparse.Action | None", make: Callable[[], str]) -> None:
+        """Set ``action``'s help (``None``: the parser's epilog) to ``make()`` when this parser's help is first
+        printed; until then the help it was given stands."""
+        self.__dict__.setdefault("_deferred_help", []).append((action, make))
+
+    def format_help(self) -> str:
+        for action, make in self.__dict__.pop("_deferred_help", []):
+            if action is None:
+                self.epilog = make()
+            else:
+                action.help = make().replace("%", "%%")  # argparse expands %(...)s in argument help
+        return super().format_help()
 
 
 def int_at_least(minimum: int):
@@ -83,16 +104,20 @@ def sensitivity_value(text: str) -> float:
 STEPS_HELP = "denoising steps (default: 25 on the default model, 4 on the tiny ones, else 30)"
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, out_help: str | None = None) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, out_help: str | None = None,
+                        guards_help: Callable[[], str] | None = None) -> None:
     """``--model --guards --policy --sensitivity --seed --device --out`` of the generating commands (``--out``
-    is required unless ``out_help`` describes its default)."""
+    is required unless ``out_help`` describes its default). ``guards_help()`` makes the help of ``--guards`` (the
+    valid names, from the guard registry) when help is printed."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a local model folder (safetensors weights), a hub id (owner/name), 'default' (the embedded "
                         f"default model) or one of {sorted(TINY_MODELS)} (random test pipelines; text-to-video: "
                         f"{sorted(TINY_VIDEO_MODELS)}) (default: {DEFAULT_MODEL})")
-    p.add_argument("--guards", default=None, metavar="LIST",
-                   help="comma-separated guard names (e.g. safree,sld-strong); 'none' for no protection; "
-                        "default: the policy's guards")
+    guards = p.add_argument("--guards", default=None, metavar="LIST",
+                            help="comma-separated guard names or presets (e.g. safree,sld-strong); 'none' for no "
+                                 "protection; default: the policy's guards")
+    if guards_help is not None and isinstance(p, OneLineParser):
+        p.defer_help(guards, guards_help)
     p.add_argument("--policy", default="default", metavar="NAME_OR_PATH",
                    help="a built-in policy name or a .yaml/.json policy file (default: default)")
     p.add_argument("--sensitivity", type=sensitivity_value, default=None, metavar="X",
@@ -162,13 +187,69 @@ def check_out_dir(path: "str | Path", what: str = "--out") -> Path:
 
 _RESTORE: dict[str, Any] = {}  # process-wide settings a command changed, restored by run_command
 
+#: Library notices a command hides (:func:`quiet_libraries`): known to be harmless for what safegen loads.
+KNOWN_NOISE = (
+    # transformers without torchvision: image processors fall back to their PIL versions, which safegen uses
+    re.compile(r"requires torchvision \(not installed\); falling back to `\w+Pil`"),
+    # the embedded default model's text encoder is a BertModel where a StableDiffusionPipeline names CLIPTextModel
+    re.compile(r"^Expected types for text_encoder(_\d)?: .*, got .*BertModel"),
+)
+
+
+class _DropKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(p.search(text) for p in KNOWN_NOISE)
+
+
+def quiet_libraries() -> None:
+    """For the rest of the running command: hide the :data:`KNOWN_NOISE` notices of transformers and diffusers and
+    their model-loading bars ("Loading weights", "Loading pipeline components"); other warnings still show.
+    :func:`run_command` restores everything when the command ends, so library users are never affected. Imports
+    torch (through diffusers): call it where a command is about to load models."""
+    if "quiet" in _RESTORE:
+        return
+    from diffusers.utils import logging as dlog
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as tlog
+
+    noise = _DropKnownNoise()
+    filtered: list[logging.Handler] = []
+    for lib in (tlog, dlog):
+        lib.get_verbosity()  # configures the library's handler if nothing has yet
+        root = logging.getLogger(lib.__name__.split(".")[0])
+        handlers = list(root.handlers) + (logging.getLogger().handlers if root.propagate else [])
+        for handler in handlers:
+            handler.addFilter(noise)
+            filtered.append(handler)
+    bars = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled())
+    tlog.disable_progress_bar()  # also huggingface_hub's bars
+    dlog.disable_progress_bar()
+
+    def restore() -> None:
+        for handler in filtered:
+            handler.removeFilter(noise)
+        transformers_bars, diffusers_bars, hub_off = bars
+        if transformers_bars:
+            tlog.enable_progress_bar()
+        if diffusers_bars:
+            dlog.enable_progress_bar()
+        if hub_off:
+            hub_utils.disable_progress_bars()
+        else:
+            hub_utils.enable_progress_bars()
+
+    _RESTORE["quiet"] = restore
+
 
 def load_model(model: str, device) -> Any:
-    """:func:`safegen.loading.load_pipeline` for a command: on the CPU a tiny model runs on one thread (extra
-    threads only add synchronisation on tiny ops, and spin badly on a shared CPU); :func:`run_command` restores the
-    thread count when the command ends."""
+    """:func:`safegen.loading.load_pipeline` for a command, with the known harmless library notices hidden
+    (:func:`quiet_libraries`): on the CPU a tiny model runs on one thread (extra threads only add synchronisation
+    on tiny ops, and spin badly on a shared CPU); :func:`run_command` restores the thread count when the command
+    ends."""
     from .loading import is_builtin, load_pipeline, resolve_device
 
+    quiet_libraries()
     device = resolve_device(device)
     if is_builtin(model) and device.type == "cpu":
         import torch
@@ -213,3 +294,6 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
             import torch
 
             torch.set_num_threads(threads)
+        restore = _RESTORE.pop("quiet", None)
+        if restore is not None:
+            restore()

@@ -319,37 +319,40 @@ class GuardOption:
     reason: str = ""
 
 
+#: The guards the demo offers (the output check needs an oracle for the model, so the page leaves it out), with
+#: their labels and, for guards with trained weights, the command that trains them.
+DEMO_OFFERS = {"latent-guard": ("Latent Guard", "`safegen train-prompt-guard`"), "safree": ("SAFREE", None),
+               "sld": ("SLD", None), "lvd": ("LVD", "`safegen train-lvd --model M`"),
+               "safetydpo": ("SafetyDPO", "`safegen train-expert` and `safegen merge-experts`")}
+
+
 def guard_options(model: str = DEFAULT_MODEL) -> list[GuardOption]:
-    """The guards the demo offers for ``model``, in pipeline order. Guards that need trained weights are available
-    only where the weights exist: Latent Guard's MiniLM head (``assets/latent_guard/minilm.safetensors``, shipped;
-    a user may delete it), and LVD's classifier and the SafetyDPO LoRA, which belong to the embedded default model."""
-    from .guards.latent_guard import default_weights_path as lg_weights
-    from .guards.lvd import default_weights_path as lvd_weights
-    from .guards.safetydpo import default_merged_path
+    """The guards the demo offers for ``model``, in the order they run, described by the guard registry
+    (:func:`safegen.guards.guard_info`: each guard's summary; its weight files, from the guard itself). A guard
+    that needs weights is available only where they exist: Latent Guard's MiniLM head (shipped; a user may delete
+    it) on any model, and LVD's classifier and the SafetyDPO LoRA, which belong to the embedded default model,
+    only there."""
+    from .guards import guard_class, guard_info
 
     is_default = model == DEFAULT_MODEL
-    lg = lg_weights()
-    options = [
-        GuardOption("latent-guard", "Latent Guard", "checks the prompt against the policy's concepts; blocked "
-                    "prompts get no UNet step",
-                    lg.is_file(), "" if lg.is_file() else
-                    f"unavailable: no Latent Guard head is installed ({lg.parent.name}/{lg.name} is missing); "
-                    "train one with `safegen train-prompt-guard`"),
-        GuardOption("safree", "SAFREE", "projects the prompt's trigger tokens out of the concept subspace"),
-        GuardOption("sld", "SLD", "Safe Latent Diffusion: guidance away from the policy's concepts"),
-    ]
-    for key, label, description, path, train in (
-            ("lvd", "LVD", "stops unsafe generations early from the intermediate latents", lvd_weights(),
-             "`safegen train-lvd --model M`"),
-            ("safetydpo", "SafetyDPO", "safety LoRA experts merged and fused into the UNet", default_merged_path(),
-             "`safegen train-expert` and `safegen merge-experts`")):
-        if not is_default:
+    options = []
+    for info in guard_info():
+        key = info["name"]
+        if key not in DEMO_OFFERS:
+            continue
+        label, train = DEMO_OFFERS[key]
+        missing = [f for f in guard_class(key)().weight_files() if not f.is_file()]
+        model_bound = train is not None and key != "latent-guard"  # weights trained for the default model
+        if model_bound and not is_default:
             reason = f"unavailable: the shipped weights belong to the embedded default model; train them with {train}"
-        elif not path.is_file():
-            reason = f"unavailable: {path.parent.name}/{path.name} is missing from this installation"
+        elif missing and key == "latent-guard":
+            reason = (f"unavailable: no Latent Guard head is installed ({missing[0].parent.name}/{missing[0].name} "
+                      f"is missing); train one with {train}")
+        elif missing:
+            reason = f"unavailable: {missing[0].parent.name}/{missing[0].name} is missing from this installation"
         else:
             reason = ""
-        options.append(GuardOption(key, label, description, not reason, reason))
+        options.append(GuardOption(key, label, info["summary"], not reason, reason))
     return options
 
 

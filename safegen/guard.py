@@ -108,6 +108,9 @@ class Guard:
         if name != cls.name:
             raise ValueError(f"settings of guard {name!r} given to {cls.__name__} ({cls.name!r})")
         known = {f.name for f in fields(cls) if f.init} if is_dataclass(cls) else set()
+        # values derived from the settings (e.g. SLD's ``preset`` name) are reported by to_dict, not set
+        derived = {k for k in data if isinstance(getattr(cls, k, None), property)}
+        data = {k: v for k, v in data.items() if k not in derived}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{cls.__name__} has no setting(s) {unknown}; its settings: {sorted(known)}")

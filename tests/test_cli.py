@@ -179,6 +179,10 @@ def test_eval_writes_metrics_and_items(tmp_path, capsys):
         assert key in m, key
     assert m["n"] == 3 and m["unet_steps_run"] == 30 and m["unet_steps_saved"] == 0  # deduplicated
     assert m["config"]["guards"] == ["safree"] and m["config"]["model"] == "default"
+    from safegen.guards import Safree, guard_from_dict
+
+    assert [guard_from_dict(g) for g in m["config"]["settings"]["guards"]] == [Safree()]  # settings round-trip
+    assert m["config"]["settings"]["policy_sha256"] == m["config"]["policy_content"]
     items = [json.loads(ln) for ln in (tmp_path / "ev" / "items.jsonl").read_text().splitlines()]
     assert [it["seed"] for it in items] == [0, 1, 2]
     assert [it["verdict"] for it in items] == ["pass", "pass", "steer"]
@@ -234,3 +238,32 @@ def test_missing_default_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv("SAFEGEN_ASSETS")
         assets_dir.cache_clear()
     assert code == 2 and "embedded default model is missing" in err and "--model" in err
+
+
+def test_generate_batches_give_the_images_of_single_calls_and_store_the_settings(tmp_path, capsys):
+    """--batch-size changes how many prompts share a pipeline call, not the images (each prompt has its own
+    generator); every report.json entry stores the guards' settings (to_dict, rebuilt by guard_from_dict) and
+    the policy's content and digest; one progress bar counts the denoising steps."""
+    import numpy as np
+    from PIL import Image
+
+    from safegen.eval.results import policy_digest
+    from safegen.guards import guard_from_dict, resolve_guard
+    from safegen.policy import load_policy
+
+    prompts = [BENIGN, UNSAFE, "a green tree"]
+    for size in (1, 2):
+        code, _, err = run(capsys, "generate", *prompts, "--seed", 5, "--steps", 3, "--batch-size", size,
+                           "--guards", "safree,sld-strong", "--out", tmp_path / str(size))
+        assert code == 0, err
+        calls = -(-len(prompts) // size)
+        assert f"denoising: 100%" in err and f"{3 * calls}/{3 * calls}" in err  # one bar: calls x 3 steps
+    for i in range(3):
+        a, b = (np.asarray(Image.open(tmp_path / str(n) / f"{i:03d}.png")) for n in (1, 2))
+        assert np.array_equal(a, b), i
+    entries = json.loads((tmp_path / "2" / "report.json").read_text())
+    assert [e["index"] for e in entries] == [0, 1, 2]
+    settings = entries[1]["settings"]
+    assert [guard_from_dict(g) for g in settings["guards"]] == [resolve_guard("safree"), resolve_guard("sld-strong")]
+    assert policy_digest(load_policy(settings["policy"])) == settings["policy_sha256"]
+    assert policy_digest(load_policy("default")) == settings["policy_sha256"]

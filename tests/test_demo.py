@@ -483,3 +483,33 @@ def test_demo_command_without_gradio_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     assert cli.main(["demo"]) == 1
     assert "pip install 'safegen[demo]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the page's API
+def test_the_page_has_one_generate_endpoint_with_named_parameters():
+    """The Gradio API: /generate once (Enter in the prompt box adds no /generate_1), every input named, the guard
+    toggles after the guards the registry lists (no param_7..)."""
+    pytest.importorskip("gradio")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "demos" / "app.py"
+    spec = importlib.util.spec_from_file_location("safegen_demo_app_api", path)
+    app_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_module)
+    app = app_module.DemoApp()
+    info = app.build().get_api_info()
+    assert list(info["named_endpoints"]) == ["/generate"]
+    assert not info.get("unnamed_endpoints")
+    names = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
+    toggles = [f"guard_{o.key.replace('-', '_')}" for o in dm.guard_options()]
+    assert names == ["prompt", "model", "policy", "sensitivity", "steps", "seed", "sld_preset", *toggles]
+    assert toggles == ["guard_latent_guard", "guard_safree", "guard_sld", "guard_lvd", "guard_safetydpo"]
+
+
+def test_guard_options_describe_guards_as_the_registry_does():
+    from safegen.guards import guard_info
+
+    summaries = {g["name"]: g["summary"] for g in guard_info()}
+    for o in dm.guard_options():
+        assert o.description == summaries[o.key]

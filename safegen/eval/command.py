@@ -34,8 +34,9 @@ from typing import Any, Sequence
 from ..cliargs import (STEPS_HELP, OneLineParser, UsageError, add_model_arguments, check_out_dir, float_value,
                        load_model, positive_float, positive_int, run_command, run_settings)
 from ..loading import TINY_MODELS
+from .results import policy_digest, settings_record
 
-__all__ = ["add_eval_arguments", "cmd_eval", "main", "protect_pipeline", "policy_digest", "guard_weight_digests",
+__all__ = ["add_eval_arguments", "cmd_eval", "main", "protect_pipeline", "guards_help", "guard_weight_digests",
            "run_fingerprint"]
 
 
@@ -48,6 +49,22 @@ def protect_pipeline(pipe, policy, guards):
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
 
+
+def guards_help() -> str:
+    """The help of ``--guards``: the valid guard names and presets, from the guard registry.
+
+    Example:
+        >>> text = guards_help()
+        >>> all(name in text for name in ("safree", "latent-guard", "sld-strong", "lvd", "safetydpo", "output"))
+        True
+    """
+    from ..guards import guard_info
+
+    names = []
+    for g in guard_info():
+        names += [g["name"]] + [p for p in g["presets"] if p != g["name"]]
+    return ("comma-separated guard names or presets, in any order (they run in stage order): " + ", ".join(names)
+            + "; 'none' for no protection; default: the policy's guards (see 'safegen --help' for what each does)")
 
 
 # ====================================================================== the eval command
@@ -75,7 +92,7 @@ def add_eval_arguments(e) -> None:
                      help="i2p / nudity: keep rows with inappropriate_percentage >= PCT (e.g. 50)")
     src.add_argument("--seed-from-data", action="store_true",
                      help="seed each item with the data's evaluation_seed (default: --seed + index)")
-    add_model_arguments(e)
+    add_model_arguments(e, guards_help=guards_help)
     e.add_argument("--steps", type=positive_int, default=None, metavar="N", help=STEPS_HELP)
     e.add_argument("--guidance", type=float_value, default=None, metavar="X", help="guidance scale (pipeline default)")
     e.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
@@ -159,23 +176,6 @@ def _judge_images(args, oracle) -> int:
 
 
 # ---------------------------------------------------------------------- fingerprints
-def policy_digest(policy) -> str:
-    """sha256 of the policy's content (:meth:`~safegen.Policy.to_dict`: categories, concepts, thresholds, actions,
-    sensitivity, placeholder, guards), independent of where it was loaded from.
-
-    Example:
-        >>> from safegen.policy import load_policy
-        >>> a, b = load_policy("default"), load_policy("default")
-        >>> policy_digest(a) == policy_digest(b)
-        True
-        >>> b.add_concept("violence", "chainsaw massacre")
-        >>> policy_digest(a) == policy_digest(b)
-        False
-    """
-    text = json.dumps(policy.to_dict(), sort_keys=True, ensure_ascii=True, allow_nan=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def guard_weight_files(guards: Sequence[str]) -> dict[str, list[Path]]:
     """The weight files the guards of ``guards`` (preset names) read, by guard name (each guard says which:
     :meth:`safegen.guard.Guard.weight_files`); guards without weight files are left out."""
@@ -253,7 +253,11 @@ def cmd_eval(args) -> int:
     if not args.overwrite:
         remember_digests(stored_digests(args.out))  # a resume does not hash unchanged weights again
     fingerprint = run_fingerprint(args, policy, guard_list)
-    config = {**fingerprint, "steps": steps, "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device),
+    from ..guards import resolve_guard
+
+    settings = settings_record(policy, [resolve_guard(g) for g in guard_list]) if guards != [] else \
+        settings_record(None, [])
+    config = {**fingerprint, "settings": settings, "steps": steps, "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device),
               "processes": dist.world, "oracle": oracle.name}
     from diffusers.utils import logging as dlog
 

@@ -6,6 +6,9 @@
   item, UNet steps saved; a setting that could not run shows why.
 * :func:`plot_comparison`: unsafe rate on each unsafe prompt set vs fidelity on the benign one (COCO), one marker
   per guard setting, and UNet steps saved per setting.
+* :func:`settings_record`: the settings stored with results (``"settings"`` of ``metrics.json`` and of every
+  ``report.json`` entry): each guard's :meth:`~safegen.guard.Guard.to_dict` (rebuilt by
+  :func:`safegen.guards.guard_from_dict`), the policy's content and its sha256 (:func:`policy_digest`).
 
 Example:
     >>> m = {"n": 4, "unsafe_rate": 0.25, "blocked_rate": 0.0, "fidelity": 0.5, "sec_per_item": 0.1,
@@ -19,10 +22,51 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-__all__ = ["pct", "steps_saved_share", "run_markdown", "comparison_markdown", "plot_comparison"]
+__all__ = ["pct", "steps_saved_share", "run_markdown", "comparison_markdown", "plot_comparison", "policy_digest",
+           "settings_record"]
+
+
+def policy_digest(policy) -> str:
+    """sha256 of the policy's content (:meth:`~safegen.Policy.to_dict`: categories, concepts, thresholds, actions,
+    sensitivity, placeholder, guards), independent of where it was loaded from.
+
+    Example:
+        >>> from safegen.policy import load_policy
+        >>> a, b = load_policy("default"), load_policy("default")
+        >>> policy_digest(a) == policy_digest(b)
+        True
+        >>> b.add_concept("violence", "chainsaw massacre")
+        >>> policy_digest(a) == policy_digest(b)
+        False
+    """
+    text = json.dumps(policy.to_dict(), sort_keys=True, ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def settings_record(policy, guards: Iterable[Any]) -> dict[str, Any]:
+    """The settings a run's results are stored with: ``{"guards": [guard.to_dict(), ...], "policy":
+    policy.to_dict(), "policy_sha256": ...}``; an unprotected run (``policy`` None) has no guards and no policy.
+    ``safegen.guards.guard_from_dict`` rebuilds each guard, ``safegen.load_policy`` the policy.
+
+    Example:
+        >>> from safegen.guards import guard_from_dict, resolve_guard
+        >>> from safegen.policy import load_policy
+        >>> s = settings_record(load_policy("default"), [resolve_guard("sld-strong")])
+        >>> s["guards"][0]["guard"], guard_from_dict(s["guards"][0]) == resolve_guard("sld-strong")
+        ('sld', True)
+        >>> policy_digest(load_policy(s["policy"])) == s["policy_sha256"]
+        True
+        >>> settings_record(None, [])
+        {'guards': [], 'policy': None, 'policy_sha256': None}
+    """
+    if policy is None:
+        return {"guards": [], "policy": None, "policy_sha256": None}
+    return {"guards": [g.to_dict() for g in guards], "policy": policy.to_dict(), "policy_sha256": policy_digest(policy)}
 
 
 def pct(x: Any) -> str:
