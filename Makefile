@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: any unpinned torch requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q "$(TORCH_PIN)"
+	# the dev extra has what `make test` needs beyond the package: pytest, gradio, playwright, nudenet, matplotlib,
+	# and setuptools>=77 (tests/test_wheel.py builds the wheel offline, without build isolation)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
