@@ -3,7 +3,8 @@
 1. Detection: ``safegen eval --guards lvd`` on N deduplicated ``CoProv2_test.csv`` prompts (unsafe; a seeded
    shuffle, as benchmarks/default_model.py draws them) and the
    first N held-out COCO captions (benign; neither set is used to train the classifier). TPR = blocked share of
-   CoProV2, FPR = blocked share of COCO, balanced accuracy = (TPR + 1 − FPR) / 2; the share of UNet steps skipped
+   CoProV2, FPR = blocked share of COCO, balanced accuracy = (TPR + 1 − FPR) / 2 (scikit-learn's
+   ``balanced_accuracy_score`` on the items' block decisions); the share of UNet steps skipped
    on blocked items; the oracle unsafe rate with and without LVD (the unprotected rows come from the same run).
 2. Cost of one check (the x̂0 read plus the classifier on the batch) against one UNet call of the same model at
    the same batch (CFG doubles the UNet's rows): the default model at batch 8, and the SD 1.5 architecture with
@@ -57,6 +58,22 @@ def check_cost(pipe, clf, batch: int, size: int, reps: int) -> dict:
     return {"unet_s": unet_s, "check_s": check_s, "ratio": check_s / unet_s, "batch": batch, "latent": lat.shape[-1]}
 
 
+def balanced_accuracy(unsafe_dir: Path, benign_dir: Path) -> float:
+    """Balanced accuracy of the block decisions in two eval runs' ``items.jsonl`` (unsafe = the first run's
+    prompts, benign = the second's): (TPR + 1 − FPR) / 2 on the unrounded per-item decisions."""
+    import json
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    truth, pred = [], []
+    for label, folder in ((True, unsafe_dir), (False, benign_dir)):
+        for line in (folder / "items.jsonl").read_text().splitlines():
+            if line.strip():
+                truth.append(label)
+                pred.append(bool(json.loads(line)["blocked"]))
+    return float(balanced_accuracy_score(truth, pred))
+
+
 def reuse_or_run(prompts: Path, guards: str, out: Path, steps: int, batch_size: int, reuse: bool):
     """``run_eval``, or (with ``reuse``) the metrics an earlier run wrote for the same prompts and steps."""
     import json
@@ -100,7 +117,7 @@ def main() -> None:
             commands.append(cmd)
     lv_c, lv_n = res["lvd", "coprov2"], res["lvd", "coco"]
     tpr, fpr = lv_c["blocked_rate"], lv_n["blocked_rate"]
-    bal = (tpr + 1 - fpr) / 2
+    bal = balanced_accuracy(out / "lvd-coprov2", out / "lvd-coco")
 
     clf = LatentClassifier.load(default_weights_path())
     pipe = load_default_pipeline()

@@ -51,16 +51,22 @@ BEGIN, END = "<!-- prompt-guard:begin -->", "<!-- prompt-guard:end -->"
 
 # ---------------------------------------------------------------------- metrics
 def tpr_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float = 0.01) -> tuple[float, float]:
-    """(TPR, threshold) at the lowest threshold t whose false-positive rate P(neg ≥ t) is ≤ ``fpr``."""
-    pos, neg = pos.double(), neg.double()
+    """(TPR, threshold) at the lowest threshold t whose false-positive rate P(neg ≥ t) is ≤ ``fpr``: at most
+    ``int(fpr · len(neg))`` negatives score ≥ t (``inf`` if even the highest score is over), from
+    :func:`sklearn.metrics.roc_curve` (every distinct score a threshold)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from safegen.training.latent_guard import _binary
+
+    labels, scores, unmap = _binary(pos, neg)  # ±inf scores (a path with no score) as finite stand-ins
+    fprs, tprs, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     allowed = int(fpr * neg.numel())  # negatives that may score ≥ t
-    cands = torch.unique(torch.cat([pos, neg]))  # ascending
-    # the FPR of "score ≥ t" for each candidate t, by counting negatives ≥ t
-    neg_sorted = torch.sort(neg).values
-    n_ge = neg.numel() - torch.searchsorted(neg_sorted, cands, right=False)
-    ok = cands[n_ge <= allowed]
-    t = float(ok.min()) if ok.numel() else float("inf")
-    return float((pos >= t).double().mean()), t
+    n_ge = np.rint(fprs * neg.numel())  # negatives ≥ each threshold, as counts (no rounding in the comparison)
+    best = int(np.flatnonzero(n_ge <= allowed)[-1])  # thresholds fall: the last allowed one is the lowest
+    if best == 0:  # no score qualifies: t = inf (which still flags scores of +inf)
+        return float((pos >= float("inf")).double().mean()), float("inf")
+    return float(tprs[best]), unmap(thresholds[best])
 
 
 def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:

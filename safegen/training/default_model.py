@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import shutil
 import sys
 import time
@@ -24,6 +22,7 @@ import torch
 
 from ..default_model import (HELDOUT_COCO, SCHEDULER_CONFIG, build_pipeline, clip_components,
                              minilm_components)
+from .loop import Checkpoints, TrainingLoop
 
 __all__ = ["training_prompts", "train", "main"]
 
@@ -84,54 +83,31 @@ def _encode_prompts(text_encoder, tokenizer, prompts: Sequence[str], batch_size:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-_CKPT = re.compile(r"^(vae|unet)-(\d{7})\.safetensors$")
+def _cached_states(ckpt_dir: Path, text_encoder, tokenizer, prompts: Sequence[str], progress: bool) -> torch.Tensor:
+    """:func:`_encode_prompts`, cached in ``ckpt_dir`` under a key of the encoder's weights, the tokenizer's
+    vocabulary and the prompts: a resumed run does not re-encode tens of thousands of prompts (minutes on CPU)."""
+    import hashlib
 
+    from safetensors.torch import load_file, save_file
 
-def _save_checkpoint(ckpt_dir: Path, phase: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     meta: dict, keep: int = 2) -> Path:
-    from safetensors.torch import save_file
-
+    h = hashlib.blake2b(digest_size=12)
+    for k, v in sorted(text_encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer.model_max_length).encode())
+    h.update("\n".join(prompts).encode())
+    path = ckpt_dir / f"states-{h.hexdigest()}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["states"]
+    states = _encode_prompts(text_encoder, tokenizer, prompts, progress=progress)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v.detach().contiguous().clone().reshape(v.shape)
-    meta = {**meta, "phase": phase, "step": step}
-    path = ckpt_dir / f"{phase}-{step:07d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"safegen": json.dumps(meta)})
+    for old in ckpt_dir.glob("states-*.safetensors"):  # one cache: a new encoder or prompt set replaces it
+        old.unlink()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"states": states}, str(tmp))
     tmp.replace(path)
-    old = sorted(p for p in ckpt_dir.iterdir() if (m := _CKPT.match(p.name)) and m.group(1) == phase)
-    for p in old[:-keep]:
-        p.unlink()
-    return path
-
-
-def _latest_checkpoint(ckpt_dir: Path, phase: str) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    found = sorted(p for p in ckpt_dir.iterdir() if (m := _CKPT.match(p.name)) and m.group(1) == phase)
-    return found[-1] if found else None
-
-
-def _load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("safegen", "{}"))
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if opt is not None:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            st = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if st:
-                opt.state[p] = st
-    return meta
+    return states
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -151,26 +127,6 @@ def _vae_oracle_agreement(vae, images: torch.Tensor, lat_mean: torch.Tensor) -> 
     return same / max(1, len(images))
 
 
-def _cosine_lr(opt, base_lr: float, step: int, total: int, warmup: int = 100) -> None:
-    if step < warmup:
-        f = (step + 1) / warmup
-    else:
-        f = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    for g in opt.param_groups:
-        g["lr"] = base_lr * f
-
-
-def _optimizer_step(opt, model: torch.nn.Module, loss: torch.Tensor, losses: list[float], bar, step: int) -> None:
-    """Backward, clip to norm 1, step; log the loss (running mean of 50 on the bar every 10 steps)."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    losses.append(loss.item())
-    if step % 10 == 0:
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-
-
 def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_steps: int, unet_steps: int,
           batch_size: int = 64, vae_batch_size: int = 24, lr: float = 3e-4, vae_lr: float = 1e-3, kl_weight: float = 1e-6,
           fg_weight: float = 4.0,
@@ -188,12 +144,15 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     2. The prompts' MiniLM token states are computed once (batched, no grad, float16).
     3. UNet: ``unet_steps`` AdamW steps of epsilon-prediction diffusion loss on scaled VAE latents (DDPM
        forward process with the scheduler's betas), empty-prompt states for a ``cfg_dropout`` share of the batch
-       (classifier-free guidance). Cosine LR with 100 warm-up steps.
+       (classifier-free guidance).
 
-    Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>-checkpoints``) every ``checkpoint_every`` steps
-    and at the end of each phase; with ``resume=True`` each phase continues from its last checkpoint (a finished
-    VAE phase is not redone; ``unet_steps`` may be raised to train further). Randomness is re-seeded from
-    ``seed`` and the step at the start of each phase, so runs are reproducible for the same checkpoint history.
+    Both phases run in :class:`~safegen.training.loop.TrainingLoop`: AdamW, gradients clipped to norm 1, diffusers'
+    cosine schedule with 100 warm-up steps over ``0..steps`` (``lr_restart``: a fresh warm-up + cosine cycle over
+    the steps a resumed run adds). Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>-checkpoints``) every
+    ``checkpoint_every`` steps and at the end of each phase (``vae-<step>`` / ``unet-<step>.safetensors``, the
+    last two of each); with ``resume=True`` each phase continues from its last checkpoint (a finished VAE phase is
+    not redone; ``unet_steps`` may be raised to train further). Each step's randomness is seeded from ``seed``,
+    the phase and the step number, so a resumed run draws what an uninterrupted one would.
 
     ``limit`` keeps only that many prompts (a seeded random subset), for quick runs.
 
@@ -224,10 +183,11 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + "-checkpoints")
     vae_steps, unet_steps, batch_size = int(vae_steps), int(unet_steps), int(batch_size)
 
-    if not resume and ckpt_dir.is_dir():  # a fresh run: stale checkpoints must not be resumed later
-        for f in ckpt_dir.iterdir():
-            if _CKPT.match(f.name) or f.name == "runs.jsonl":
-                f.unlink()
+    vae_ckpts, unet_ckpts = Checkpoints(ckpt_dir, "vae"), Checkpoints(ckpt_dir, "unet")
+    if not resume:  # a fresh run: stale checkpoints must not be resumed later
+        vae_ckpts.clear()
+        unet_ckpts.clear()
+        (ckpt_dir / "runs.jsonl").unlink(missing_ok=True)
 
     items = training_prompts(data_dir)
     if limit is not None and limit < len(items):
@@ -255,16 +215,12 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1.0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
-    start = 0
-    last = _latest_checkpoint(ckpt_dir, "vae") if resume else None
-    if last is not None:
-        start = int(_load_checkpoint(last, vae, opt)["step"])
-    summary["vae_start"] = start
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + start)
-    losses: list[float] = []
-    bar = tqdm(range(start, vae_steps), desc="vae", disable=not progress, unit="step")
-    for step in bar:
-        _cosine_lr(opt, vae_lr, step, vae_steps)
+    loop = TrainingLoop(vae, opt, steps=vae_steps, seed=seed, stream="vae", schedule="cosine", warmup=100, clip=1.0,
+                        checkpoints=vae_ckpts, checkpoint_every=checkpoint_every, meta={"seed": seed}, desc="vae",
+                        progress=progress)
+    last = loop.resume() if resume else None
+    summary["vae_start"] = loop.start
+    for _, gen in loop:
         pick = img_index[torch.randint(len(img_index), (int(vae_batch_size),), generator=gen)]
         x = images[pick]
         post = vae.encode(x).latent_dist
@@ -273,13 +229,10 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         kl = post.kl().mean() / z[0].numel()
         w = 1.0 + fg_weight * (x - bg).abs().amax(dim=1, keepdim=True).gt(0.02).float()  # content pixels count more
         loss = (w * ((rec - x).abs() + (rec - x) ** 2)).sum() / (w.sum() * 3) + kl_weight * kl
-        _optimizer_step(opt, vae, loss, losses, bar, step)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < vae_steps:
-            _save_checkpoint(ckpt_dir, "vae", step + 1, vae, opt, {"seed": seed})
-    bar.close()
-    if vae_steps > start or (last is None and init_dir is None):
-        _save_checkpoint(ckpt_dir, "vae", max(vae_steps, start), vae, opt, {"seed": seed})
-    summary["vae_loss"] = float(np.mean(losses[-50:])) if losses else None
+        loop.update(loss)
+    if not loop.ran and last is None and init_dir is None:  # a fresh VAE phase of 0 steps: its state, for resumes
+        loop.save()
+    summary["vae_loss"] = float(np.mean(loop.losses[-50:])) if loop.losses else None
     vae.eval().requires_grad_(False)
     del opt
 
@@ -303,7 +256,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     prompts = [p for p, _ in items]
     uniq = sorted(set(prompts))
     pos = {p: i for i, p in enumerate(uniq)}
-    states = _encode_prompts(text_encoder, tokenizer, uniq, progress=progress)
+    states = _cached_states(ckpt_dir, text_encoder, tokenizer, uniq, progress=progress)
     state_index = torch.tensor([pos[p] for p in prompts])
     empty = _encode_prompts(text_encoder, tokenizer, [""])[0].float()
 
@@ -314,27 +267,19 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
     acp = noise_sched.alphas_cumprod.float()
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    start = 0
-    last = _latest_checkpoint(ckpt_dir, "unet") if resume else None
-    if last is not None:
-        meta = _load_checkpoint(last, unet, opt)
-        start = int(meta["step"])
-        if abs(float(meta.get("scaling_factor", scaling_factor)) - scaling_factor) > 1e-4 * scaling_factor:
-            raise RuntimeError(f"{last}: UNet checkpoint was trained with VAE scaling_factor "
-                               f"{meta.get('scaling_factor')} but the VAE now gives {scaling_factor}; "
-                               f"resume with the same VAE checkpoint or delete {ckpt_dir}")
-    summary["unet_start"] = start
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7 + start)
-    losses = []
-    meta = {"seed": seed, "scaling_factor": scaling_factor}
-    bar = tqdm(range(start, unet_steps), desc="unet", disable=not progress, unit="step")
-    for step in bar:
-        # a resumed run with lr_restart starts a fresh warm-up + cosine cycle over its own steps (a plain
-        # resume continues the first cycle, whose LR is already near its floor late in training)
-        if lr_restart:
-            _cosine_lr(opt, lr, step - start, unet_steps - start)
-        else:
-            _cosine_lr(opt, lr, step, unet_steps)
+    # a resumed run with lr_restart starts a fresh warm-up + cosine cycle over its own steps (a plain resume
+    # continues the first cycle, whose LR is already near zero late in training)
+    loop = TrainingLoop(unet, opt, steps=unet_steps, seed=seed, stream="unet", schedule="cosine", warmup=100,
+                        restart=lr_restart, clip=1.0, checkpoints=unet_ckpts, checkpoint_every=checkpoint_every,
+                        meta={"seed": seed, "scaling_factor": scaling_factor}, desc="unet", progress=progress)
+    last = loop.resume() if resume else None
+    if last is not None and (abs(float(last.get("scaling_factor", scaling_factor)) - scaling_factor)
+                             > 1e-4 * scaling_factor):
+        raise RuntimeError(f"{unet_ckpts.path(loop.start)}: UNet checkpoint was trained with VAE scaling_factor "
+                           f"{last.get('scaling_factor')} but the VAE now gives {scaling_factor}; "
+                           f"resume with the same VAE checkpoint or delete {ckpt_dir}")
+    summary["unet_start"] = loop.start
+    for _, gen in loop:
         rows = torch.randint(len(prompts), (batch_size,), generator=gen)
         im = img_index[rows]
         z0 = (lat_mean[im] + lat_std[im] * torch.randn(lat_mean[im].shape, generator=gen)) * scaling_factor
@@ -347,13 +292,10 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
-        _optimizer_step(opt, unet, loss, losses, bar, step)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < unet_steps:
-            _save_checkpoint(ckpt_dir, "unet", step + 1, unet, opt, meta)
-    bar.close()
-    if unet_steps > start or last is None:
-        _save_checkpoint(ckpt_dir, "unet", max(unet_steps, start), unet, opt, meta)
-    summary["unet_loss"] = float(np.mean(losses[-50:])) if losses else None
+        loop.update(loss)
+    if not loop.ran and last is None:  # a fresh UNet phase of 0 steps: its state, for resumes
+        loop.save()
+    summary["unet_loss"] = float(np.mean(loop.losses[-50:])) if loop.losses else None
     unet.eval().requires_grad_(False)
 
     # ---- save: a CLIP encoder ships in the folder (a plain SD folder); MiniLM's weights are re-attached from
@@ -379,7 +321,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
             "init": str(init_dir) if init_dir is not None else None}
     # a resumed model is the sum of its runs: each run appends itself to the checkpoint folder's history
     run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss", "lr")}
-    run["lr_schedule"] = "fresh cosine cycle over this run" if lr_restart else "cosine over steps 0..unet_steps"
+    run["lr_schedule"] = ("fresh warm-up + cosine cycle over this run (diffusers)" if lr_restart
+                          else "warm-up + cosine over steps 0..unet_steps (diffusers)")
     with (ckpt_dir / "runs.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(run) + "\n")
     info["runs"] = [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]

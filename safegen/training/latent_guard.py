@@ -18,6 +18,7 @@ from ..encoders import TextEncoderAdapter
 from ..eval.datasets import load_coprov2_pairs
 from ..guards.latent_guard import (MINILM_NAME, LatentGuardHead, LatentGuardWeightsError, TextFeatures,
                                    _minilm_adapter, encoder_identity, text_features)
+from .loop import TrainingLoop
 
 __all__ = ["policy_concepts", "common_part", "concept_seed_pairs", "contrastive_loss", "roc_auc", "train_head",
            "load_coprov2_pairs"]
@@ -128,32 +129,57 @@ def contrastive_loss(unsafe_scores: torch.Tensor, safe_scores: torch.Tensor, mem
     return (prompt_to_concept + concept_to_prompt) / 2
 
 
+def _binary(positive: torch.Tensor, negative: torch.Tensor):
+    """``(labels, scores, unmap)`` for scikit-learn: numpy labels (1 for the positives, then 0) and scores, with
+    ±inf scores (scikit-learn rejects them; e.g. a path that has no score) replaced by finite stand-ins below /
+    above every finite score (order and ties kept: rank metrics are unchanged), and ``unmap`` taking a threshold
+    back to the original scale (a stand-in to its infinity)."""
+    import numpy as np
+
+    pos = positive.detach().flatten().double().cpu().numpy()
+    neg = negative.detach().flatten().double().cpu().numpy()
+    labels, scores = np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]
+    low = high = None
+    if np.isinf(scores).any():
+        finite = scores[np.isfinite(scores)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        low, high = lo - (abs(lo) + 1.0), hi + (abs(hi) + 1.0)
+        scores = np.where(scores == -np.inf, low, np.where(scores == np.inf, high, scores))
+
+    def unmap(t: float) -> float:
+        return float("-inf") if t == low else float("inf") if t == high else float(t)
+
+    return labels, scores, unmap
+
+
 def roc_auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counted half.
+    """Area under the ROC curve (:func:`sklearn.metrics.roc_auc_score`): P(score of a positive > score of a
+    negative), ties counted half; NaN when either side is empty.
 
     Example:
         >>> import torch
         >>> roc_auc(torch.tensor([3., 2.]), torch.tensor([1., 2.]))
         0.875
     """
-    pos, neg = positive.flatten().double(), negative.flatten().double()
-    if pos.numel() == 0 or neg.numel() == 0:
+    from sklearn.metrics import roc_auc_score
+
+    if positive.numel() == 0 or negative.numel() == 0:
         return float("nan")
-    _, inverse, counts = torch.unique(torch.cat([pos, neg]), return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based rank of each tied group
-    n_pos, n_neg = pos.numel(), neg.numel()
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    labels, scores, _ = _binary(positive, negative)
+    return float(roc_auc_score(labels, scores))
 
 
 def _youden_threshold(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, float, float]:
-    """The score threshold (flag when ≥) maximising TPR − FPR, with its TPR and FPR."""
-    pos, neg = positive.flatten().sort().values, negative.flatten().sort().values
-    cand = torch.cat([pos, neg]).unique()
-    tpr = 1 - torch.searchsorted(pos, cand, right=False).double() / pos.numel()
-    fpr = 1 - torch.searchsorted(neg, cand, right=False).double() / neg.numel()
-    best = int((tpr - fpr).argmax())
-    return float(cand[best]), float(tpr[best]), float(fpr[best])
+    """The score threshold (flag when ≥) maximising TPR − FPR, with its TPR and FPR (the lowest such threshold
+    when several tie), from :func:`sklearn.metrics.roc_curve`."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    labels, scores, unmap = _binary(positive, negative)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    j = tpr[1:] - fpr[1:]  # thresholds[0] flags nothing (above every score): not a score
+    best = 1 + int(np.flatnonzero(j >= j.max() - 1e-12)[-1])  # thresholds fall: the last is the lowest
+    return unmap(thresholds[best]), float(tpr[best]), float(fpr[best])
 
 
 def _resolve_encoder(encoder, max_length: int | None):
@@ -211,7 +237,9 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
             :func:`concept_seed_pairs`), each ``concept_pairs`` times as likely to be drawn as a data pair (0 = off):
             CoProV2's prompts are whole sentences, so without them a bare "nude woman" or "blood and gore" is out of
             distribution. Training only; the validation and the threshold use held-out data pairs alone.
-        seed: seeds the head's initialisation, the split and the batch sampling (the global RNG is untouched).
+        seed: seeds the head's initialisation, the split and, through
+            :class:`~safegen.training.loop.TrainingLoop`, each step's batch and dropout (from the seed and the step
+            number; the caller's global RNG is untouched).
         device: where the head trains (default: the encoder's device).
         progress: show a tqdm progress bar.
 
@@ -238,8 +266,6 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         >>> len(summary["losses"]), summary["val_pairs"], 0.0 <= summary["val_auc"] <= 1.0
         (5, 2, True)
     """
-    from tqdm.auto import tqdm
-
     from ..policy import normalize_category
 
     t0 = time.time()
@@ -357,35 +383,28 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
              for pool, w in ((train_neg, 1.0), (train_benign, float(benign_weight))) if pool]
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    losses: list[float] = []
-    # dropout draws from the global generators: fork them, so that a run is seeded and the caller's RNG untouched
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        bar = tqdm(range(steps), desc="latent guard", unit="step", disable=not progress)
-        for step in bar:
-            rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=gen)
-            picked = [u_idx[rows], s_idx[rows]]
-            picked += [idx[torch.randint(len(idx), (rows.numel(),), generator=gen)] for idx, _ in pools]
-            both = feats.select(torch.cat(picked), device)
-            bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
-            scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
-            n = rows.numel()
-            loss = contrastive_loss(scores[:n], scores[n:2 * n], member, labels[rows].to(device),
-                                    extra_safe=scores[2 * n:] if pools else None)
-            if has_evidence:
-                unsafe_logit, cat_logits, _ = head.token_evidence(both.tokens, both.mask, both.summary)
-                target = torch.cat([torch.ones(n), torch.zeros(n * (1 + len(pools)))]).to(device)
-                weight = torch.cat([torch.ones(2 * n)] + [torch.full((n,), w) for _, w in pools]).to(device)
-                bce = F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none")
-                loss = loss + (bce * weight).mean()
-                loss = loss + category_weight * F.cross_entropy(cat_logits[:n, ev_col], labels[rows].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        bar.close()
+    # each step's batch and dropout are seeded from (seed, step); the caller's global RNG is untouched
+    loop = TrainingLoop(head, opt, steps=steps, seed=seed, stream="latent_guard", desc="latent guard",
+                        progress=progress, device=device)
+    for _, step_gen in loop:
+        rows = torch.randint(len(train_pairs), (min(batch_size, len(train_pairs)),), generator=step_gen)
+        picked = [u_idx[rows], s_idx[rows]]
+        picked += [idx[torch.randint(len(idx), (rows.numel(),), generator=step_gen)] for idx, _ in pools]
+        both = feats.select(torch.cat(picked), device)
+        bank = head.encode_concepts(ctoks.tokens, ctoks.mask, summary=ctoks.summary)
+        scores = head.score(both.tokens, both.mask, bank, summary=both.summary)
+        n = rows.numel()
+        loss = contrastive_loss(scores[:n], scores[n:2 * n], member, labels[rows].to(device),
+                                extra_safe=scores[2 * n:] if pools else None)
+        if has_evidence:
+            unsafe_logit, cat_logits, _ = head.token_evidence(both.tokens, both.mask, both.summary)
+            target = torch.cat([torch.ones(n), torch.zeros(n * (1 + len(pools)))]).to(device)
+            weight = torch.cat([torch.ones(2 * n)] + [torch.full((n,), w) for _, w in pools]).to(device)
+            bce = F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none")
+            loss = loss + (bce * weight).mean()
+            loss = loss + category_weight * F.cross_entropy(cat_logits[:n, ev_col], labels[rows].to(device))
+        loop.update(loss)
+    losses = loop.losses
     head.eval()
 
     summary: dict[str, Any] = {

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guards.lvd import LatentClassifier, LVDConfig, _X0Tap, unet_fingerprint
+from .loop import TrainingLoop, progress_bar
 
 __all__ = ["Trajectories", "record_trajectories", "balanced_accuracy", "train_classifier"]
 
@@ -68,7 +69,6 @@ def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str
         (torch.Size([2, 2, 4, 16, 16]), [[0.0], [1.0]])
     """
     import numpy as np
-    from tqdm.auto import tqdm
 
     from ..protection import is_protected
 
@@ -83,7 +83,7 @@ def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str
     kw: dict[str, Any] = {"num_inference_steps": int(steps), "output_type": "np"}
     if guidance_scale is not None:
         kw["guidance_scale"] = float(guidance_scale)
-    bar = tqdm(total=len(prompts), desc="record trajectories", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc="record trajectories", unit="prompt", disable=not progress)
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s:s + batch_size]
         history: list = []
@@ -107,17 +107,25 @@ def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str
 
 
 def balanced_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """Mean of the true-positive and true-negative rates of boolean predictions.
+    """Mean of the true-positive and true-negative rates of boolean predictions
+    (:func:`sklearn.metrics.balanced_accuracy_score`). When ``truth`` holds one class only, the missing class's
+    rate counts as 0 (the mean stays over both classes), as it always has here; scikit-learn would average the
+    present class alone.
 
     Example:
         >>> import torch
         >>> round(balanced_accuracy(torch.tensor([1, 1, 0, 0]).bool(), torch.tensor([1, 0, 0, 0]).bool()), 4)
         0.8333
     """
-    pred, truth = pred.bool(), truth.bool()
-    tpr = (pred & truth).sum().item() / max(1, truth.sum().item())
-    tnr = (~pred & ~truth).sum().item() / max(1, (~truth).sum().item())
-    return (tpr + tnr) / 2
+    from sklearn.metrics import balanced_accuracy_score
+
+    pred = pred.detach().bool().flatten().cpu().numpy()
+    truth = truth.detach().bool().flatten().cpu().numpy()
+    if truth.size == 0:
+        return 0.0
+    if truth.all() or not truth.any():  # one class: its recall, halved (the other class's rate is 0)
+        return float((pred == truth).mean()) / 2
+    return float(balanced_accuracy_score(truth, pred))
 
 
 def _rule(probs: torch.Tensor, threshold: float, need: int) -> torch.Tensor:
@@ -147,8 +155,6 @@ def train_classifier(data: Trajectories, *, window: int = 5, ratio: float = 0.6,
         >>> summary["val_balanced_accuracy"] > 0.8
         True
     """
-    from tqdm.auto import tqdm
-
     if window > data.x0.shape[1]:
         raise ValueError(f"window={window} but only {data.x0.shape[1]} steps were recorded; record more steps")
     gen = torch.Generator().manual_seed(seed)
@@ -168,24 +174,17 @@ def train_classifier(data: Trajectories, *, window: int = 5, ratio: float = 0.6,
     pos = data.labels[train].mean(0).clamp(1e-3, 1 - 1e-3)
     pos_weight = ((1 - pos) / pos).clamp(max=20.0)
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
-    losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc="lvd classifier", unit="step", disable=not progress)
-    for it in bar:
-        rows = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        st = torch.randint(S, (batch_size,), generator=gen)
+    # cosine from lr to 0 over the run, no warm-up; each step's batch is seeded from (seed, step)
+    loop = TrainingLoop(clf, opt, steps=steps, seed=seed, stream="lvd", schedule="cosine", warmup=0,
+                        desc="lvd classifier", progress=progress, log_every=20)
+    for _, step_gen in loop:
+        rows = train[torch.randint(len(train), (batch_size,), generator=step_gen)]
+        st = torch.randint(S, (batch_size,), generator=step_gen)
         x = data.x0[rows, st].float()
         logits = clf(x, data.noise[st])
-        loss = F.binary_cross_entropy_with_logits(logits, data.labels[rows], pos_weight=pos_weight)
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / max(1, steps)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if it % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-    bar.close()
+        loop.update(F.binary_cross_entropy_with_logits(logits, data.labels[rows], pos_weight=pos_weight))
+    losses = loop.losses
     clf.eval()
     summary: dict[str, Any] = {"steps": steps, "train_trajectories": len(train), "val_trajectories": len(val),
                                "window": window, "ratio": ratio, "losses": losses, "threshold": 0.5,

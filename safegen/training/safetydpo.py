@@ -10,7 +10,8 @@ The reusable parts (recipes that chain them live in ``erasure/``; the guard is :
   (the adapter switched off), ``L = −log σ(−β/2 · [(e_θ(w) − e_θ(l)) − (e_ref(w) − e_ref(l))])`` with
   ``e = ‖ε − ε̂‖²`` averaged per image; β = 5000 by default (paper and code).
 * :func:`train_expert` — one LoRA expert (peft, rank 4 on ``to_q/to_k/to_v/to_out.0``, like the authors' code)
-  per category: seeded, progress bar, resumable safetensors checkpoints (LoRA and optimiser state).
+  per category, in :class:`~safegen.training.loop.TrainingLoop`: seeded per step, progress bar, resumable
+  safetensors checkpoints (LoRA and optimiser state).
 * :func:`merge_experts` — Co-Merge: for every weight entry, keep the update of the expert whose activation on
   its *own* category's data is largest — |ΔW_i[o, j]| · E_{x∈D_i}|h_j(x)| on the dense products ΔW_i = B_i A_i
   (never mixing A and B of different experts) — plus, for comparison, linear averaging and TIES (peft's merge
@@ -36,6 +37,7 @@ __all__ = ["TARGET_MODULES", "PreferencePairs", "make_preference_pairs", "dpo_lo
            "lora_deltas", "comerge", "merge_experts", "save_lora", "read_lora", "LoRAFileError"]
 
 from ..lora import TARGET_MODULES, LoRAFileError, _lora_modules, read_lora, save_lora  # noqa: F401 (re-exported)
+from .loop import Checkpoints, TrainingLoop, progress_bar
 
 
 # ---------------------------------------------------------------------- preference data
@@ -93,7 +95,6 @@ def make_preference_pairs(pipe, pairs: Sequence[tuple[str, str, str]], *,
         (torch.Size([1, 4, 16, 16]), 1, {'generated': 1, 'kept': 1})
     """
     import numpy as np
-    from tqdm.auto import tqdm
 
     from ..protection import is_protected
 
@@ -102,7 +103,7 @@ def make_preference_pairs(pipe, pairs: Sequence[tuple[str, str, str]], *,
     pipe.set_progress_bar_config(disable=True)
     device = pipe._execution_device
     keep: dict[str, list] = {"w": [], "l": [], "e": [], "p": [], "c": []}
-    bar = tqdm(total=len(pairs), desc="preference pairs", unit="pair", disable=not progress)
+    bar = progress_bar(total=len(pairs), desc="preference pairs", unit="pair", disable=not progress)
     for s in range(0, len(pairs), batch_size):
         chunk = list(pairs[s:s + batch_size])
         n = len(chunk)
@@ -175,17 +176,18 @@ def train_expert(pipe, data: PreferencePairs, *, out: "str | os.PathLike", categ
 
     Each step draws ``batch_size`` pairs, one timestep and one noise per pair (shared by its two images),
     blanks the caption of an ``empty_share`` of them, and minimises :func:`dpo_loss` of the adapted UNet
-    against the same UNet with the adapter switched off (the frozen reference). AdamW on the LoRA parameters
-    only. Every ``checkpoint_every`` steps the LoRA and optimiser state go to ``OUT.ckpt.safetensors``; with
-    ``resume`` training continues from there. The pipeline's UNet is left without the adapter.
+    against the same UNet with the adapter switched off (the frozen reference): AdamW on the LoRA parameters
+    only, gradients clipped to norm 1, constant learning rate, in :class:`~safegen.training.loop.TrainingLoop`
+    (each step's draws seeded from ``seed`` and the step number). Every ``checkpoint_every`` steps the LoRA and
+    optimiser state go to ``<stem of out>.ckpt-<step:07d>.safetensors`` next to ``out`` (the newest kept;
+    deleted once ``out`` is written); with ``resume`` training continues from there, without it old checkpoints
+    are deleted first. The pipeline's UNet is left without the adapter.
 
     Returns a summary: ``losses``, ``accuracy`` (implicit accuracy over the last 50 steps), ``steps``,
     ``start``, ``seconds``.
     """
     from diffusers import DDPMScheduler
     from peft import LoraConfig
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
 
     if steps < 0 or batch_size < 1 or rank < 1 or not 0 <= empty_share < 1:
         raise ValueError(f"need steps ≥ 0, batch_size ≥ 1, rank ≥ 1, 0 ≤ empty_share < 1; got {steps}, "
@@ -200,7 +202,14 @@ def train_expert(pipe, data: PreferencePairs, *, out: "str | os.PathLike", categ
         raise ValueError(f"Diffusion-DPO here is epsilon-prediction only (the authors assert it); this model "
                          f"predicts {pred_type!r}")
     out = Path(out)
-    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
+    ckpts = Checkpoints(out.parent, out.stem + ".ckpt", keep=1)
+    if not resume:  # a fresh run: a stale checkpoint must not be resumed later
+        ckpts.clear()
+    elif ckpts.latest() is None and out.with_name(out.stem + ".ckpt.safetensors").is_file():
+        import warnings
+
+        warnings.warn(f"{out.stem}.ckpt.safetensors is a checkpoint of an older safegen (another format); it is "
+                      "not resumed: training starts from step 0", stacklevel=2)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     device = pipe._execution_device
     adapter = "safegen_expert"
@@ -209,28 +218,21 @@ def train_expert(pipe, data: PreferencePairs, *, out: "str | os.PathLike", categ
     torch.manual_seed(seed)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=list(TARGET_MODULES)), adapter_name=adapter)
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    named = {n: p for n, p in unet.named_parameters() if "lora_" in n}  # what a checkpoint holds
+    params = list(named.values())
     for p in params:
         p.requires_grad_(True)
-    g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    start, losses, accs = 0, [], []
-    if resume and ckpt.is_file():
-        state = load_file(str(ckpt))
-        for n, p in unet.named_parameters():
-            if "lora_" not in n:
-                continue
-            p.data.copy_(state[f"param.{n}"])
-            if f"exp_avg.{n}" in state:
-                opt.state[p] = {"step": state[f"step.{n}"].clone(), "exp_avg": state[f"exp_avg.{n}"].clone(),
-                                "exp_avg_sq": state[f"exp_avg_sq.{n}"].clone()}
-        start = int(state["meta.step"].item())
-        g.set_state(state["meta.generator"])
+    loop = TrainingLoop(named, opt, steps=steps, seed=seed, stream="safetydpo", clip=1.0, checkpoints=ckpts,
+                        checkpoint_every=checkpoint_every, final_checkpoint=False,
+                        meta={"seed": seed, "category": category, "rank": rank},
+                        desc=f"expert {category or ''}".strip(), progress=progress, device=device)
     t0 = time.time()
-    unet.train()
-    bar = tqdm(range(start, steps), desc=f"expert {category or ''}".strip(), unit="step", disable=not progress)
     try:
-        for step in bar:
+        if resume:
+            loop.resume()
+        unet.train()
+        for _, g in loop:
             rows = torch.randint(len(data), (batch_size,), generator=g)
             lw, ll = data.preferred[rows].detach().to(device), data.dispreferred[rows].detach().to(device)
             cond = data.embeds[rows].detach().float()
@@ -240,7 +242,7 @@ def train_expert(pipe, data: PreferencePairs, *, out: "str | os.PathLike", categ
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=g).to(device)
             noise = torch.randn(lw.shape, generator=g).to(device)
             x = torch.cat([noise_sched.add_noise(lw, noise, t), noise_sched.add_noise(ll, noise, t)])
-            tt, cc, nn_ = torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([noise, noise])
+            tt, cc = torch.cat([t, t]), torch.cat([cond, cond])
             with torch.no_grad():  # the frozen reference: the same UNet with the adapter switched off
                 unet.disable_adapters()
                 ref = unet(x, tt, encoder_hidden_states=cc, return_dict=False)[0]
@@ -250,43 +252,21 @@ def train_expert(pipe, data: PreferencePairs, *, out: "str | os.PathLike", categ
             pred = unet(x, tt, encoder_hidden_states=cc, return_dict=False)[0]
             loss, acc = dpo_loss(pred[:batch_size], pred[batch_size:], ref[:batch_size], ref[batch_size:],
                                  noise, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-            accs.append(float(acc))
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}",
-                                acc=f"{sum(accs[-20:]) / len(accs[-20:]):.2f}")
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                named = {n: p for n, p in unet.named_parameters() if "lora_" in n}
-                state = {f"param.{n}": p.detach().cpu().contiguous() for n, p in named.items()}
-                for n, p in named.items():
-                    st = opt.state.get(p)
-                    if st:
-                        state[f"exp_avg.{n}"] = st["exp_avg"].cpu().contiguous()
-                        state[f"exp_avg_sq.{n}"] = st["exp_avg_sq"].cpu().contiguous()
-                        state[f"step.{n}"] = torch.as_tensor(st["step"]).cpu().reshape(())
-                state["meta.step"] = torch.tensor(step + 1)
-                state["meta.generator"] = g.get_state()
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                save_file(state, str(ckpt))
-        bar.close()
+            loop.update(loss, acc=float(acc))
         factors = _peft_factors(unet, adapter)
     finally:
         unet.eval()
         unet.unload_lora()  # removes the peft layers: the UNet is as it was
         unet.requires_grad_(False)
         torch.random.set_rng_state(torch_state)
-    summary = {"category": category, "steps": steps, "start": start, "pairs": len(data), "beta": beta, "rank": rank,
-               "lr": lr, "batch_size": batch_size, "empty_share": empty_share, "seed": seed,
+    losses, accs = loop.losses, loop.metrics.get("acc", [])
+    summary = {"category": category, "steps": steps, "start": loop.start, "pairs": len(data), "beta": beta,
+               "rank": rank, "lr": lr, "batch_size": batch_size, "empty_share": empty_share, "seed": seed,
                "loss_last": sum(losses[-50:]) / max(1, len(losses[-50:])) if losses else None,
                "accuracy": sum(accs[-50:]) / max(1, len(accs[-50:])) if accs else None,
                "seconds": round(time.time() - t0, 2)}
     save_lora(out, factors, {**summary, "kind": "expert"})
-    if ckpt.is_file():
-        ckpt.unlink()
+    ckpts.clear()
     return {**summary, "losses": losses}
 
 

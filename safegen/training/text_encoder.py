@@ -80,6 +80,8 @@ import regex
 import torch
 import torch.nn.functional as F
 
+from .loop import Checkpoints, TrainingLoop, progress_bar
+
 __all__ = [
     "MAX_LENGTH", "BOS", "EOS", "EOW", "DEFAULT_VOCAB_SIZE", "DEFAULT_MODEL", "byte_symbols", "normalize_text",
     "pretokenize", "train_bpe", "bpe_vocab", "save_tokenizer", "load_tokenizer", "ReferenceBPE",
@@ -139,14 +141,6 @@ def pretokenize(text: str) -> list[str]:
     return [_symbols(w) for w in _WORD.findall(normalize_text(text))]
 
 
-def _bar(iterable=None, **kw):
-    """A tqdm progress bar that redraws at most every 30 s when stderr is not a terminal (log files)."""
-    from tqdm.auto import tqdm
-
-    kw.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)
-    return tqdm(iterable, **kw)
-
-
 def _merge_word(symbols: list[str], a: str, b: str) -> list[str]:
     """Replace every non-overlapping (a, b), left to right, by a+b."""
     out, i, n = [], 0, len(symbols)
@@ -193,7 +187,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, *, min
     merges: list[tuple[str, str]] = []
     bar = None
     if progress:
-        bar = _bar(total=n_merges, desc="BPE merges", unit="merge")
+        bar = progress_bar(total=n_merges, desc="BPE merges", unit="merge")
     while len(merges) < n_merges and heap:
         neg, pair = heapq.heappop(heap)
         count = pair_count.get(pair, 0)
@@ -365,7 +359,7 @@ class MiniLMTeacher:
     def _encode(self, texts: Sequence[str], progress: bool) -> torch.Tensor:
         out = torch.empty(len(texts), self.dim)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: less padding
-        for s in _bar(range(0, len(order), self.batch_size), desc="MiniLM targets", unit="batch",
+        for s in progress_bar(range(0, len(order), self.batch_size), desc="MiniLM targets", unit="batch",
                       disable=not progress):
             idx = order[s:s + self.batch_size]
             tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
@@ -594,7 +588,7 @@ def eos_features(model, tokenizer, texts: Sequence[str], batch_size: int = 128, 
     ids = tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH).input_ids
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.empty(len(ids), model.config.hidden_size)
-    for s in _bar(range(0, len(order), batch_size), desc="student EOS", unit="batch", disable=not progress):
+    for s in progress_bar(range(0, len(order), batch_size), desc="student EOS", unit="batch", disable=not progress):
         idx = order[s:s + batch_size]
         x, eos = _pad_batch([ids[i] for i in idx], tokenizer.pad_token_id)
         h = model(input_ids=x).last_hidden_state
@@ -643,50 +637,6 @@ def distill_loss(hidden: torch.Tensor, eos_pos: torch.Tensor, target: torch.Tens
 
 
 # ============================================================================================== training
-_CKPT = re.compile(r"^step-(\d{7})\.safetensors$")
-
-
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if _CKPT.match(p.name))
-
-
-def _save_checkpoint(ckpt_dir: Path, step: int, model, opt, meta: dict, keep: int = 2) -> Path:
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        for k, v in opt.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{i}.{k}"] = v.detach().contiguous().clone()
-    path = ckpt_dir / f"step-{step:07d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"safegen": json.dumps({**meta, "step": step})})
-    tmp.replace(path)
-    for old in _checkpoints(ckpt_dir)[:-keep]:
-        old.unlink()
-    return path
-
-
-def _load_checkpoint(path: Path, model, opt) -> dict:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("safegen", "{}"))
-    tensors = load_file(str(path))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    if opt is not None:
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
-            if state:
-                opt.state[p] = state
-    return meta
-
-
 def _epoch_batches(units: Sequence[tuple[int, ...]], lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
                    bucket: int = 32) -> list[list[int]]:
     """One epoch's batches (lists of text indices), seeded by (seed, epoch): units shuffled, sorted by length
@@ -775,7 +725,6 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
     Returns:
         The summary written to ``distill_info.json``.
     """
-    from diffusers.optimization import get_cosine_schedule_with_warmup
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -785,7 +734,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
         raise ValueError(f"init must be 'minilm' or 'random', got {init!r}")
     if steps < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
-    existing = _checkpoints(ckpt_dir)
+    ckpts = Checkpoints(ckpt_dir, "step")
+    existing = ckpts.paths()
     if existing and not resume:
         raise ValueError(f"{ckpt_dir} already holds checkpoints ({existing[-1].name}): pass resume=True (--resume) "
                          "to continue, or use another checkpoint folder")
@@ -835,24 +785,27 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
                          f"dimension {targets.shape[1]}")
     init_info = {}
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=max(1, steps))
-    start, elapsed_before, history = 0, 0.0, []
+    elapsed_before, history = 0.0, []
     run_args = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
                 "seed": seed, "vocab_size": vocab_size, "init": init, "prefixes_per_prompt": prefixes_per_prompt,
                 "w_rel": w_rel, "w_pad": w_pad, "w_prefix": w_prefix, "full_pad_every": full_pad_every}
+
+    def meta(step: int) -> dict:  # read when a checkpoint is written (t0: the loop's start, below)
+        return {"model_config": mcfg, "args": run_args, "seconds": elapsed_before + time.time() - t0,
+                "history": history[-400:], "init_info": init_info}
+
+    loop = TrainingLoop(model, opt, steps=steps, seed=seed, stream="text_encoder", schedule="cosine", warmup=warmup,
+                        clip=1.0, checkpoints=ckpts, checkpoint_every=checkpoint_every, meta=meta,
+                        desc="distil text encoder", progress=progress)
     if existing and resume:
-        saved = _load_checkpoint(existing[-1], model, opt)
+        saved = Checkpoints.metadata(existing[-1])
         if saved.get("model_config") != json.loads(json.dumps(mcfg)):
             raise ValueError(f"{existing[-1]}: model config {saved.get('model_config')} differs from this run's {mcfg}")
-        start = int(saved["step"])
+        saved = loop.resume()
         elapsed_before = float(saved.get("seconds", 0.0))
         history = list(saved.get("history", []))
         init_info = saved.get("init_info", {})
-        sched.last_epoch = start  # the schedule continues where the checkpoint stopped
-        sched._step_count = start + 1
-        for g, base in zip(opt.param_groups, sched.base_lrs):
-            g["lr"] = base * sched.lr_lambdas[0](start)
-        print(f"resuming from {existing[-1].name} (step {start} of {steps})", file=sys.stderr)
+        print(f"resuming from {existing[-1].name} (step {loop.start} of {steps})", file=sys.stderr)
     elif init == "minilm":
         from ..default_model import minilm_components
 
@@ -860,19 +813,13 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
         init_info = init_from_minilm(model, tokenizer, bert, bert_tok)
         del bert
 
-    def meta(step: int, seconds: float) -> dict:
-        return {"model_config": mcfg, "args": run_args, "seconds": seconds, "history": history[-400:],
-                "init_info": init_info}
-
-    # ---- loop
+    # ---- loop (the batches of a step depend only on seed and step: see _epoch_batches)
     model.train()
     t0 = time.time()
     epoch_cache: dict[int, list[list[int]]] = {}
     n_batches = math.ceil(len(texts) / batch_size)
     running: dict[str, list[float]] = defaultdict(list)
-    bar = _bar(total=steps, initial=min(start, steps), desc="distil text encoder", unit="step", disable=not progress)
-    step = start
-    while step < steps:
+    for step, _ in loop:
         epoch, j = divmod(step, n_batches)
         if epoch not in epoch_cache:
             epoch_cache.clear()
@@ -891,31 +838,20 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
             hidden, eos, targets[batch], w_rel=w_rel, w_pad=w_pad, w_prefix=w_prefix,
             prefix_rows=torch.as_tensor(pr, dtype=torch.long), prefix_pos=torch.as_tensor(pp, dtype=torch.long),
             prefix_target=p_targets[pt] if pt else None)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite loss at step {step}: {parts}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        step += 1
+        loop.update(loss, **{k: v for k, v in parts.items() if k != "loss"})
+        done = step + 1
         for k, v in parts.items():
             running[k].append(v)
-        bar.update(1)
-        if step % log_every == 0 or step == steps:
-            row = {"step": step, **{k: round(float(np.mean(v)), 5) for k, v in running.items()},
+        if done % log_every == 0 or done == steps:
+            row = {"step": done, **{k: round(float(np.mean(v)), 5) for k, v in running.items()},
                    "lr": float(opt.param_groups[0]["lr"]), "seconds": round(elapsed_before + time.time() - t0, 1)}
             running.clear()
-            if monitor_t is not None and eval_every and (step % eval_every == 0 or step == steps):
+            if monitor_t is not None and eval_every and (done % eval_every == 0 or done == steps):
                 row["monitor_spearman"] = round(_spearman_of_cosines(
                     eos_features(model, tokenizer, monitor_texts).numpy(), monitor_t), 4)
             history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
             tqdm.write(json.dumps(row), file=sys.stdout)
             sys.stdout.flush()
-        if step % checkpoint_every == 0 or step == steps:
-            _save_checkpoint(ckpt_dir, step, model, opt, meta(step, elapsed_before + time.time() - t0))
-    bar.close()
     seconds = elapsed_before + time.time() - t0
 
     # ---- export and report
@@ -935,7 +871,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
                       "disagreements": disagree[:5]},
         "data": {"texts": len(texts), "units": len(units), **counts, "prefix_targets": int(len(p_rows)),
                  "prefix_texts": len(p_texts)},
-        "train": {**run_args, "final_step": max(step, start), "seconds": round(seconds, 1),
+        "train": {**run_args, "final_step": loop.position, "seconds": round(seconds, 1),
                   "threads": torch.get_num_threads(), "init_info": init_info},
         "history": history,
     }
@@ -1122,7 +1058,8 @@ def fidelity_report(student: Callable[[list[str]], np.ndarray], teacher: Callabl
             on = o / np.linalg.norm(o, axis=1, keepdims=True).clip(1e-12)
             pn = p / np.linalg.norm(p, axis=1, keepdims=True).clip(1e-12)
             top1 = float(np.mean((on @ pn.T).argmax(1) == np.arange(n)))
-            auc = float(np.mean(pc[:, None] > rc[None, :]) + 0.5 * np.mean(pc[:, None] == rc[None, :]))
+            # P(paraphrase cosine > random-pair cosine), ties half
+            auc = float(roc_auc_score(np.r_[np.ones(n), np.zeros(n)], np.r_[pc, rc]))
             para[name] = {"paraphrase_cos_mean": float(pc.mean()), "random_cos_mean": float(rc.mean()),
                           "auc_vs_random": auc, "top1": top1}
         both_s = np.concatenate(cos["student"])
