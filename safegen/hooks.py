@@ -90,7 +90,7 @@ class HookHandle:
         if not self._live:
             return
         self._live = False
-        registry = getattr(self.module, "_diffusers_hook", None)
+        registry = self.module.__dict__.get("_diffusers_hook")
         if registry is not None:
             registry.remove_hook(self.name, recurse=False)
             _tidy(self.module)
@@ -122,9 +122,14 @@ def add_hook(module: torch.nn.Module, name: str, *, pre: Callable | None = None,
         raise ValueError(f"safegen hook names start with {PREFIX!r}, got {name!r}")
     if _HOOK_CLASS is None:
         _HOOK_CLASS = _model_hook_class()
-    if "_diffusers_hook" not in module.__dict__:
+    registry = module.__dict__.get("_diffusers_hook")
+    if registry is None:
         _CREATED[module] = ("forward" in module.__dict__, module.__dict__.get("forward"))
-    registry = HookRegistry.check_if_exists_or_initialize(module)
+        # in the module's own __dict__, not through setattr / HookRegistry.check_if_exists_or_initialize: a
+        # torch.compile'd module (OptimizedModule) forwards attribute reads and writes to the module it wraps,
+        # which would leave there a registry whose hooks wrap the wrapper's forward (never removed, and reused by
+        # the next hook added to the unwrapped module, which would then not run)
+        registry = module.__dict__["_diffusers_hook"] = HookRegistry(module)
     unique, n = name, 1
     while unique in registry.hooks:
         n += 1

@@ -214,9 +214,12 @@ class LVDConfig:
 def unet_fingerprint(pipe) -> dict[str, Any]:
     """What identifies the latent space a classifier was trained on: the denoiser's class and config digest,
     and its latent channels."""
-    den = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    den = getattr(pipe, "unet", None)
+    if den is None:  # not ``or``: a torch.compile'd module (OptimizedModule) raises TypeError in bool()
+        den = getattr(pipe, "transformer", None)
     if den is None:
         raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer; LVD needs a denoiser")
+    den = getattr(den, "_orig_mod", den)  # torch.compile(unet) wraps it: the fingerprint is the model's own
     cfg = {k: v for k, v in dict(den.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     probe = next(iter(den.parameters())).detach().flatten()[:4096].double()  # tells two trainings apart

@@ -38,6 +38,11 @@ class _Attached:
     had_merged: bool
 
 
+def _compiled_inner(module):
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) wraps; ``None`` for a plain module."""
+    return module._orig_mod if type(module).__name__ == "OptimizedModule" else None
+
+
 @dataclass(repr=False)
 class SafetyDPO(Guard):
     """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA.
@@ -117,6 +122,10 @@ class SafetyDPO(Guard):
                             f"denoiser is a {type(protection.denoiser).__name__})")
         if not hasattr(pipe, "load_lora_weights"):
             raise TypeError(f"{type(pipe).__name__} has no LoRA loader; SafetyDPO needs diffusers' LoRA support")
+        if _compiled_inner(pipe.unet) is not None:
+            raise TypeError("SafetyDPO loads LoRA weights into the UNet, and diffusers' LoRA loader cannot reach into "
+                            "a torch.compile(pipe.unet) wrapper (OptimizedModule): protect before compiling, or "
+                            "compile in place with pipe.unet.compile()")
         metas = [read_lora(f, pipe.unet)[1] for f in self._files]  # clear errors before anything changes
         modules = _lora_modules(pipe.unet)
         originals = {n: m.weight.detach().clone() for n, m in modules.items()}
@@ -141,13 +150,19 @@ class SafetyDPO(Guard):
             pipe.unload_lora_weights()
         except Exception:  # nothing loaded
             pass
+        unet = pipe.unet
+        inner = _compiled_inner(unet)
+        if inner is not None:  # compiled after protect: diffusers' unloader skips the wrapper, unload what it wraps
+            if getattr(inner, "peft_config", None):
+                inner.unload_lora()
+            unet = inner
         merged = pipe.__dict__.get("_merged_adapters")
         if isinstance(merged, set):  # diffusers' record of fused adapters: ours are undone by restoring weights
             mine = {n for n in merged if str(n).startswith("safegen_dpo_")}
             pipe._merged_adapters = merged - mine
             if not pipe._merged_adapters and not had_merged:  # as diffusers left it before: the class default
                 del pipe.__dict__["_merged_adapters"]
-        modules = _lora_modules(pipe.unet)
+        modules = _lora_modules(unet)
         with torch.no_grad():
             for n, w in originals.items():
                 modules[n].weight.copy_(w)
