@@ -15,30 +15,47 @@ from __future__ import annotations
 
 import re
 
-#: The canonical name of every guard, in stage order.
-GUARD_NAMES = ("latent-guard", "safree", "sld", "lvd", "safetydpo", "output")
+#: THE guard registry: canonical name -> (module of :mod:`safegen.guards`, class), in stage order. Adding a guard is
+#: one file in ``safegen/guards/`` plus one line here; everything else (policy keys, the CLI, the demo, reports)
+#: reads this table. Strings only: the classes load on first use.
+GUARDS: dict[str, tuple[str, str]] = {
+    "latent-guard": ("latent_guard", "LatentGuard"),
+    "safree": ("safree", "Safree"),
+    "sld": ("sld", "SLD"),
+    "lvd": ("lvd", "LVD"),
+    "safetydpo": ("safetydpo", "SafetyDPO"),
+    "output": ("output", "OutputGuard"),
+}
 
-#: Other spellings accepted on input (after lower-casing and ``_`` → ``-``): the class names.
-_ALIASES = {"latentguard": "latent-guard", "outputguard": "output", "output-guard": "output"}
+#: Named settings: preset -> (guard, settings or the name of a classmethod of the guard that makes them). A guard's
+#: own name is also a preset (of its default settings).
+PRESETS: dict[str, tuple[str, object]] = {
+    "safree-lra": ("safree", {"reattention": True}),
+    "safree-official": ("safree", {"official": True}),
+    "sld-weak": ("sld", "weak"),
+    "sld-medium": ("sld", "medium"),
+    "sld-strong": ("sld", "strong"),
+    "sld-max": ("sld", "max"),
+    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
+    "output-check": ("output", {"action": "placeholder"}),
+    "output-blur": ("output", {"action": "blur"}),
+    "output-regenerate": ("output", {"action": "regenerate"}),
+    "output-check-nudenet": ("output", {"oracle": "nudenet", "action": "placeholder"}),
+}
+
+#: The canonical name of every guard, in stage order.
+GUARD_NAMES = tuple(GUARDS)
+
+#: Other spellings accepted on input (after lower-casing and ``_`` → ``-``, dashes dropped): the class names.
+_ALIASES = {cls.lower(): name for name, (_, cls) in GUARDS.items()}
 
 #: Every preset name accepted by ``protect(guards=[...])``, a policy's ``guards:`` list and the CLI's
-#: ``--guards``, mapped to the guard it makes (a guard's own name is a preset of its default settings).
-PRESET_GUARDS: dict[str, str] = {
-    "latent-guard": "latent-guard",
-    "safree": "safree",
-    "safree-lra": "safree",
-    "sld": "sld",
-    "sld-weak": "sld",
-    "sld-medium": "sld",
-    "sld-strong": "sld",
-    "sld-max": "sld",
-    "lvd": "lvd",
-    "safetydpo": "safetydpo",
-    "output-check": "output",
-    "output-blur": "output",
-    "output-regenerate": "output",
-    "output-check-nudenet": "output",
-}
+#: ``--guards``, mapped to the guard it makes, each guard followed by its presets.
+PRESET_GUARDS: dict[str, str] = {}
+for _name in GUARDS:
+    PRESET_GUARDS[_name] = _name
+    PRESET_GUARDS.update({p: g for p, (g, _) in PRESETS.items() if g == _name})
+del _name
 
 
 def normalize_preset(name: str) -> str:

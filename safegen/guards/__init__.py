@@ -1,6 +1,7 @@
-"""The guards, one file each, and their registry. Adding a guard is one file in this package (a
-:class:`safegen.guard.Guard` subclass) plus one line in :data:`GUARDS` (and its name in
-:data:`safegen.guard_names.GUARD_NAMES`); presets are named settings in :data:`PRESETS`.
+"""The guards, one file each. Adding a guard is one file in this package (a :class:`safegen.guard.Guard`
+subclass) plus one line in the registry, :data:`safegen.guard_names.GUARDS` (a leaf module: the policy loader and
+the CLI read names without importing a guard); presets are named settings in
+:data:`safegen.guard_names.PRESETS`.
 
 Example:
     >>> from safegen.guards import resolve_guard, guard_info
@@ -16,32 +17,7 @@ import importlib
 from typing import Any, Mapping
 
 from ..guard import STAGES, Guard, GuardError
-from ..guard_names import GUARD_NAMES, PRESET_GUARDS, canonical_guard, normalize_preset
-
-#: Every guard: canonical name -> (module of this package, class). One line per guard; loaded on first use.
-GUARDS: dict[str, tuple[str, str]] = {
-    "latent-guard": ("latent_guard", "LatentGuard"),
-    "safree": ("safree", "Safree"),
-    "sld": ("sld", "SLD"),
-    "lvd": ("lvd", "LVD"),
-    "safetydpo": ("safetydpo", "SafetyDPO"),
-    "output": ("output", "OutputGuard"),
-}
-
-#: Named settings: preset -> (guard, settings or the name of a classmethod that makes them).
-PRESETS: dict[str, tuple[str, Any]] = {
-    "safree-lra": ("safree", {"reattention": True}),
-    "sld-weak": ("sld", "weak"),
-    "sld-medium": ("sld", "medium"),
-    "sld-strong": ("sld", "strong"),
-    "sld-max": ("sld", "max"),
-    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
-    "output-check": ("output", {"action": "placeholder"}),
-    "output-blur": ("output", {"action": "blur"}),
-    "output-regenerate": ("output", {"action": "regenerate"}),
-    "output-check-nudenet": ("output", {"oracle": "nudenet", "action": "placeholder"}),
-}
-
+from ..guard_names import GUARD_NAMES, GUARDS, PRESET_GUARDS, PRESETS, canonical_guard, normalize_preset
 
 def guard_class(name: str) -> type[Guard]:
     """The class of the guard ``name`` (any accepted spelling); ``ValueError`` naming the guards otherwise."""
