@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     g.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
                    help="prompts per pipeline call (default 8); each prompt has its own generator seeded with "
-                        "--seed, so the images do not depend on it")
+                        "--seed, so the images do not depend on it (up to float rounding of a batched call)")
     g.add_argument("--guidance", type=_float, default=None, metavar="X", help="guidance scale (pipeline default)")
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")

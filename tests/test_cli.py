@@ -242,7 +242,7 @@ def test_missing_default_model_is_a_clear_error(tmp_path, capsys, monkeypatch):
 
 def test_generate_batches_give_the_images_of_single_calls_and_store_the_settings(tmp_path, capsys):
     """--batch-size changes how many prompts share a pipeline call, not the images (each prompt has its own
-    generator); every report.json entry stores the guards' settings (to_dict, rebuilt by guard_from_dict) and
+    generator; only float rounding of the batched UNet differs); every report.json entry stores the guards' settings (to_dict, rebuilt by guard_from_dict) and
     the policy's content and digest; one progress bar counts the denoising steps."""
     import numpy as np
     from PIL import Image
@@ -258,9 +258,9 @@ def test_generate_batches_give_the_images_of_single_calls_and_store_the_settings
         assert code == 0, err
         calls = -(-len(prompts) // size)
         assert f"denoising: 100%" in err and f"{3 * calls}/{3 * calls}" in err  # one bar: calls x 3 steps
-    for i in range(3):
-        a, b = (np.asarray(Image.open(tmp_path / str(n) / f"{i:03d}.png")) for n in (1, 2))
-        assert np.array_equal(a, b), i
+    for i in range(3):  # the same noise per prompt; a batched UNet call differs only by float rounding (~1e-5)
+        a, b = (np.asarray(Image.open(tmp_path / str(n) / f"{i:03d}.png")).astype(int) for n in (1, 2))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01, i
     entries = json.loads((tmp_path / "2" / "report.json").read_text())
     assert [e["index"] for e in entries] == [0, 1, 2]
     settings = entries[1]["settings"]

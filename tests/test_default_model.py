@@ -121,7 +121,7 @@ def test_guards_run_on_the_default_model(pipe):
 
 # ----------------------------------------------------------------------------------------------- training
 @needs_data
-def test_training_script_runs_saves_and_resumes(tmp_path):
+def test_training_script_runs_saves_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "m"
     kw = dict(data_dir=DATA, vae_steps=2, batch_size=4, vae_batch_size=2, limit=24, seed=3, progress=False,
               checkpoint_every=1)
@@ -130,10 +130,20 @@ def test_training_script_runs_saves_and_resumes(tmp_path):
     assert dm.is_default_model_folder(out)
     assert not any((out / "text_encoder").glob("*.safetensors"))
     ckpts = sorted(p.name for p in (tmp_path / "m-checkpoints").glob("*.safetensors"))
+    states = [n for n in ckpts if n.startswith("states-")]  # the encoded prompts, cached for resumes
+    assert len(states) == 1
+    ckpts.remove(states[0])
     assert ckpts == ["unet-0000001.safetensors", "unet-0000002.safetensors",
                      "vae-0000001.safetensors", "vae-0000002.safetensors"]
     # resuming with more UNet steps continues from step 2 and keeps the finished VAE
     vae_before = (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    encode = dm_training._encode_prompts
+
+    def only_the_empty_prompt(te, tok, prompts, *a, **k):  # the resume reads the cached prompt states
+        assert list(prompts) == [""], "a resume re-encoded the training prompts"
+        return encode(te, tok, prompts, *a, **k)
+
+    monkeypatch.setattr(dm_training, "_encode_prompts", only_the_empty_prompt)
     s2 = dm_training.train(out, unet_steps=3, resume=True, **kw)
     assert s2["vae_start"] == 2 and s2["unet_start"] == 2
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_before
