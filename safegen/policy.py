@@ -130,8 +130,11 @@ class Policy:
         >>> policy = safegen.load_policy("default")
         >>> policy.add_concept("violence", "chainsaw massacre")
         >>> policy.sensitivity = 1.5
-        >>> policy.threshold("violence", "safree") < policy.categories["violence"].thresholds["safree"]
-        True
+        >>> policy.categories["violence"].set_threshold("safree", 0.45)  # else SAFREE's calibrated one
+        >>> round(policy.threshold("violence", "safree"), 4)  # what SAFREE compares with: 0.45 / 1.5
+        0.3
+        >>> round(policy.threshold("hate", "safree", default=0.42), 4)  # a calibrated threshold scales the same
+        0.28
     """
 
     name: str

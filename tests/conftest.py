@@ -3,6 +3,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# calibrations (SAFREE's gate and SVF) are computed once per encoder in this test session, never read from or
+# written to the user's cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("SAFEGEN_CACHE", tempfile.mkdtemp(prefix="safegen-test-cache-"))
 
 import pytest
 import torch

@@ -10,17 +10,21 @@ def test_default_policy_covers_categories():
     pol = safegen.load_policy("default")
     assert set(CATEGORIES) <= set(pol.categories)
     for cat in pol.categories.values():
-        assert cat.concepts and cat.action in ("block", "steer", "log") and "safree" in cat.thresholds
+        assert cat.concepts and cat.action in ("block", "steer", "log")
+        # no fixed SAFREE threshold: SAFREE calibrates one per text encoder (a number here would override it)
+        assert "safree" not in cat.thresholds
     assert "default" in builtin_policies()
 
 
 def test_sensitivity_scales_every_threshold():
     pol = safegen.load_policy("default")
+    pol.categories["violence"].set_threshold("safree", 0.4)
     base = pol.threshold("violence", "safree")
     pol.sensitivity = 2.0
-    assert pol.threshold("violence", "safree") == pytest.approx(base / 2)
-    assert safegen.load_policy("default", sensitivity=0.5).threshold("hate", "safree") == pytest.approx(
-        pol.categories["hate"].thresholds["safree"] * 2)
+    assert pol.threshold("violence", "safree") == pytest.approx(base / 2) == pytest.approx(0.2)
+    # a calibrated threshold (the guard's default) scales the same way
+    assert safegen.load_policy("default", sensitivity=0.5).threshold("hate", "safree", default=0.3) == \
+        pytest.approx(0.6)
     with pytest.raises(PolicyError, match="sensitivity"):
         pol.sensitivity = 0
     with pytest.raises(PolicyError, match="no threshold for guard 'lvd'"):
@@ -129,7 +133,7 @@ def test_thresholds_set_in_code_are_checked():
             cat.set_threshold("safree", bad)
     with pytest.raises(PolicyError, match="'latent-gaurd' is not a guard name"):
         cat.set_threshold("latent-gaurd", 0.3)  # a typo would otherwise be ignored by every guard
-    assert cat.thresholds["safree"] == 0.55
+    assert "safree" not in cat.thresholds  # refused values leave nothing behind
     # written behind the setter's back: the guards' query refuses it (a NaN compares False: it would pass all)
     cat.thresholds["safree"] = float("nan")
     with pytest.raises(PolicyError, match="category 'violence': the threshold of guard 'safree' must be a finite"):

@@ -21,6 +21,12 @@ Deviation from the paper, on purpose: SAFREE's leave-one-out rule finds "trigger
 This guard first decides whether a prompt is about a category at all (a literal concept phrase, or the
 cosine of its summary vector to the category's span, measured from the empty prompt, ≥ the policy's
 ``safree`` threshold); prompts that are not are left exactly as they were (bit-identical output).
+
+Calibration (``calibrate=True``): the gate's thresholds and SVF's c are constants of the encoder, not of the
+method. They are calibrated once per text encoder on the benign reference prompts (:mod:`safegen.calibration`):
+each category's threshold at a false-positive budget, c as 10 × the midpoint of the mean beta of unsafe seed
+prompts and benign ones (the authors' own rule for their c = 5.333 on CLIP). ``official=True`` runs the method
+with the authors' settings and no gate.
 """
 
 from __future__ import annotations
@@ -150,11 +156,15 @@ def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
     max_len = call_default(call, "max_sequence_length") if call.spec.encode == "t5" else None
+    return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
+
+
+def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_Stream]:
+    """The pipeline's conditioning streams (cached per pipeline): SDXL's two encoders, else its one."""
     key = ("safree-streams", clip_skip, max_len)
     if key in cache:
         return cache[key]
-    pipe = call.pipe
-    if call.spec.encode == "sdxl":
+    if encode == "sdxl":
         s = []
         start = 0
         for name, tok, te, arg in (("text_encoder", pipe.tokenizer, pipe.text_encoder, "prompt"),
@@ -214,6 +224,7 @@ class _CallState:
     lra: Any = None
     loop: dict | None = None
     reported: bool = False
+    calibration: dict | None = None  # where the thresholds and SVF's c came from (for the report)
 
 
 @dataclass(repr=False)
@@ -234,7 +245,20 @@ class Safree(Guard):
             negative prompt of flagged prompts (the authors do this for every number they report).
         sdxl_pooled (`str`, defaults to `"project"`): SDXL's pooled embedding during filtered steps:
             ``"project"`` removes the concept span from it, ``"keep"`` leaves it (the authors' code).
-        threshold (`float`, defaults to 0.55): gate threshold for categories whose policy sets none.
+        threshold (`float`, defaults to 0.55): gate threshold for categories whose policy sets none, when
+            ``calibrate=False`` (0.55 was chosen on CLIP; it means little on other encoders).
+        calibrate (`bool`, defaults to `True`): calibrate the gate and SVF for the pipeline's text encoder on the
+            benign reference prompts (:mod:`safegen.calibration`), once per encoder (cached on disk): each
+            category's threshold is set so that at most ``fpr_budget`` of benign prompts fire the gate in any
+            category (before sensitivity; a policy's own ``safree`` threshold wins), and SVF's ``c`` is fitted as
+            the authors' code does, 10 × the midpoint between the mean beta of unsafe seed prompts ("a photo of
+            <concept>") and of benign prompts. The report's details say which thresholds and c were used.
+        fpr_budget (`float`, defaults to 0.01): the calibrated gate's false-positive budget on benign prompts.
+        official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
+            steered over every ``steer`` category's span, their keywords as every prompt's negative prompt), their
+            constants gamma=10, k=2.5, c=5.333 on a 50-step scale without rescaling, SDXL's pooled embedding kept.
+            A ``block`` category still blocks the prompts the gate flags. The fields it fixes must keep their
+            defaults.
 
     Example:
         >>> import safegen
@@ -258,7 +282,7 @@ class Safree(Guard):
     svf: bool = True
     svf_gamma: float = 10.0
     svf_k: float = 2.5
-    svf_c: float = 5.333
+    svf_c: float | None = None
     svf_scale_steps: bool = True
     reattention: bool = False
     reattention_tau: int = 1
@@ -267,7 +291,13 @@ class Safree(Guard):
     negative_prompt: bool = True
     sdxl_pooled: str = "project"
     threshold: float = 0.55
+    calibrate: bool = True
+    fpr_budget: float = 0.01
+    official: bool = False
     encode_batch: int = 256
+
+    #: The authors' constants (official code, nudity): SVF's gamma, k and c on a 50-step scale.
+    OFFICIAL_SVF: ClassVar[tuple[float, float, float]] = (10.0, 2.5, 5.333)
 
     def __post_init__(self):
         if not 0 <= self.alpha < 10:
@@ -286,6 +316,32 @@ class Safree(Guard):
             raise ValueError(f"Safree(threshold=...) must be ≥ 0, got {self.threshold}")
         if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"Safree(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
+        if not (isinstance(self.fpr_budget, (int, float)) and 0 < self.fpr_budget < 0.5):
+            raise ValueError(f"Safree(fpr_budget=...) is a share of benign prompts in (0, 0.5), got {self.fpr_budget!r}")
+        if self.svf_c is not None and not (isinstance(self.svf_c, (int, float)) and math.isfinite(self.svf_c)):
+            raise ValueError(f"Safree(svf_c=...) must be a finite number or None (calibrated), got {self.svf_c!r}")
+        if self.official:
+            fixed = {"svf_gamma": 10.0, "svf_k": 2.5, "svf_c": None, "svf_scale_steps": True, "projection": True,
+                     "svf": True, "negative_prompt": True, "sdxl_pooled": "project"}
+            changed = [k for k, v in fixed.items() if getattr(self, k) != v]
+            if changed:
+                raise ValueError(f"Safree(official=True) fixes {', '.join(changed)} to the authors' settings; "
+                                 "leave them at their defaults (or use official=False to set them)")
+
+    @classmethod
+    def authors(cls, **overrides: Any) -> "Safree":
+        """SAFREE as the authors run it (``official=True``)."""
+        return cls(official=True, **overrides)
+
+    def svf_constants(self, calibration: dict | None) -> tuple[float, float, float, bool]:
+        """``(gamma, k, c, rescale)`` of SVF: the authors' in official mode; else the fields, with c calibrated
+        when ``svf_c`` is None (the authors' 5.333 without a calibration)."""
+        if self.official:
+            return (*self.OFFICIAL_SVF, False)
+        c = self.svf_c
+        if c is None:
+            c = calibration["svf_c"] if calibration and calibration.get("svf_c") is not None else self.OFFICIAL_SVF[2]
+        return self.svf_gamma, self.svf_k, float(c), self.svf_scale_steps
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
@@ -295,7 +351,12 @@ class Safree(Guard):
                            "policy's embeddings_only=%r every call is %s", type(protection.pipe).__name__, mode,
                            "let through unchecked" if mode == "allow" else "blocked")
         else:
-            self._warn_if_unselective(protection)
+            calibration = None
+            if self.calibrate:  # at protect() time: its seconds are spent here, once per encoder (disk cache)
+                max_len = 226 if protection.spec.encode == "t5" else None
+                streams = _pipe_streams(protection.pipe, protection.spec.encode, protection.cache, None, max_len)
+                calibration = self._calibration(protection.cache, streams[-1], protection.policy)
+            self._warn_if_unselective(protection, calibration)
         den = type(protection.denoiser).__name__
         if self.reattention and not self._has_skips(protection.denoiser) and den not in _WARNED:
             _WARNED.add(den)  # once per process and backbone class (the reports say it on every call)
@@ -303,7 +364,7 @@ class Safree(Guard):
                            "re-attention is not applied (the rest of SAFREE is); see safegen.guards.safree",
                            type(protection.pipe).__name__, type(protection.denoiser).__name__)
 
-    def _warn_if_unselective(self, protection) -> None:
+    def _warn_if_unselective(self, protection, calibration: dict | None = None) -> None:
         """Say at protect() time when the gate cannot tell prompts apart on this text encoder: a category whose
         k concept phrases span k of the encoder's D dimensions gives a *random* direction a cosine of about
         √(k/D) to its span; when that reaches the category's threshold, every prompt passes the gate (diffusers'
@@ -317,17 +378,22 @@ class Safree(Guard):
         loose = []
         for cat in policy.categories:
             chance = math.sqrt(min(len(policy.concepts(cat)), width) / width)
+            calibrated = calibration["thresholds"][cat] if calibration else None
             try:
-                threshold = policy.threshold(cat, self.name, self.threshold)
+                threshold = policy.threshold(cat, self.name, calibrated if calibration else self.threshold)
             except ValueError:  # a bad threshold fails the calls closed; nothing to warn about here
                 continue
-            if chance >= threshold:
-                loose.append(f"{cat} (≈{chance:.2f})")
+            if threshold > 1.0:  # no cosine reaches it: only literal phrases fire, which is selective
+                continue
+            if chance >= threshold or calibrated is not None and calibrated >= 0.95:
+                # (calibrated near 1: benign reference prompts already score that close to the concept span)
+                loose.append(f"{cat} (≈{max(chance, calibrated or 0):.2f})")
         if loose:
             logger.warning("safegen: SAFREE cannot be selective on %s's %d-dimensional text encoder: for %s the "
-                           "concept span covers so much of the space that a random prompt reaches the gate's "
-                           "threshold, so every prompt is steered; use a real encoder, or raise the categories' "
-                           "safree thresholds (lower sensitivity) to rely on literal phrases only",
+                           "concept span covers so much of the space that unrelated prompts score about that "
+                           "close to it, so the gate steers prompts by chance; use a real encoder, or raise the "
+                           "categories' safree thresholds above 1 (lower sensitivity) to rely on literal phrases "
+                           "only",
                            type(pipe).__name__, width, ", ".join(loose))
 
     @staticmethod
@@ -359,6 +425,145 @@ class Safree(Guard):
             hit = (orthonormal_basis(centered.T), origin, _phrase_regex(phrases), unit, phrases)
             cache[key] = hit
         return hit
+
+    def _gate_scores(self, cache: dict, stream: _Stream, summary: torch.Tensor, policy, cats: Sequence[str]):
+        """The gate's cosine per prompt and category, ``(B, K)`` on the CPU, for summaries ``(B, D)`` (text) or
+        token states ``(B, L, D)`` (embeddings: the best position after the first); and per category the index
+        of each prompt's closest concept phrase (text only, else ``None``)."""
+        scores = torch.empty(summary.shape[0], len(cats))
+        closest = []
+        for j, cat in enumerate(cats):
+            basis, origin, _, unit, _ = self._gate_space(cache, stream, cat, policy)
+            x = summary - origin.to(summary.device)
+            cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
+            scores[:, j] = (cos if cos.ndim == 1 else cos[:, 1:].amax(-1)).cpu()
+            closest.append((x @ unit.T.to(x.device)).argmax(-1).tolist() if summary.ndim == 2 else None)
+        return scores, closest
+
+    # ------------------------------------------------------------------ calibration
+    CALIBRATION_VERSION: ClassVar[int] = 2
+    BETA_REFERENCE: ClassVar[int] = 200  # benign prompts whose beta is measured (every 5th of the 1,000)
+
+    def _thresholds(self, policy, calibration: dict | None) -> list[float]:
+        """Each category's effective gate threshold: the policy's ``safree`` threshold when it sets one, else the
+        calibrated one (``calibrate=True``), else ``threshold``; divided by the policy's sensitivity."""
+        out = []
+        for cat in policy.categories:
+            default = calibration["thresholds"][cat] if calibration else self.threshold
+            out.append(policy.threshold(cat, self.name, default))
+        return out
+
+    def _calibration(self, cache: dict, stream: _Stream, policy) -> dict | None:
+        """The calibration of ``stream``'s encoder for the policy's concepts (``None`` when ``calibrate`` is off):
+        from this pipeline's cache, else the disk cache, else computed (:meth:`calibrate_stream`)."""
+        if not self.calibrate:
+            return None
+        phrases = tuple((c, tuple(policy.concepts(c))) for c in policy.categories)
+        key = ("safree-calibration", stream.name, id(stream.adapter), phrases, float(self.fpr_budget))
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = self.calibrate_stream(cache, stream, policy)
+        return hit
+
+    def calibrate_stream(self, cache: dict, stream: _Stream, policy) -> dict:
+        """Calibrate the gate and SVF's c for one conditioning stream (cached on disk by encoder fingerprint,
+        concepts, budget and reference set; see :mod:`safegen.calibration`)."""
+        import hashlib
+        import json
+
+        from ..calibration import (budget_thresholds, encoder_fingerprint, fire_rate, load_cached,
+                                   reference_digest, reference_prompts, save_cached)
+
+        ad = stream.adapter
+        cats = list(policy.categories)
+        concepts = {c: list(policy.concepts(c)) for c in cats}
+        fingerprint = encoder_fingerprint(ad.encoder, ad.tokenizer, layer=ad.layer, final_norm=ad.final_norm,
+                                          summary=ad.summary_kind, max_length=ad.max_length, mask=ad.mask_token_id,
+                                          attention_mask=ad.use_attention_mask)
+        key = hashlib.blake2b(json.dumps([self.CALIBRATION_VERSION, fingerprint, concepts, float(self.fpr_budget),
+                                          reference_digest(), self.BETA_REFERENCE]).encode(),
+                              digest_size=16).hexdigest()
+        cached = load_cached("safree", key)
+        if cached is not None and set(cached.get("thresholds", {})) == set(cats):
+            return cached
+        ref = reference_prompts()
+        # padded as the pipeline pads (its full length): the scores are bit-for-bit the ones the gate computes
+        # from the pipeline's prompt_embeds, so a threshold just above a benign score stays above it at run time
+        summaries = torch.cat([ad.encode(ad.tokenize(ref[i:i + self.encode_batch])).summary.float()
+                               for i in range(0, len(ref), self.encode_batch)])
+        scores, _ = self._gate_scores(cache, stream, summaries, policy, cats)
+        if not bool(torch.isfinite(scores).all()):
+            raise NonFiniteError(f"SAFREE calibration: the gate's scores on the reference prompts are not finite "
+                                 f"for encoder {ad.name}")
+        thresholds = budget_thresholds(scores, self.fpr_budget)
+        # SVF's c, as the authors fit it: 10 x the midpoint between the classes' mean beta
+        picked = list(range(0, len(ref), max(1, len(ref) // self.BETA_REFERENCE)))[: self.BETA_REFERENCE]
+        top = scores[picked].argmax(1).tolist()
+        benign, unsafe = [], []
+        for j, cat in enumerate(cats):
+            basis = self._space(cache, stream, (cat,), policy)
+            mine = [ref[i] for i, t in zip(picked, top) if t == j]
+            if mine:
+                benign.append(self._beta_of(ad, mine, basis))
+            unsafe.append(self._beta_of(ad, [f"a photo of {p}" for p in concepts[cat]], basis))
+        beta_b, beta_u = torch.cat(benign), torch.cat(unsafe)
+        mb, mu = float(beta_b.mean()), float(beta_u.mean())
+        data = {"encoder": ad.name, "fingerprint": fingerprint, "budget": float(self.fpr_budget),
+                "thresholds": {c: float(t) for c, t in zip(cats, thresholds)},  # exact: the budget holds
+                "reference_fire_rate": round(fire_rate(scores, thresholds), 6), "n_reference": len(ref),
+                "beta_benign": round(mb, 6), "beta_unsafe": round(mu, 6), "n_beta_benign": len(beta_b),
+                "n_beta_unsafe": len(beta_u),
+                # on an encoder where unsafe prompts do not move further from their span than benign ones, the
+                # midpoint means nothing: keep the authors' constant and say so
+                "svf_c": round(10 * (mb + mu) / 2, 6) if mu > mb else None}
+        save_cached("safree", key, data)
+        return data
+
+    def _beta_of(self, ad: TextEncoderAdapter, texts: list[str], basis: torch.Tensor) -> torch.Tensor:
+        """SVF's beta of each text against ``basis`` (every token projected, as SVF measures it)."""
+        out = []
+        for i in range(0, len(texts), 32):
+            sb = ad.tokenize(texts[i:i + 32], pad_to_longest=True)
+            tokens = ad.encode(sb).tokens.float()
+            _, projected = self._analyse_text(ad, sb, tokens, basis)
+            att = sb.attention_mask[:, : tokens.shape[1]].to(tokens.device)
+            out.append(svf_steps(tokens, projected, att)[1].cpu())
+        return torch.cat(out)
+
+    def _calibration_note(self, policy, calibration: dict | None, svf: tuple) -> dict:
+        """What the report says about where the gate's thresholds and SVF's constants came from."""
+        gamma, k, c, rescale = svf
+        own = [cat for cat in policy.categories if policy.categories[cat].thresholds.get(self.name) is not None]
+        note = {"mode": "official" if self.official else "calibrated" if calibration else "fixed",
+                "svf": {"gamma": gamma, "k": k, "c": round(c, 4), "rescaled": rescale},
+                "sensitivity": float(policy.sensitivity)}
+        if calibration:
+            note.update({"budget": calibration["budget"], "encoder": calibration["encoder"],
+                         "svf_c_fitted": calibration["svf_c"] is not None})
+        if own:
+            note["policy_thresholds"] = own
+        return note
+
+    def calibration(self, pipe, policy=None) -> dict:
+        """The calibration this guard uses on ``pipe`` (its primary text encoder) for ``policy`` (default: the
+        default policy): per-category gate thresholds before sensitivity, the fire rate they give on the benign
+        reference, SVF's fitted c and the two mean betas it is the midpoint of.
+
+        Example:
+            >>> from safegen.guards import Safree
+            >>> from safegen.testing import tiny_sd_pipeline
+            >>> cal = Safree(fpr_budget=0.05).calibration(tiny_sd_pipeline())
+            >>> cal["budget"], cal["reference_fire_rate"] <= 0.05, sorted(cal["thresholds"])[:2]
+            (0.05, True, ['harassment', 'hate'])
+        """
+        from ..policy import load_policy
+        from ..specs import pipeline_spec
+
+        policy = load_policy("default") if policy is None else policy
+        spec = pipeline_spec(pipe)
+        max_len = 226 if spec.encode == "t5" else None
+        stream = _pipe_streams(pipe, spec.encode, {}, None, max_len)[-1]
+        return self.calibrate_stream({}, stream, policy)
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
@@ -392,15 +597,13 @@ class Safree(Guard):
                 summary = stream.adapter.summarize(pe[..., stream.dims], batch.attention_mask).float()
             else:
                 summary = pe[..., stream.dims].float()  # (B, L, D): every position is a candidate
+            found, closest = self._gate_scores(cache, stream, summary, policy, cats)
             for j, cat in enumerate(cats):
-                basis, origin, _, unit, phrases = self._gate_space(cache, stream, cat, policy)
-                x = summary - origin.to(summary.device)
-                cos = (x @ basis).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)
-                cos = cos if cos.ndim == 1 else cos[:, 1:].amax(-1)
-                better = (cos.cpu() > scores[:, j]) | torch.isnan(cos.cpu())
-                scores[:, j] = torch.where(better, cos.cpu(), scores[:, j])
+                better = (found[:, j] > scores[:, j]) | torch.isnan(found[:, j])
+                scores[:, j] = torch.where(better, found[:, j], scores[:, j])
                 if text_mode:  # the single concept closest to each prompt, for the report
-                    for b, k in enumerate((x @ unit.T.to(x.device)).argmax(-1).tolist()):
+                    phrases = self._gate_space(cache, stream, cat, policy)[4]
+                    for b, k in enumerate(closest[j]):
                         if better[b]:
                             nearest[b][j] = phrases[k]
         # ---- the literal route: a concept phrase written in any text that conditions the model
@@ -414,19 +617,23 @@ class Safree(Guard):
                         if m:
                             lexical[b][j] = m.group(0)
                             break
-        thresholds = torch.tensor([policy.threshold(c, self.name, self.threshold) for c in cats])
+        calibration = self._calibration(cache, primary, policy)
+        thresholds = torch.tensor(self._thresholds(policy, calibration))
+        svf = self.svf_constants(calibration)
         lex = torch.tensor([[h is not None for h in row] for row in lexical], dtype=torch.bool).view(B, len(cats))
         # a NaN score or threshold cannot be decided on (score >= NaN is False): those prompts fail closed,
         # unless a literal phrase already decides them
         bad = (~torch.isfinite(scores) | ~torch.isfinite(thresholds)).any(1) & ~lex.any(1)
         fired = (scores >= thresholds) | lex
         state = _CallState(fired=fired, scores=scores, lexical=lexical, cats=cats, thresholds=thresholds,
-                           nearest=nearest, error=bad)
+                           nearest=nearest, error=bad, calibration=self._calibration_note(policy, calibration, svf))
         call.set_state(self, state)
         actions = [policy.categories[c].action for c in cats]
         blocked_before = torch.tensor(call.blocked_prompts)  # an earlier stage's block: nothing left to steer
         block = (torch.tensor([[a == "block" for a in actions]]) & fired).any(1) & ~blocked_before & ~bad
-        steer = torch.tensor([[a == "steer" for a in actions]]) & fired & ~(block | bad | blocked_before).view(B, 1)
+        # official SAFREE has no gate: every prompt is steered over every steer category's span
+        steer_fired = torch.ones_like(fired) if self.official else fired
+        steer = torch.tensor([[a == "steer" for a in actions]]) & steer_fired & ~(block | bad | blocked_before).view(B, 1)
         for b in torch.nonzero(bad).flatten().tolist():
             call.block_prompt(b, self.name, "a similarity score or threshold is not a finite number (NaN or inf): "
                                             "prompt blocked (fail closed)", verdict="error")
@@ -464,7 +671,7 @@ class Safree(Guard):
                     tokens = pe[idx][..., stream.dims].float()
                     if text_mode:
                         sb = stream.adapter.tokenize([_stream_texts(texts, stream)[b] for b in members])
-                        new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T)
+                        new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T, svf)
                         if stream is primary or stream in gate_streams:  # each distinct text's triggers
                             for r, b in enumerate(members):
                                 pos = torch.nonzero(trig[r]).flatten()
@@ -472,7 +679,8 @@ class Safree(Guard):
                                 new = [t for t in stream.adapter.token_strings(ids.tolist()) if t not in triggers[b]]
                                 triggers[b] = new + triggers[b] if stream is primary else triggers[b] + new
                     else:
-                        new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, stream.adapter.first)
+                        new_tokens, trig, tp, beta = self._project_embeds(tokens, basis, T, stream.adapter.first,
+                                                                          svf)
                         if stream is primary:
                             for r, b in enumerate(members):
                                 triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
@@ -480,7 +688,7 @@ class Safree(Guard):
                     if stream is primary:  # host-side bookkeeping (one small copy per call)
                         t_prime[idx] = tp.cpu()
                         beta_all[idx] = beta.float().cpu()
-            if safe_pooled is not None and self.sdxl_pooled == "project":
+            if safe_pooled is not None and self.sdxl_pooled == "project" and not self.official:
                 for group, members in groups.items():
                     idx = torch.tensor(members)
                     pb = self._space(cache, primary, group, policy, projected=True).to(pe.device)
@@ -559,6 +767,8 @@ class Safree(Guard):
         lex = state.lexical[b][j]
         if lex:
             return f"literal {lex!r}"
+        if not bool(state.fired[b, j]):  # official SAFREE steers without a gate
+            return f"official SAFREE steers every prompt; similarity {float(state.scores[b, j]):.2f}"
         return f"similarity {float(state.scores[b, j]):.2f} ≥ {float(state.thresholds[j]):.2f}"
 
     def _keyword_prompt(self, cache: dict, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
@@ -578,9 +788,8 @@ class Safree(Guard):
             hit = cache[key] = ", ".join(kept)
         return hit
 
-    def _project_text(self, stream: _Stream, sb, tokens: torch.Tensor, basis: torch.Tensor, T: int):
-        """Parts (b)-(d) for prompts given as text. tokens: (b, L, D) states as the pipeline computed them."""
-        ad = stream.adapter
+    def _analyse_text(self, ad: TextEncoderAdapter, sb, tokens: torch.Tensor, basis: torch.Tensor):
+        """Parts (b)-(c) for prompts given as text: ``(trigger mask (b, N), every token projected (b, L, D))``."""
         copies, att, owner, position, valid = masked_copies(sb.ids, sb.attention_mask, sb.n_content, sb.first,
                                                             ad.mask_token_id, cut=not ad.padding_matters)
         vecs = []
@@ -594,16 +803,23 @@ class Safree(Guard):
         trig = trigger_mask(dist, valid, self.alpha)
         prompt_basis = orthonormal_basis(masked.transpose(1, 2), valid)  # (b, D, N)
         projected = project_tokens(tokens, prompt_basis.to(tokens.device), basis.to(tokens.device))
+        return trig, projected
+
+    def _project_text(self, stream: _Stream, sb, tokens: torch.Tensor, basis: torch.Tensor, T: int, svf: tuple):
+        """Parts (b)-(d) for prompts given as text. tokens: (b, L, D) states as the pipeline computed them;
+        ``svf``: :meth:`svf_constants`."""
+        trig, projected = self._analyse_text(stream.adapter, sb, tokens, basis)
+        b, n_max = trig.shape
         L = tokens.shape[1]
         pos_full = torch.zeros(b, L, dtype=torch.bool, device=tokens.device)
         pos_full[:, sb.first:sb.first + n_max] = trig.to(tokens.device)
         new_tokens = torch.where(pos_full.unsqueeze(-1), projected, tokens)
         att_full = sb.attention_mask[:, :L].to(tokens.device)
-        tp, beta = svf_steps(tokens, projected, att_full, gamma=self.svf_gamma, k=self.svf_k, c=self.svf_c,
-                             num_steps=T if self.svf_scale_steps else None)
+        gamma, k, c, rescale = svf
+        tp, beta = svf_steps(tokens, projected, att_full, gamma=gamma, k=k, c=c, num_steps=T if rescale else None)
         return new_tokens, trig, tp, beta
 
-    def _project_embeds(self, tokens: torch.Tensor, basis: torch.Tensor, T: int, first: int):
+    def _project_embeds(self, tokens: torch.Tensor, basis: torch.Tensor, T: int, first: int, svf: tuple):
         """Parts (b)-(d) when only ``prompt_embeds`` were given (no text to mask): positions whose state lies
         close to the concept span trigger; the prompt's span is that of its own token states."""
         b, L, _ = tokens.shape
@@ -614,8 +830,9 @@ class Safree(Guard):
         prompt_basis = orthonormal_basis(tokens.transpose(1, 2), valid)
         projected = project_tokens(tokens, prompt_basis, basis)
         new_tokens = torch.where(trig.unsqueeze(-1), projected, tokens)
-        tp, beta = svf_steps(tokens, projected, torch.ones(b, L), gamma=self.svf_gamma, k=self.svf_k, c=self.svf_c,
-                             num_steps=T if self.svf_scale_steps else None)
+        gamma, k, c, rescale = svf
+        tp, beta = svf_steps(tokens, projected, torch.ones(b, L), gamma=gamma, k=k, c=c,
+                             num_steps=T if rescale else None)
         return new_tokens, trig, tp, beta
 
     # ------------------------------------------------------------------ the loop
@@ -685,7 +902,8 @@ class Safree(Guard):
                 res.scores = {c: round(float(scores[b, i]), 4) for i, c in enumerate(cats)}
                 res.score = float(scores[b, j])
                 res.threshold = float(thresholds[j])
-                if not bool(fired[b].any()):
+                res.details = {"calibration": state.calibration}
+                if not bool(fired[b].any()) and not bool(state.steered[b]):
                     res.verdict = "pass"
                     continue
                 res.category = cat
@@ -700,7 +918,8 @@ class Safree(Guard):
                 tp = int(state.t_prime[b]) if state.t_prime is not None else -1
                 res.filtered_steps = min(tp + 1, call.num_steps) if tp >= 0 else 0
                 lra = self.reattention and self._has_skips(call.denoiser)
-                res.details = {"beta": round(float(state.beta[b]), 4) if state.beta is not None else None,
+                res.details = {**res.details,
+                               "beta": round(float(state.beta[b]), 4) if state.beta is not None else None,
                                "lexical_match": lex, "negative_prompt": state.negative_text.get(b),
                                "mode": "text" if call.prompts is not None else "embeddings",
                                "reattention": lra}
