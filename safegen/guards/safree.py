@@ -471,7 +471,7 @@ class Safree(Guard):
         import hashlib
         import json
 
-        from ..calibration import (budget_thresholds, encoder_fingerprint, fire_rate, load_cached,
+        from ..calibration import (budget_thresholds, cache_dir, encoder_fingerprint, fire_rate, load_cached,
                                    reference_digest, reference_prompts, save_cached)
 
         ad = stream.adapter
@@ -486,11 +486,17 @@ class Safree(Guard):
         cached = load_cached("safree", key)
         if cached is not None and set(cached.get("thresholds", {})) == set(cats):
             return cached
+        from tqdm.auto import tqdm
+
         ref = reference_prompts()
+        logger.info("safegen: calibrating SAFREE for text encoder %s (once; cached in %s)", ad.name,
+                    cache_dir())
         # padded as the pipeline pads (its full length): the scores are bit-for-bit the ones the gate computes
         # from the pipeline's prompt_embeds, so a threshold just above a benign score stays above it at run time
+        chunks = range(0, len(ref), self.encode_batch)
         summaries = torch.cat([ad.encode(ad.tokenize(ref[i:i + self.encode_batch])).summary.float()
-                               for i in range(0, len(ref), self.encode_batch)])
+                               for i in tqdm(chunks, desc=f"SAFREE calibration ({ad.name}): reference prompts",
+                                             unit="batch", leave=False, disable=len(chunks) < 2)])
         scores, _ = self._gate_scores(cache, stream, summaries, policy, cats)
         if not bool(torch.isfinite(scores).all()):
             raise NonFiniteError(f"SAFREE calibration: the gate's scores on the reference prompts are not finite "
@@ -500,7 +506,8 @@ class Safree(Guard):
         picked = list(range(0, len(ref), max(1, len(ref) // self.BETA_REFERENCE)))[: self.BETA_REFERENCE]
         top = scores[picked].argmax(1).tolist()
         benign, unsafe = [], []
-        for j, cat in enumerate(cats):
+        for j, cat in enumerate(tqdm(cats, desc=f"SAFREE calibration ({ad.name}): SVF beta", unit="category",
+                                     leave=False)):
             basis = self._space(cache, stream, (cat,), policy)
             mine = [ref[i] for i, t in zip(picked, top) if t == j]
             if mine:
