@@ -11,14 +11,14 @@ import safegen
 from safegen import calibration as cal_mod
 from safegen.calibration import budget_thresholds, fire_rate, reference_prompts
 from safegen.guards import Safree
-from safegen.guards.safree import _pipe_streams
+from safegen.guards.safree import _default_streams
 from safegen.specs import pipeline_spec
 
 
 def _gate_scores_by_hand(pipe, policy, guard):
     """The gate's scores on the reference prompts, recomputed from the adapter (not through calibrate_stream)."""
     spec = pipeline_spec(pipe)
-    stream = _pipe_streams(pipe, spec.encode, {}, None, 226 if spec.encode == "t5" else None)[-1]
+    stream = _default_streams(pipe, spec.encode, {})[-1]
     ad = stream.adapter
     ref = reference_prompts()
     summary = torch.cat([ad.encode(ad.tokenize(ref[i:i + 100])).summary.float() for i in range(0, len(ref), 100)])

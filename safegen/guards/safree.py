@@ -159,6 +159,11 @@ def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
 
 
+def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
+    """The streams of a call with default arguments (no clip_skip; T5 at the pipelines' default 226 tokens)."""
+    return _pipe_streams(pipe, encode, cache, None, 226 if encode == "t5" else None)
+
+
 def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_Stream]:
     """The pipeline's conditioning streams (cached per pipeline): SDXL's two encoders, else its one."""
     key = ("safree-streams", clip_skip, max_len)
@@ -353,9 +358,8 @@ class Safree(Guard):
         else:
             calibration = None
             if self.calibrate:  # at protect() time: its seconds are spent here, once per encoder (disk cache)
-                max_len = 226 if protection.spec.encode == "t5" else None
-                streams = _pipe_streams(protection.pipe, protection.spec.encode, protection.cache, None, max_len)
-                calibration = self._calibration(protection.cache, streams[-1], protection.policy)
+                primary = _default_streams(protection.pipe, protection.spec.encode, protection.cache)[-1]
+                calibration = self._calibration(protection.cache, primary, protection.policy)
             self._warn_if_unselective(protection, calibration)
         den = type(protection.denoiser).__name__
         if self.reattention and not self._has_skips(protection.denoiser) and den not in _WARNED:
@@ -567,9 +571,7 @@ class Safree(Guard):
         from ..specs import pipeline_spec
 
         policy = load_policy("default") if policy is None else policy
-        spec = pipeline_spec(pipe)
-        max_len = 226 if spec.encode == "t5" else None
-        stream = _pipe_streams(pipe, spec.encode, {}, None, max_len)[-1]
+        stream = _default_streams(pipe, pipeline_spec(pipe).encode, {})[-1]
         return self.calibrate_stream({}, stream, policy)
 
     # ------------------------------------------------------------------ before the loop

@@ -90,12 +90,10 @@ def _cached_states(ckpt_dir: Path, text_encoder, tokenizer, prompts: Sequence[st
 
     from safetensors.torch import load_file, save_file
 
+    from ..calibration import encoder_fingerprint
+
     h = hashlib.blake2b(digest_size=12)
-    for k, v in sorted(text_encoder.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(str(tokenizer.model_max_length).encode())
+    h.update(encoder_fingerprint(text_encoder, tokenizer, max_length=tokenizer.model_max_length).encode())
     h.update("\n".join(prompts).encode())
     path = ckpt_dir / f"states-{h.hexdigest()}.safetensors"
     if path.is_file():
