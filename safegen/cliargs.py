@@ -274,6 +274,7 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     prog = f"{parser.prog} {command}" if command else parser.prog
     from .hub import OfflineModelError
     from .loading import ModelLoadError
+    from .errors import TrainingDivergedError
     from .policy import PolicyError
 
     try:
@@ -285,6 +286,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except (UsageError, PolicyError, ModelLoadError, FileNotFoundError, PermissionError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

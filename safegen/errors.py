@@ -20,6 +20,11 @@ class NonFiniteError(ValueError):
     items are blocked with verdict ``"error"`` (``x >= t`` is false for NaN, so deciding on it would pass)."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """A training run met a NaN or infinite loss: the step is not applied and the run stops (the last checkpoint
+    is intact; resume it with a lower learning rate). The CLI reports it in one line, exit code 1."""
+
+
 def guarded(guard: str, fn: Callable) -> Callable:
     """Wrap a hook that runs inside the pipeline (UNet/module hooks): its errors become :class:`GuardError`,
     so the orchestrator fails the call closed instead of passing a raw exception to the user."""

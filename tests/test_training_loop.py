@@ -56,3 +56,32 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, as_mapping)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert loop.optimizer.param_groups[0]["lr"] == full_loop.optimizer.param_groups[0]["lr"]
+
+
+def test_non_finite_loss_stops_the_run_without_touching_the_weights(tmp_path):
+    from safegen.errors import TrainingDivergedError
+
+    model = _model(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loop = TrainingLoop(model, opt, steps=STEPS, seed=7, stream="test", progress=False)
+    with pytest.raises(TrainingDivergedError, match="non-finite loss nan at step 0"):
+        for _step, gen in loop:
+            loop.update(model(torch.randn(2, 4, generator=gen)).sum() * float("nan"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_reports_a_diverged_training_in_one_line(capsys):
+    import argparse
+
+    from safegen.cliargs import run_command
+    from safegen.errors import TrainingDivergedError
+
+    def diverge(args):
+        raise TrainingDivergedError("train-x: non-finite loss inf at step 3")
+
+    parser = argparse.ArgumentParser(prog="safegen")
+    parser.set_defaults(func=diverge)
+    assert run_command(parser, []) == 1
+    err = capsys.readouterr().err
+    assert err == "safegen: error: train-x: non-finite loss inf at step 3\n"

@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from ..errors import TrainingDivergedError
+
 __all__ = ["step_seed", "progress_bar", "Checkpoints", "TrainingLoop"]
 
 
@@ -343,7 +345,9 @@ class TrainingLoop:
         value = float(loss.detach())
         if not math.isfinite(value):
             extra = f" ({', '.join(f'{k}={float(v):.4g}' for k, v in metrics.items())})" if metrics else ""
-            raise RuntimeError(f"{self.desc}: non-finite loss {value} at step {self._pending}{extra}")
+            raise TrainingDivergedError(f"{self.desc}: non-finite loss {value} at step {self._pending}{extra}; "
+                                        "the weights were not updated: resume from the last checkpoint with a "
+                                        "lower learning rate")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip is not None:
