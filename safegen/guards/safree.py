@@ -238,6 +238,14 @@ class Safree(Guard):
 
     Args:
         projection (`bool`, defaults to `True`): project trigger tokens (parts a–c). Off: report only.
+        project_positions (`str`, defaults to `"triggers"`): which token states the projection replaces:
+            ``"triggers"`` the trigger tokens only (the paper); ``"triggers+eos"`` also EOS and the padding after
+            it, which a causal CLIP fills with the whole prompt, concept included (an extension beyond the paper);
+            ``"all"`` every state after BOS (extension). With ``prompt_embeds`` only (no text), the EOS position is
+            unknown and ``"triggers+eos"`` projects the trigger positions only.
+        gate (`bool`, defaults to `True`): steer only the prompts the relevance gate flags. Off: every prompt is
+            steered over every ``steer`` category's span, as the authors run it (a ``block`` category still
+            blocks only flagged prompts).
         alpha (`float`, defaults to 0.01): leave-one-out margin of the trigger-token rule.
         svf (`bool`, defaults to `True`): self-validating filtering; off filters every step.
         svf_gamma, svf_k, svf_c: t' = round(gamma·sigmoid(2k(10·beta − c))) on a 50-step scale
@@ -283,6 +291,8 @@ class Safree(Guard):
     needs_conditioning: ClassVar[bool] = True
 
     projection: bool = True
+    project_positions: str = "triggers"
+    gate: bool = True
     alpha: float = 0.01
     svf: bool = True
     svf_gamma: float = 10.0
@@ -307,6 +317,9 @@ class Safree(Guard):
     def __post_init__(self):
         if not 0 <= self.alpha < 10:
             raise ValueError(f"Safree(alpha=...) must be in [0, 10), got {self.alpha}")
+        if self.project_positions not in ("triggers", "triggers+eos", "all"):
+            raise ValueError(f"Safree(project_positions=...) must be 'triggers', 'triggers+eos' or 'all', "
+                             f"got {self.project_positions!r}")
         if self.sdxl_pooled not in ("project", "keep"):
             raise ValueError(f"Safree(sdxl_pooled=...) must be 'project' or 'keep', got {self.sdxl_pooled!r}")
         if self.svf_gamma < 0:
@@ -327,7 +340,8 @@ class Safree(Guard):
             raise ValueError(f"Safree(svf_c=...) must be a finite number or None (calibrated), got {self.svf_c!r}")
         if self.official:
             fixed = {"svf_gamma": 10.0, "svf_k": 2.5, "svf_c": None, "svf_scale_steps": True, "projection": True,
-                     "svf": True, "negative_prompt": True, "sdxl_pooled": "project"}
+                     "svf": True, "negative_prompt": True, "sdxl_pooled": "project", "project_positions": "triggers",
+                     "gate": True}
             changed = [k for k, v in fixed.items() if getattr(self, k) != v]
             if changed:
                 raise ValueError(f"Safree(official=True) fixes {', '.join(changed)} to the authors' settings; "
@@ -640,8 +654,8 @@ class Safree(Guard):
         actions = [policy.categories[c].action for c in cats]
         blocked_before = torch.tensor(call.blocked_prompts)  # an earlier stage's block: nothing left to steer
         block = (torch.tensor([[a == "block" for a in actions]]) & fired).any(1) & ~blocked_before & ~bad
-        # official SAFREE has no gate: every prompt is steered over every steer category's span
-        steer_fired = torch.ones_like(fired) if self.official else fired
+        # official SAFREE (and gate=False) has no gate: every prompt is steered over every steer category's span
+        steer_fired = torch.ones_like(fired) if self.official or not self.gate else fired
         steer = torch.tensor([[a == "steer" for a in actions]]) & steer_fired & ~(block | bad | blocked_before).view(B, 1)
         for b in torch.nonzero(bad).flatten().tolist():
             call.block_prompt(b, self.name, "a similarity score or threshold is not a finite number (NaN or inf): "
@@ -771,13 +785,13 @@ class Safree(Guard):
             pool = allowed
         return int(torch.where(pool, scores.nan_to_num(-1.0), torch.full_like(scores, -2.0)).argmax())
 
-    @staticmethod
-    def _why(state: "_CallState", b: int, j: int) -> str:
+    def _why(self, state: "_CallState", b: int, j: int) -> str:
         lex = state.lexical[b][j]
         if lex:
             return f"literal {lex!r}"
-        if not bool(state.fired[b, j]):  # official SAFREE steers without a gate
-            return f"official SAFREE steers every prompt; similarity {float(state.scores[b, j]):.2f}"
+        if not bool(state.fired[b, j]):  # official SAFREE (gate=False) steers without a gate
+            who = "official SAFREE" if self.official else "SAFREE with gate=False"
+            return f"{who} steers every prompt; similarity {float(state.scores[b, j]):.2f}"
         return f"similarity {float(state.scores[b, j]):.2f} ≥ {float(state.thresholds[j]):.2f}"
 
     def _keyword_prompt(self, cache: dict, adapter: TextEncoderAdapter, policy, categories: list[str]) -> str:
@@ -822,6 +836,11 @@ class Safree(Guard):
         L = tokens.shape[1]
         pos_full = torch.zeros(b, L, dtype=torch.bool, device=tokens.device)
         pos_full[:, sb.first:sb.first + n_max] = trig.to(tokens.device)
+        if self.project_positions != "triggers":  # the named extensions beyond the paper
+            at = torch.arange(L, device=tokens.device).view(1, L)
+            start = sb.first + (sb.n_content.to(tokens.device).view(b, 1) if self.project_positions == "triggers+eos"
+                                else 0)
+            pos_full |= at >= start
         new_tokens = torch.where(pos_full.unsqueeze(-1), projected, tokens)
         att_full = sb.attention_mask[:, :L].to(tokens.device)
         gamma, k, c, rescale = svf
@@ -838,7 +857,8 @@ class Safree(Guard):
         trig = trigger_mask(rel, valid, self.alpha)
         prompt_basis = orthonormal_basis(tokens.transpose(1, 2), valid)
         projected = project_tokens(tokens, prompt_basis, basis)
-        new_tokens = torch.where(trig.unsqueeze(-1), projected, tokens)
+        where = valid if self.project_positions == "all" else trig
+        new_tokens = torch.where(where.unsqueeze(-1), projected, tokens)
         gamma, k, c, rescale = svf
         tp, beta = svf_steps(tokens, projected, torch.ones(b, L), gamma=gamma, k=k, c=c,
                              num_steps=T if rescale else None)
