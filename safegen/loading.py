@@ -198,7 +198,7 @@ def load_pipeline(model: str, device: Any = "auto"):
     from .default_model import is_default_model_folder, load_default_pipeline
 
     folder = default_model_dir() if model == DEFAULT_MODEL else Path(model).expanduser()
-    if is_default_model_folder(folder):
+    if model == DEFAULT_MODEL or is_default_model_folder(folder):  # fp32, no safety checker, bars off
         try:
             return load_default_pipeline(folder).to(device)
         except (OSError, ValueError, TypeError, KeyError) as e:

