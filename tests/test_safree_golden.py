@@ -165,32 +165,15 @@ def test_end_to_end_conditioning_matches_reference(sd, lexical_policy):
     assert res.verdict == "steer" and res.category == "violence"
 
     # reference: encode every masked copy on its own (full 77-token padding), then the paper's equations
-    tok, te = sd.tokenizer, sd.text_encoder
-    ids = tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids[0]
-    n = len(tok(prompt, add_special_tokens=False).input_ids)  # content tokens
-    with torch.no_grad():
-        tokens = te(ids[None]).last_hidden_state[0].double()
-        masked = []
-        for i in range(n):
-            m = ids.clone()
-            m[1 + i] = 0
-            masked.append(te(m[None]).last_hidden_state[0, n + 1].double().numpy())
-        kw_ids = tok(lexical_policy.concepts("violence"), padding="max_length", max_length=77, truncation=True,
-                     return_tensors="pt")
-        kw = te(kw_ids.input_ids).last_hidden_state
-        eos = kw_ids.attention_mask.sum(1) - 1
-        concept_vecs = kw[torch.arange(len(eos)), eos].double().numpy()
-    trig, _ = ref_triggers(masked, concept_vecs.T, alpha=0.01)
-    proj = ref_project(tokens.numpy(), masked, concept_vecs.T)
-    expected = tokens.numpy().copy()
+    tokens, proj, trig, n, names = _reference_conditioning(sd, prompt, lexical_policy.concepts("violence"))
+    expected = tokens.copy()
     for i in range(n):
         if trig[i]:
             expected[1 + i] = proj[1 + i]
     cond_rows = seen[0][1].double().numpy()  # CFG batch: [uncond, cond]
     np.testing.assert_allclose(cond_rows, expected, rtol=1e-4, atol=1e-4)
-    names = tok.convert_ids_to_tokens(ids[1:1 + n][torch.tensor(trig)].tolist())
-    assert res.trigger_tokens == [t.replace("</w>", "") for t in names]
-    _, beta = ref_svf(tokens.numpy(), proj, [1] * (n + 2) + [0] * (77 - n - 2))
+    assert res.trigger_tokens == names
+    _, beta = ref_svf(tokens, proj, [1] * (n + 2) + [0] * (77 - n - 2))
     assert abs(res.details["beta"] - beta) < 1e-3
     t_ref = round(10 * (2 / 50) / (1 + math.exp(-5 * (10 * beta - 5.333))))  # gamma rescaled to 2 steps
     assert res.filtered_steps == min(t_ref + 1, 2)
