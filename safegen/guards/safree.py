@@ -347,6 +347,11 @@ class Safree(Guard):
                 raise ValueError(f"Safree(official=True) fixes {', '.join(changed)} to the authors' settings; "
                                  "leave them at their defaults (or use official=False to set them)")
 
+    @property
+    def _gated(self) -> bool:
+        """Whether only the prompts the gate flags are steered (the authors' SAFREE has no gate)."""
+        return self.gate and not self.official
+
     @classmethod
     def authors(cls, **overrides: Any) -> "Safree":
         """SAFREE as the authors run it (``official=True``)."""
@@ -654,8 +659,8 @@ class Safree(Guard):
         actions = [policy.categories[c].action for c in cats]
         blocked_before = torch.tensor(call.blocked_prompts)  # an earlier stage's block: nothing left to steer
         block = (torch.tensor([[a == "block" for a in actions]]) & fired).any(1) & ~blocked_before & ~bad
-        # official SAFREE (and gate=False) has no gate: every prompt is steered over every steer category's span
-        steer_fired = torch.ones_like(fired) if self.official or not self.gate else fired
+        # ungated (official SAFREE, or gate=False): every prompt is steered over every steer category's span
+        steer_fired = fired if self._gated else torch.ones_like(fired)
         steer = torch.tensor([[a == "steer" for a in actions]]) & steer_fired & ~(block | bad | blocked_before).view(B, 1)
         for b in torch.nonzero(bad).flatten().tolist():
             call.block_prompt(b, self.name, "a similarity score or threshold is not a finite number (NaN or inf): "
@@ -789,7 +794,7 @@ class Safree(Guard):
         lex = state.lexical[b][j]
         if lex:
             return f"literal {lex!r}"
-        if not bool(state.fired[b, j]):  # official SAFREE (gate=False) steers without a gate
+        if not bool(state.fired[b, j]):  # only an ungated SAFREE steers a prompt the gate did not flag
             who = "official SAFREE" if self.official else "SAFREE with gate=False"
             return f"{who} steers every prompt; similarity {float(state.scores[b, j]):.2f}"
         return f"similarity {float(state.scores[b, j]):.2f} ≥ {float(state.thresholds[j]):.2f}"
