@@ -3,8 +3,8 @@
 ``python -m safegen.training.default_model --out DIR --vae-steps N --unet-steps M [--resume]`` trains it on
 the world: the VAE on rendered images, then the UNet on the prompts' token states (see :func:`train`). It
 conditions on the CLIP-architecture encoder shipped in ``assets/default-model`` (or, with ``--text-encoder DIR``,
-one distilled by ``python -m safegen.training.text_encoder``; ``--text-encoder minilm`` for the first world's
-MiniLM), which then ships inside the saved pipeline folder; ``--init DIR`` fine-tunes an existing pipeline's UNet
+one distilled by ``python -m safegen.training.text_encoder``; ``--text-encoder distill`` distils one first, in the
+run's checkpoint folder; ``--text-encoder minilm`` for the first world's MiniLM), which then ships inside the saved pipeline folder; ``--init DIR`` fine-tunes an existing pipeline's UNet
 (and VAE) instead of starting from random weights.
 """
 
@@ -336,8 +336,39 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m safegen.training.default_model",
+def _distilled_encoder(a: argparse.Namespace) -> str | None:
+    """``--text-encoder distill``: the folder of a CLIP encoder distilled for this run (``None`` on an error).
+
+    It lives in the run's checkpoint folder (``<checkpoint-dir>/text-encoder``, its own checkpoints beside it), so
+    ``--resume`` continues an interrupted distillation, and a finished one is reused rather than redone."""
+    from .text_encoder import train as distil
+
+    ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else Path(a.out).parent / (Path(a.out).name + "-checkpoints")
+    enc_dir = ckpt / "text-encoder"
+    info = enc_dir / "distill_info.json"
+    if a.resume and info.is_file() and any((enc_dir / "text_encoder").glob("*.safetensors")):
+        done = json.loads(info.read_text(encoding="utf-8")).get("train", {})
+        if done.get("final_step") == a.encoder_steps and done.get("seed") == a.seed:
+            print(f"text encoder: reusing the distilled one in {enc_dir}", file=sys.stderr)
+            return str(enc_dir)
+    try:
+        distil(enc_dir, data_dir=a.data_dir, steps=a.encoder_steps, seed=a.seed, resume=a.resume,
+               checkpoint_dir=ckpt / "text-encoder-checkpoints", progress=not a.no_progress)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: distilling the text encoder: {e}", file=sys.stderr)
+        return None
+    return str(enc_dir)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m safegen.training.default_model") -> int:
+    """Train the embedded default model from the command line (see the module docstring).
+
+    From scratch, text encoder included (hours on a 2-core CPU; ``--resume`` continues)::
+
+        python -m safegen.default_model --out outputs/my-default-model --text-encoder distill \\
+            --vae-steps 900 --unet-steps 7000
+    """
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Train safegen's embedded default text-to-image model on the world.")
     p.add_argument("--out", required=True, help="folder to save the pipeline to")
     p.add_argument("--data-dir", default=None, help="folder with CoProv2_train.csv and coco_30k_10k.csv "
@@ -359,7 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text-encoder", default=None, metavar="DIR",
                    help="condition on the CLIP-architecture encoder in DIR (text_encoder/ and tokenizer/, e.g. the "
                         "export of python -m safegen.training.text_encoder); default: the one shipped in "
-                        "assets/default-model; 'minilm': the first world's all-MiniLM-L6-v2")
+                        "assets/default-model; 'distill': distil a new one from all-MiniLM-L6-v2 first (the whole "
+                        "model from scratch; resumable with --resume); 'minilm': the first world's all-MiniLM-L6-v2")
+    p.add_argument("--encoder-steps", type=int, default=1500,
+                   help="with --text-encoder distill: distillation steps (default 1500, as shipped)")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="start the VAE and UNet from this pipeline folder (fine-tune; --vae-steps 0 keeps the VAE)")
     p.add_argument("--no-progress", action="store_true")
@@ -379,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"{text_encoder} ships no text encoder weights; pass --text-encoder DIR (or minilm)")
     elif text_encoder == "minilm":
         text_encoder = None
+    elif text_encoder == "distill":
+        if a.encoder_steps < 1:
+            p.error(f"--encoder-steps must be >= 1, got {a.encoder_steps}")
+        text_encoder = _distilled_encoder(a)
+        if text_encoder is None:
+            return 2
     try:
         summary = train(a.out, data_dir=a.data_dir, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                         batch_size=a.batch_size, vae_batch_size=a.vae_batch_size, lr=a.lr, vae_lr=a.vae_lr, seed=a.seed, limit=a.limit,
