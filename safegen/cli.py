@@ -628,6 +628,11 @@ def cmd_train_prompt_guard(args) -> int:
         raise UsageError(str(e)) from None
     if args.benign is not None:
         head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip)
+    if pipe is not None:  # which encoder's weights, exactly (the shipped default-model head is found by it)
+        from .calibration import encoder_fingerprint
+
+        head.metadata["encoder_fingerprint"] = encoder_fingerprint(encoder.encoder, encoder.tokenizer)
+        head.metadata["model"] = str(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     head.save(out)
     summary = {k: v for k, v in summary.items() if k != "losses"}

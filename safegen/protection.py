@@ -555,9 +555,7 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
         _run_deferred(call)  # per-call hooks and patches go, whatever finish did
     pipe._interrupt = False  # a guard may have stopped the whole loop; the next call starts clean
     _fill_step_counts(call, keep, steps_run)
-    for rep in call.reports:
-        for res in rep.guards:
-            res.seconds = call.seconds.get(res.guard, 0.0)
+    _settle(call.reports, call.seconds)
     out = _assemble(call, out, keep, output_type)
     _after_decode(call, out, output_type)
     prot.last_reports = call.reports
@@ -586,11 +584,20 @@ def _after_decode(call: Call, out: Any, output_type: str) -> None:
                 res = call.result(i, g.name)
                 res.verdict = "error"
                 res.reason = f"guard failed, item blocked (fail closed): {type(e).__name__}: {e}"
-        seconds = time.perf_counter() - t0
-        for rep in call.reports:
-            res = rep.result(g.name)
-            if res is not None:
-                res.seconds = seconds
+        _settle(call.reports, {g.name: time.perf_counter() - t0}, only=g.name)
+
+
+def _settle(reports: list[SafetyReport], seconds: dict[str, float], only: str | None = None) -> None:
+    """Each guard result's per-item share of its guard's time in the call (divided over the items that carry a
+    result of it: the ones it worked on) and a pass without category or concept (:meth:`GuardResult.settle`)."""
+    worked: dict[str, int] = {}
+    for rep in reports:
+        for res in rep.guards:
+            worked[res.guard] = worked.get(res.guard, 0) + 1
+    for rep in reports:
+        for res in rep.guards:
+            if only is None or res.guard == only:
+                res.settle(seconds.get(res.guard, 0.0), worked[res.guard])
 
 
 def _run_deferred(call: Call) -> None:

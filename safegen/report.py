@@ -30,8 +30,14 @@ class GuardResult:
         filtered_steps: how many denoising steps used filtered conditioning (SAFREE).
         stopped_at_step: the step at which generation was stopped (LVD).
         steps_saved: UNet steps not run because of this guard.
-        seconds: wall time spent in the guard for this call (shared by the items of a batch).
+        seconds: this item's share of the guard's wall time in the call: the call's total divided over the items
+            the guard worked on (an item an earlier stage blocked is not one of them); the call's total is in
+            ``details["call_seconds"]``.
         reason: one human-readable sentence.
+
+    A ``"pass"`` names no category and no concept: the closest ones a guard saw, if it reports them, sit in
+    ``details["nearest"]`` (``{"category": ..., "concept": ...}``), so a report never suggests a benign prompt
+    was flagged.
     """
 
     guard: str
@@ -48,6 +54,15 @@ class GuardResult:
     seconds: float = 0.0
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+
+    def settle(self, call_seconds: float, items: int) -> None:
+        """Finish the result once the call is over: the per-item share of the guard's time (``items`` = how many
+        items it worked on), and a pass's category and concept moved to ``details["nearest"]``."""
+        self.seconds = call_seconds / max(items, 1)
+        self.details = {**self.details, "call_seconds": call_seconds}
+        if self.verdict == "pass" and (self.category is not None or self.concept is not None):
+            self.details["nearest"] = {"category": self.category, "concept": self.concept}
+            self.category = self.concept = None
 
 
 @dataclass

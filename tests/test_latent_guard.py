@@ -298,9 +298,12 @@ def test_blocked_prompt_gets_no_unet_step_and_others_are_bit_identical(sd):
     assert out.safety[1].result("latent_guard").steps_saved == 3
     assert np.array_equal(out.images[0], plain[0]) and np.array_equal(out.images[2], plain[1])
     assert np.allclose(out.images[1], 0.5) and not np.allclose(plain, 0.5)
-    # passing prompts carry their best score for transparency
+    # passing prompts carry their best score for transparency, and name no category or concept: the closest
+    # ones are in details["nearest"]; the guard's time is shared over the prompts it checked
     ok = out.safety[0].result("latent_guard")
-    assert ok.verdict == "pass" and ok.score < ok.threshold and ok.concept
+    assert ok.verdict == "pass" and ok.score < ok.threshold and ok.concept is None and ok.category is None
+    assert ok.details["nearest"]["concept"] and ok.details["nearest"]["category"] in safegen.load_policy().categories
+    assert ok.seconds == pytest.approx(ok.details["call_seconds"] / 3)
 
 
 def test_sensitivity_scales_threshold_and_policy_threshold_wins(sd):
@@ -466,7 +469,7 @@ def test_trained_minilm_head_runs_as_guard_and_rejects_other_backbone(sd, tmp_pa
     safegen.protect(sd, guards=[LatentGuard(weights=str(path), threshold=100.0)])  # τ ≤ 100: nothing blocked
     out = run(sd, [BENIGN, "blood and gore"], fast=True)
     assert [r.verdict for r in out.safety] == ["pass", "pass"]
-    assert out.safety[0].result("latent_guard").concept is not None
+    assert out.safety[0].result("latent_guard").details["nearest"]["concept"] is not None
     safegen.unprotect(sd)
     with pytest.raises(LatentGuardWeightsError, match=r"all-MiniLM-L6-v2.*hidden 384.*hidden 32"):
         safegen.protect(sd, guards=[LatentGuard(weights=str(path), backbone="pipeline")])
@@ -767,7 +770,9 @@ def test_shipped_minilm_head_flags_plain_unsafe_prompts_and_passes_everyday_ones
     rows = guard.check(benign + list(unsafe), policy)
     assert [r["unsafe"] for r in rows] == [False] * 3 + [True] * 3, [(r["prompt"], r["score"]) for r in rows]
     assert [r["category"] for r in rows[3:]] == list(unsafe.values())
-    assert all(r["concept"] in policy.concepts(r["category"]) for r in rows)
+    assert all(r["concept"] in policy.concepts(r["category"]) for r in rows[3:])
+    assert all(r["category"] is None and r["concept"] is None for r in rows[:3])  # a pass names nothing...
+    assert all(r["nearest"]["concept"] in policy.concepts(r["nearest"]["category"]) for r in rows[:3])  # ...but this
     assert {r["decided_by"] for r in rows} <= {"concept", "evidence"}
     # the evidence path counts only for categories the policy has
     del policy.categories["self-harm"]

@@ -73,7 +73,7 @@ __all__ = [
     "DEFAULT_THRESHOLD", "MINILM_NAME", "LatentGuardConfig", "LatentGuardHead", "LatentGuardWeightsError",
     "ConceptBank", "TextFeatures", "text_features", "encoder_identity", "score_texts", "policy_concepts",
     "load_coprov2_pairs", "contrastive_loss", "common_part", "concept_seed_pairs", "roc_auc", "train_head",
-    "default_weights_path", "LatentGuard",
+    "default_weights_path", "default_pipeline_weights_path", "LatentGuard",
     "main",
 ]
 
@@ -646,6 +646,34 @@ def default_weights_path() -> Path:
     return assets_dir() / "latent_guard" / "minilm.safetensors"
 
 
+def default_pipeline_weights_path() -> Path:
+    """``assets/latent_guard/default-model.safetensors``: the head shipped for the embedded default model's own
+    text encoder, used by ``backbone="pipeline"`` without ``weights=`` when the pipeline's encoder is that one
+    (the file records the encoder's weight fingerprint)."""
+    from .._paths import assets_dir
+
+    return assets_dir() / "latent_guard" / "default-model.safetensors"
+
+
+def _adapter_fingerprint(adapter: TextEncoderAdapter) -> str:
+    """The weight fingerprint of an adapter's encoder and tokenizer (:func:`safegen.calibration.encoder_fingerprint`)."""
+    from ..calibration import encoder_fingerprint
+
+    return encoder_fingerprint(adapter.encoder, adapter.tokenizer)
+
+
+def _shipped_pipeline_head(adapter: TextEncoderAdapter) -> tuple["LatentGuardHead", str]:
+    """The shipped pipeline-backbone head when ``adapter`` reads the encoder it was trained for, else a clear error."""
+    path = default_pipeline_weights_path()
+    head = LatentGuardHead.load(path) if path.is_file() else None
+    if head is None or head.metadata.get("encoder_fingerprint") != _adapter_fingerprint(adapter):
+        raise ValueError("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text encoder "
+                         "(`safegen train-prompt-guard --backbone pipeline --model M --out FILE`, or "
+                         "train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(FILE)); a head ships "
+                         f"only for the embedded default model's encoder ({path.name})")
+    return head, str(path)
+
+
 # ---------------------------------------------------------------------- the guard
 
 
@@ -744,7 +772,9 @@ class LatentGuard(Guard):
 
     Args:
         weights (`str`, *optional*): a safetensors file written by :meth:`LatentGuardHead.save`. Default for the
-            MiniLM backbone: ``assets/latent_guard/minilm.safetensors``; required for ``backbone="pipeline"``.
+            MiniLM backbone: ``assets/latent_guard/minilm.safetensors``; for ``backbone="pipeline"``:
+            ``assets/latent_guard/default-model.safetensors`` on the embedded default model (checked against the
+            encoder's weights), required on any other pipeline.
         backbone (`str`, defaults to `"minilm"`): ``"minilm"`` — the frozen all-MiniLM-L6-v2 sentence encoder
             (same head for every pipeline); ``"pipeline"`` — the pipeline's own (first) text encoder, last layer
             (SD 1.x and SDXL share CLIP-L, as in the paper). The weights must be trained for that encoder.
@@ -778,7 +808,8 @@ class LatentGuard(Guard):
     summary: ClassVar[str] = ("a learned check of the prompt against the policy's editable concept blacklist; "
                                  "blocked prompts get no denoiser step")
     weights_needed: ClassVar[str | None] = ("a head for its backbone: the MiniLM head ships "
-                                            "(assets/latent_guard/minilm.safetensors)")
+                                            "(assets/latent_guard/minilm.safetensors), and a pipeline-backbone head "
+                                            "for the embedded default model (default-model.safetensors)")
 
     weights: str | None = None
     backbone: str = "minilm"
@@ -810,16 +841,18 @@ class LatentGuard(Guard):
     def weight_files(self) -> list:
         if self._head is not None:
             return []  # an in-memory head: no file
-        return [Path(self.weights) if self.weights is not None else default_weights_path()]
+        if self.weights is not None:
+            return [Path(self.weights)]
+        return [default_pipeline_weights_path() if self.backbone == "pipeline" else default_weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
-    def _load_head(self) -> tuple[LatentGuardHead, str]:
+    def _load_head(self, adapter: TextEncoderAdapter | None = None) -> tuple[LatentGuardHead, str]:
+        """The head and where it came from; ``adapter`` is the pipeline backbone's (it picks the shipped head)."""
         if self._head is not None:
             return self._head, "the in-memory Latent Guard head"
         if self.weights is None:
             if self.backbone == "pipeline":
-                raise ValueError("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text "
-                                 "encoder (train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(path))")
+                return _shipped_pipeline_head(adapter)
             path = default_weights_path()
         else:
             path = Path(self.weights)
@@ -832,9 +865,9 @@ class LatentGuard(Guard):
                            "has no text to check: with the policy's embeddings_only=%r they are %s",
                            type(protection.pipe).__name__, mode,
                            "let through unchecked" if mode == "allow" else "blocked")
-        head, source = self._load_head()
-        if self.backbone == "pipeline":
-            adapter = _pipeline_adapter(protection.pipe)
+        adapter = _pipeline_adapter(protection.pipe) if self.backbone == "pipeline" else None
+        head, source = self._load_head(adapter)
+        if adapter is not None:
             identity, what = encoder_identity(adapter), "the pipeline's text encoder"
         else:
             adapter = None
@@ -970,7 +1003,8 @@ class LatentGuard(Guard):
               progress: bool = False) -> list[dict[str, Any]]:
         """Check prompts without generating: one record per prompt with ``prompt``, ``score`` (best score of the
         reported category), ``unsafe`` (some category reached its threshold, or a number was not finite),
-        ``concept`` and ``category`` (the flagged one with the largest margin, else the closest), ``threshold``,
+        ``concept`` and ``category`` (the flagged one with the largest margin; ``None`` for a prompt that passes,
+        whose closest ones are in ``nearest``: ``{"category": ..., "concept": ...}``), ``threshold``,
         ``action`` (what the guard does with it inside a pipeline: ``"pass"``, ``"log"``, ``"block"`` — a
         ``steer`` category is blocked, Latent Guard cannot steer — or ``"error"``, which blocks too), ``scores``
         (score per category), ``decided_by`` (``"concept"`` or ``"evidence"``: which path gave the reported
@@ -1005,14 +1039,15 @@ class LatentGuard(Guard):
             prompts = [prompts]
         prompts = [str(p) for p in prompts]
         policy = load_policy(policy)
-        head, source = self._load_head()
         if self.backbone == "pipeline":
             if pipe is None:
                 raise ValueError("LatentGuard(backbone='pipeline').check(...) needs pipe=, the pipeline whose text "
                                  "encoder the head was trained for")
             adapter = _pipeline_adapter(pipe)
+            head, source = self._load_head(adapter)
             head.check_encoder(encoder_identity(adapter), what="the pipeline's text encoder", source=source)
         else:
+            head, source = self._load_head()
             adapter = _minilm_adapter(int(head.config.max_length or 64), "cpu")
             head.check_encoder(encoder_identity(adapter, MINILM_NAME), what=f"the MiniLM backbone ({MINILM_NAME})",
                                source=source)
@@ -1030,8 +1065,10 @@ class LatentGuard(Guard):
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
                     action = "error" if d.error[b] else self.action_for(d.fired[b], policy.categories[cat].action)
-                    out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": d.fired[b] or d.error[b],
-                                "concept": entries[d.concept[b]][1], "category": cat,
+                    unsafe = d.fired[b] or d.error[b]
+                    named = {"concept": entries[d.concept[b]][1], "category": cat}  # a pass names them as nearest
+                    out.append({"prompt": prompt, "score": round(d.score[b], 4), "unsafe": unsafe,
+                                **(named if unsafe else {"concept": None, "category": None, "nearest": named}),
                                 "threshold": round(d.threshold[b], 4), "action": action,
                                 "concept_score": round(d.concept_score[b], 4),
                                 "decided_by": d.decided_by(b), "windows": int(windows[b]),
