@@ -27,6 +27,12 @@ flagged), the operating point of each checker's own decision rule, per-category 
 the cost of a check (head only, 1,000 concepts; encoder + check at batch 32).
 
     python benchmarks/prompt_guard.py --write
+
+``--backbone pipeline`` measures the head shipped for the embedded default model's own CLIP text encoder
+(``assets/latent_guard/default-model.safetensors``, trained the same way with ``--backbone pipeline --model
+default``) in its own section; the probes then read that encoder's EOS vector:
+
+    python benchmarks/prompt_guard.py --backbone pipeline --write
 """
 
 from __future__ import annotations
@@ -82,13 +88,13 @@ def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
 
 
 # ---------------------------------------------------------------------- checkers
-def latent_guard_scores(head, feats: dict, policy, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+def latent_guard_scores(head, adapter, feats: dict, policy, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
     """Per set, the guard's decision score (largest margin over categories of max(best concept score, evidence)
     minus the threshold) and the two paths' own margins: ``{"guard": ..., "concepts": ..., "evidence": ...}``."""
     from safegen.guards.latent_guard import LatentGuard, per_category
 
     guard = LatentGuard()
-    bank, cat_of, cats, _ = guard._bank({}, policy, head, _adapter(head))
+    bank, cat_of, cats, _ = guard._bank({}, policy, head, adapter)
     thr = guard._thresholds(policy, head, cats, head.device)
     out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}}
     with torch.no_grad():
@@ -139,16 +145,20 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, c: float = 1.0, iters: int = 2
 
 
 # ---------------------------------------------------------------------- cost
-def _adapter(head):
-    from safegen.guards.latent_guard import _minilm_adapter
+def _adapter(head, backbone: str, model: str | None):
+    """The encoder the head reads: MiniLM, or the text encoder of ``model`` (``--backbone pipeline``)."""
+    from safegen.guards.latent_guard import _minilm_adapter, _pipeline_adapter
 
-    return _minilm_adapter(int(head.config.max_length or 64), "cpu")
+    if backbone == "minilm":
+        return _minilm_adapter(int(head.config.max_length or 64), "cpu")
+    from safegen.loading import load_pipeline
+
+    return _pipeline_adapter(load_pipeline(model or "default", "cpu"))
 
 
-def cost(head, concept_texts: list[str], prompts: list[str], reps: int = 20) -> dict:
+def cost(head, adapter, concept_texts: list[str], prompts: list[str], reps: int = 20) -> dict:
     from safegen.guards.latent_guard import text_features
 
-    adapter = _adapter(head)
     with torch.no_grad():
         cf = text_features(adapter, concept_texts, batch_size=256)
         bank = head.encode_concepts(cf.tokens, cf.mask, summary=cf.summary)
@@ -178,7 +188,11 @@ def cost(head, concept_texts: list[str], prompts: list[str], reps: int = 20) -> 
 # ---------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--weights", default=None, help="Latent Guard head (default: the shipped MiniLM head)")
+    ap.add_argument("--weights", default=None, help="Latent Guard head (default: the shipped head for --backbone)")
+    ap.add_argument("--backbone", choices=("minilm", "pipeline"), default="minilm",
+                    help="minilm (the shipped MiniLM head) or pipeline: the text encoder of --model, with the head "
+                         "shipped for the embedded default model (its own section in BENCHMARKS.md)")
+    ap.add_argument("--model", default=None, help="with --backbone pipeline: the pipeline (default: the embedded one)")
     ap.add_argument("--policy", default="default")
     ap.add_argument("--limit", type=int, default=None, help="at most N prompts per set (quick runs)")
     ap.add_argument("--coco-eval", type=int, default=5000,
@@ -186,15 +200,22 @@ def main() -> None:
                          "5000, what the shipped head skipped)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = ap.parse_args()
-    from safegen.guards.latent_guard import LatentGuardHead, default_weights_path, text_features
+    from safegen.guards.latent_guard import (LatentGuardHead, default_pipeline_weights_path, default_weights_path,
+                                             text_features)
     from safegen.policy import load_policy
     from safegen.eval.datasets import load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p
 
     t0 = time.time()
     policy = load_policy(a.policy)
-    weights = Path(a.weights) if a.weights else default_weights_path()
+    pipeline = a.backbone == "pipeline"
+    if a.model and not pipeline:
+        ap.error("--model needs --backbone pipeline")
+    weights = Path(a.weights) if a.weights else (default_pipeline_weights_path() if pipeline else default_weights_path())
     head = LatentGuardHead.load(weights).eval()
-    adapter = _adapter(head)
+    adapter = _adapter(head, a.backbone, a.model)
+    enc = "the default model's CLIP encoder" if pipeline else "MiniLM"
+    begin, end = ((BEGIN.replace("prompt-guard", "prompt-guard-pipeline"), END.replace("prompt-guard", "prompt-guard-pipeline"))
+                  if pipeline else (BEGIN, END))
 
     coprov2 = load_coprov2_test()
     coco = load_coco()
@@ -207,7 +228,7 @@ def main() -> None:
     cats = [c for _, c in coprov2][:len(sets["coprov2"])]
     feats = {k: text_features(adapter, v, batch_size=256, progress=True) for k, v in sets.items()}
 
-    lg = latent_guard_scores(head, feats, policy)
+    lg = latent_guard_scores(head, adapter, feats, policy)
     kw = keyword_scores(sets, policy)
     pairs = load_coprov2_pairs()
     train_texts = list(dict.fromkeys(t for u, s, _ in pairs for t in (u, s)))
@@ -220,11 +241,11 @@ def main() -> None:
     probe_b = train_probe(torch.cat([tf.summary.float(), bf.summary.float()]), torch.cat([y, torch.zeros(len(benign))]))
     prb = {k: probe_b(f.summary.float()).float() for k, f in feats.items()}
 
-    methods = {"Latent Guard (MiniLM head: concepts + evidence, the guard's rule)": (lg["guard"], lambda s: s >= 0),
+    methods = {f"Latent Guard ({enc} head: concepts + evidence, the guard's rule)": (lg["guard"], lambda s: s >= 0),
                "  its concept path alone": (lg["concepts"], lambda s: s >= 0),
                "  its evidence path alone": (lg["evidence"], lambda s: s >= 0),
                "keyword blacklist (policy phrases)": (kw, lambda s: s >= 1),
-               "probe: logistic regression on mean-pooled MiniLM (CoProV2 pairs)": (pr, lambda s: s >= 0),
+               f"probe: logistic regression on {enc}'s sentence vector (CoProV2 pairs)": (pr, lambda s: s >= 0),
                f"probe + the head's {len(benign)} benign captions": (prb, lambda s: s >= 0)}
     results = {name: summary_rows(sc, rule) for name, (sc, rule) in methods.items()}
     per_cat = {}
@@ -233,11 +254,13 @@ def main() -> None:
         per_cat[name] = {c: float(hit[[i for i, k in enumerate(cats) if k == c]].double().mean())
                          for c in dict.fromkeys(cats)}
     concept_texts = list(dict.fromkeys(load_coprov2_test(dedup=False)[i][0] for i in range(1000)))[:1000]
-    costs = cost(head, concept_texts, sets["coco"])
+    costs = cost(head, adapter, concept_texts, sets["coco"])
 
     n = {k: len(v) for k, v in sets.items()}
     meta = head.metadata
-    lines = [BEGIN, "## Latent Guard as a prompt checker (issue: Latent Guard)", "",
+    title = ("## Latent Guard on the default model's own text encoder (`backbone=\"pipeline\"`; issue: the CLIP world)"
+             if pipeline else "## Latent Guard as a prompt checker (issue: Latent Guard)")
+    lines = [begin, title, "",
              f"`{shlex.join(['python', 'benchmarks/prompt_guard.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
              f"{machine()}, {time.time() - t0:.0f} s in all).", "",
              f"Weights: `{os.path.relpath(weights, ROOT)}` (trained on {meta.get('train_pairs')} CoProV2 training "
@@ -261,9 +284,9 @@ def main() -> None:
         lines.append(f"| {c} | {cats.count(c)} | " + " | ".join(f"{per_cat[m][c]:.3f}" for m in results) + " |")
     lines += ["", f"Cost (median of 20, head only = concept bank cached, as in the guard): "
               f"{costs['head_ms_per_prompt_b32']:.3f} ms per prompt at batch 32 and {costs['head_ms_b1']:.3f} ms "
-              f"for one prompt, against {costs['concepts']} concepts; MiniLM encoder + check: "
-              f"{costs['encoder_and_check_ms_per_prompt_b32']:.2f} ms per prompt at batch 32.", END]
-    publish(lines, BEGIN, END, a.write)
+              f"for one prompt, against {costs['concepts']} concepts; {enc} + check: "
+              f"{costs['encoder_and_check_ms_per_prompt_b32']:.2f} ms per prompt at batch 32.", end]
+    publish(lines, begin, end, a.write)
 
 
 if __name__ == "__main__":
