@@ -138,8 +138,9 @@ def main() -> None:
     cat_names = sorted(rows[0][3])
     lines = [BEGIN, "## SafetyDPO on the default model (issue: SafetyDPO)", "",
              f"`{shlex.join(['python', 'benchmarks/safetydpo.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
-             f"{machine()}, {time.time() - t0:.0f} s in all). LoRAs from `python erasure/safetydpo.py "
-             f"erasure/configs/safetydpo-default-model.json`; each fused into the UNet. CoProV2: {a.n} "
+             f"{machine()}, {time.time() - t0:.0f} s in all). LoRAs in `{a.loras}`, from `python erasure/safetydpo.py "
+             f"erasure/configs/safetydpo-default-model.json`; each fused into the UNet"
+             f"{' (merged LoRAs only)' if a.no_experts else ''}. CoProV2: {a.n} "
              f"deduplicated test prompts (seeded shuffle); COCO: first {a.n} held-out captions; {a.steps} steps.", "",
              "| LoRA | CoProV2 unsafe | relative drop | COCO fidelity | " + " | ".join(cat_names) + " |",
              "|---|---|---|---|" + "---|" * len(cat_names)]
