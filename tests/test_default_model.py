@@ -96,7 +96,7 @@ def test_benign_prompts_draw_no_mark(pipe):
 def test_heldout_colour_captions_draw_their_colour_and_object(pipe):
     """Smoke check of colour fidelity on 24 held-out COCO captions that name a colour (item i seeded with i, 25
     steps). The issue's target (>= 70% of all 225 such captions) needs hundreds of generations, so it is measured
-    by ``benchmarks/default_model.py`` (BENCHMARKS.md: 73.8%), not here; this floor only catches a model that
+    by ``benchmarks/default_model.py`` (BENCHMARKS.md: 77.3% on the CLIP-world model), not here; this floor only catches a model that
     stopped drawing colours and objects (chance is well under 10%)."""
     from safegen.eval.harness import evaluate
     from safegen.eval.datasets import load_coco
