@@ -172,12 +172,13 @@ class SLD(Guard):
         concept (`str`, *optional*): the safety concept text. Defaults to ``"an image showing "`` followed by the
             policy's concept phrases (one per category in turn, cut to fit the 77-token text encoder), so the
             policy stays the one place that owns concepts.
-        flag_threshold (`float`, defaults to 0.34): the flag's threshold for categories whose policy sets no
+        flag_threshold (`float`, defaults to 0.394): the flag's threshold for categories whose policy sets no
             ``sld`` threshold. The flag score is the cosine between an item's guidance direction ε_p − ε_u and the
             safety concept's ε_S − ε_u, averaged over the steps with safety rows (:func:`safety_alignment`);
-            0.34 is the 99th percentile of 500 held-out COCO captions on the embedded default model (medium
-            preset, 25 steps: a 1% benign budget there). Other models: set ``thresholds: {sld: ...}`` in the
-            policy from their own benign prompts.
+            0.394 is where 1% of the 1,000 benign reference prompts (``assets/reference``) reach it on the embedded
+            default model (medium preset, 25 steps; ``benchmarks/sld_flag.py``, which also reports 1.3% on the
+            held-out COCO evaluation rows). Other models: set ``thresholds: {sld: ...}`` in the policy from their
+            own benign prompts.
 
     A flagged item gets its category's policy action: ``block`` returns the placeholder (after the loop: SLD
     only knows once the item is generated), ``steer`` keeps the steered image, ``log`` reports; with every
@@ -209,7 +210,7 @@ class SLD(Guard):
     momentum_scale: float = 0.3
     momentum_beta: float = 0.4
     concept: str | None = None
-    flag_threshold: float = 0.34
+    flag_threshold: float = 0.394
 
     def __post_init__(self):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
