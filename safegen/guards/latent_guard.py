@@ -666,7 +666,9 @@ def _shipped_pipeline_head(adapter: TextEncoderAdapter) -> tuple["LatentGuardHea
     """The shipped pipeline-backbone head when ``adapter`` reads the encoder it was trained for, else a clear error."""
     path = default_pipeline_weights_path()
     head = LatentGuardHead.load(path) if path.is_file() else None
-    if head is None or head.metadata.get("encoder_fingerprint") != _adapter_fingerprint(adapter):
+    width = getattr(getattr(adapter.encoder, "config", None), "hidden_size", None)
+    if (head is None or head.config.hidden_size != width  # a cheap check first: no hashing of a large encoder
+            or head.metadata.get("encoder_fingerprint") != _adapter_fingerprint(adapter)):
         raise ValueError("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text encoder "
                          "(`safegen train-prompt-guard --backbone pipeline --model M --out FILE`, or "
                          "train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(FILE)); a head ships "
