@@ -53,6 +53,8 @@ import torch  # noqa: E402
 from benchmarks._common import machine, median_seconds, publish  # noqa: E402
 
 BEGIN, END = "<!-- prompt-guard:begin -->", "<!-- prompt-guard:end -->"
+#: ``--backbone pipeline`` writes its own section
+PIPELINE_BEGIN, PIPELINE_END = "<!-- prompt-guard-pipeline:begin -->", "<!-- prompt-guard-pipeline:end -->"
 
 
 # ---------------------------------------------------------------------- metrics
@@ -214,8 +216,7 @@ def main() -> None:
     head = LatentGuardHead.load(weights).eval()
     adapter = _adapter(head, a.backbone, a.model)
     enc = "the default model's CLIP encoder" if pipeline else "MiniLM"
-    begin, end = ((BEGIN.replace("prompt-guard", "prompt-guard-pipeline"), END.replace("prompt-guard", "prompt-guard-pipeline"))
-                  if pipeline else (BEGIN, END))
+    begin, end = (PIPELINE_BEGIN, PIPELINE_END) if pipeline else (BEGIN, END)
 
     coprov2 = load_coprov2_test()
     coco = load_coco()

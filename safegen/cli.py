@@ -585,7 +585,7 @@ def _backbone_pipeline(args) -> Any:
 def cmd_train_prompt_guard(args) -> int:
     import torch
 
-    from .guards.latent_guard import _pipeline_adapter
+    from .guards.latent_guard import _adapter_fingerprint, _pipeline_adapter
     from .training.latent_guard import load_coprov2_pairs, train_head
     from .policy import load_policy
 
@@ -629,9 +629,7 @@ def cmd_train_prompt_guard(args) -> int:
     if args.benign is not None:
         head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip)
     if pipe is not None:  # which encoder's weights, exactly (the shipped default-model head is found by it)
-        from .calibration import encoder_fingerprint
-
-        head.metadata["encoder_fingerprint"] = encoder_fingerprint(encoder.encoder, encoder.tokenizer)
+        head.metadata["encoder_fingerprint"] = _adapter_fingerprint(encoder)
         head.metadata["model"] = str(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     head.save(out)

@@ -4,8 +4,9 @@
 the world: the VAE on rendered images, then the UNet on the prompts' token states (see :func:`train`). It
 conditions on the CLIP-architecture encoder shipped in ``assets/default-model`` (or, with ``--text-encoder DIR``,
 one distilled by ``python -m safegen.training.text_encoder``; ``--text-encoder distill`` distils one first, in the
-run's checkpoint folder; ``--text-encoder minilm`` for the first world's MiniLM), which then ships inside the saved pipeline folder; ``--init DIR`` fine-tunes an existing pipeline's UNet
-(and VAE) instead of starting from random weights.
+run's checkpoint folder; ``--text-encoder minilm`` for the first world's MiniLM), which then ships inside the saved
+pipeline folder; ``--init DIR`` fine-tunes an existing pipeline's UNet (and VAE) instead of starting from random
+weights.
 """
 
 from __future__ import annotations
@@ -360,7 +361,7 @@ def _distilled_encoder(a: argparse.Namespace) -> str | None:
     return str(enc_dir)
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m safegen.training.default_model") -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Train the embedded default model from the command line (see the module docstring).
 
     From scratch, text encoder included (hours on a 2-core CPU; ``--resume`` continues)::
@@ -368,7 +369,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m safegen.train
         python -m safegen.training.default_model --out outputs/my-default-model --text-encoder distill \\
             --vae-steps 900 --unet-steps 7000
     """
-    p = argparse.ArgumentParser(prog=prog,
+    p = argparse.ArgumentParser(prog="python -m safegen.training.default_model",
                                 description="Train safegen's embedded default text-to-image model on the world.")
     p.add_argument("--out", required=True, help="folder to save the pipeline to")
     p.add_argument("--data-dir", default=None, help="folder with CoProv2_train.csv and coco_30k_10k.csv "
