@@ -12,9 +12,11 @@ item is reported) on
   CoProV2 test prompts (seeded shuffle), to report the false-flag rate and the flag's recall at that threshold.
 
 With ``--write`` the section goes into BENCHMARKS.md between ``<!-- sld-flag:begin -->`` and ``<!-- sld-flag:end -->``.
-``SLD.flag_threshold``'s default is the value this prints for the shipped model.
+The reference scores are measured by :meth:`safegen.guards.sld.SLD.calibrate` (kept in the calibration cache);
+``--ship`` also copies that calibration into ``assets/calibration`` (the embedded model's, shipped with the package),
+and :data:`safegen.guards.sld.DEFAULT_FLAG_THRESHOLD` is the 1% value this prints for the shipped model.
 
-    python benchmarks/sld_flag.py --n 300 --write
+    python benchmarks/sld_flag.py --n 300 --write --ship
     python benchmarks/sld_flag.py --n 8 --reference 16 --steps 2      # a smoke run
 """
 
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument("--ship", action="store_true", help="copy the calibration into assets/calibration")
     a = ap.parse_args()
     import safegen
     from safegen.calibration import budget_thresholds, reference_prompts
@@ -73,11 +76,22 @@ def main() -> None:
     for cat in policy.categories.values():
         cat.action = "log"  # measure only: every item is generated and scored
     pipe = load_default_pipeline()
-    safegen.protect(pipe, policy=policy, guards=[SLD.medium()])
+    guard = SLD.medium()
+    cal = guard.calibrate(pipe, steps=a.steps, batch_size=a.batch_size, limit=a.reference)
+    if a.ship:
+        import shutil
+
+        from safegen.calibration import cache_dir, shipped_path
+
+        shipped_path("sld", cal["key"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache_dir() / "calibration" / f"sld-{cal['key']}.json", shipped_path("sld", cal["key"]))
+    safegen.protect(pipe, policy=policy, guards=[guard])
     sets = {"reference": reference_prompts()[:a.reference], "coco": load_coco()[:HELDOUT_COCO][:a.n],
             "coprov2": _shuffled([p for p, _ in load_coprov2_test()])[:a.n]}
-    got = {k: scores(pipe, v, a.steps, a.batch_size, k) for k, v in sets.items()}
-    thr = float(budget_thresholds(got["reference"].view(-1, 1), a.budget)[0])
+    got = {"reference": cal["scale"].reference[:, 0]}
+    got.update({k: scores(pipe, v, a.steps, a.batch_size, k) for k, v in sets.items() if k != "reference"})
+    thr = float(cal["scale"].thresholds(a.budget)[0])
+    assert float(budget_thresholds(got["reference"].view(-1, 1), a.budget)[0]) == thr
 
     def rate(name: str) -> float:
         return float((got[name] >= thr).float().mean())
@@ -90,7 +104,8 @@ def main() -> None:
              f"{time.time() - t0:.0f} s in all). SLD medium preset, {a.steps} DDIM steps, every category on `log`; "
              f"item i seeded with i.", "",
              f"Threshold at a {100 * a.budget:g}% budget on {len(sets['reference'])} reference prompts "
-             f"(`assets/reference`): **{thr:.3f}** (`SLD.flag_threshold`'s default).", "",
+             f"(`assets/reference`): **{thr:.3f}** (the calibrated threshold at the default policy's budget; "
+             "`DEFAULT_FLAG_THRESHOLD` where a model has no calibration).", "",
              "| set (n) | median score | 99th percentile | flagged at the threshold |", "|---|---|---|---|"]
     for name, label in (("reference", "benign reference (fit)"), ("coco", "COCO held-out, evaluation rows"),
                         ("coprov2", "CoProV2 test")):

@@ -27,8 +27,11 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         policy: a built-in policy name, a path to a ``.yaml``/``.json`` policy, a mapping or a
             :class:`~safegen.Policy` (shared, not copied: edits in code apply to the next call).
         guards: guard instances or names (``"safree"``, ``"sld"``, ``"sld-max"``...); defaults to the
-            policy's ``guards`` list.
-        sensitivity: overrides the policy's sensitivity (scales every guard's thresholds).
+            policy's ``guards`` list, from which a guard that cannot run on this pipeline (no weights for the
+            model, a package missing) is skipped with a note in every report when the policy's
+            ``skip_unavailable`` is true (the default policy's stack).
+        sensitivity: overrides the policy's sensitivity: every guard's benign false-positive budget becomes
+            ``min(fpr × sensitivity, 0.5)`` (:meth:`~safegen.Policy.budget`).
 
     Calling it again replaces the previous protection (idempotent); :func:`unprotect` restores the pipeline
     exactly. Outputs gain ``out.safety``: one :class:`~safegen.SafetyReport` per image or video.
@@ -36,8 +39,8 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
     Example:
         >>> import safegen
         >>> from safegen.testing import tiny_sd_pipeline
-        >>> # sensitivity 0.1 raises the similarity thresholds above 1: on this *random* tiny model only
-        >>> # literal concept phrases should count
+        >>> # sensitivity 0.1: SAFREE's gate may fire on 0.1% of benign reference prompts (on this *random* tiny
+        >>> # model, literal concept phrases are what really counts)
         >>> pipe = safegen.protect(tiny_sd_pipeline(), guards=["safree"], sensitivity=0.1)
         >>> out = pipe(["a photo of a red bus", "a photo of blood and gore"], num_inference_steps=2,
         ...            output_type="np")
@@ -50,4 +53,5 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         pol = pol.copy()  # the caller's policy object keeps its own sensitivity
         pol.sensitivity = sensitivity
     guard_list = [resolve_guard(g) for g in (pol.guards if guards is None else guards)]
-    return install(pipe, pol, guard_list, resolve=resolve_guard)
+    return install(pipe, pol, guard_list, resolve=resolve_guard,
+                   skip_unavailable=guards is None and pol.skip_unavailable)

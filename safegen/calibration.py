@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["REFERENCE_FILE", "reference_prompts", "budget_thresholds", "fire_rate", "encoder_fingerprint",
-           "cache_dir", "shipped_path", "load_cached", "save_cached"]
+           "cache_dir", "shipped_path", "load_cached", "save_cached", "RiskScale", "guard_thresholds", "digest"]
 
 #: The benign reference set, relative to the assets folder.
 REFERENCE_FILE = "reference/benign_prompts.txt"
@@ -90,6 +90,159 @@ def budget_thresholds(scores, budget: float):
         else:
             hi = mid - 1
     return thresholds_at(lo).float()
+
+
+class RiskScale:
+    """The shared score scale: a guard's raw per-category scores as calibrated risk in [0, 1].
+
+    Fitted on the scores of the benign reference prompts (N, K). The *benign rate* of a raw score ``s`` in
+    category ``k`` is the share of reference prompts a guard would flag if it let every category fire down to the
+    same level as ``s`` (``s`` sits at level ``m`` = how many reference scores of column ``k`` reach it; at level
+    ``m`` each column lets its ``m`` highest reference scores fire, as :func:`budget_thresholds` does). The
+    **risk** is ``1 - benign rate``. A guard at a benign false-positive budget ``b`` flags exactly when
+    ``risk >= 1 - b``, the same as comparing the raw score with :meth:`thresholds` ``(b)``: at most ``b`` of the
+    reference prompts fire, whatever the raw scale (cosines, logits, probabilities). So one budget means the same
+    for every guard. A score above every reference score has risk 1.0; a non-finite score has risk NaN (guards
+    treat it as an error).
+
+    Example:
+        >>> import torch
+        >>> from safegen.calibration import RiskScale
+        >>> scale = RiskScale(torch.arange(100.0).view(100, 1), ["violence"])  # benign scores 0..99
+        >>> scale.risk(torch.tensor([[99.0], [95.0], [200.0]])).flatten().tolist()
+        [0.99, 0.95, 1.0]
+        >>> t = float(scale.thresholds(0.05)[0])  # flag when risk >= 0.95: the 5 highest reference scores fire
+        >>> 94.0 < t <= 95.0
+        True
+    """
+
+    def __init__(self, reference, categories):
+        import torch
+
+        self.reference = torch.as_tensor(reference).detach().float().cpu()  # (N, K) benign reference scores
+        self.categories = [str(c) for c in categories]
+        n = self.reference.shape[0] if self.reference.dim() == 2 else 0
+        if self.reference.dim() != 2 or self.reference.shape[1] != len(self.categories) or n == 0:
+            raise ValueError(f"a risk scale needs reference scores of shape (n >= 1, {len(self.categories)}), "
+                             f"got {tuple(self.reference.shape)}")
+        if not bool(torch.isfinite(self.reference).all()):
+            raise ValueError("the reference scores are not all finite numbers: the calibration cannot be trusted")
+        self._asc = self.reference.t().sort(1).values.contiguous()  # (K, N): each column ascending
+        level = self._levels(self.reference).amin(1)  # (N,): the lowest level at which each reference row fires
+        self._rate = torch.bincount(level, minlength=n + 1).cumsum(0).double() / n  # (N + 1,): benign rate g(m)
+
+    def __len__(self) -> int:
+        return self.reference.shape[0]
+
+    def _levels(self, scores):
+        """(B, K) levels: how many reference scores of each column are >= the score (0 above them all)."""
+        import torch
+
+        asc = self._asc if self._asc.device == scores.device else self._asc.to(scores.device)
+        below = torch.searchsorted(asc, scores.t().contiguous(), side="left")  # (K, B)
+        return (asc.shape[1] - below).t()
+
+    def benign_rate(self, scores):
+        """(B, K) share of reference prompts flagged at the level of each score (NaN for a non-finite score)."""
+        import torch
+
+        scores = torch.as_tensor(scores).float()
+        if scores.dim() != 2 or scores.shape[1] != len(self.categories):
+            raise ValueError(f"scores must be (B, {len(self.categories)}), got {tuple(scores.shape)}")
+        rate = self._rate.to(scores.device)[self._levels(scores.nan_to_num(0.0, 0.0, 0.0))]
+        return torch.where(torch.isfinite(scores), rate, torch.full_like(rate, float("nan")))
+
+    def risk(self, scores):
+        """(B, K) calibrated risk in [0, 1]: ``1 - benign_rate`` (NaN for a non-finite score)."""
+        return 1.0 - self.benign_rate(scores)
+
+    def thresholds(self, budget: float):
+        """(K,) raw thresholds at which at most ``budget`` of the reference prompts fire (``risk >= 1 - budget``);
+        equal to :func:`budget_thresholds` on the reference scores."""
+        import torch
+
+        if not 0 < budget < 1:
+            raise ValueError(f"a false-positive budget is a share in (0, 1), got {budget!r}")
+        m = int((self._rate <= budget).nonzero().max())  # the largest level within the budget (g(0) = 0)
+        top = torch.cat([self._asc.flip(1), torch.full((self._asc.shape[0], 1), -torch.inf)], 1)  # highest first
+        return torch.nextafter(top[:, m], torch.full_like(top[:, m], torch.inf))
+
+    def subset(self, categories) -> "RiskScale":
+        """The scale of some of its categories (refitted: a policy without a category spends no budget on it)."""
+        idx = [self.categories.index(c) for c in categories]
+        return RiskScale(self.reference[:, idx], [self.categories[i] for i in idx])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the categories and the reference scores (exactly: float32 values)."""
+        import numpy as np
+
+        # the shortest decimal that reads back as the same float32: exact, and half the size of a double's
+        return {"categories": self.categories,
+                "reference": [[float(str(v)) for v in row] for row in self.reference.numpy().astype(np.float32)]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RiskScale":
+        return cls(data["reference"], data["categories"])
+
+
+def guard_thresholds(policy, guard: str, categories, *, scale: "RiskScale | None" = None,
+                     fixed: float | None = None, default: float | None = None,
+                     budget: float | None = None) -> tuple[list[float], list]:
+    """Each category's raw threshold for ``guard`` and the budget it stands for (``None`` when it is fixed).
+
+    In order: the policy's fixed threshold for the category; the guard's own fixed ``fixed`` setting (an
+    argument like ``LatentGuard(threshold=...)``); the calibrated one, ``scale.thresholds(policy.budget())``;
+    the guard's uncalibrated ``default``. ``scale`` must cover ``categories`` in that order; ``budget`` replaces
+    ``policy.budget()`` (a guard given its own budget).
+
+    Example:
+        >>> import safegen, torch
+        >>> from safegen.calibration import RiskScale, guard_thresholds
+        >>> policy = safegen.load_policy("default")
+        >>> cats = list(policy.categories)
+        >>> scale = RiskScale(torch.rand(1000, len(cats), generator=torch.Generator().manual_seed(0)), cats)
+        >>> policy.categories["hate"].set_threshold("lvd", 0.9)
+        >>> th, budgets = guard_thresholds(policy, "lvd", cats, scale=scale)
+        >>> budgets[cats.index("hate")], th[cats.index("hate")], budgets[0]
+        (None, 0.9, 0.01)
+    """
+    categories = list(categories)
+    if scale is not None and scale.categories != categories:
+        raise ValueError(f"the calibration covers {scale.categories}, the guard decides on {categories}")
+    budget = policy.budget() if budget is None else float(budget)
+    calibrated = scale.thresholds(budget).tolist() if scale is not None else None
+    thresholds, budgets = [], []
+    for k, cat in enumerate(categories):
+        own = policy.fixed_threshold(cat, guard)
+        if own is not None:
+            thresholds.append(own)
+            budgets.append(None)
+        elif fixed is not None:
+            thresholds.append(float(fixed))
+            budgets.append(None)
+        elif calibrated is not None:
+            thresholds.append(float(calibrated[k]))
+            budgets.append(budget)
+        else:
+            thresholds.append(policy.threshold(cat, guard, default))  # the policy's error when there is none
+            budgets.append(None)
+    return thresholds, budgets
+
+
+def digest(*parts: Any) -> str:
+    """A short hex key of JSON-able ``parts`` (cache keys)."""
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, Any]) -> str:
+    """A hex key of named tensors' bytes (a small module's state dict)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def encoder_fingerprint(encoder, tokenizer=None, **settings: Any) -> str:

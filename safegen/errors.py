@@ -15,6 +15,14 @@ class GuardError(RuntimeError):
         self.error = error
 
 
+class GuardUnavailable(ValueError):
+    """A guard cannot run on this pipeline: it needs weights trained for this model (LVD's classifier, a
+    pipeline-backbone Latent Guard head, the output classifier) or a package that is not installed (NudeNet).
+    :func:`safegen.protect` with a policy whose ``skip_unavailable`` is true (the default policy) skips such a
+    guard from the policy's own list and says so in every report; a guard asked for by name fails with this
+    error, which says what to do."""
+
+
 class NonFiniteError(ValueError):
     """A guard met a NaN or infinite number (a score, a threshold, a latent) where it must decide: the affected
     items are blocked with verdict ``"error"`` (``x >= t`` is false for NaN, so deciding on it would pass)."""

@@ -26,6 +26,8 @@ EMBEDDINGS_ONLY = ("block", "allow")
 #: The range of the sensitivity knob, in files and in code alike: far outside it every guard is effectively off
 #: (1e-6 multiplies each threshold by a million) or flags everything.
 MIN_SENSITIVITY, MAX_SENSITIVITY = 0.1, 10.0
+#: The default benign false-positive budget (:attr:`Policy.fpr`) and the largest budget sensitivity may reach.
+DEFAULT_FPR, MAX_BUDGET = 0.01, 0.5
 #: The guard names a category's ``thresholds`` may be keyed by (the names guards report under).
 THRESHOLD_GUARDS = GUARD_NAMES
 
@@ -76,9 +78,11 @@ class Category:
             spaces and blacklists from these.
         action (`str`): what a guard does when the category fires: ``"block"`` (return the placeholder),
             ``"steer"`` (change the generation, e.g. SAFREE/SLD) or ``"log"`` (report only). Checked when set.
-        thresholds (`dict[str, float]`): per-guard thresholds before the policy's sensitivity is applied,
-            keyed by guard name (``"safree"``, ``"latent-guard"``, ``"lvd"``...). Set one with
-            :meth:`set_threshold`, which checks the guard name and that the value is a finite number.
+        thresholds (`dict[str, float]`): fixed *raw* thresholds for experts, keyed by guard name (``"safree"``,
+            ``"latent-guard"``, ``"lvd"``...), on that guard's own raw scale. A fixed threshold replaces the
+            guard's calibrated one for this category; sensitivity does not move it (it has no budget), and the
+            report says the threshold was fixed. Set one with :meth:`set_threshold`, which checks the guard name
+            and that the value is a finite number.
 
     Example:
         >>> cat = Category("violence", ["gore"])
@@ -108,7 +112,7 @@ class Category:
         object.__setattr__(self, name, value)
 
     def set_threshold(self, guard: str, value: float) -> None:
-        """Set ``guard``'s threshold for this category (before sensitivity), under the guard's canonical name
+        """Set ``guard``'s fixed raw threshold for this category, under the guard's canonical name
         (``latent_guard`` is stored as ``latent-guard``). Raises :class:`PolicyError` for an unknown guard name or a value that is not a finite
         number."""
         key = _threshold_key(guard)
@@ -120,26 +124,42 @@ class Category:
 
 @dataclass
 class Policy:
-    """A safety policy: categories with concepts, thresholds and actions, plus one sensitivity knob.
+    """A safety policy: categories with concepts, budgets and actions, plus one sensitivity knob.
 
-    ``sensitivity`` scales every guard's thresholds at once: a guard compares its score against
-    ``threshold / sensitivity``, so 2.0 flags more (half the threshold) and 0.5 flags less.
+    **Thresholds are budgets.** Every guard turns its raw score (a cosine, a logit, a probability) into a
+    calibrated risk in [0, 1] on one shared scale (:class:`safegen.calibration.RiskScale`): fitted on 1,000
+    benign reference prompts for the encoder or model at hand. The policy states how many benign prompts a guard
+    may flag, ``fpr`` (default 0.01: at most 1% of the reference prompts), and each guard flags a category when
+    its risk reaches ``1 - budget``. ``sensitivity`` scales that budget, the same way for every guard::
+
+        budget = min(fpr × sensitivity, 0.5)
+
+    so 2.0 lets a guard flag twice as many benign prompts (flags more), 0.5 half as many (flags less). A fixed
+    raw threshold set in a category (:meth:`Category.set_threshold`) replaces the calibration for that guard and
+    category, and sensitivity does not move it.
 
     Example:
         >>> import safegen
         >>> policy = safegen.load_policy("default")
         >>> policy.add_concept("violence", "chainsaw massacre")
+        >>> policy.fpr, policy.budget()
+        (0.01, 0.01)
         >>> policy.sensitivity = 1.5
-        >>> policy.categories["violence"].set_threshold("safree", 0.45)  # else SAFREE's calibrated one
-        >>> round(policy.threshold("violence", "safree"), 4)  # what SAFREE compares with: 0.45 / 1.5
+        >>> round(policy.budget(), 4)  # 1.5% of benign reference prompts may be flagged by each guard
+        0.015
+        >>> policy.categories["violence"].set_threshold("safree", 0.45)  # a fixed raw cosine for SAFREE
+        >>> policy.threshold("violence", "safree", default=0.3)  # fixed: sensitivity does not move it
+        0.45
+        >>> policy.threshold("hate", "safree", default=0.3)  # none set: the guard's calibrated one
         0.3
-        >>> round(policy.threshold("hate", "safree", default=0.42), 4)  # a calibrated threshold scales the same
-        0.28
     """
 
     name: str
     categories: dict[str, Category]
     sensitivity: float = 1.0
+    #: The benign false-positive budget of every guard at sensitivity 1: the share of benign reference prompts a
+    #: guard may flag (0 < fpr <= 0.5).
+    fpr: float = DEFAULT_FPR
     placeholder: str = "flat"
     guards: list[str] = field(default_factory=lambda: ["safree"])
     source: str = "<code>"
@@ -148,24 +168,42 @@ class Policy:
     #: (they pass unchecked by that guard, verdict ``log``). Guards that can work from embeddings (SAFREE with
     #: the pipeline's text encoder, LVD, SLD) check them either way.
     embeddings_only: str = "block"
+    #: When the policy's own ``guards`` list is used (``safegen.protect(pipe, policy)``), skip a guard that cannot
+    #: run on the pipeline (no weights for that model, a package missing: :class:`safegen.errors.GuardUnavailable`)
+    #: and say so in every report, instead of failing ``protect``. Guards named in ``guards=[...]`` always fail.
+    skip_unavailable: bool = False
 
     # ------------------------------------------------------------------ queries
-    def threshold(self, category: str, guard: str, default: float | None = None) -> float:
-        """The effective threshold of ``guard`` for ``category``: the base threshold divided by sensitivity."""
+    def budget(self) -> float:
+        """The benign false-positive budget every guard works at: ``min(fpr × sensitivity, 0.5)``."""
+        return min(float(self.fpr) * float(self.sensitivity), MAX_BUDGET)
+
+    def fixed_threshold(self, category: str, guard: str) -> float | None:
+        """The fixed raw threshold the policy sets for ``guard`` in ``category``, or ``None`` (calibrated)."""
         cat = self._category(category)
         guard = canonical_guard(guard) or guard
         base = cat.thresholds.get(guard)
         if base is None:  # a key written into the dict directly under another spelling ("latent_guard")
-            base = next((v for k, v in cat.thresholds.items() if canonical_guard(k) == guard), default)
+            base = next((v for k, v in cat.thresholds.items() if canonical_guard(k) == guard), None)
+        if base is None:
+            return None
+        # a NaN set in code behind the validating setters would compare False everywhere: fail, never pass
+        return _check_threshold(base, f"policy {self.name!r} ({self.source}): category {category!r}: the "
+                                      f"threshold of guard {guard!r}")
+
+    def threshold(self, category: str, guard: str, default: float | None = None) -> float:
+        """The raw threshold ``guard`` compares with for ``category``: the policy's fixed one if it sets one, else
+        ``default`` (the guard's calibrated threshold at :meth:`budget`, or its own fixed setting)."""
+        base = self.fixed_threshold(category, guard)
+        if base is None:
+            base = default
         if base is None:
             raise PolicyError(
                 f"policy {self.name!r} ({self.source}): category {category!r} has no threshold for guard "
                 f"{guard!r}; add `thresholds: {{{guard}: <number>}}` to it"
             )
-        # a NaN set in code behind the validating setters would compare False everywhere: fail, never pass
-        base = _check_threshold(base, f"policy {self.name!r} ({self.source}): category {category!r}: the "
+        return _check_threshold(base, f"policy {self.name!r} ({self.source}): category {category!r}: the "
                                       f"threshold of guard {guard!r}")
-        return base / float(self.sensitivity)
 
     def concepts(self, category: str | None = None) -> list[str]:
         """Concept phrases of one category, or of all categories (in policy order, without duplicates)."""
@@ -205,9 +243,11 @@ class Policy:
         return {
             "name": self.name,
             "sensitivity": self.sensitivity,
+            "fpr": self.fpr,
             "placeholder": self.placeholder,
             "guards": list(self.guards),
             "embeddings_only": self.embeddings_only,
+            "skip_unavailable": self.skip_unavailable,
             "categories": {
                 k: {"action": c.action, "thresholds": dict(c.thresholds), "concepts": list(c.concepts)}
                 for k, c in self.categories.items()
@@ -223,6 +263,8 @@ class Policy:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "sensitivity":
             value = _check_sensitivity(value, f"policy {getattr(self, 'name', '?')!r}: sensitivity")
+        elif name == "fpr":
+            value = _check_fpr(value, f"policy {getattr(self, 'name', '?')!r}: fpr")
         elif name == "embeddings_only" and value not in EMBEDDINGS_ONLY:
             raise PolicyError(f"policy {getattr(self, 'name', '?')!r}: embeddings_only must be one of "
                               f"{EMBEDDINGS_ONLY}, got {value!r}")
@@ -230,8 +272,8 @@ class Policy:
 
 
 # ---------------------------------------------------------------------- loading and validation
-_TOP_KEYS = {"name", "version", "sensitivity", "placeholder", "guards", "categories", "description",
-             "embeddings_only"}
+_TOP_KEYS = {"name", "version", "sensitivity", "fpr", "placeholder", "guards", "categories", "description",
+             "embeddings_only", "skip_unavailable"}
 _CAT_KEYS = {"concepts", "action", "thresholds", "description"}
 
 
@@ -241,8 +283,18 @@ def _check_sensitivity(value: Any, where: str) -> float:
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
             or not MIN_SENSITIVITY <= value <= MAX_SENSITIVITY):
         raise PolicyError(f"{where} must be a number from {MIN_SENSITIVITY:g} to "
-                          f"{MAX_SENSITIVITY:g} (1 is the calibrated default; 2 flags more, 0.5 flags less), "
+                          f"{MAX_SENSITIVITY:g} (it multiplies the benign false-positive budget: 1 is the policy's "
+                          f"fpr, 2 flags more, 0.5 flags less), "
                           f"got {value!r}")
+    return float(value)
+
+
+def _check_fpr(value: Any, where: str) -> float:
+    """``value`` as a float if it is a share in (0, :data:`MAX_BUDGET`], else :class:`PolicyError`."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= MAX_BUDGET):
+        raise PolicyError(f"{where} must be a benign false-positive budget, a share above 0 and at most "
+                          f"{MAX_BUDGET:g} (0.01 = at most 1% of benign prompts flagged), got {value!r}")
     return float(value)
 
 
@@ -278,12 +330,16 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
     if not isinstance(name, str) or not name:
         raise PolicyError(f"{source}: field 'name' must be a non-empty string")
     sensitivity = _check_sensitivity(data.get("sensitivity", 1.0), f"{source}: field 'sensitivity'")
+    fpr = _check_fpr(data.get("fpr", DEFAULT_FPR), f"{source}: field 'fpr'")
     placeholder = data.get("placeholder", "flat")
     if placeholder not in PLACEHOLDERS:
         raise PolicyError(f"{source}: field 'placeholder' must be one of {PLACEHOLDERS}, got {placeholder!r}")
     embeddings_only = data.get("embeddings_only", "block")
     if embeddings_only not in EMBEDDINGS_ONLY:
         raise PolicyError(f"{source}: field 'embeddings_only' must be one of {EMBEDDINGS_ONLY}")
+    skip_unavailable = data.get("skip_unavailable", False)
+    if not isinstance(skip_unavailable, bool):
+        raise PolicyError(f"{source}: field 'skip_unavailable' must be true or false")
     guards = data.get("guards", ["safree"])
     if not isinstance(guards, list):
         raise PolicyError(f"{source}: field 'guards' must be a list of guard names, got a {type(guards).__name__}")
@@ -334,8 +390,9 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
         if key in categories:
             raise PolicyError(f"{source}: field '{where}' duplicates category {key!r}")
         categories[key] = Category(key, list(dict.fromkeys(concepts)), action, checked)
-    return Policy(name=name, categories=categories, sensitivity=sensitivity, placeholder=placeholder,
-                  guards=list(guards), source=source, embeddings_only=embeddings_only)
+    return Policy(name=name, categories=categories, sensitivity=sensitivity, fpr=fpr, placeholder=placeholder,
+                  guards=list(guards), source=source, embeddings_only=embeddings_only,
+                  skip_unavailable=skip_unavailable)
 
 
 def _parse_file(path: Path) -> Any:

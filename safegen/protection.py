@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import GuardError
+from .errors import GuardError, GuardUnavailable
 from .guard import STAGES, Guard
 from .hooks import add_hook
 from .outputs import _assemble, _decoded_shape
@@ -64,6 +64,8 @@ class Protection:
     last_reports: list[SafetyReport] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # per-pipeline caches shared by guards (adapters, bases)
     resolve: Any = None  # name -> Guard, for guards that build others (given by safegen.protect)
+    #: guards of the policy's list that could not run on this pipeline (``skip_unavailable``): name -> why
+    skipped: dict = field(default_factory=dict)
     _states: dict = field(default_factory=dict)  # per guard object: what it attached to this pipeline
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -352,10 +354,12 @@ def _protected_class(base: type) -> type:
 
 
 def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
-            resolve: "Callable[[str | Guard], Guard] | None" = None) -> Any:
+            resolve: "Callable[[str | Guard], Guard] | None" = None, *, skip_unavailable: bool = False) -> Any:
     """Protect ``pipe`` with guard *instances* under ``policy`` (:func:`safegen.protect` resolves names and loads
     the policy, then calls this). ``resolve`` turns guard names into guards for guards that build others
-    (the output guard's ``stronger`` guards). Everything that can be rejected is checked before the current
+    (the output guard's ``stronger`` guards). With ``skip_unavailable``, a guard that raises
+    :class:`~safegen.errors.GuardUnavailable` when attached (no weights for this model, a package missing) is left
+    out, and every report of the pipeline says so. Everything that can be rejected is checked before the current
     protection is touched."""
     kind = pipeline_kind(pipe)
     guard_list = list(guards)
@@ -371,18 +375,30 @@ def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
         unprotect(pipe)
     base = type(pipe)
     prot = Protection(pipe=pipe, kind=kind, policy=policy, guards=guard_list, base_class=base, resolve=resolve)
-    attach_all(prot)
+    attach_all(prot, skip_unavailable=skip_unavailable)
+    for name, why in prot.skipped.items():
+        logger.warning("safegen: the policy's %s guard is skipped on %s: %s", name, type(pipe).__name__, why)
     pipe.__class__ = _protected_class(base)
     object.__setattr__(pipe, "_safegen", prot)
     return pipe
 
 
-def attach_all(prot: Protection) -> None:
-    """Attach ``prot.guards`` in order; if one fails, detach those already attached (newest first) and re-raise."""
+def attach_all(prot: Protection, skip_unavailable: bool = False) -> None:
+    """Attach ``prot.guards`` in order; if one fails, detach those already attached (newest first) and re-raise.
+    With ``skip_unavailable`` a guard that raises :class:`GuardUnavailable` is dropped from ``prot.guards`` and
+    recorded in ``prot.skipped``."""
     attached: list[Guard] = []
     try:
-        for g in prot.guards:
-            g.attach(prot)
+        for g in list(prot.guards):
+            try:
+                g.attach(prot)
+            except GuardUnavailable as e:
+                if not skip_unavailable:
+                    raise
+                prot.drop_state(g)
+                prot.guards.remove(g)
+                prot.skipped[g.name] = str(e)
+                continue
             attached.append(g)
     except Exception:
         for g in reversed(attached):
@@ -497,6 +513,9 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {allowed}, but found "
                          f"{[k for k in asked if k not in allowed]}")
     reports = [SafetyReport(index=i, prompt=prompts[i // nipp] if prompts else None) for i in range(batch * nipp)]
+    for rep in reports:  # what the policy asked for and this pipeline cannot run, said on every item
+        rep.guards += [GuardResult(name, "pass", reason=f"skipped: {why}", details={"skipped": True})
+                       for name, why in prot.skipped.items()]
     return Call(protection=prot, args=a, prompts=prompts, negative_prompts=negatives, num_images_per_prompt=nipp,
                 batch_size=batch, do_cfg=do_cfg, num_steps=int(steps), reports=reports,
                 blocked_prompts=[False] * batch)

@@ -24,8 +24,14 @@ class GuardResult:
             item is blocked: guards fail closed).
         category: the policy category that fired, if any.
         concept: the concept phrase that fired, if the guard knows it.
-        score: the deciding score; ``threshold`` is what it was compared against.
-        scores: per-category scores.
+        score: the deciding raw score, on the guard's own scale (a cosine, a logit, a probability); ``threshold``
+            is the raw threshold it was compared against.
+        risk: the deciding score as calibrated risk in [0, 1], the scale every guard shares
+            (:class:`safegen.calibration.RiskScale`: 1 - the share of benign reference prompts that score as
+            high); ``None`` where the guard has no calibration.
+        budget: the benign false-positive budget the threshold was set at (the policy's ``fpr`` × sensitivity):
+            the guard flags when ``risk >= 1 - budget``; ``None`` when the threshold was fixed, not calibrated.
+        scores: per-category raw scores; ``risks``: per-category calibrated risks.
         trigger_tokens: prompt tokens the guard acted on (SAFREE).
         filtered_steps: how many denoising steps used filtered conditioning (SAFREE).
         stopped_at_step: the step at which generation was stopped (LVD).
@@ -46,7 +52,10 @@ class GuardResult:
     concept: str | None = None
     score: float | None = None
     threshold: float | None = None
+    risk: float | None = None
+    budget: float | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    risks: dict[str, float] = field(default_factory=dict)
     trigger_tokens: list[str] = field(default_factory=list)
     filtered_steps: int | None = None
     stopped_at_step: int | None = None
@@ -133,6 +142,8 @@ class SafetyReport:
                 bits.append(f"concept={g.concept!r}")
             if g.score is not None:
                 bits.append(f"score={g.score:.3f}" + (f"/{g.threshold:.3f}" if g.threshold is not None else ""))
+            if g.risk is not None:
+                bits.append(f"risk={g.risk:.3f}" + (f" (budget {g.budget:g})" if g.budget is not None else ""))
             if g.trigger_tokens:
                 bits.append(f"triggers={g.trigger_tokens}")
             if g.filtered_steps is not None:

@@ -306,17 +306,18 @@ def test_blocked_prompt_gets_no_unet_step_and_others_are_bit_identical(sd):
     assert ok.seconds == pytest.approx(ok.details["call_seconds"] / 3)
 
 
-def test_sensitivity_scales_threshold_and_policy_threshold_wins(sd):
-    guard, head = matching_guard(sd)
+def test_fixed_thresholds_ignore_sensitivity_and_the_policy_one_wins(sd):
+    guard, head = matching_guard(sd)  # threshold=9.99: a fixed raw threshold, not a budget
     policy = safegen.load_policy("default")
     safegen.protect(sd, policy=policy, guards=[guard])
-    assert run(sd, BENIGN, fast=True).safety[0].result("latent_guard").threshold == pytest.approx(9.99)
-    policy.sensitivity = 1.25  # 9.99 / 1.25 ≈ 7.99: every prompt of this hand-set head now scores above it
     res = run(sd, BENIGN, fast=True).safety[0].result("latent_guard")
-    assert res.threshold == pytest.approx(9.99 / 1.25) and res.verdict == "block"
+    assert res.threshold == pytest.approx(9.99) and res.budget is None
+    policy.sensitivity = 1.25  # sensitivity scales budgets; a fixed number has none
+    res = run(sd, BENIGN, fast=True).safety[0].result("latent_guard")
+    assert res.threshold == pytest.approx(9.99) and res.verdict == "pass"
     policy.sensitivity = 1.0
     for cat in policy.categories.values():
-        cat.thresholds["latent_guard"] = 0.0  # the policy's own latent_guard threshold beats the guard default
+        cat.thresholds["latent_guard"] = 0.0  # the policy's own latent_guard threshold beats the guard's
     res = run(sd, BENIGN, fast=True).safety[0].result("latent_guard")
     assert res.verdict == "block" and res.threshold == 0.0
 

@@ -16,20 +16,35 @@ def test_default_policy_covers_categories():
     assert "default" in builtin_policies()
 
 
-def test_sensitivity_scales_every_threshold():
+def test_sensitivity_scales_the_budget_by_the_documented_formula():
+    """budget = min(fpr × sensitivity, 0.5), the same for every guard; fixed raw thresholds do not move."""
     pol = safegen.load_policy("default")
+    assert pol.fpr == 0.01 and pol.budget() == pytest.approx(0.01)
+    for s in (0.1, 0.5, 2.0, 3.0, 10.0):
+        pol.sensitivity = s
+        assert pol.budget() == pytest.approx(min(0.01 * s, 0.5))
+    pol.fpr = 0.2
+    assert pol.budget() == 0.5  # capped: half the benign prompts is the most any guard may flag
+    for bad in (0, -0.1, 0.6, float("nan"), True, "1%"):
+        with pytest.raises(PolicyError, match="fpr must be a benign false-positive budget"):
+            pol.fpr = bad
     pol.categories["violence"].set_threshold("safree", 0.4)
-    base = pol.threshold("violence", "safree")
-    pol.sensitivity = 2.0
-    assert pol.threshold("violence", "safree") == pytest.approx(base / 2) == pytest.approx(0.2)
-    # a calibrated threshold (the guard's default) scales the same way
-    assert safegen.load_policy("default", sensitivity=0.5).threshold("hate", "safree", default=0.3) == \
-        pytest.approx(0.6)
+    assert pol.threshold("violence", "safree", default=0.3) == 0.4  # fixed: sensitivity does not move it
+    assert pol.threshold("hate", "safree", default=0.3) == 0.3  # the guard's own (calibrated at budget())
     with pytest.raises(PolicyError, match="sensitivity"):
         pol.sensitivity = 0
     with pytest.raises(PolicyError, match="no threshold for guard 'lvd'"):
         pol.threshold("violence", "lvd")
-    assert pol.threshold("violence", "lvd", default=0.5) == pytest.approx(0.25)
+
+
+def test_fpr_in_files(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("fpr: 0.02\ncategories: {violence: {concepts: [gore]}}\n")
+    assert safegen.load_policy(path).budget() == pytest.approx(0.02)
+    assert safegen.load_policy(path).to_dict()["fpr"] == 0.02
+    path.write_text("fpr: 2\ncategories: {violence: {concepts: [gore]}}\n")
+    with pytest.raises(PolicyError, match="field 'fpr' must be a benign false-positive budget"):
+        safegen.load_policy(path)
 
 
 def test_edit_concepts_in_code():

@@ -72,7 +72,8 @@ def test_calibration_is_cached_on_disk_by_encoder(sd, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEGEN_CACHE", str(tmp_path))
     first = Safree().calibration(sd)
     files = list((tmp_path / "calibration").glob("safree-*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text())["thresholds"] == first["thresholds"]
+    stored = json.loads(files[0].read_text())["scale"]  # the reference scores: any budget's thresholds follow
+    assert len(files) == 1 and stored == first["scale"].to_dict()
     # a second protect reads the file: no reference prompt is encoded again
     monkeypatch.setattr(Safree, "_beta_of", lambda *a, **k: pytest.fail("recomputed instead of cached"))
     assert Safree().calibration(sd)["thresholds"] == first["thresholds"]

@@ -24,7 +24,7 @@ The pieces:
   pairs is held out; its AUC and a calibrated threshold are reported and stored with the weights.
 * :func:`load_coprov2_pairs` — (unsafe prompt, safe twin, category) triples from CoProV2's training CSV.
 * :class:`LatentGuard` — the guard: scores every prompt against every policy concept, blocks those whose best
-  score reaches the category's ``latent_guard`` threshold (divided by the policy's sensitivity). Blocked items
+  score reaches the category's threshold, calibrated at the policy's benign false-positive budget. Blocked items
   get no UNet step and the policy's placeholder; the rest of the batch runs unchanged.
 
 Weights are safetensors only, with the head's config and the encoder it was trained for in the file's metadata;
@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoders import TextEncoderAdapter
+from ..errors import GuardUnavailable
 from ..guard import Guard, has_text_encoder, unreadable_call
 
 logger = logging.getLogger("safegen")
@@ -669,7 +670,7 @@ def _shipped_pipeline_head(adapter: TextEncoderAdapter) -> tuple["LatentGuardHea
     width = getattr(getattr(adapter.encoder, "config", None), "hidden_size", None)
     if (head is None or head.config.hidden_size != width  # a cheap check first: no hashing of a large encoder
             or head.metadata.get("encoder_fingerprint") != _adapter_fingerprint(adapter)):
-        raise ValueError("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text encoder "
+        raise GuardUnavailable("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text encoder "
                          "(`safegen train-prompt-guard --backbone pipeline --model M --out FILE`, or "
                          "train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(FILE)); a head ships "
                          f"only for the embedded default model's encoder ({path.name})")
@@ -709,7 +710,7 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
             evidence: torch.Tensor | None = None) -> _Decision:
     """Batched decision on concept scores (B, C) and, if given, evidence scores (B, K): a category's score is its
     best concept score or its evidence, whichever is higher, and it fires when that reaches its threshold; the
-    reported category is the fired one with the largest margin, else the closest one, and the reported concept
+    reported category is the fired one with the highest score, else the closest one, and the reported concept
     is that category's best. One host copy per batch."""
     neg = torch.tensor(float("-inf"), device=scores.device)
     by_concept = per_category(scores, cat_of, thresholds.numel())
@@ -718,8 +719,9 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
     error = (torch.isnan(per_cat) | torch.isposinf(per_cat)).any(1) | ~torch.isfinite(thresholds).all()
     fired = (per_cat >= thresholds) & ~error.unsqueeze(1)
     any_fired = fired.any(1)
-    margin = torch.where(fired, per_cat - thresholds, neg)
-    cat = torch.where(any_fired, margin.argmax(1), per_cat.argmax(1))
+    # the fired category the head scores highest (its own ranking: thresholds differ per category, so the largest
+    # margin would favour categories whose benign scores run low), else the closest one
+    cat = torch.where(any_fired, torch.where(fired, per_cat, neg).argmax(1), per_cat.argmax(1))
     concept = torch.where(cat_of.unsqueeze(0) == cat.unsqueeze(1), scores, neg).argmax(1)
     best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
     own = by_concept.gather(1, cat.unsqueeze(1)).squeeze(1)
@@ -754,6 +756,13 @@ def _reason(d: _Decision, b: int, cat: str, concept: str, action: str) -> str:
     return f"{lead} {concept!r} (category {cat!r}{tail}): score {score:.2f} ≥ threshold {thr:.2f}"
 
 
+def _risks(scale, d: _Decision) -> list[list[float]] | None:
+    """Each text's calibrated risk per category (host lists), or ``None`` without a calibration."""
+    if scale is None:
+        return None
+    return scale.risk(torch.tensor(d.per_category, dtype=torch.float32)).tolist()
+
+
 @dataclass
 class _Attached:
     head: LatentGuardHead
@@ -766,8 +775,9 @@ class LatentGuard(Guard):
     """Latent Guard as a safegen guard: a learned concept-blacklist check on the prompt, before any UNet step.
 
     Every prompt (and SDXL's ``prompt_2``) is scored against every concept phrase of the policy; a prompt is
-    flagged for a category when its best score over that category's concepts is ≥ the policy's
-    ``latent_guard`` threshold for it, divided by the policy's sensitivity. Flagged prompts of categories whose
+    flagged for a category when its score (best concept or evidence) reaches the category's threshold: calibrated
+    so that at most the policy's budget (fpr × sensitivity) of benign reference prompts reach it, unless the
+    policy or ``threshold=`` fixes one. Flagged prompts of categories whose
     action is ``block`` or ``steer`` are blocked (no UNet step, the policy's placeholder; Latent Guard cannot
     steer), ``log`` categories are reported only. The concepts' side of the head is computed once and cached
     per concept list, so concepts added or removed in the policy apply on the next call, without retraining.
@@ -780,8 +790,10 @@ class LatentGuard(Guard):
         backbone (`str`, defaults to `"minilm"`): ``"minilm"`` — the frozen all-MiniLM-L6-v2 sentence encoder
             (same head for every pipeline); ``"pipeline"`` — the pipeline's own (first) text encoder, last layer
             (SD 1.x and SDXL share CLIP-L, as in the paper). The weights must be trained for that encoder.
-        threshold (`float`, *optional*): score threshold for categories whose policy sets no ``latent_guard``
-            threshold; default: the one calibrated at training (stored with the weights), else 9.0131 (paper).
+        threshold (`float`, *optional*): a fixed raw score threshold for categories whose policy sets no
+            ``latent_guard`` threshold. Default: calibrated at the policy's budget (fpr × sensitivity) on the
+            benign reference prompts for this head, encoder and concept list (:class:`safegen.calibration.RiskScale`;
+            computed once per concept list, cached on disk; the default policy's ships for the shipped heads).
         check_prompt_2 (`bool`, defaults to `True`): also check SDXL's ``prompt_2`` (the higher score counts).
         encode_batch (`int`, defaults to 256): prompts per encoder pass.
 
@@ -928,7 +940,9 @@ class LatentGuard(Guard):
                                                                                  else item[:1])])
         names = [name for item in per_prompt for name, _ in (item if self.check_prompt_2 else item[:1])]
         scores, evidence, windows = self._score(head, adapter, bank, texts, cats)  # (T, C), (T, K), (T,)
-        d = _decide(scores, cat_of, self._thresholds(policy, head, cats, scores.device), evidence)
+        thresholds, budgets, scale = self._thresholds(call.protection.cache, policy, head, adapter)
+        d = _decide(scores, cat_of, thresholds.to(scores.device), evidence)
+        risks = _risks(scale, d)
         best = torch.tensor(d.score)  # the reported (deciding) score of each text; one text per prompt decides
         tau = round(head.tau.item(), 4)
         decider = {}
@@ -950,8 +964,11 @@ class LatentGuard(Guard):
             if int(windows[t]) > 1:
                 details["windows"] = int(windows[t])
             cat_scores = {c: round(v, 4) for c, v in zip(cats, d.per_category[t])}
+            k = d.category[t]
             fields_ = dict(category=cat, concept=concept, score=score, threshold=thr, scores=cat_scores,
-                           details=details)
+                           details=details, budget=budgets[k],
+                           risk=None if risks is None else round(risks[t][k], 4),
+                           risks={} if risks is None else {c: round(v, 4) for c, v in zip(cats, risks[t])})
             action = self.action_for(d.fired[t], policy.categories[cat].action)
             if action == "block":
                 reason = _reason(d, t, cat, concept, "blocked")
@@ -996,16 +1013,57 @@ class LatentGuard(Guard):
             return scores, None
         return scores, head.evidence(f.tokens, f.mask, f.summary, cats)
 
-    def _thresholds(self, policy, head: LatentGuardHead, cats: Sequence[str], device) -> torch.Tensor:
-        default = self._default_threshold(head)
-        return torch.tensor([policy.threshold(c, self.name, default) for c in cats], device=device)
+    def _thresholds(self, cache: dict, policy, head: LatentGuardHead, adapter: TextEncoderAdapter
+                    ) -> tuple[torch.Tensor, list, "RiskScale | None"]:
+        """Each policy category's raw threshold, the budget it stands for (``None``: fixed) and the risk scale:
+        calibrated on the benign reference prompts for this head, encoder and concept list (computed once, kept on
+        disk), unless every category's threshold is fixed (the policy's, or ``threshold=``)."""
+        from ..calibration import guard_thresholds
+
+        cats = list(policy.categories)
+        fixed = self.threshold
+        need = fixed is None and any(policy.fixed_threshold(c, self.name) is None for c in cats)
+        scale = self._scale(cache, policy, head, adapter) if need else None
+        thresholds, budgets = guard_thresholds(policy, self.name, cats, scale=scale, fixed=fixed,
+                                               default=DEFAULT_THRESHOLD)
+        return torch.tensor(thresholds), budgets, scale
+
+    def _scale(self, cache: dict, policy, head: LatentGuardHead, adapter: TextEncoderAdapter) -> "RiskScale":
+        """The risk scale of this head, encoder and concept list: each category's score (concept or evidence,
+        windowed as in a call) on :func:`safegen.calibration.reference_prompts`."""
+        from ..calibration import (RiskScale, digest, load_cached, reference_digest, reference_prompts,
+                                   save_cached, tensors_digest)
+
+        bank, cat_of, cats, entries = self._bank(cache, policy, head, adapter)
+        hit = cache.get(("latent_guard", "scale"))
+        if hit is not None and hit[0] == (entries, id(head), id(adapter)):
+            return hit[1]
+        encoder = (_adapter_fingerprint(adapter) if adapter.name != MINILM_NAME
+                   else (encoder_identity(adapter, MINILM_NAME), adapter.max_length))
+        key = digest("latent-guard", tensors_digest(head.state_dict()), head.config.to_dict(), encoder,
+                     entries, reference_digest())
+        data = load_cached("latent-guard", key)
+        if data is not None:
+            scale = RiskScale.from_dict(data["scale"])
+        else:
+            rows = []
+            prompts = reference_prompts()
+            with torch.no_grad():
+                for start in range(0, len(prompts), self.encode_batch):
+                    scores, ev, _ = self._score(head, adapter, bank, prompts[start:start + self.encode_batch], cats)
+                    per_cat = per_category(scores, cat_of, len(cats))
+                    rows.append(per_cat if ev is None else torch.maximum(per_cat, ev.to(per_cat.device)))
+            scale = RiskScale(torch.cat(rows).cpu(), cats)
+            save_cached("latent-guard", key, {"scale": scale.to_dict()})
+        cache[("latent_guard", "scale")] = ((entries, id(head), id(adapter)), scale)
+        return scale
 
     # ------------------------------------------------------------------ standalone checks
     def check(self, prompts: Sequence[str], policy: Any = "default", *, pipe=None, batch_size: int = 256,
               progress: bool = False) -> list[dict[str, Any]]:
         """Check prompts without generating: one record per prompt with ``prompt``, ``score`` (best score of the
         reported category), ``unsafe`` (some category reached its threshold, or a number was not finite),
-        ``concept`` and ``category`` (the flagged one with the largest margin; ``None`` for a prompt that passes,
+        ``concept`` and ``category`` (the flagged one the head scores highest; ``None`` for a prompt that passes,
         whose closest ones are in ``nearest``: ``{"category": ..., "concept": ...}``), ``threshold``,
         ``action`` (what the guard does with it inside a pipeline: ``"pass"``, ``"log"``, ``"block"`` — a
         ``steer`` category is blocked, Latent Guard cannot steer — or ``"error"``, which blocks too), ``scores``
@@ -1057,13 +1115,16 @@ class LatentGuard(Guard):
         head.to(adapter.device)
         out: list[dict[str, Any]] = []
         with torch.no_grad():
-            bank, cat_of, cats, entries = self._bank({}, policy, head, adapter)
-            thresholds = self._thresholds(policy, head, cats, head.device)
+            cache: dict = {}
+            bank, cat_of, cats, entries = self._bank(cache, policy, head, adapter)
+            thresholds, budgets, scale = self._thresholds(cache, policy, head, adapter)
+            thresholds = thresholds.to(head.device)
             bar = tqdm(total=len(prompts), desc="check prompts", unit="prompt", disable=not progress)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 scores, ev, windows = self._score(head, adapter, bank, chunk, cats)
                 d = _decide(scores, cat_of, thresholds, ev)
+                risks = _risks(scale, d)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
                     action = "error" if d.error[b] else self.action_for(d.fired[b], policy.categories[cat].action)
@@ -1074,13 +1135,12 @@ class LatentGuard(Guard):
                                 "threshold": round(d.threshold[b], 4), "action": action,
                                 "concept_score": round(d.concept_score[b], 4),
                                 "decided_by": d.decided_by(b), "windows": int(windows[b]),
-                                "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])}})
+                                "budget": budgets[d.category[b]],
+                                "risk": None if risks is None else round(risks[b][d.category[b]], 4),
+                                "scores": {c: round(v, 4) for c, v in zip(cats, d.per_category[b])},
+                                "risks": {} if risks is None else {c: round(v, 4)
+                                                                   for c, v in zip(cats, risks[b])}})
                 bar.update(len(chunk))
             bar.close()
         return out
 
-    def _default_threshold(self, head: LatentGuardHead) -> float:
-        if self.threshold is not None:
-            return float(self.threshold)
-        stored = head.metadata.get("threshold")
-        return float(stored) if stored is not None else DEFAULT_THRESHOLD

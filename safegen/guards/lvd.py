@@ -40,15 +40,16 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NonFiniteError
+from ..errors import GuardUnavailable, NonFiniteError
 from ..hooks import patch
 from ..unet_rows import _expand_rows
+from ..calibration import guard_thresholds
 from ..guard import Guard
 
 __all__ = ["LVDConfig", "LatentClassifier", "LVDWeightsError", "LVD", "predicted_x0", "unet_fingerprint", "latent_frames",
@@ -68,6 +69,11 @@ _VE_SCHEDULERS = frozenset({
 
 class LVDWeightsError(ValueError):
     """An LVD classifier file that is missing, corrupt, or made for another model."""
+
+
+class LVDModelMismatch(LVDWeightsError, GuardUnavailable):
+    """The classifier was trained on another model's latents: LVD cannot run on this pipeline without its own
+    (a policy with ``skip_unavailable`` skips it there)."""
 
 
 # ---------------------------------------------------------------------- predicted x0
@@ -326,10 +332,10 @@ class LatentClassifier(nn.Module):
         """Refuse a classifier trained on another model's latents (the fingerprints must match)."""
         want, have = self.config.model, unet_fingerprint(pipe)
         if have["in_channels"] != self.config.latent_channels:
-            raise LVDWeightsError(f"{source} reads {self.config.latent_channels}-channel latents but this pipeline's "
+            raise LVDModelMismatch(f"{source} reads {self.config.latent_channels}-channel latents but this pipeline's "
                                   f"denoiser has {have['in_channels']}; {_TRAIN_HINT}")
         if want and not _same_model(want, have):
-            raise LVDWeightsError(f"{source} was trained on another model's latents ({want.get('class')} "
+            raise LVDModelMismatch(f"{source} was trained on another model's latents ({want.get('class')} "
                                   f"config {want.get('config_sha')}, weights {want.get('weight_probe')}) than this "
                                   f"pipeline's ({have['class']} config {have['config_sha']}, weights "
                                   f"{have['weight_probe']}); {_TRAIN_HINT}")
@@ -383,8 +389,11 @@ class _CallState:
     clf: "LatentClassifier"
     thresholds: torch.Tensor  # (K,)
     stoppable: torch.Tensor  # (K,) the category's action is not log
-    count: torch.Tensor  # (n,) flagged checks
+    count: torch.Tensor  # (n, K) flagged checks per category
     peak: torch.Tensor  # (n, K)
+    trace: torch.Tensor  # (n, total, K) the probabilities of every check so far (-1 before it is made)
+    budgets: list  # (K,) the budget each threshold stands for (None: fixed)
+    scale: Any  # the classifier's RiskScale (None: not calibrated)
     open: list  # (n,) still undecided
     need: int  # flagged checks that stop an item in this call
     total: int  # checks this call can make
@@ -408,8 +417,14 @@ class LVD(Guard):
         window (`int`, defaults to 5): the decision window, in steps from the start (the paper's η).
         ratio (`float`, defaults to 0.6): share of checked window steps that must look unsafe (the paper's λ).
         check_every (`int`, defaults to 1): check every k-th step of the window.
-        threshold (`float`, *optional*): probability at which a category counts at a step; default: the policy's
-            ``lvd`` threshold for the category, else the one stored with the weights, else 0.5.
+        threshold (`float`, *optional*): a fixed probability at which a category counts at a step. Default: the
+            policy's fixed ``lvd`` threshold for the category if it sets one, else calibrated at the policy's budget
+            (fpr × sensitivity) from the rule scores of the benign reference prompts stored with the weights
+            (:meth:`calibrate`; the shipped classifier has them), else the one stored at training, else 0.5.
+
+    The rule: an item stops once one category's probability reaches its threshold at ``ceil(checks × ratio)``
+    checked steps. Its score (the report's ``score``) is that rule's statistic, the ``need``-th highest probability
+    of the category over the checks, so the calibrated risk says how rare a benign prompt reaching it is.
         clip_score (`str`, defaults to `"max"`): on video, how the per-frame probabilities make the clip's:
             ``"max"`` (a clip is as unsafe as its worst frame: one unsafe frame is enough) or ``"mean"``.
 
@@ -526,17 +541,20 @@ class LVD(Guard):
             clf.to(device)
         policy = call.policy
         stoppable = torch.tensor([policy.categories[c].action != "log" for c in clf.categories], device=device)
-        thresholds = torch.tensor([policy.threshold(c, self.name, self._default_threshold(clf))
-                                   for c in clf.categories], device=device).clamp(max=1.0)
+        scale = self._scale(clf) if self.threshold is None else None
+        values, budgets = guard_thresholds(policy, self.name, clf.categories, scale=scale, fixed=self.threshold,
+                                           default=self._default_threshold(clf))
+        thresholds = torch.tensor(values, device=device).clamp(max=1.0)
         if not bool(torch.isfinite(thresholds).all()):
             raise NonFiniteError(f"LVD thresholds {thresholds.tolist()} are not all finite numbers")
         n = len(call.running_items)
         tap = _X0Tap(call.pipe.scheduler)
         call.defer(tap.remove)
         call.set_state(self, _CallState(
-            tap=tap, clf=clf, thresholds=thresholds, stoppable=stoppable,
-            count=torch.zeros(n, dtype=torch.long, device=device),
+            tap=tap, clf=clf, thresholds=thresholds, stoppable=stoppable, budgets=budgets, scale=scale,
+            count=torch.zeros(n, len(clf.categories), dtype=torch.long, device=device),
             peak=torch.zeros(n, len(clf.categories), device=device),
+            trace=torch.full((n, self.checks_for(call.num_steps), len(clf.categories)), -1.0, device=device),
             open=[True] * n, need=self.required_for(call.num_steps), total=self.checks_for(call.num_steps),
             video=call.spec.video, layout=call.spec.layout,
             # CogVideoX's VAE makes ~4 output frames of each latent frame; UNet video models decode frame by frame
@@ -565,17 +583,19 @@ class LVD(Guard):
                 st.frame_flags = torch.zeros(n, F, dtype=torch.long, device=flagged.device)
             st.frame_flags[sel] += flagged
         st.peak[sel] = torch.maximum(st.peak[sel], probs)
-        hit = ((probs >= st.thresholds) & st.stoppable).any(1)
-        count = st.count[sel] + hit
+        st.trace[sel, st.checks] = probs
+        hits = probs >= st.thresholds  # (rows, K): the categories this check flags
+        count = st.count[sel] + hits
         st.count[sel] = count
         st.checks += 1
         left = st.total - st.checks
-        stop = count >= st.need
+        stop = ((count >= st.need) & st.stoppable).any(1)  # a category that may stop flagged at enough checks
         last = call.num_steps - 1
         if step == last:  # a call no longer than the window: its last x0 is all but the output, it decides too
-            stop = stop | hit
-        # accepted once it can no longer reach the count, unless the call's last step is still to be checked
-        hopeless = (count + left < st.need) & (step >= last or last >= self.window or last % self.check_every > 0)
+            stop = stop | (hits & st.stoppable).any(1)
+        # accepted once no category can reach the count, unless the call's last step is still to be checked
+        hopeless = ((count.amax(1) + left < st.need)
+                    & (step >= last or last >= self.window or last % self.check_every > 0))
         settled = stop | hopeless | ~finite
         # the one host copy of a checked step: which items to stop, accept, or fail closed now
         decided = torch.stack([stop, settled, ~finite, ~finite_in], 1).cpu().tolist()
@@ -590,7 +610,7 @@ class LVD(Guard):
                                "item blocked (fail closed)", steps_run=step + 1, verdict="error",
                                stopped_at_step=step)
             elif s:
-                self._stop(call, st, j, items[j], step, probs[r], per_frame[r])
+                self._stop(call, st, j, items[j], step, per_frame[r], last_check=step == last)
         return None
 
     def _rule(self, st) -> dict[str, Any]:
@@ -624,27 +644,48 @@ class LVD(Guard):
             out["output_frames"] = {f: _output_span(f, len(flags), st.time_ratio) for f in out["frames"]}
         return out
 
-    def _stop(self, call, st, j: int, item: int, step: int, probs: torch.Tensor,
-              per_frame: torch.Tensor | None = None) -> None:
+    def rule_scores(self, st, j: int) -> torch.Tensor:
+        """Item ``j``'s rule score per category (K,): the ``need``-th highest probability among its checks so far,
+        the number the stop rule compares with the threshold (a category stops the item once ``need`` checks
+        reach it) and the one the calibration ranks (-1 before ``need`` checks were made)."""
+        return st.trace[j].topk(min(st.need, st.trace.shape[1]), dim=0).values[-1]
+
+    def _risk_fields(self, st, scores: torch.Tensor, k: int) -> dict[str, Any]:
+        """The report's calibrated fields for rule scores (K,) and deciding category ``k``."""
+        out: dict[str, Any] = {"budget": st.budgets[k]}
+        if st.scale is not None:
+            risk = st.scale.risk(scores.view(1, -1))[0].tolist()
+            out.update(risk=round(risk[k], 4), risks={c: round(v, 4) for c, v in zip(st.clf.categories, risk)})
+        return out
+
+    def _stop(self, call, st, j: int, item: int, step: int, per_frame: torch.Tensor | None = None, *,
+              last_check: bool = False) -> None:
         clf = st.clf
-        p = probs.cpu()
         thr = st.thresholds.cpu()
         stoppable = st.stoppable.cpu()
-        margin = torch.where(stoppable, p - thr, torch.full_like(p, float("-inf")))
+        count = st.count[j].cpu()
+        # the rule score of each category; on a call's last step a single flag decides, so its probability counts
+        scores = st.trace[j, st.checks - 1].cpu() if last_check else self.rule_scores(st, j).cpu()
+        done = stoppable & ((count >= st.need) | (torch.tensor(last_check) & (scores >= thr)))
+        margin = torch.where(done, scores - thr, torch.full_like(scores, float("-inf")))
         k = int(margin.argmax())
         cat = clf.categories[k]
-        count = int(st.count[j])
+        flagged = int(count[k])
         frames = self._frame_details(st, j, k, per_frame)
         where = ""
         if frames:
             where = f" in frame(s) {frames['frames']} of {frames['num_frames']}"
-        reason = (f"latents looked unsafe ({cat!r}, p={float(p[k]):.2f} ≥ {float(thr[k]):.2f}{where}) at {count} of "
-                  f"the {st.checks} steps checked; stopped after step {step}")
-        call.stop_item(item, self.name, reason, steps_run=step + 1, category=cat, score=float(p[k]),
+        reason = (f"latents looked unsafe ({cat!r}, p={float(scores[k]):.2f} ≥ {float(thr[k]):.2f}{where}) at "
+                  f"{flagged} of the {st.checks} steps checked; stopped after step {step}")
+        latest = st.trace[j, st.checks - 1].cpu()
+        call.stop_item(item, self.name, reason, steps_run=step + 1, category=cat, score=float(scores[k]),
                        threshold=float(thr[k]), stopped_at_step=step,
-                       scores={c: round(float(v), 4) for c, v in zip(clf.categories, p)},
-                       details={"unsafe_checks": count, "checks": st.checks, "window": self.window,
-                                "required": st.need, **self._rule(st), **frames})
+                       scores={c: round(float(v), 4) for c, v in zip(clf.categories, scores)},
+                       **self._risk_fields(st, scores, k),
+                       details={"unsafe_checks": flagged, "checks": st.checks, "window": self.window,
+                                "required": st.need, "last_probabilities": {
+                                    c: round(float(v), 4) for c, v in zip(clf.categories, latest)},
+                                **self._rule(st), **frames})
 
     def finish(self, call) -> None:
         st = call.state(self)
@@ -653,23 +694,116 @@ class LVD(Guard):
         call.set_state(self, None)  # reported once, even when a failing call runs finish again
         clf = st.clf
         peak, count, thr = st.peak.cpu(), st.count.cpu(), st.thresholds.cpu()  # one host copy each
+        rule = st.trace.topk(min(st.need, st.trace.shape[1]), dim=1).values[:, -1].cpu()  # (n, K) rule scores
         for j, item in enumerate(call.running_items):
             if item in call.stopped_items:
                 continue
             res = call.result(item, self.name)
-            k = int(peak[j].argmax())
+            k = int((rule[j] - thr).argmax())  # the category closest to (or past) its threshold
             res.verdict = "pass"
-            res.category = clf.categories[k] if float(peak[j, k]) >= float(thr[k]) else None
-            res.score = round(float(peak[j, k]), 4)
+            res.category = clf.categories[k] if float(rule[j, k]) >= float(thr[k]) else None
+            res.score = round(float(rule[j, k]), 4)
             res.threshold = float(thr[k])
-            res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, peak[j])}
-            res.details = {"unsafe_checks": int(count[j]), "checks": st.checks, "window": self.window,
-                           "required": st.need, **self._rule(st),
-                           **self._frame_details(st, j, k)}
-            if int(count[j]):
+            res.scores = {c: round(float(v), 4) for c, v in zip(clf.categories, rule[j])}
+            for key, v in self._risk_fields(st, rule[j], k).items():
+                setattr(res, key, v)
+            flagged = int(count[j, k])
+            res.details = {"unsafe_checks": flagged, "checks": st.checks, "window": self.window,
+                           "required": st.need, "peak": {c: round(float(v), 4) for c, v in zip(clf.categories,
+                                                                                              peak[j])},
+                           **self._rule(st), **self._frame_details(st, j, k)}
+            if res.category is not None:  # the rule was met by a category whose action is log
                 res.verdict = "log"
-                res.reason = (f"latents looked unsafe at {int(count[j])} of {st.checks} checked steps, fewer "
+                res.reason = (f"latents looked unsafe ({res.category!r}, p={res.score:.2f} ≥ {res.threshold:.2f}) "
+                              f"at {flagged} of {st.checks} checked steps (action: log)")
+            elif int(count[j].max()):
+                res.verdict = "log"
+                res.reason = (f"latents looked unsafe at {int(count[j].max())} of {st.checks} checked steps, fewer "
                               f"than the {st.need} needed to stop")
+
+    def _scale(self, clf: LatentClassifier):
+        """The classifier's risk scale (stored with its weights by :meth:`calibrate`), or ``None``."""
+        from ..calibration import RiskScale
+
+        data = clf.metadata.get("risk_scale")
+        if not data or data.get("window") != self.window or data.get("ratio") != self.ratio \
+                or data.get("check_every") != self.check_every:
+            return None  # measured for another rule: its numbers mean nothing for this one
+        return RiskScale.from_dict(data)
+
+    def calibrate(self, pipe, *, steps: int = 25, batch_size: int = 16, limit: int | None = None,
+                  exclude: "Sequence[int]" = (), progress: bool = True) -> "RiskScale":
+        """Fit this guard's risk scale: the rule scores (:meth:`rule_scores`) of the benign reference prompts
+        (:func:`safegen.calibration.reference_prompts`, item ``i`` seeded with ``i``, ``steps`` steps, each call
+        cut after the window) on ``pipe``, stored in the classifier's metadata under ``"risk_scale"`` (with the
+        rule it was measured for); save the classifier (:meth:`LatentClassifier.save`) to keep it.
+
+        ``exclude``: reference indices whose own generation (same seed and steps) is unsafe by the labeller the
+        classifier was trained with. Stopping those is no false positive, so they are left out of the benign
+        scores. LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
+        embedded default model marks 34 of the 1,000 (the shipped classifier's ``risk_scale`` metadata lists them
+        under ``excluded_unsafe_generations``).
+
+        Example:
+            >>> import torch
+            >>> from safegen.guards.lvd import LVD, LVDConfig, LatentClassifier, unet_fingerprint
+            >>> from safegen.testing import tiny_sd_pipeline
+            >>> pipe = tiny_sd_pipeline()
+            >>> guard = LVD.from_classifier(LatentClassifier(LVDConfig(4, categories=["violence"],
+            ...                                                        model=unet_fingerprint(pipe))), window=2)
+            >>> scale = guard.calibrate(pipe, steps=3, limit=8, progress=False)
+            >>> len(scale), guard.classifier.metadata["risk_scale"]["window"]
+            (8, 2)
+        """
+        from tqdm.auto import tqdm
+
+        from ..calibration import RiskScale, reference_prompts
+        from ..policy import load_policy
+        from ..protection import install, is_protected, unprotect
+
+        if is_protected(pipe):
+            raise ValueError("LVD.calibrate needs an unprotected pipeline (safegen.unprotect(pipe) first)")
+        clf = self.classifier
+        policy = load_policy("default").copy()
+        for cat in policy.categories.values():
+            cat.action = "log"  # measure only: nothing stopped
+        probe = LVD.from_classifier(clf, window=self.window, ratio=self.ratio, check_every=self.check_every,
+                                    threshold=0.5, clip_score=self.clip_score)
+        prompts = reference_prompts()[:limit]
+        rows = []
+        install(pipe, policy, [probe])
+        try:
+            def cut(p, i, t, kw):  # nothing after the window is checked: stop the call there
+                if i + 1 >= min(self.window, steps):
+                    p._interrupt = True
+                return {}
+
+            for start in tqdm(range(0, len(prompts), batch_size), desc="LVD calibration: reference prompts",
+                              unit="batch", disable=not progress):
+                chunk = prompts[start:start + batch_size]
+                gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+                out = pipe(chunk, num_inference_steps=steps, generator=gens, output_type="latent",
+                           callback_on_step_end=cut)
+                rows += [[r.result(self.name).scores[c] for c in clf.categories] for r in out.safety]
+        finally:
+            unprotect(pipe)
+        drop = set(int(i) for i in exclude)
+        kept = [r for i, r in enumerate(rows) if i not in drop]
+        scale = RiskScale(torch.tensor(kept, dtype=torch.float32), clf.categories)
+        clf.metadata["risk_scale"] = {**scale.to_dict(), "window": self.window, "ratio": self.ratio,
+                                      "check_every": self.check_every, "steps": steps,
+                                      "excluded_unsafe_generations": sorted(drop & set(range(len(rows))))}
+        return scale
+
+    @property
+    def classifier(self) -> LatentClassifier:
+        """The classifier (the in-memory one, else loaded from ``weights`` or the shipped file)."""
+        if self._classifier is not None:
+            return self._classifier
+        if getattr(self, "_loaded", None) is None:
+            path = Path(self.weights) if self.weights is not None else default_weights_path()
+            self._loaded = LatentClassifier.load(path)
+        return self._loaded
 
     def _default_threshold(self, clf: LatentClassifier) -> float:
         if self.threshold is not None:

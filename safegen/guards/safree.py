@@ -211,6 +211,8 @@ class _CallState:
     lexical: list  # per prompt and category: the literal phrase found, or None
     cats: list
     thresholds: torch.Tensor  # (K,)
+    budgets: list  # (K,) the budget each threshold stands for (None: fixed)
+    risks: torch.Tensor | None  # (B, K) calibrated risk (None without a calibration)
     nearest: list  # per prompt and category: the closest concept phrase
     error: torch.Tensor  # (B,) a non-finite score or threshold
     blocked: torch.Tensor | None = None
@@ -262,11 +264,13 @@ class Safree(Guard):
             ``calibrate=False`` (0.55 was chosen on CLIP; it means little on other encoders).
         calibrate (`bool`, defaults to `True`): calibrate the gate and SVF for the pipeline's text encoder on the
             benign reference prompts (:mod:`safegen.calibration`), once per encoder (cached on disk): each
-            category's threshold is set so that at most ``fpr_budget`` of benign prompts fire the gate in any
-            category (before sensitivity; a policy's own ``safree`` threshold wins), and SVF's ``c`` is fitted as
+            category's threshold is set so that at most the policy's budget (``fpr`` × sensitivity) of benign
+            prompts fire the gate in any category (a policy's own fixed ``safree`` threshold wins; the report gives
+            each prompt's calibrated risk), and SVF's ``c`` is fitted as
             the authors' code does, 10 × the midpoint between the mean beta of unsafe seed prompts ("a photo of
             <concept>") and of benign prompts. The report's details say which thresholds and c were used.
-        fpr_budget (`float`, defaults to 0.01): the calibrated gate's false-positive budget on benign prompts.
+        fpr_budget (`float`, *optional*): a false-positive budget for SAFREE's gate that replaces the policy's
+            ``fpr`` (still multiplied by the policy's sensitivity); default: the policy's.
         official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
             steered over every ``steer`` category's span, their keywords as every prompt's negative prompt), their
             constants gamma=10, k=2.5, c=5.333 on a 50-step scale without rescaling, SDXL's pooled embedding kept.
@@ -307,7 +311,7 @@ class Safree(Guard):
     sdxl_pooled: str = "project"
     threshold: float = 0.55
     calibrate: bool = True
-    fpr_budget: float = 0.01
+    fpr_budget: float | None = None
     official: bool = False
     encode_batch: int = 256
 
@@ -334,7 +338,8 @@ class Safree(Guard):
             raise ValueError(f"Safree(threshold=...) must be ≥ 0, got {self.threshold}")
         if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"Safree(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
-        if not (isinstance(self.fpr_budget, (int, float)) and 0 < self.fpr_budget < 0.5):
+        if self.fpr_budget is not None and not (isinstance(self.fpr_budget, (int, float))
+                                                and not isinstance(self.fpr_budget, bool) and 0 < self.fpr_budget < 0.5):
             raise ValueError(f"Safree(fpr_budget=...) is a share of benign prompts in (0, 0.5), got {self.fpr_budget!r}")
         if self.svf_c is not None and not (isinstance(self.svf_c, (int, float)) and math.isfinite(self.svf_c)):
             raise ValueError(f"Safree(svf_c=...) must be a finite number or None (calibrated), got {self.svf_c!r}")
@@ -399,13 +404,13 @@ class Safree(Guard):
             return
         policy = protection.policy
         loose = []
-        for cat in policy.categories:
+        try:
+            thresholds, budgets = self._thresholds(policy, calibration)
+        except ValueError:  # a bad threshold fails the calls closed; nothing to warn about here
+            return
+        for cat, threshold, budget in zip(policy.categories, thresholds, budgets):
             chance = math.sqrt(min(len(policy.concepts(cat)), width) / width)
-            calibrated = calibration["thresholds"][cat] if calibration else None
-            try:
-                threshold = policy.threshold(cat, self.name, calibrated if calibration else self.threshold)
-            except ValueError:  # a bad threshold fails the calls closed; nothing to warn about here
-                continue
+            calibrated = threshold if budget is not None else None
             if threshold > 1.0:  # no cosine reaches it: only literal phrases fire, which is selective
                 continue
             if chance >= threshold or calibrated is not None and calibrated >= 0.95:
@@ -415,7 +420,7 @@ class Safree(Guard):
             logger.warning("safegen: SAFREE cannot be selective on %s's %d-dimensional text encoder: for %s the "
                            "concept span covers so much of the space that unrelated prompts score about that "
                            "close to it, so the gate steers prompts by chance; use a real encoder, or raise the "
-                           "categories' safree thresholds above 1 (lower sensitivity) to rely on literal phrases "
+                           "categories' safree thresholds above 1 (fixed thresholds) to rely on literal phrases "
                            "only",
                            type(pipe).__name__, width, ", ".join(loose))
 
@@ -464,17 +469,27 @@ class Safree(Guard):
         return scores, closest
 
     # ------------------------------------------------------------------ calibration
-    CALIBRATION_VERSION: ClassVar[int] = 2
+    CALIBRATION_VERSION: ClassVar[int] = 3
     BETA_REFERENCE: ClassVar[int] = 200  # benign prompts whose beta is measured (every 5th of the 1,000)
 
-    def _thresholds(self, policy, calibration: dict | None) -> list[float]:
-        """Each category's effective gate threshold: the policy's ``safree`` threshold when it sets one, else the
-        calibrated one (``calibrate=True``), else ``threshold``; divided by the policy's sensitivity."""
-        out = []
-        for cat in policy.categories:
-            default = calibration["thresholds"][cat] if calibration else self.threshold
-            out.append(policy.threshold(cat, self.name, default))
-        return out
+    def _budget(self, policy) -> float:
+        """The gate's benign false-positive budget: the policy's (fpr × sensitivity), or ``fpr_budget`` ×
+        sensitivity when the guard sets its own."""
+        if self.fpr_budget is None:
+            return policy.budget()
+        from ..policy import MAX_BUDGET
+
+        return min(float(self.fpr_budget) * float(policy.sensitivity), MAX_BUDGET)
+
+    def _thresholds(self, policy, calibration: dict | None) -> tuple[list[float], list]:
+        """Each category's gate threshold and the budget it stands for (``None``: fixed): the policy's fixed
+        ``safree`` threshold when it sets one, else the calibrated one at the budget (``calibrate=True``), else
+        ``threshold`` (fixed)."""
+        from ..calibration import guard_thresholds
+
+        scale = calibration["scale"] if calibration else None
+        return guard_thresholds(policy, self.name, list(policy.categories), scale=scale, default=self.threshold,
+                                budget=self._budget(policy))
 
     def _calibration(self, cache: dict, stream: _Stream, policy) -> dict | None:
         """The calibration of ``stream``'s encoder for the policy's concepts (``None`` when ``calibrate`` is off):
@@ -482,7 +497,7 @@ class Safree(Guard):
         if not self.calibrate:
             return None
         phrases = tuple((c, tuple(policy.concepts(c))) for c in policy.categories)
-        key = ("safree-calibration", stream.name, id(stream.adapter), phrases, float(self.fpr_budget))
+        key = ("safree-calibration", stream.name, id(stream.adapter), phrases)
         hit = cache.get(key)
         if hit is None:
             hit = cache[key] = self.calibrate_stream(cache, stream, policy)
@@ -490,12 +505,13 @@ class Safree(Guard):
 
     def calibrate_stream(self, cache: dict, stream: _Stream, policy) -> dict:
         """Calibrate the gate and SVF's c for one conditioning stream (cached on disk by encoder fingerprint,
-        concepts, budget and reference set; see :mod:`safegen.calibration`)."""
+        concepts and reference set; see :mod:`safegen.calibration`): the gate's scores on the benign reference
+        prompts (its :class:`~safegen.calibration.RiskScale`, under ``"scale"``) and SVF's fitted c."""
         import hashlib
         import json
 
-        from ..calibration import (budget_thresholds, cache_dir, encoder_fingerprint, fire_rate, load_cached,
-                                   reference_digest, reference_prompts, save_cached)
+        from ..calibration import (RiskScale, cache_dir, encoder_fingerprint, load_cached, reference_digest,
+                                   reference_prompts, save_cached)
 
         ad = stream.adapter
         cats = list(policy.categories)
@@ -503,12 +519,12 @@ class Safree(Guard):
         fingerprint = encoder_fingerprint(ad.encoder, ad.tokenizer, layer=ad.layer, final_norm=ad.final_norm,
                                           summary=ad.summary_kind, max_length=ad.max_length, mask=ad.mask_token_id,
                                           attention_mask=ad.use_attention_mask)
-        key = hashlib.blake2b(json.dumps([self.CALIBRATION_VERSION, fingerprint, concepts, float(self.fpr_budget),
+        key = hashlib.blake2b(json.dumps([self.CALIBRATION_VERSION, fingerprint, concepts,
                                           reference_digest(), self.BETA_REFERENCE]).encode(),
                               digest_size=16).hexdigest()
         cached = load_cached("safree", key)
-        if cached is not None and set(cached.get("thresholds", {})) == set(cats):
-            return cached
+        if cached is not None and cached.get("scale", {}).get("categories") == cats:
+            return {**cached, "scale": RiskScale.from_dict(cached["scale"])}
         from tqdm.auto import tqdm
 
         ref = reference_prompts()
@@ -524,7 +540,7 @@ class Safree(Guard):
         if not bool(torch.isfinite(scores).all()):
             raise NonFiniteError(f"SAFREE calibration: the gate's scores on the reference prompts are not finite "
                                  f"for encoder {ad.name}")
-        thresholds = budget_thresholds(scores, self.fpr_budget)
+        scale = RiskScale(scores, cats)
         # SVF's c, as the authors fit it: 10 x the midpoint between the classes' mean beta
         picked = list(range(0, len(ref), max(1, len(ref) // self.BETA_REFERENCE)))[: self.BETA_REFERENCE]
         top = scores[picked].argmax(1).tolist()
@@ -538,16 +554,14 @@ class Safree(Guard):
             unsafe.append(self._beta_of(ad, [f"a photo of {p}" for p in concepts[cat]], basis))
         beta_b, beta_u = torch.cat(benign), torch.cat(unsafe)
         mb, mu = float(beta_b.mean()), float(beta_u.mean())
-        data = {"encoder": ad.name, "fingerprint": fingerprint, "budget": float(self.fpr_budget),
-                "thresholds": {c: float(t) for c, t in zip(cats, thresholds)},  # exact: the budget holds
-                "reference_fire_rate": round(fire_rate(scores, thresholds), 6), "n_reference": len(ref),
+        data = {"encoder": ad.name, "fingerprint": fingerprint, "scale": scale.to_dict(), "n_reference": len(ref),
                 "beta_benign": round(mb, 6), "beta_unsafe": round(mu, 6), "n_beta_benign": len(beta_b),
                 "n_beta_unsafe": len(beta_u),
                 # on an encoder where unsafe prompts do not move further from their span than benign ones, the
                 # midpoint means nothing: keep the authors' constant and say so
                 "svf_c": round(10 * (mb + mu) / 2, 6) if mu > mb else None}
         save_cached("safree", key, data)
-        return data
+        return {**data, "scale": scale}
 
     def _beta_of(self, ad: TextEncoderAdapter, texts: list[str], basis: torch.Tensor) -> torch.Tensor:
         """SVF's beta of each text against ``basis`` (every token projected, as SVF measures it)."""
@@ -568,7 +582,7 @@ class Safree(Guard):
                 "svf": {"gamma": gamma, "k": k, "c": round(c, 4), "rescaled": rescale},
                 "sensitivity": float(policy.sensitivity)}
         if calibration:
-            note.update({"budget": calibration["budget"], "encoder": calibration["encoder"],
+            note.update({"budget": self._budget(policy), "encoder": calibration["encoder"],
                          "svf_c_fitted": calibration["svf_c"] is not None})
         if own:
             note["policy_thresholds"] = own
@@ -576,8 +590,9 @@ class Safree(Guard):
 
     def calibration(self, pipe, policy=None) -> dict:
         """The calibration this guard uses on ``pipe`` (its primary text encoder) for ``policy`` (default: the
-        default policy): per-category gate thresholds before sensitivity, the fire rate they give on the benign
-        reference, SVF's fitted c and the two mean betas it is the midpoint of.
+        default policy): the risk scale of the gate (``"scale"``), the budget it works at, the per-category gate
+        thresholds at that budget, the fire rate they give on the benign reference, SVF's fitted c and the two
+        mean betas it is the midpoint of.
 
         Example:
             >>> from safegen.guards import Safree
@@ -586,12 +601,17 @@ class Safree(Guard):
             >>> cal["budget"], cal["reference_fire_rate"] <= 0.05, sorted(cal["thresholds"])[:2]
             (0.05, True, ['harassment', 'hate'])
         """
+        from ..calibration import fire_rate
         from ..policy import load_policy
         from ..specs import pipeline_spec
 
         policy = load_policy("default") if policy is None else policy
         stream = _default_streams(pipe, pipeline_spec(pipe).encode, {})[-1]
-        return self.calibrate_stream({}, stream, policy)
+        data = self.calibrate_stream({}, stream, policy)
+        budget = self._budget(policy)
+        thresholds = data["scale"].thresholds(budget)
+        return {**data, "budget": budget, "thresholds": dict(zip(data["scale"].categories, thresholds.tolist())),
+                "reference_fire_rate": fire_rate(data["scale"].reference, thresholds)}
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
@@ -646,7 +666,9 @@ class Safree(Guard):
                             lexical[b][j] = m.group(0)
                             break
         calibration = self._calibration(cache, primary, policy)
-        thresholds = torch.tensor(self._thresholds(policy, calibration))
+        thresholds, budgets = self._thresholds(policy, calibration)
+        thresholds = torch.tensor(thresholds)
+        risks = calibration["scale"].risk(scores) if calibration else None
         svf = self.svf_constants(calibration)
         lex = torch.tensor([[h is not None for h in row] for row in lexical], dtype=torch.bool).view(B, len(cats))
         # a NaN score or threshold cannot be decided on (score >= NaN is False): those prompts fail closed,
@@ -654,6 +676,7 @@ class Safree(Guard):
         bad = (~torch.isfinite(scores) | ~torch.isfinite(thresholds)).any(1) & ~lex.any(1)
         fired = (scores >= thresholds) | lex
         state = _CallState(fired=fired, scores=scores, lexical=lexical, cats=cats, thresholds=thresholds,
+                           budgets=budgets, risks=risks,
                            nearest=nearest, error=bad, calibration=self._calibration_note(policy, calibration, svf))
         call.set_state(self, state)
         actions = [policy.categories[c].action for c in cats]
@@ -669,7 +692,7 @@ class Safree(Guard):
             j = self._reported_category(state, b, among=[k for k, a in enumerate(actions) if a == "block"])
             call.block_prompt(b, self.name, f"category {cats[j]!r} ({self._why(state, b, j)}; action: block)",
                               category=cats[j], concept=lexical[b][j] or nearest[b][j],
-                              score=float(scores[b, j]), threshold=float(thresholds[j]),
+                              score=float(scores[b, j]), threshold=float(thresholds[j]), **self._risk_fields(state, b, j),
                               steps_saved=call.num_steps)
         state.blocked = block | bad
         steered = steer.any(1)
@@ -774,6 +797,16 @@ class Safree(Guard):
                       last_filtered_step=state.last_filtered_step)
             call.defer(lra.end)
             state.lra = lra
+
+    @staticmethod
+    def _risk_fields(state: "_CallState", b: int, j: int) -> dict:
+        """The report's calibrated fields for prompt ``b`` and category ``j``: risk, budget and risk per category
+        (a literal phrase fires whatever its risk)."""
+        if state.risks is None:
+            return {"budget": state.budgets[j]}
+        row = state.risks[b]
+        return {"risk": round(float(row[j]), 4), "budget": state.budgets[j],
+                "risks": {c: round(float(v), 4) for c, v in zip(state.cats, row)}}
 
     @staticmethod
     def _reported_category(state: "_CallState", b: int, among: Sequence[int] | None = None) -> int:
@@ -936,6 +969,8 @@ class Safree(Guard):
                 res.scores = {c: round(float(scores[b, i]), 4) for i, c in enumerate(cats)}
                 res.score = float(scores[b, j])
                 res.threshold = float(thresholds[j])
+                for k, v in self._risk_fields(state, b, j).items():
+                    setattr(res, k, v)
                 res.details = {"calibration": state.calibration}
                 if not bool(fired[b].any()) and not bool(state.steered[b]):
                     res.verdict = "pass"

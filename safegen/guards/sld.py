@@ -38,6 +38,9 @@ PRESETS: dict[str, tuple[int, float, float, float, float]] = {
 }
 _PRESET_FIELDS = ("warmup_steps", "guidance_scale", "threshold", "momentum_scale", "momentum_beta")
 _PREFIX = "an image showing "
+#: SLD's flag threshold where no calibration exists for the model, preset and concept: 1% of the benign reference
+#: prompts reach it on the embedded default model with the medium preset at 25 steps (benchmarks/sld_flag.py).
+DEFAULT_FLAG_THRESHOLD = 0.394
 
 
 # ---------------------------------------------------------------------- the math
@@ -172,13 +175,13 @@ class SLD(Guard):
         concept (`str`, *optional*): the safety concept text. Defaults to ``"an image showing "`` followed by the
             policy's concept phrases (one per category in turn, cut to fit the 77-token text encoder), so the
             policy stays the one place that owns concepts.
-        flag_threshold (`float`, defaults to 0.394): the flag's threshold for categories whose policy sets no
+        flag_threshold (`float`, *optional*): a fixed threshold of the flag for categories whose policy sets no
             ``sld`` threshold. The flag score is the cosine between an item's guidance direction ε_p − ε_u and the
-            safety concept's ε_S − ε_u, averaged over the steps with safety rows (:func:`safety_alignment`);
-            0.394 is where 1% of the 1,000 benign reference prompts (``assets/reference``) reach it on the embedded
-            default model (medium preset, 25 steps; ``benchmarks/sld_flag.py``, which also reports 1.3% on the
-            held-out COCO evaluation rows). Other models: set ``thresholds: {sld: ...}`` in the policy from their
-            own benign prompts.
+            safety concept's ε_S − ε_u, averaged over the steps with safety rows (:func:`safety_alignment`).
+            Default: calibrated at the policy's budget (fpr × sensitivity) from the flag scores of the 1,000 benign
+            reference prompts on this model, preset and concept (:meth:`calibrate`; cached on disk, shipped for
+            the embedded default model's medium preset at 25 steps); without a calibration, the fixed
+            :data:`DEFAULT_FLAG_THRESHOLD` (0.394: 1% of the reference on the embedded model, medium preset).
 
     A flagged item gets its category's policy action: ``block`` returns the placeholder (after the loop: SLD
     only knows once the item is generated), ``steer`` keeps the steered image, ``log`` reports; with every
@@ -210,7 +213,7 @@ class SLD(Guard):
     momentum_scale: float = 0.3
     momentum_beta: float = 0.4
     concept: str | None = None
-    flag_threshold: float = 0.394
+    flag_threshold: float | None = None
 
     def __post_init__(self):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -219,7 +222,8 @@ class SLD(Guard):
         _check_number("threshold", self.threshold)
         _check_number("momentum_scale", self.momentum_scale, 0.0)
         _check_number("momentum_beta", self.momentum_beta, 0.0, 1.0)
-        _check_number("flag_threshold", self.flag_threshold, -1.0, 1.0)
+        if self.flag_threshold is not None:
+            _check_number("flag_threshold", self.flag_threshold, -1.0, 1.0)
         if self.concept is not None and (not isinstance(self.concept, str) or not self.concept.strip()):
             raise ValueError(f"SLD(concept=...) must be a non-empty string or None, got {self.concept!r}")
 
@@ -412,7 +416,7 @@ class SLD(Guard):
             verdict = "steer"
             reason = (f"SLD ({preset} preset) guided the denoising away from the safety concept on {guided} of "
                       f"{steps} steps")
-        flags, thresholds = self._flags(call, st, len(items))
+        flags, thresholds, budgets = self._flags(call, st, len(items))
         for j, item in enumerate(items):
             res = call.result(item, self.name)
             res.verdict = verdict
@@ -420,8 +424,8 @@ class SLD(Guard):
             res.details = dict(details)
             if flags is None:
                 continue
-            score, fired, bad = flags[j]
-            res.score = score
+            score, fired, bad, risk = flags[j]
+            res.score, res.risk = score, risk
             res.details["flag_thresholds"] = dict(thresholds)
             if bad:
                 call.block_item(item, self.name, "SLD's flag score is not a finite number (NaN or inf): item "
@@ -431,31 +435,111 @@ class SLD(Guard):
                 continue
             cat = max(fired, key=lambda c: ACTION_RANK[call.policy.categories[c].action])
             action = call.policy.categories[cat].action
-            res.category, res.threshold = cat, thresholds[cat]
+            res.category, res.threshold, res.budget = cat, thresholds[cat], budgets[cat]
             res.details["flagged_categories"] = fired
             why = (f"its guidance points at the safety concept (alignment {score:.2f} ≥ {res.threshold:.2f}, "
                    f"category {cat!r})")
             if action == "block":
                 call.block_item(item, self.name, f"{why}; action: block", category=cat, score=score,
-                                threshold=res.threshold)
+                                threshold=res.threshold, risk=risk, budget=res.budget)
             elif action == "log" and verdict != "steer":
                 res.verdict, res.reason = "log", f"{why}; action: log"
             else:
                 res.reason = f"{reason}; {why}"
 
+    # ------------------------------------------------------------------ calibration
+    def _calibration_key(self, pipe, concept: str) -> str:
+        from ..calibration import digest, reference_digest
+        from .lvd import unet_fingerprint
+
+        fp = unet_fingerprint(pipe)
+        model = {k: fp[k] for k in ("class", "config_sha", "weight_probe")}
+        return digest("sld", 1, model, [getattr(self, f) for f in _PRESET_FIELDS], concept, reference_digest())
+
+    def _scale(self, call, concept: str, categories: list):
+        """The flag's risk scale on this model, preset and concept (one column repeated per category: one score
+        serves every category), or ``None`` when it was never calibrated (:meth:`calibrate`)."""
+        from ..calibration import RiskScale, load_cached
+
+        key = ("sld-scale", concept, id(call.pipe))
+        cache = call.protection.cache
+        if key not in cache:
+            data = load_cached("sld", self._calibration_key(call.pipe, concept))
+            cache[key] = None if data is None else RiskScale.from_dict(data["scale"]).reference[:, :1]
+        ref = cache[key]
+        return None if ref is None else RiskScale(ref.expand(-1, len(categories)), categories)
+
+    def calibrate(self, pipe, policy: Any = "default", *, steps: int = 25, batch_size: int = 16,
+                  limit: int | None = None, progress: bool = True) -> dict:
+        """Measure the flag score of the benign reference prompts (:func:`safegen.calibration.reference_prompts`,
+        item ``i`` seeded with ``i``, ``steps`` steps) with this config on ``pipe`` and keep it in the calibration
+        cache (``$SAFEGEN_CACHE``), so that this guard's flag threshold follows the policy's budget on this model.
+        A *protected* pipeline is measured unprotected by a fresh protection (its own guards are set aside).
+        Returns ``{"key": ..., "scale": RiskScale, "steps": steps, "n_reference": n}``.
+
+        Example:
+            >>> import safegen
+            >>> from safegen.testing import tiny_sd_pipeline
+            >>> cal = safegen.SLD.max().calibrate(tiny_sd_pipeline(), steps=2, limit=8, progress=False)
+            >>> cal["n_reference"], round(cal["scale"].risk(cal["scale"].reference[:1]).max().item(), 3) > 0
+            (8, True)
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        from ..calibration import RiskScale, reference_prompts, save_cached
+        from ..policy import load_policy
+        from ..protection import install, is_protected, unprotect
+
+        if is_protected(pipe):
+            raise ValueError("SLD.calibrate needs an unprotected pipeline (safegen.unprotect(pipe) first)")
+        pol = load_policy(policy).copy()
+        for cat in pol.categories.values():
+            cat.action = "log"  # measure only: every item is generated and scored, nothing steered
+        prompts = reference_prompts()[:limit]
+        install(pipe, pol, [self])
+        try:
+            concept = self.concept if self.concept is not None else policy_concept(
+                pol, [getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)])
+            scores = []
+            for start in tqdm(range(0, len(prompts), batch_size), desc="SLD calibration: reference prompts",
+                              unit="batch", disable=not progress):
+                chunk = prompts[start:start + batch_size]
+                gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+                out = pipe(chunk, num_inference_steps=steps, generator=gens, output_type="latent")
+                scores += [r.result(self.name).score for r in out.safety]
+        finally:
+            unprotect(pipe)
+        if any(v is None for v in scores):
+            raise ValueError(f"SLD measured no flag score in {steps} steps (its warm-up of {self.warmup_steps} steps "
+                             "was not passed, or the call had no classifier-free guidance)")
+        scale = RiskScale(torch.tensor(scores, dtype=torch.float32).view(-1, 1), ["alignment"])
+        key = self._calibration_key(pipe, concept)
+        save_cached("sld", key, {"scale": scale.to_dict(), "steps": steps, "n_reference": len(scores),
+                                 "preset": self.preset})
+        return {"key": key, "scale": scale, "steps": steps, "n_reference": len(scores)}
+
     def _flags(self, call, st, n: int):
-        """``(rows, thresholds)``: per item ``(alignment score, categories whose threshold it reaches,
-        non-finite)`` from one host copy, and the threshold per category; ``(None, {})`` when no safety rows ran
-        (nothing was measured)."""
+        """``(rows, thresholds, budgets)``: per item ``(alignment score, categories whose threshold it reaches,
+        non-finite, calibrated risk)`` from one host copy, and the threshold and budget per category;
+        ``(None, {}, {})`` when no safety rows ran (nothing was measured)."""
         if st.align_sum is None or not st.align_steps:
-            return None, {}
+            return None, {}, {}
+        from ..calibration import guard_thresholds
+
         score = (st.align_sum / st.align_steps).cpu()[:n]
         policy = call.policy
-        thresholds = {c: policy.threshold(c, self.name, self.flag_threshold) for c in policy.categories}
+        cats = list(policy.categories)
+        scale = self._scale(call, st.concept, cats) if self.flag_threshold is None else None
+        values, budgets = guard_thresholds(policy, self.name, cats, scale=scale, fixed=self.flag_threshold,
+                                           default=DEFAULT_FLAG_THRESHOLD)
+        thresholds = dict(zip(cats, values))
+        risk = scale.risk(score.view(-1, 1).expand(-1, len(cats)))[:, 0].tolist() if scale is not None else None
         bad_thr = not all(math.isfinite(t) for t in thresholds.values())
         rows = []
-        for v in score.tolist():
+        for j, v in enumerate(score.tolist()):
             bad = bad_thr or not math.isfinite(v)
             fired = [] if bad else [c for c, t in thresholds.items() if v >= t]
-            rows.append((round(v, 4) if math.isfinite(v) else v, fired, bad))
-        return rows, thresholds
+            rows.append((round(v, 4) if math.isfinite(v) else v, fired, bad,
+                         None if risk is None else round(risk[j], 4)))
+        return rows, thresholds, dict(zip(cats, budgets))
