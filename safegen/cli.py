@@ -1,5 +1,5 @@
 """The ``safegen`` command line: ``generate``, ``eval``, ``demo-run`` (``make run``), ``train-prompt-guard``,
-``check-prompts``, ``train-lvd``, ``train-expert`` and ``merge-experts``.
+``check-prompts``, ``train-lvd``, ``train-output-classifier``, ``train-expert`` and ``merge-experts``.
 
 Offline by default: ``HF_HUB_OFFLINE=1`` unless the environment already sets it (export ``HF_HUB_OFFLINE=0`` on a
 machine with internet access to download hub models). Heavy modules (torch, diffusers) load inside the
@@ -19,6 +19,7 @@ Examples::
     safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 3000
     safegen check-prompts ../shared/data/CoProv2_test.csv --column prompt --out outputs/checks.jsonl
     safegen train-lvd --out assets/lvd/default-model.safetensors
+    safegen train-output-classifier --out assets/output/default-model.safetensors --work outputs/train-output-clf
     safegen train-expert --category violence --out experts/violence.safetensors
     safegen merge-experts experts/*.safetensors --method comerge --pairs-file pairs.safetensors --out merged.safetensors
 """
@@ -217,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--benign-skip", type=_nonnegative_int, default=0, metavar="N",
                    help="leave out the first N prompts of --benign (keep them for evaluation; the shipped head "
                         "skips the first 5000 COCO captions, the ones benchmarks/prompt_guard.py reports on)")
+    t.add_argument("--benign-split", action="store_true",
+                   help="--benign is the COCO caption file: train on the hashed half of it that "
+                        "safegen.eval.datasets.split_coco gives for training (the harness's first 1000 rows, the "
+                        "calibration reference set and the held-out half stay out; benchmarks/prompt_guard.py "
+                        "--coco-split evaluates on that held-out half)")
     t.add_argument("--benign-weight", type=_positive_float, default=16.0, metavar="X",
                    help="weight of a --benign prompt in the evidence path's loss (default 16: flagging an ordinary "
                         "prompt costs more than missing a CoProV2 one)")
@@ -278,6 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--save-trajectories", default=None, metavar="FILE", help="also save the recorded trajectories")
     _add_run_args(v)
     v.set_defaults(func=cmd_train_lvd)
+
+    oc = sub.add_parser("train-output-classifier", help="train the output check's image classifier for a model; "
+                                                        "writes safetensors",
+                        description="Draw CoProV2 training prompts and benign COCO captions (past the evaluation "
+                                    "rows) with the unprotected model, label each image with the oracle, train a "
+                                    "small CNN on them and calibrate it on the benign reference prompts' images. "
+                                    "Images and checkpoints go to --work: a killed run resumes.")
+    oc.add_argument("--out", required=True, metavar="FILE", help="classifier file to write (.safetensors)")
+    oc.add_argument("--model", default=DEFAULT_MODEL, help="the model whose images are classified (default: the "
+                                                           "embedded default model)")
+    oc.add_argument("--n-unsafe", type=_positive_int, default=1200, metavar="N",
+                    help="unsafe CoProV2 training prompts to draw (default 1200)")
+    oc.add_argument("--n-benign", type=_positive_int, default=1200, metavar="N",
+                    help="benign COCO captions to draw, from row 5000 on (default 1200)")
+    oc.add_argument("--work", default="outputs/train-output-classifier", metavar="DIR",
+                    help="resumable cache of images and checkpoints (default: outputs/train-output-classifier)")
+    oc.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
+                         "../shared/data)")
+    oc.add_argument("--oracle", default="world", help="labels each training image (default: world)")
+    oc.add_argument("--policy", default="default", metavar="NAME_OR_PATH", help="its categories are the labels")
+    oc.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    oc.add_argument("--train-steps", type=_positive_int, default=2000, metavar="N", help="optimiser steps (2000)")
+    oc.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="prompts per generation call")
+    oc.add_argument("--calibrate-on", choices=("all", "clean"), default="all",
+                    help="reference images the budget is counted on: all (default) or those the oracle finds clean")
+    _add_run_args(oc)
+    oc.set_defaults(func=cmd_train_output_classifier)
 
     x = sub.add_parser("train-expert", help="train one SafetyDPO LoRA expert (Diffusion-DPO) for a category",
                        description="Make preference pairs with the model itself (safe twin's image preferred over "
@@ -612,10 +646,14 @@ def cmd_train_prompt_guard(args) -> int:
             raise UsageError(f"--benign: {e}") from None
         held = set(every[:args.benign_skip])  # a repeated caption stays out of training if it is held out once
         benign = [b for b in dict.fromkeys(every[args.benign_skip:]) if b not in held]
+        if args.benign_split:
+            from .eval.datasets import HARNESS_COCO_ROWS, split_coco
+
+            benign = split_coco(every, skip=max(args.benign_skip, HARNESS_COCO_ROWS))[0]
         if not benign:
             raise UsageError(f"--benign {args.benign}: no prompts left after --benign-skip {args.benign_skip}")
-    elif args.benign_skip or args.benign_column:
-        raise UsageError("--benign-skip and --benign-column need --benign FILE")
+    elif args.benign_skip or args.benign_column or args.benign_split:
+        raise UsageError("--benign-skip, --benign-split and --benign-column need --benign FILE")
     quiet_libraries()
     pipe = _backbone_pipeline(args)
     encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)
@@ -627,7 +665,8 @@ def cmd_train_prompt_guard(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.benign is not None:
-        head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip)
+        head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip,
+                             benign_split=bool(args.benign_split))
     if pipe is not None:  # which encoder's weights, exactly (the shipped default-model head is found by it)
         head.metadata["encoder_fingerprint"] = _adapter_fingerprint(encoder)
         head.metadata["model"] = str(args.model)
@@ -735,6 +774,28 @@ def cmd_train_lvd(args) -> int:
                    "unsafe_trajectories": int(data.labels.any(1).sum())})
     shown = {k: v for k, v in summary.items() if k != "losses"}
     print(json.dumps({**shown, "weights": str(out)}, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------- output classifier
+def cmd_train_output_classifier(args) -> int:
+    from .policy import load_policy
+    from .training.output_classifier import build_output_classifier
+
+    out = _safetensors_out(args.out)
+    oracle = _oracle(args.oracle)
+    categories = list(load_policy(args.policy).categories)
+    check_model(args.model)
+    pipe = load_model(args.model, resolve_device(args.device))
+    try:
+        clf, summary = build_output_classifier(
+            pipe, n_unsafe=args.n_unsafe, n_benign=args.n_benign, seed=args.seed, steps=_default_steps(args),
+            train_steps=args.train_steps, batch_size=args.batch_size, work=args.work, judge=oracle.judge,
+            categories=categories, data_dir=args.data_dir, trained_on=args.model, calibrate_on=args.calibrate_on)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    clf.save(out)
+    print(json.dumps({**summary, "weights": str(out)}, indent=2, default=str))
     return 0
 
 

@@ -41,6 +41,10 @@ PRESETS: dict[str, tuple[str, object]] = {
     "output-blur": ("output", {"action": "blur"}),
     "output-regenerate": ("output", {"action": "regenerate"}),
     "output-check-nudenet": ("output", {"oracle": "nudenet", "action": "placeholder"}),
+    # the default model's trained output classifier (never the world oracle, which evaluations judge with)
+    "output-check-classifier": ("output", {"oracle": "classifier", "action": "placeholder"}),
+    # the default policy's: the classifier where the model has one, else NudeNet where installed
+    "output-check": ("output", {"oracle": "auto", "action": "placeholder"}),
 }
 
 #: The canonical name of every guard, in stage order.

@@ -1,7 +1,8 @@
 """A post-hoc output check: the evaluation oracles as a guard (stage ``"output"``, after the image is decoded).
 
-Every returned item that no other guard blocked is judged by an oracle (``"world"``, ``"nudenet"``, or any
-object with ``judge(prompt, image)``). An item the oracle finds unsafe gets the guard's ``action``:
+Every returned item that no other guard blocked is judged by an oracle (``"world"``, ``"nudenet"``,
+``"classifier"``, or any object with ``judge(prompt, image)``). An item the oracle finds unsafe gets the guard's
+``action``:
 
 * ``"placeholder"``: the policy's placeholder replaces it (verdict ``block``);
 * ``"blur"``: a strong Gaussian blur (radius ``blur_radius``, default 1/8 of the image side); checked again,
@@ -13,7 +14,16 @@ object with ``judge(prompt, image)``). An item the oracle finds unsafe gets the 
   (``details["regeneration_report"]``) and the UNet steps the regeneration ran (``details["extra_unet_steps"]``).
 
 Like every guard, an error fails closed: every item of the call gets the placeholder and an ``error`` verdict.
+A judgement with an ``error`` (e.g. the classifier's non-finite scores) fails that item closed the same way.
 ``output_type="latent"`` cannot be judged: the items pass with verdict ``log`` and a reason saying so.
+
+``"classifier"`` is a small CNN trained on the model's own images (:mod:`safegen.guards.output_classifier`),
+calibrated on benign reference images at the policy's false-positive budget; the embedded default model's ships
+(``assets/output/default-model.safetensors``), other models need their own (``safegen train-output-classifier``,
+then ``oracle_options={"weights": FILE}``). An oracle with ``judge_batch(prompts, images)`` judges the call's items
+in one pass; one with ``bind(pipe, policy)`` is bound to the protected pipeline when the guard attaches (the
+classifier checks it was trained for this model), and one with ``for_policy(policy)`` follows the policy at every
+call (the classifier's categories, budget and fixed thresholds).
 
 Example:
     >>> import safegen
@@ -48,9 +58,28 @@ __all__ = ["OutputGuard", "ACTIONS"]
 ACTIONS = ("placeholder", "blur", "regenerate")
 
 
+#: The oracle name of the trained output classifier (:mod:`safegen.guards.output_classifier`).
+CLASSIFIER = "classifier"
+#: The oracle name that picks the output check a pipeline can run (the default policy's): the trained classifier
+#: where the model has one (the embedded default model), else NudeNet where it is installed.
+AUTO = "auto"
+
+
 def _summary(j: dict) -> dict:
-    keep = ("unsafe", "category", "score", "oracle_error")
+    keep = ("unsafe", "category", "score", "risk", "oracle_error", "error")
     return {k: j[k] for k in keep if k in j and j[k] is not None}
+
+
+def _fill(res, j: dict) -> None:
+    """The calibrated oracle's figures on the item's report (threshold, risk, budget, per-category scores)."""
+    if j.get("threshold") is None:
+        return
+    for key in ("score", "threshold", "risk", "budget"):
+        if j.get(key) is not None and hasattr(res, key):
+            setattr(res, key, j[key])
+    for key in ("scores", "risks"):
+        if isinstance(j.get(key), dict) and hasattr(res, key):
+            setattr(res, key, dict(j[key]))
 
 
 @dataclass(repr=False)
@@ -59,14 +88,18 @@ class OutputGuard(Guard):
 
     Args:
         oracle (`str` or oracle, defaults to ``"world"``): an oracle name of :data:`safegen.eval.oracles.ORACLES`
-            (``"world"`` is right for the embedded default model, ``"nudenet"`` for real models) or an object
+            (``"world"`` is right for the embedded default model, ``"nudenet"`` for real models), ``"classifier"``
+            (:class:`safegen.guards.output_classifier.OutputClassifier`: a classifier trained on the model's
+            images, the default model's shipped), ``"auto"`` (the classifier where the model has one, else NudeNet
+            where it is installed, else the guard is unavailable: the default policy's output check) or an object
             with ``name``, ``protocol`` and ``judge(prompt, image)``.
         action (`str`, defaults to ``"placeholder"``): ``"placeholder"``, ``"blur"`` or ``"regenerate"``.
         stronger (`list`, defaults to ``["sld-strong"]``): guards (names or instances) that regenerate an
             unsafe item with ``action="regenerate"``; not weight guards (they would change every generation).
         blur_radius (`float`, *optional*): Gaussian blur radius in pixels for ``action="blur"``; default: an
             eighth of the image's longer side.
-        oracle_options (`dict`): keywords for a named oracle (e.g. ``{"threshold": 0.45}`` for NudeNet).
+        oracle_options (`dict`): keywords for a named oracle (e.g. ``{"threshold": 0.45}`` for NudeNet;
+            ``{"weights": FILE, "budget": 0.02}`` for the classifier).
     """
 
     name: ClassVar[str] = "output"
@@ -97,11 +130,38 @@ class OutputGuard(Guard):
                 "action": self.action, "stronger": [g if isinstance(g, str) else g.name for g in self.stronger],
                 "blur_radius": self.blur_radius}
 
+    def _auto(self, pipe, policy):
+        """``oracle="auto"``: the classifier trained for this model, else NudeNet (installed), else
+        :class:`~safegen.errors.GuardUnavailable` saying what to do."""
+        from ..errors import GuardUnavailable
+        from .output_classifier import OutputClassifier
+
+        try:
+            clf = OutputClassifier.from_options(**self.oracle_options)
+            return clf.bind(pipe, policy)
+        except GuardUnavailable as e:
+            why = str(e)
+        from ..eval.oracles import get_oracle
+
+        nudenet = get_oracle("nudenet")
+        try:
+            nudenet._detector()
+        except ImportError:
+            raise GuardUnavailable(f"no output check runs on this model: {why}; and NudeNet, the check for real "
+                                   "models, is not installed (pip install 'safegen[nudenet]')") from None
+        return nudenet
+
     @property
     def judge(self):
-        """The oracle object (built on first use)."""
+        """The oracle object (built on first use; ``"auto"`` is picked per pipeline when the guard attaches)."""
         if self._oracle is None:
-            if isinstance(self.oracle, str):
+            if isinstance(self.oracle, str) and self.oracle.lower() == AUTO:
+                raise RuntimeError("OutputGuard(oracle='auto') picks its oracle per pipeline: protect one first")
+            if isinstance(self.oracle, str) and self.oracle.lower() == CLASSIFIER:
+                from .output_classifier import OutputClassifier
+
+                self._oracle = OutputClassifier.from_options(**self.oracle_options)
+            elif isinstance(self.oracle, str):
                 from ..eval.oracles import get_oracle
 
                 self._oracle = get_oracle(self.oracle, **self.oracle_options)
@@ -109,13 +169,43 @@ class OutputGuard(Guard):
                 self._oracle = self.oracle
         return self._oracle
 
+    def weight_files(self) -> list:
+        if isinstance(self.oracle, str) and self.oracle.lower() == CLASSIFIER:
+            from pathlib import Path
+
+            from .output_classifier import default_weights_path
+
+            weights = self.oracle_options.get("weights")
+            return [Path(weights) if weights is not None else default_weights_path()]
+        return []
+
     @property
     def oracle_name(self) -> str:
+        if isinstance(self.oracle, str) and self.oracle.lower() == AUTO and self._oracle is None:
+            return AUTO  # picked per pipeline (the reports name the one each call used)
         return getattr(self.judge, "name", type(self.judge).__name__)
+
+    def _bound(self, call):
+        """The oracle this pipeline judges with (bound to it at attach time when the oracle can be), under the
+        call's policy as it is now (an oracle with ``for_policy``: a changed sensitivity applies at once)."""
+        st = call.protection.state(self)
+        if st is None or st.oracle is None:
+            return self.judge  # (an "auto" guard always has its bound oracle)
+        for_policy = getattr(st.oracle, "for_policy", None)
+        if callable(for_policy):
+            st.oracle = for_policy(call.policy)
+        return st.oracle
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
-        _ = self.judge  # a missing oracle package fails at protect() time, not in the middle of a run
+        if isinstance(self.oracle, str) and self.oracle.lower() == AUTO:
+            oracle = self._auto(protection.pipe, protection.policy)
+        else:
+            oracle = self.judge  # a missing oracle package fails at protect() time, not in the middle of a run
+            bind = getattr(oracle, "bind", None)
+            if callable(bind):  # e.g. the classifier: made for one model, calibrated at the policy's budget
+                oracle = bind(protection.pipe, protection.policy)
+        protection.set_state(self, _Attached(oracle=oracle))
         if self.action != "regenerate":
             return
         from ..protection import Protection, attach_all
@@ -131,10 +221,11 @@ class OutputGuard(Guard):
         regen = Protection(pipe=protection.pipe, kind=protection.kind, policy=protection.policy, guards=guards,
                            base_class=protection.base_class)
         attach_all(regen)
-        protection.set_state(self, regen)
+        protection.set_state(self, _Attached(oracle=oracle, regen=regen))
 
     def detach(self, protection) -> None:
-        regen = protection.drop_state(self)
+        st = protection.drop_state(self)
+        regen = st.regen if st is not None else None
         if regen is not None:
             for g in reversed(regen.guards):
                 g.detach(regen)
@@ -161,7 +252,9 @@ class OutputGuard(Guard):
                 res.reason = "output_type='latent' cannot be judged: not checked"
             return
         prompts = _item_prompts(call)
-        flagged = []
+        oracle = self._bound(call)
+        flagged, judged = [], []
+        arrays = {}
         for i in items:
             arr = _as_array(images[i])
             if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -171,12 +264,25 @@ class OutputGuard(Guard):
                 res.verdict = "error"
                 res.reason = "the output holds non-finite values (NaN or inf): item blocked (fail closed)"
                 continue
-            j = dict(self.judge.judge(prompts[i], arr))
+            judged.append(i)
+            arrays[i] = arr
+        if callable(getattr(oracle, "judge_batch", None)):  # one pass over the call's items
+            found_all = oracle.judge_batch([prompts[i] for i in judged], [arrays[i] for i in judged])
+        else:
+            found_all = [oracle.judge(prompts[i], arrays[i]) for i in judged]
+        for i, found_j in zip(judged, found_all):
+            j = dict(found_j)
             if j.get("oracle_error"):
                 raise ValueError(f"the output oracle could not read item {i}: {j['oracle_error']}")
             res = call.result(i, self.name)
-            res.details = {"oracle": self.oracle_name, "protocol": getattr(self.judge, "protocol", ""),
+            name = getattr(oracle, "name", type(oracle).__name__)
+            res.details = {"oracle": name, "protocol": getattr(oracle, "protocol", ""),
                            "action": self.action, "first_check": _summary(j)}
+            _fill(res, j)
+            if j.get("error"):  # the oracle could not decide on this item (e.g. non-finite scores): fail closed
+                put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
+                res.verdict, res.reason = "error", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}): {j['error']}"
+                continue
             if j.get("unsafe"):
                 res.category = j.get("category")
                 res.score = j.get("score")
@@ -191,20 +297,21 @@ class OutputGuard(Guard):
             found = res.category or "unsafe content"
             if self.action == "blur":
                 blurred = _blur(images[i], self.blur_radius)
-                j2 = dict(self.judge.judge(prompts[i], _as_array(blurred)))
+                j2 = dict(oracle.judge(prompts[i], _as_array(blurred)))
                 res.details["second_check"] = _summary(j2)
-                if not j2.get("unsafe") and not j2.get("oracle_error"):
+                if not j2.get("unsafe") and not j2.get("oracle_error") and not j2.get("error"):
                     put_item(out, field_name, i, blurred)
-                    res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; blurred"
+                    res.verdict, res.reason = "block", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; blurred"
                     continue
                 how = "still unsafe after blurring; replaced by the policy's placeholder"
             else:
                 how = "replaced by the policy's placeholder"
             put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
-            res.verdict, res.reason = "block", f"output check ({self.oracle_name}) found {found}; {how}"
+            res.verdict, res.reason = "block", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; {how}"
 
     def _regenerate(self, call, out, field_name, images, flagged, prompts, output_type) -> None:
-        regen = call.protection.state(self)
+        regen = call.protection.state(self).regen
+        oracle = self._bound(call)
         st = call.state(self) or _CallState(args=dict(call.args))
         args = _regen_args(call, st, flagged, output_type)
         names = [g.name for g in regen.guards]
@@ -213,20 +320,20 @@ class OutputGuard(Guard):
         for k, i in enumerate(flagged):
             res = call.result(i, self.name)
             rep2 = again.safety[k]
-            j2 = dict(self.judge.judge(prompts[i], _as_array(new_images[k])))
+            j2 = dict(oracle.judge(prompts[i], _as_array(new_images[k])))
             res.details.update(second_check=_summary(j2), regenerated_with=names,
                                regeneration_report=rep2.to_dict(), extra_unet_steps=int(rep2.unet_steps_run))
             found = res.category or "unsafe content"
-            if not j2.get("unsafe") and not j2.get("oracle_error"):
+            if not j2.get("unsafe") and not j2.get("oracle_error") and not j2.get("error"):
                 put_item(out, field_name, i, new_images[k])
                 res.verdict = "block" if rep2.blocked else "steer"
-                res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with "
+                res.reason = (f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; regenerated with "
                               f"{'+'.join(names)}: " + ("blocked there, placeholder returned" if rep2.blocked
                                                         else "second check passed"))
             else:
                 put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
                 res.verdict = "block"
-                res.reason = (f"output check ({self.oracle_name}) found {found}; regenerated with {'+'.join(names)}"
+                res.reason = (f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; regenerated with {'+'.join(names)}"
                               ": still unsafe, replaced by the policy's placeholder")
 
 
@@ -285,6 +392,15 @@ def _blur(img, radius: float | None):
 
 def _placeholder_like(call, output_type: str, like):
     return _placeholder(call, output_type, like)
+
+
+@dataclass
+class _Attached:
+    """What the guard attached to one pipeline: the oracle bound to it and, for ``action="regenerate"``, the
+    stronger guards' protection."""
+
+    oracle: Any = None
+    regen: Any = None
 
 
 @dataclass
