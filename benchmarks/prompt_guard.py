@@ -5,17 +5,21 @@ Sets (from ``../shared/data``):
 * ``coprov2``: deduplicated ``CoProv2_test.csv`` prompts (unsafe; none occurs in the training file);
 * ``i2p``: I2P prompts with ``inappropriate_percentage`` ≥ 50 (unsafe, a different distribution: lexica.art
   prompts with artists and styles);
-* ``coco``: the first ``--coco-eval`` (5,000) ``coco_30k_10k.csv`` captions (safe). The shipped head was trained
-  with the *other* captions as extra benign negatives (``safegen train-prompt-guard --benign ... --benign-skip
-  5000``); a caption that also occurs in that other part is dropped from this set, so no evaluated caption was
-  seen in training.
+* ``coco``: with ``--coco-split`` (heads trained with ``--benign-split``), the held-out half of
+  :func:`safegen.eval.datasets.split_coco` (COCO captions from across the whole topic-ordered file, none used in
+  training or calibration); else the first ``--coco-eval`` (5,000) captions, for heads trained with
+  ``--benign-skip 5000`` (a caption that also occurs later is dropped, so no evaluated caption was seen in training);
+* ``nudity`` (I2P's nudity subset: recall) and ``artists`` (``big_artist_prompts.csv``: a second benign set of
+  artists and styles: false-positive rate), at each checker's own rule.
 
 Checkers:
 
 * **Latent Guard**: the shipped head (``assets/latent_guard/minilm.safetensors``) against the policy's concepts;
   the score is the largest margin over categories of (the higher of the category's best concept score and its
-  token evidence) minus the category's threshold, so "score ≥ 0" is the guard's decision at the shipped
-  threshold. The two paths are also reported alone (the concept path is the paper's head);
+  token evidence) minus the category's threshold, calibrated on the benign reference prompts at the policy's
+  budget (1%), so "score ≥ 0" is the guard's decision. The two paths are also reported alone (the concept path is
+  the paper's head); the category agreement is the share of flagged CoProV2 prompts whose reported category (the
+  fired one the head scores highest, as the guard reports it) is the data's label;
 * **keyword**: the policy's concept phrases as whole-word matches; the score is the number of phrases found;
 * **probe**: logistic regression (L2, C = 1, standardised inputs) on MiniLM's mean-pooled sentence embedding,
   trained on every CoProV2 training pair (unsafe prompt = 1, its safe twin = 0) — the first thing a user would
@@ -92,13 +96,15 @@ def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
 # ---------------------------------------------------------------------- checkers
 def latent_guard_scores(head, adapter, feats: dict, policy, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
     """Per set, the guard's decision score (largest margin over categories of max(best concept score, evidence)
-    minus the threshold) and the two paths' own margins: ``{"guard": ..., "concepts": ..., "evidence": ...}``."""
+    minus the calibrated threshold), the two paths' own margins and the reported category's index:
+    ``{"guard": ..., "concepts": ..., "evidence": ..., "category": ...}``."""
     from safegen.guards.latent_guard import LatentGuard, per_category
 
     guard = LatentGuard()
-    bank, cat_of, cats, _ = guard._bank({}, policy, head, adapter)
-    thr = guard._thresholds(policy, head, cats, head.device)
-    out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}}
+    cache: dict = {}
+    bank, cat_of, cats, _ = guard._bank(cache, policy, head, adapter)
+    thr = guard._thresholds(cache, policy, head, adapter)[0].to(head.device)
+    out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}, "category": {}}
     with torch.no_grad():
         for name, f in feats.items():
             vals: dict[str, list] = {k: [] for k in out}
@@ -110,7 +116,11 @@ def latent_guard_scores(head, adapter, feats: dict, policy, chunk: int = 512) ->
                 if ev is None:
                     ev = torch.full_like(by_concept, float("-inf"))
                 vals["evidence"].append((ev - thr).amax(1))
-                vals["guard"].append((torch.maximum(by_concept, ev) - thr).amax(1))
+                both = torch.maximum(by_concept, ev)
+                vals["guard"].append((both - thr).amax(1))
+                # the reported category: the fired one scored highest (as LatentGuard reports it)
+                vals["category"].append(torch.where(both >= thr, both, torch.full_like(both, float("-inf")))
+                                        .argmax(1))
             for k in out:
                 out[k][name] = torch.cat(vals[k])
     return out
@@ -200,12 +210,15 @@ def main() -> None:
     ap.add_argument("--coco-eval", type=int, default=5000,
                     help="report on the first N COCO captions; the rest are the benign training captions (default "
                          "5000, what the shipped head skipped)")
+    ap.add_argument("--coco-split", action="store_true",
+                    help="report on the held-out half of split_coco (heads trained with --benign-split)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     a = ap.parse_args()
     from safegen.guards.latent_guard import (LatentGuardHead, default_pipeline_weights_path, default_weights_path,
                                              text_features)
     from safegen.policy import load_policy
-    from safegen.eval.datasets import load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p
+    from safegen.eval.datasets import (load_benchmark, load_coco, load_coprov2_pairs, load_coprov2_test, load_i2p,
+                                       split_coco)
 
     t0 = time.time()
     policy = load_policy(a.policy)
@@ -220,10 +233,15 @@ def main() -> None:
 
     coprov2 = load_coprov2_test()
     coco = load_coco()
-    benign = list(dict.fromkeys(coco[a.coco_eval:]))
-    seen = set(benign)
-    sets = {"coprov2": [p for p, _ in coprov2], "i2p": [p for p, _ in load_i2p()],
-            "coco": [c for c in coco[:a.coco_eval] if c not in seen]}
+    if a.coco_split:
+        benign, held = split_coco(coco)
+    else:
+        benign = list(dict.fromkeys(coco[a.coco_eval:]))
+        seen = set(benign)
+        held = [c for c in coco[:a.coco_eval] if c not in seen]
+    sets = {"coprov2": [p for p, _ in coprov2], "i2p": [p for p, _ in load_i2p()], "coco": held,
+            "nudity": [r.prompt for r in load_benchmark("nudity")],
+            "artists": [r.prompt for r in load_benchmark("artists")]}
     if a.limit:
         sets = {k: v[:a.limit] for k, v in sets.items()}
     cats = [c for _, c in coprov2][:len(sets["coprov2"])]
@@ -249,6 +267,15 @@ def main() -> None:
                f"probe: logistic regression on {enc}'s sentence vector (CoProV2 pairs)": (pr, lambda s: s >= 0),
                f"probe + the head's {len(benign)} benign captions": (prb, lambda s: s >= 0)}
     results = {name: summary_rows(sc, rule) for name, (sc, rule) in methods.items()}
+    extra = {name: {"nudity": float(rule(sc["nudity"]).double().mean()),
+                    "artists": float(rule(sc["artists"]).double().mean())} for name, (sc, rule) in methods.items()}
+    from safegen.policy import normalize_category
+
+    flagged = lg["guard"]["coprov2"] >= 0
+    names = list(policy.categories)
+    said = [names[i] for i in lg["category"]["coprov2"][flagged].tolist()]
+    truth = [normalize_category(c) for c, f in zip(cats, flagged.tolist()) if f]
+    agreement = sum(a_ == b_ for a_, b_ in zip(said, truth)) / max(len(truth), 1)
     per_cat = {}
     for name, (sc, rule) in methods.items():
         hit = rule(sc["coprov2"])
@@ -265,20 +292,29 @@ def main() -> None:
              f"`{shlex.join(['python', 'benchmarks/prompt_guard.py', *sys.argv[1:]])}` ({time.strftime('%Y-%m-%d')}, "
              f"{machine()}, {time.time() - t0:.0f} s in all).", "",
              f"Weights: `{os.path.relpath(weights, ROOT)}` (trained on {meta.get('train_pairs')} CoProV2 training "
-             f"pairs and {meta.get('benign') or 0} benign captions ({meta.get('benign_file', 'none')}, first "
-             f"{meta.get('benign_skip', 0)} skipped), {meta.get('steps')} steps; validation AUC on "
+             f"pairs and {meta.get('benign') or 0} benign captions ({meta.get('benign_file', 'none')}, "
+             + ("the split_coco training half" if meta.get('benign_split') else f"first {meta.get('benign_skip', 0)} skipped")
+             + f"), {meta.get('steps')} steps; validation AUC on "
              f"{meta.get('val_pairs')} held-out pairs "
-             f"{meta.get('val_auc', float('nan')):.4f}; shipped threshold {meta.get('threshold', float('nan')):.3f}). "
+             f"{meta.get('val_auc', float('nan')):.4f}; thresholds calibrated at a 1% budget on the benign reference). "
              f"Sets: CoProV2 test, deduplicated (n = {n['coprov2']}); I2P with inappropriate_percentage ≥ 50 "
-             f"(n = {n['i2p']}); the first {a.coco_eval} COCO captions of `coco_30k_10k.csv` less those repeated later in "
-             f"the file (n = {n['coco']}; none used in training).",
+             f"(n = {n['i2p']}); " + (f"the held-out half of `split_coco` (n = {n['coco']}; none used in training "
+                                      "or calibration)." if a.coco_split else
+                                      f"the first {a.coco_eval} COCO captions of `coco_30k_10k.csv` less those "
+                                      f"repeated later in the file (n = {n['coco']}; none used in training)."),
              "", "| checker | CoProV2 vs COCO: AUC | TPR @ 1% FPR | I2P vs COCO: AUC | TPR @ 1% FPR | "
              "own rule: CoProV2 TPR | I2P TPR | COCO FPR |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         c, i = r["coprov2"], r["i2p"]
         lines.append(f"| {name} | {c['auc']:.4f} | {c['tpr_at_1fpr']:.3f} | {i['auc']:.4f} | {i['tpr_at_1fpr']:.3f} "
                      f"| {c['tpr_at_rule']:.3f} | {i['tpr_at_rule']:.3f} | {r['coco_fpr']:.4f} |")
-    lines += ["", "\"Own rule\": Latent Guard at the shipped threshold, keyword = any phrase found, probe = p ≥ 0.5.",
+    lines += ["", "| checker | nudity recall (n = %d) | artists flagged (n = %d) |" % (n["nudity"], n["artists"]),
+              "|---|---|---|"]
+    lines += [f"| {name} | {e['nudity']:.3f} | {e['artists']:.3f} |" for name, e in extra.items()]
+    lines += ["", f"Latent Guard's reported category agrees with CoProV2's label on {100 * agreement:.1f}% of the "
+              f"{len(truth)} CoProV2 test prompts it flags."]
+    lines += ["", "\"Own rule\": Latent Guard at its calibrated thresholds (1% of the benign reference prompts), "
+              "keyword = any phrase found, probe = p ≥ 0.5.",
               "", "Per-category recall on CoProV2 test at each checker's own rule (flagged as unsafe at all):", "",
               "| category | n | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
     for c in dict.fromkeys(cats):

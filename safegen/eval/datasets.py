@@ -48,7 +48,7 @@ from ..policy import CATEGORIES, normalize_category
 
 __all__ = ["PromptRecord", "BENCHMARKS", "load_benchmark", "load_prompt_records", "benchmark_file", "read_prompts",
            "read_text", "not_utf8", "default_data_dir", "load_coprov2_train", "load_coprov2_pairs", "load_coprov2_test",
-           "load_coco", "load_i2p"]
+           "load_coco", "load_i2p", "split_coco", "HARNESS_COCO_ROWS"]
 
 
 @dataclass(frozen=True)
@@ -546,3 +546,37 @@ def load_coco(data_dir: "str | Path | None" = None) -> list[str]:
     """
     _, rows = _read_csv(data_dir, "coco_30k_10k.csv", ("prompt",))
     return [p for p in ((r["prompt"] or "").strip() for r in rows) if p]
+
+
+#: The COCO rows the evaluation harness reads (``coco`` benchmark, in file order): never used for training.
+HARNESS_COCO_ROWS = 1000
+
+
+def _heldout_half(caption: str) -> bool:
+    import hashlib
+
+    return hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest()[0] % 2 == 0
+
+
+def split_coco(captions: "list[str]", *, skip: int = HARNESS_COCO_ROWS) -> tuple[list[str], list[str]]:
+    """Split COCO captions into ``(train, heldout)`` across the whole file.
+
+    The file is ordered by topic (giraffes sit in its first half), so a block of rows is no fair split: a head
+    trained on the back half never sees a giraffe and flags them. Here the first ``skip`` rows (what the
+    evaluation harness reads) and the packaged benign reference set (:func:`safegen.calibration.reference_prompts`,
+    the calibration set) are left out of both; every other distinct caption goes to ``heldout`` or ``train`` by a
+    hash of its text (about half each), so both halves span every topic and a caption repeated in the file always
+    lands on the same side.
+
+    Example:
+        >>> train, heldout = split_coco([f"a photo of dog number {i}" for i in range(2000)], skip=1000)
+        >>> len(train) + len(heldout), 400 < len(heldout) < 600, set(train).isdisjoint(heldout)
+        (1000, True, True)
+    """
+    from ..calibration import reference_prompts
+
+    out = set(captions[:skip]) | set(reference_prompts())
+    rest = [c for c in dict.fromkeys(captions[skip:]) if c not in out]
+    heldout = [c for c in rest if _heldout_half(c)]
+    train = [c for c in rest if not _heldout_half(c)]
+    return train, heldout
