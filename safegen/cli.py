@@ -920,9 +920,9 @@ def _grid(rows: list[tuple[str, Any, Any, str, bool]], cell: int = 128, title: s
 def _demo_guards() -> list[str]:
     """:data:`DEMO_GUARDS` without the ones unavailable in this installation (their shipped weights are missing),
     as the demo's toggles say (:func:`safegen.demo.guard_options`)."""
-    from .demo import default_guard_keys, guard_options
+    from .demo import default_guard_keys, guard_options, toggle_guard
 
-    return default_guard_keys(guard_options(DEFAULT_MODEL), DEFAULT_MODEL)
+    return [toggle_guard(k) for k in default_guard_keys(guard_options(DEFAULT_MODEL), DEFAULT_MODEL)]
 
 
 def cmd_demo_run(args) -> int:

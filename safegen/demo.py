@@ -45,9 +45,11 @@ MIN_STEPS, MAX_STEPS = 1, 100
 MAX_SEED = 2**32 - 1
 #: The environment variable holding the demo's login (``USER:PASSWORD``), instead of ``--auth``.
 AUTH_ENV = "SAFEGEN_DEMO_AUTH"
-#: The guards switched on at start on the embedded default model (and ``safegen demo-run``'s there): the prompt
-#: check, SAFREE's steering and LVD's early stop, those whose weights are shipped.
-DEMO_GUARDS = ("latent-guard", "safree", "lvd")
+#: The guards switched on at start on the embedded default model (and ``safegen demo-run``'s there): the default
+#: policy's stack, the prompt check, SAFREE's steering, LVD's early stop and the output check.
+DEMO_GUARDS = ("latent-guard", "safree", "lvd", "output-check")
+#: The guard name a toggle stands for, where it is not the toggle's key (SLD's takes the chosen strength).
+_TOGGLE_GUARD = {"output": "output-check"}
 #: How the embedded default model is listed in the model picker.
 DEFAULT_MODEL_LABEL = "Embedded default model (64×64)"
 #: SLD strengths offered next to the SLD toggle (the presets of diffusers' StableDiffusionPipelineSafe).
@@ -319,11 +321,12 @@ class GuardOption:
     reason: str = ""
 
 
-#: The guards the demo offers (the output check needs an oracle for the model, so the page leaves it out), with
-#: their labels and, for guards with trained weights, the command that trains them.
+#: The guards the demo offers, with their labels and, for guards with trained weights, the command that trains
+#: them (the output check is the trained image classifier of the embedded model, never the world oracle).
 DEMO_OFFERS = {"latent-guard": ("Latent Guard", "`safegen train-prompt-guard`"), "safree": ("SAFREE", None),
                "sld": ("SLD", None), "lvd": ("LVD", "`safegen train-lvd --model M`"),
-               "safetydpo": ("SafetyDPO", "`safegen train-expert` and `safegen merge-experts`")}
+               "safetydpo": ("SafetyDPO", "`safegen train-expert` and `safegen merge-experts`"),
+               "output": ("Output check", "`safegen train-output-classifier --model M`")}
 
 
 def guard_options(model: str = DEFAULT_MODEL) -> list[GuardOption]:
@@ -341,7 +344,8 @@ def guard_options(model: str = DEFAULT_MODEL) -> list[GuardOption]:
         if key not in DEMO_OFFERS:
             continue
         label, train = DEMO_OFFERS[key]
-        missing = [f for f in guard_class(key)().weight_files() if not f.is_file()]
+        guard = guard_class(key)(oracle="classifier") if key == "output" else guard_class(key)()
+        missing = [f for f in guard.weight_files() if not f.is_file()]
         model_bound = train is not None and key != "latent-guard"  # weights trained for the default model
         if model_bound and not is_default:
             reason = f"unavailable: the shipped weights belong to the embedded default model; train them with {train}"
@@ -357,9 +361,11 @@ def guard_options(model: str = DEFAULT_MODEL) -> list[GuardOption]:
 
 
 def default_guard_keys(options: Iterable[GuardOption], model: str = DEFAULT_MODEL) -> list[str]:
-    """The toggles that start switched on: on the embedded model those of ``safegen demo-run`` (Latent Guard,
-    SAFREE, LVD) that are available; on any other model SAFREE."""
-    wanted = DEMO_GUARDS if model == DEFAULT_MODEL else ("safree",)
+    """The toggles that start switched on: on the embedded model those of ``safegen demo-run`` (the default
+    policy's stack: Latent Guard, SAFREE, LVD, the output check) that are available; on any other model SAFREE."""
+    from .guard_names import guard_of_preset
+
+    wanted = {guard_of_preset(g) for g in DEMO_GUARDS} if model == DEFAULT_MODEL else {"safree"}
     return [o.key for o in options if o.available and o.key in wanted]
 
 
@@ -379,8 +385,14 @@ def validate_guards(selected: Iterable[str], options: Sequence[GuardOption], sld
             raise DemoInputError(f"unknown guard {key!r}; known: {', '.join(by_key)}")
         if not opt.available:
             raise DemoInputError(f"{opt.label} is {opt.reason}")
-        names.append(f"sld-{sld_preset}" if key == "sld" else key)
+        names.append(toggle_guard(key, sld_preset))
     return names
+
+
+def toggle_guard(key: str, sld_preset: str = "medium") -> str:
+    """The guard name (for :func:`safegen.protect`) a demo toggle stands for: ``"sld"`` becomes ``"sld-<preset>"``,
+    ``"output"`` the default policy's ``"output-check"``; the others are their own name."""
+    return f"sld-{sld_preset}" if key == "sld" else _TOGGLE_GUARD.get(key, key)
 
 
 # ---------------------------------------------------------------------- trigger-token highlighting

@@ -513,9 +513,6 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
         raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {allowed}, but found "
                          f"{[k for k in asked if k not in allowed]}")
     reports = [SafetyReport(index=i, prompt=prompts[i // nipp] if prompts else None) for i in range(batch * nipp)]
-    for rep in reports:  # what the policy asked for and this pipeline cannot run, said on every item
-        rep.guards += [GuardResult(name, "pass", reason=f"skipped: {why}", details={"skipped": True})
-                       for name, why in prot.skipped.items()]
     return Call(protection=prot, args=a, prompts=prompts, negative_prompts=negatives, num_images_per_prompt=nipp,
                 batch_size=batch, do_cfg=do_cfg, num_steps=int(steps), reports=reports,
                 blocked_prompts=[False] * batch)
@@ -577,6 +574,9 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
     _settle(call.reports, call.seconds)
     out = _assemble(call, out, keep, output_type)
     _after_decode(call, out, output_type)
+    for rep in call.reports:  # what the policy asked for and this pipeline cannot run, said on every item
+        rep.guards += [GuardResult(name, "pass", reason=f"skipped: {why}", details={"skipped": True})
+                       for name, why in prot.skipped.items()]
     prot.last_reports = call.reports
     out.safety = call.reports
     if want_dict:

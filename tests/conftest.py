@@ -38,11 +38,13 @@ def sdxl():
 
 @pytest.fixture
 def lexical_policy():
-    """The default policy with the semantic gate off (threshold above 1): on random tiny encoders similarity
-    means nothing, so only literal concept phrases decide which prompts are flagged."""
+    """The default policy's categories with SAFREE alone (its own guard list; the default stack's other guards have
+    their own tests) and SAFREE's semantic gate off (a fixed threshold above 1): on random tiny encoders
+    similarity means nothing, so only literal concept phrases decide which prompts are flagged."""
     import safegen
 
     pol = safegen.load_policy("default")
+    pol.guards = ["safree"]
     for cat in pol.categories.values():
         cat.thresholds["safree"] = 2.0
     return pol

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import safegen
+
 from safegen.cli import DEFAULT_MODEL, main
 
 BENIGN = "a photo of a red bus"
@@ -32,12 +34,15 @@ def test_generate_writes_pngs_and_report(tmp_path, capsys):
     assert [e["prompt"] for e in report] == [BENIGN, UNSAFE]
     assert [e["file"] for e in report] == ["000.png", "001.png"]
     assert all(e["seed"] == 3 and e["model"] == "tiny-sd" and e["protected"] for e in report)
-    assert [e["verdict"] for e in report] == ["pass", "steer"]  # literal 'blood'/'gore' on the tiny model
-    assert [g["guard"] for g in report[1]["guards"]] == ["safree"]
-    assert report[1]["guards"][0]["category"] == "violence"
-    assert all(e["unet_steps_run"] == 2 for e in report)
+    # the default policy's stack: Latent Guard (MiniLM: reads text, so it works on any model) blocks the unsafe
+    # prompt before the loop; LVD has no classifier for the tiny model and is skipped, which the report says
+    assert [e["verdict"] for e in report] == ["pass", "block"]
+    lg = report[1]["guards"][0]
+    assert lg["guard"] == "latent-guard" and lg["category"] == "violence" and lg["budget"] == 0.01
+    assert any(g["guard"] == "lvd" and g["details"].get("skipped") for g in report[0]["guards"])
+    assert [e["unet_steps_run"] for e in report] == [2, 0]
     lines = [ln for ln in out.splitlines() if ln.startswith(("000.png", "001.png"))]
-    assert len(lines) == 2 and "PASS" in lines[0] and "STEER" in lines[1] and "violence" in lines[1]
+    assert len(lines) == 2 and "PASS" in lines[0] and "BLOCK" in lines[1] and "violence" in lines[1]
     assert "RANDOM" in err  # the tiny model says its images are noise
     assert "stand-in" not in err and "until the embedded default model ships" not in err  # it ships
 
@@ -135,9 +140,9 @@ def test_demo_run(tmp_path, capsys):
     unsafe = [e for e in report if e["expected"] == "unsafe"]
     assert len(benign) >= 2 and len(unsafe) >= 2
     assert all(e["verdict"] == "pass" and not e["output_changed"] for e in benign)
-    assert all(e["verdict"] == "steer" and e["output_changed"] for e in unsafe)
-    assert {e["guards"][0]["category"] for e in unsafe} >= {"violence", "sexual", "hate"}
-    assert out.count("STEER") >= len(unsafe)  # str(report) printed
+    assert all(e["verdict"] == "block" and e["output_changed"] for e in unsafe)  # the default stack's prompt check
+    assert {e["guards"][0]["category"] for e in unsafe} >= {"violence", "sexual"}
+    assert out.count("BLOCK") >= len(unsafe)  # str(report) printed
 
 
 def test_help_is_fast_to_reach_and_exits_0():
@@ -177,15 +182,17 @@ def test_eval_writes_metrics_and_items(tmp_path, capsys):
     for key in ("n", "blocked_rate", "unsafe_rate", "fidelity", "sec_per_item", "unet_steps_run",
                 "unet_steps_saved", "oracle_protocol"):
         assert key in m, key
-    assert m["n"] == 3 and m["unet_steps_run"] == 30 and m["unet_steps_saved"] == 0  # deduplicated
-    assert m["config"]["guards"] == ["safree"] and m["config"]["model"] == "default"
-    from safegen.guards import Safree, guard_from_dict
+    # deduplicated; the default policy's stack: Latent Guard blocks the unsafe prompt before the loop
+    assert m["n"] == 3 and m["unet_steps_run"] == 20 and m["unet_steps_saved"] == 10
+    assert m["config"]["guards"] == safegen.load_policy("default").guards and m["config"]["model"] == "default"
+    from safegen.guards import guard_from_dict, resolve_guard
 
-    assert [guard_from_dict(g) for g in m["config"]["settings"]["guards"]] == [Safree()]  # settings round-trip
+    stack = [resolve_guard(g) for g in safegen.load_policy("default").guards]
+    assert [guard_from_dict(g) for g in m["config"]["settings"]["guards"]] == stack  # settings round-trip
     assert m["config"]["settings"]["policy_sha256"] == m["config"]["policy_content"]
     items = [json.loads(ln) for ln in (tmp_path / "ev" / "items.jsonl").read_text().splitlines()]
     assert [it["seed"] for it in items] == [0, 1, 2]
-    assert [it["verdict"] for it in items] == ["pass", "pass", "steer"]
+    assert [it["verdict"] for it in items] == ["pass", "pass", "block"]
     assert isinstance(items[0]["fidelity"], bool) and items[2]["fidelity"] is None  # the last names neither
     assert m["fidelity_n"] == 2
     assert sum(it["unsafe"] for it in items) / 3 == pytest.approx(m["unsafe_rate"], abs=1e-4)

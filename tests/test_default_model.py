@@ -294,3 +294,23 @@ def test_shipped_pipeline_head_checks_prompts_on_the_default_models_own_encoder(
     twin = StableDiffusionPipeline(**{**pipe.components, "text_encoder": other})
     with pytest.raises(ValueError, match="needs weights="):
         safegen.protect(twin, guards=[LatentGuard(backbone="pipeline")])
+
+
+def test_default_policy_runs_its_whole_stack_on_the_embedded_model(pipe):
+    """policy="default" on the embedded model: Latent Guard, SAFREE, LVD and the trained output classifier (not
+    the world oracle, which judges the evaluations) all run; nothing is skipped."""
+    import safegen
+
+    safegen.protect(pipe)
+    try:
+        prot = pipe._safegen
+        assert [g.name for g in prot.guards] == ["latent-guard", "safree", "lvd", "output"] and not prot.skipped
+        out = pipe(["a photo of blood and gore", "A blue bus driving down a city street."], num_inference_steps=25,
+                   output_type="np", generator=[torch.Generator().manual_seed(0) for _ in range(2)])
+    finally:
+        safegen.unprotect(pipe)
+    unsafe, benign = out.safety
+    assert unsafe.result("latent-guard").verdict == "block" and unsafe.unet_steps_run == 0
+    check = benign.result("output")
+    assert benign.verdict == "pass" and check is not None and check.details["oracle"] == "classifier"
+    assert check.budget == 0.01 and check.risk is not None

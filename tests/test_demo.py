@@ -164,7 +164,8 @@ def test_guard_options_follow_the_shipped_weights(monkeypatch, tmp_path):
     from safegen.guards import latent_guard
 
     default = {o.key: o for o in dm.guard_options("default")}
-    assert list(default) == ["latent-guard", "safree", "sld", "lvd", "safetydpo"]
+    assert list(default) == ["latent-guard", "safree", "sld", "lvd", "safetydpo", "output"]
+    assert default["output"].available  # the embedded model's trained output classifier ships
     assert default["safree"].available and default["sld"].available
     assert latent_guard.default_weights_path().is_file() and default["latent-guard"].available  # shipped head
     # without a head at the default path (a user deleted it) the toggle is off and says why
@@ -175,12 +176,13 @@ def test_guard_options_follow_the_shipped_weights(monkeypatch, tmp_path):
     other = {o.key: o for o in dm.guard_options(str(tmp_path))}
     assert not other["lvd"].available and "embedded default model" in other["lvd"].reason
     assert not other["safetydpo"].available and other["safree"].available
+    assert not other["output"].available and "train-output-classifier" in other["output"].reason
     # a head at the default path makes Latent Guard available
     head = tmp_path / "minilm.safetensors"
     head.write_bytes(b"x")
     monkeypatch.setattr(latent_guard, "default_weights_path", lambda: head)
     assert {o.key: o for o in dm.guard_options()}["latent-guard"].available
-    assert dm.default_guard_keys(dm.guard_options()) == ["latent-guard", "safree", "lvd"]
+    assert dm.default_guard_keys(dm.guard_options()) == ["latent-guard", "safree", "lvd", "output"]
     assert dm.default_guard_keys(dm.guard_options(str(tmp_path)), str(tmp_path)) == ["safree"]
 
 
@@ -504,7 +506,8 @@ def test_the_page_has_one_generate_endpoint_with_named_parameters():
     names = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     toggles = [f"guard_{o.key.replace('-', '_')}" for o in dm.guard_options()]
     assert names == ["prompt", "model", "policy", "sensitivity", "steps", "seed", "sld_preset", *toggles]
-    assert toggles == ["guard_latent_guard", "guard_safree", "guard_sld", "guard_lvd", "guard_safetydpo"]
+    assert toggles == ["guard_latent_guard", "guard_safree", "guard_sld", "guard_lvd", "guard_safetydpo",
+                       "guard_output"]
 
 
 def test_guard_options_describe_guards_as_the_registry_does():
@@ -513,3 +516,16 @@ def test_guard_options_describe_guards_as_the_registry_does():
     summaries = {g["name"]: g["summary"] for g in guard_info()}
     for o in dm.guard_options():
         assert o.description == summaries[o.key]
+
+
+def test_demo_and_demo_run_start_with_the_default_policy_stack():
+    """The demo's toggles on the embedded model, `safegen demo-run` and the README show one default: the policy's."""
+    import safegen
+    from safegen.cli import _demo_guards
+    from safegen.guard_names import guard_of_preset
+
+    stack = safegen.load_policy("default").guards
+    assert list(dm.DEMO_GUARDS) == stack
+    keys = dm.default_guard_keys(dm.guard_options(dm.DEFAULT_MODEL), dm.DEFAULT_MODEL)
+    assert keys == [guard_of_preset(g) for g in stack]
+    assert _demo_guards() == stack

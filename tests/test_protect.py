@@ -256,9 +256,12 @@ def test_sensitivity_scales_gate(sd):
     safegen.protect(sd, policy=pol, guards=["safree"])
     res = run(sd, BENIGN).safety[0].result("safree")
     base = res.threshold
-    pol.sensitivity = 4.0  # edits in code apply to the next call
+    assert res.budget == 0.01
+    pol.sensitivity = 4.0  # edits in code apply to the next call: the budget is fpr × sensitivity
     res = run(sd, BENIGN).safety[0].result("safree")
-    assert res.threshold == pytest.approx(base / 4)
+    cal = safegen.Safree().calibration(sd, pol)
+    assert res.budget == pytest.approx(0.04) and res.threshold in cal["thresholds"].values()
+    assert max(cal["thresholds"].values()) <= base
 
 
 class BrokenUNetHook(Guard):
@@ -306,3 +309,26 @@ def test_one_guard_object_protects_two_pipelines(sd, sdxl, lexical_policy):
 def test_safree_rejects_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         safegen.Safree(**kwargs)
+
+
+def test_default_policy_skips_what_a_model_cannot_run_and_says_so(sd, monkeypatch):
+    """The default stack on a model it has no LVD classifier or output classifier for: those guards are skipped,
+    every report says why; a guard named explicitly fails instead (never a silent skip)."""
+    from safegen.errors import GuardUnavailable
+    from safegen.guards import output as output_mod
+
+    monkeypatch.setattr(output_mod.OutputGuard, "_auto", lambda self, pipe, policy: (_ for _ in ()).throw(
+        GuardUnavailable("no output check runs on this model (NudeNet is not installed)")))
+    pipe = safegen.protect(sd)  # policy="default": its own guard list, skip_unavailable
+    prot = pipe._safegen
+    assert [g.name for g in prot.guards] == ["latent-guard", "safree"]
+    assert set(prot.skipped) == {"lvd", "output"}
+    out = pipe("a photo of a dog on a sofa", num_inference_steps=2, output_type="np")
+    for name in ("lvd", "output"):
+        res = out.safety[0].result(name)
+        assert res.details["skipped"] and res.reason.startswith("skipped: ") and res.verdict == "pass"
+    assert "another model" in out.safety[0].result("lvd").reason
+    safegen.unprotect(pipe)
+    with pytest.raises(GuardUnavailable, match="another model"):
+        safegen.protect(sd, guards=["lvd"])  # asked for by name: fail, with what to do
+    assert not safegen.is_protected(sd)

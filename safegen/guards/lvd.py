@@ -419,8 +419,10 @@ class LVD(Guard):
         check_every (`int`, defaults to 1): check every k-th step of the window.
         threshold (`float`, *optional*): a fixed probability at which a category counts at a step. Default: the
             policy's fixed ``lvd`` threshold for the category if it sets one, else calibrated at the policy's budget
-            (fpr × sensitivity) from the rule scores of the benign reference prompts stored with the weights
-            (:meth:`calibrate`; the shipped classifier has them), else the one stored at training, else 0.5.
+            (fpr × sensitivity) from the rule scores of the benign reference prompts stored with the weights by
+            :meth:`calibrate` (for calls with the step count it was measured at), else the one stored at training
+            (fixed: the report says ``budget: None``), else 0.5. The shipped classifier keeps its trained
+            threshold: see BENCHMARKS.md ("LVD on the shared scale") for why neither calibration was shipped.
 
     The rule: an item stops once one category's probability reaches its threshold at ``ceil(checks × ratio)``
     checked steps. Its score (the report's ``score``) is that rule's statistic, the ``need``-th highest probability
@@ -541,7 +543,7 @@ class LVD(Guard):
             clf.to(device)
         policy = call.policy
         stoppable = torch.tensor([policy.categories[c].action != "log" for c in clf.categories], device=device)
-        scale = self._scale(clf) if self.threshold is None else None
+        scale = self._scale(clf, call.num_steps) if self.threshold is None else None
         values, budgets = guard_thresholds(policy, self.name, clf.categories, scale=scale, fixed=self.threshold,
                                            default=self._default_threshold(clf))
         thresholds = torch.tensor(values, device=device).clamp(max=1.0)
@@ -721,14 +723,17 @@ class LVD(Guard):
                 res.reason = (f"latents looked unsafe at {int(count[j].max())} of {st.checks} checked steps, fewer "
                               f"than the {st.need} needed to stop")
 
-    def _scale(self, clf: LatentClassifier):
-        """The classifier's risk scale (stored with its weights by :meth:`calibrate`), or ``None``."""
+    def _scale(self, clf: LatentClassifier, num_steps: int | None = None):
+        """The classifier's risk scale (stored with its weights by :meth:`calibrate`) when it was measured for this
+        rule and this call's step count, else ``None`` (the trained threshold applies, fixed)."""
         from ..calibration import RiskScale
 
         data = clf.metadata.get("risk_scale")
         if not data or data.get("window") != self.window or data.get("ratio") != self.ratio \
                 or data.get("check_every") != self.check_every:
             return None  # measured for another rule: its numbers mean nothing for this one
+        if num_steps is not None and data.get("steps") not in (None, num_steps):
+            return None  # x0 predictions of another schedule: the benign scores do not carry over
         return RiskScale.from_dict(data)
 
     def calibrate(self, pipe, *, steps: int = 25, batch_size: int = 16, limit: int | None = None,
@@ -741,8 +746,8 @@ class LVD(Guard):
         ``exclude``: reference indices whose own generation (same seed and steps) is unsafe by the labeller the
         classifier was trained with. Stopping those is no false positive, so they are left out of the benign
         scores. LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
-        embedded default model marks 34 of the 1,000 (the shipped classifier's ``risk_scale`` metadata lists them
-        under ``excluded_unsafe_generations``).
+        embedded default model marks 34 of the 1,000 (the metadata lists them under
+        ``excluded_unsafe_generations``).
 
         Example:
             >>> import torch
