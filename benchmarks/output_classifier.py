@@ -13,12 +13,13 @@ in ``--work``, so a rerun only judges); none of its prompts was used to train or
 The classifier decides exactly as the output guard does (:meth:`OutputClassifier.judge_batch`, bound to the
 pipeline at each budget); the world oracle is only the judge here.
 
-The shipped calibration counts every reference image as benign, but the model draws a hazard mark on a few
-percent of benign captions, so at a 1% budget the thresholds sit among true positives. For comparison (not
-shipped) the table also shows the same network calibrated on the reference images the oracle finds clean (read
-from the training run's image cache, ``--reference-work``, or drawn again).
+The model draws a hazard mark on a few percent of benign captions, so a calibration that counts every reference
+image as benign puts its 1% thresholds among true positives; the shipped one (``--calibrate-on clean``) counts
+only the reference images the oracle finds clean, so the budget is one of false flags on benign *images*. For
+comparison the table also shows the calibration the weights do not use (the reference images are read from the
+training run's image cache, ``--reference-work``, or drawn again).
 
-    python benchmarks/output_classifier.py --n 500
+    python benchmarks/output_classifier.py --n 500 --write
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import machine, publish  # noqa: E402
 
-OUT_FILE = ROOT / "benchmarks" / "output_classifier.md"
+BEGIN, END = "<!-- output-classifier:begin -->", "<!-- output-classifier:end -->"
 
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--weights", default=None, help="classifier file (default: the shipped one)")
     ap.add_argument("--work", default="outputs/bench-output-classifier", help="image cache (resumable)")
-    ap.add_argument("--out", default=str(OUT_FILE.relative_to(ROOT)), help="markdown file to write")
+    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md (between its output-classifier markers)")
     ap.add_argument("--reference-work", default="outputs/train-output-classifier",
                     help="the training run's work folder (its reference images are read back, not drawn again)")
     a = ap.parse_args()
@@ -111,11 +112,13 @@ def main() -> None:
     base = OutputClassifier.load(a.weights)
     clfs = {b: OutputClassifier.load(a.weights, budget=b).bind(pipe) for b in a.budgets}
     oracle = WorldOracle()
-    # the comparison calibration: the reference images the oracle finds clean (not shipped)
+    # the comparison calibration: the one the weights do not use (all reference images, or the clean ones)
     ref = generate_images(pipe, reference_prompts(), seed=0, steps=a.steps, batch_size=a.batch_size,
                           work=a.reference_work, name="reference")
     ref_unsafe = torch.tensor([bool(oracle.judge(p, im)["unsafe"]) for p, im in zip(ref.prompts, ref.images.numpy())])
-    clean = RiskScale(base.scores(ref.images.numpy())[~ref_unsafe], base.categories)
+    shipped_clean = base.metadata.get("reference", {}).get("calibrated_on") == "clean"
+    ref_scores = base.scores(ref.images.numpy())
+    clean = RiskScale(ref_scores if shipped_clean else ref_scores[~ref_unsafe], base.categories)
     clean_clfs = {b: OutputClassifier(base.net, clean, budget=b).bind(pipe) for b in a.budgets}
     rows, cost, drawing = [], {}, 0.0
     for name, prompts in prompt_sets(a.n).items():
@@ -150,9 +153,12 @@ def main() -> None:
              f"parameter CNN on {meta.get('size')} px images, trained {meta.get('train_steps')} steps on "
              f"{meta.get('images')} images the unprotected model drew ({meta.get('sources', {}).get('coprov2')} "
              f"CoProV2 training prompts, {meta.get('sources', {}).get('coco')} COCO captions from row 5000 on, "
-             "reference prompts excluded), labelled by the world oracle; calibrated on the "
-             f"{meta.get('reference', {}).get('prompts')} benign reference prompts' images. At guard time only the "
-             "classifier runs; the world oracle is the judge of this table.", "",
+             "reference prompts excluded), labelled by the world oracle; calibrated on "
+             + (f"the {meta.get('reference', {}).get('calibration_images')} of the benign reference prompts' images "
+                "the oracle finds clean (the labeller at build time, as for the training labels)"
+                if shipped_clean else f"the {meta.get('reference', {}).get('prompts')} benign reference prompts' "
+                                      "images")
+             + ". At guard time only the classifier runs; the world oracle is the judge of this table.", "",
              "Sets: drawn unprotected by the embedded default model, "
              f"{a.steps} steps, item i seeded with i. CoProV2 test: first {a.n} of the deduplicated test prompts "
              f"(seeded shuffle; none in the training file). COCO: {a.n} captions sampled (seed 0) from rows 0-4999 "
@@ -172,10 +178,12 @@ def main() -> None:
             cells += [pct(res[b]["flagged"]), pct(res[b]["recall"]), pct(res[b]["false"])]
         cells += [pct(res[a.budgets[0]]["right"]), "–" if auc is None else f"{auc:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Not shipped, for comparison: the same network calibrated on the {int((~ref_unsafe).sum())} "
-              f"reference images the world oracle finds clean (it finds a hazard mark on {int(ref_unsafe.sum())} "
-              f"of the {len(ref_unsafe)} benign reference images the model draws; the shipped calibration counts "
-              "them as benign, so its 1% thresholds sit among true marks).", "",
+    other = (f"all {len(ref_unsafe)} reference images, counting as benign the {int(ref_unsafe.sum())} on which the "
+             "world oracle finds a hazard mark the model drew (its 1% thresholds then sit among true marks)"
+             if shipped_clean else
+             f"the {int((~ref_unsafe).sum())} reference images the world oracle finds clean (it finds a hazard mark "
+             f"on {int(ref_unsafe.sum())} of the {len(ref_unsafe)} benign reference images the model draws)")
+    lines += ["", f"Not shipped, for comparison: the same network calibrated on {other}.", "",
               "| " + " | ".join(head[:-2]) + " |", "|" + "---|" * (len(head) - 2)]
     for name, n, oracle_rate, _, _, alt in rows:
         cells = [f"{name} ({n})", pct(oracle_rate)]
@@ -194,10 +202,8 @@ def main() -> None:
         for c, v in val["per_category"].items():
             auc = "–" if v["auc"] is None else f"{v['auc']:.4f}"
             lines.append(f"| {c} | {v['positives']} | {auc} | {v['balanced_accuracy']:.3f} |")
-    body = "\n".join(lines) + "\n"
-    print(body)
-    Path(a.out).write_text(body, encoding="utf-8")
-    print(f"wrote {a.out}")
+    lines[0] = "## Output classifier: the embedded model's output check (issue: trust)"
+    publish([BEGIN, *lines, END], BEGIN, END, a.write)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,16 @@ PRESETS: dict[str, tuple[str, object]] = {
     "sld-medium": ("sld", "medium"),
     "sld-strong": ("sld", "strong"),
     "sld-max": ("sld", "max"),
-    # post-hoc output checks with the default model's world oracle (real models: OutputGuard(oracle="nudenet"))
-    "output-check": ("output", {"action": "placeholder"}),
+    # the default policy's output check: the model's trained classifier where it has one (the embedded model's
+    # ships), else NudeNet where installed; never the world oracle, which evaluations judge with
+    "output-check": ("output", {"oracle": "auto", "action": "placeholder"}),
+    # post-hoc output checks with the default model's world oracle (the judge itself: for studying the output
+    # guard's actions, not as protection) and with NudeNet or the classifier explicitly
+    "output-check-world": ("output", {"action": "placeholder"}),
     "output-blur": ("output", {"action": "blur"}),
     "output-regenerate": ("output", {"action": "regenerate"}),
     "output-check-nudenet": ("output", {"oracle": "nudenet", "action": "placeholder"}),
-    # the default model's trained output classifier (never the world oracle, which evaluations judge with)
     "output-check-classifier": ("output", {"oracle": "classifier", "action": "placeholder"}),
-    # the default policy's: the classifier where the model has one, else NudeNet where installed
-    "output-check": ("output", {"oracle": "auto", "action": "placeholder"}),
 }
 
 #: The canonical name of every guard, in stage order.
