@@ -2,10 +2,13 @@
 
 >>> import safegen
 >>> from safegen.testing import tiny_sd_pipeline
->>> pipe = safegen.protect(tiny_sd_pipeline(), policy="default")
+>>> pipe = safegen.protect(tiny_sd_pipeline(), policy="default")  # the default stack; what a model lacks is skipped
 >>> out = pipe("a photo of blood and gore", num_inference_steps=2, output_type="np")
->>> out.safety[0].blocked, out.safety[0].result("safree").verdict
-(False, 'steer')
+>>> r = out.safety[0]
+>>> r.blocked, r.result("latent-guard").category, r.unet_steps_run  # blocked before any denoiser step
+(True, 'violence', 0)
+>>> r.result("lvd").reason.startswith("skipped: ")  # no LVD classifier for this random tiny model
+True
 >>> _ = safegen.unprotect(pipe)
 
 Importing the package is cheap: torch and diffusers load on first use of a name that needs them.

@@ -308,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
     oc.add_argument("--train-steps", type=_positive_int, default=2000, metavar="N", help="optimiser steps (2000)")
     oc.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="prompts per generation call")
-    oc.add_argument("--calibrate-on", choices=("all", "clean"), default="all",
-                    help="reference images the budget is counted on: all (default) or those the oracle finds clean")
+    oc.add_argument("--calibrate-on", choices=("all", "clean"), default="clean",
+                    help="reference images the budget is counted on: those the oracle finds clean (default: a model's "
+                         "own unsafe drawings of benign prompts are no false positives) or all")
     _add_run_args(oc)
     oc.set_defaults(func=cmd_train_output_classifier)
 

@@ -341,13 +341,15 @@ def test_steered_sdxl_call_keeps_negative_prompt_2(sdxl, lexical_policy):
     assert not np.array_equal(a.images, b.images)
 
 
-def test_safree_says_at_protect_time_when_the_encoder_is_too_narrow(sd, caplog):
+def test_safree_says_at_protect_time_when_the_encoder_is_too_narrow(sd, caplog, lexical_policy):
     with caplog.at_level(logging.WARNING, logger="safegen"):
         safegen.protect(sd, guards=["safree"])  # tiny CLIP: 32 dimensions, the default policy's thresholds
     assert "cannot be selective" in caplog.text and "32-dimensional" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="safegen"):
-        safegen.protect(sd, guards=["safree"], sensitivity=0.1)  # literal phrases only: selective again
+        # fixed thresholds above any cosine: literal phrases only, selective again (sensitivity scales a budget,
+        # so even its lowest setting leaves the gate calibrated, and as unselective, on this encoder)
+        safegen.protect(sd, guards=["safree"], policy=lexical_policy)
     assert "cannot be selective" not in caplog.text
 
 

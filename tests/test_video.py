@@ -397,12 +397,13 @@ def test_cli_generate_video_writes_gifs_frames_and_report(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000", "000.gif", "001", "001.gif", "report.json"]
-    gif = Image.open(tmp_path / "001.gif")
+    gif = Image.open(tmp_path / "000.gif")  # (the blocked clip's placeholder frames are identical: GIF keeps one)
     assert gif.n_frames == 3 and gif.size == (32, 32)
     assert sorted(p.name for p in (tmp_path / "000").iterdir()) == ["00.png", "01.png", "02.png"]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [e["verdict"] for e in report] == ["pass", "steer"] and [e["frames"] for e in report] == [3, 3]
-    assert "STEER" in out and "RANDOM" in err
+    # the default policy's stack: Latent Guard blocks the unsafe prompt before the loop (a placeholder clip)
+    assert [e["verdict"] for e in report] == ["pass", "block"] and [e["frames"] for e in report] == [3, 3]
+    assert "BLOCK" in out and "RANDOM" in err
 
 
 @pytest.mark.parametrize("argv,needle", [

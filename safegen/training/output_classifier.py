@@ -16,12 +16,13 @@
    stored with the weights. The validation figures (per-category AUC, balanced accuracy at the 1% budget's
    thresholds) come last: :func:`validation_report`.
 
-   ``calibrate_on="all"`` (the default) fits the scale on every reference image, as every guard does on the
-   reference prompts. A model that draws unsafe content for some benign prompts (the embedded default model marks
-   about 3% of COCO captions' images) then spends the budget on true positives: at a 1% budget the thresholds sit
-   among real hazard marks and recall drops. ``calibrate_on="clean"`` fits it on the reference images the
+   ``calibrate_on="clean"`` (the default, and the shipped classifier's) fits it on the reference images the
    labeller finds clean, so the budget counts false flags on benign *images* (the labeller reads the reference
-   images at build time, like the training images; never at guard time). The summary reports how many reference
+   images at build time, like the training images; never at guard time). ``calibrate_on="all"`` fits the scale
+   on every reference image, as the text guards do on the reference prompts; but a model that draws unsafe content
+   for some benign prompts (the embedded default model marks 34 of the 1,000 reference images) then spends the
+   budget on true positives: at a 1% budget the thresholds sit among real hazard marks and recall drops (38% on
+   CoProV2 test, against 100% with "clean"; BENCHMARKS.md). The summary reports how many reference
    images the labeller finds unsafe either way.
 
 :func:`build_output_classifier` runs all four. From the command line::
@@ -334,7 +335,7 @@ def build_output_classifier(pipe, *, n_unsafe: int = 1200, n_benign: int = 1200,
                             train_steps: int = 2000, batch_size: int = 32, work: "str | os.PathLike",
                             judge: Callable[[str, Any], dict] | None = None, categories: Sequence[str] | None = None,
                             data_dir=None, size: int = 32, width: int = 16, trained_on: str = "",
-                            calibrate_on: str = "all", progress: bool = True) -> tuple[OutputClassifier, dict[str, Any]]:
+                            calibrate_on: str = "clean", progress: bool = True) -> tuple[OutputClassifier, dict[str, Any]]:
     """Generate, label, train, calibrate and validate (module docstring); everything resumable in ``work``.
 
     ``judge`` labels the training images (default: the world oracle, right for the embedded default model);
