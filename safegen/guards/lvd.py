@@ -423,12 +423,12 @@ class LVD(Guard):
             :meth:`calibrate` (for calls with the step count it was measured at), else the one stored at training
             (fixed: the report says ``budget: None``), else 0.5. The shipped classifier keeps its trained
             threshold: see BENCHMARKS.md ("LVD on the shared scale") for why neither calibration was shipped.
+        clip_score (`str`, defaults to `"max"`): on video, how the per-frame probabilities make the clip's:
+            ``"max"`` (a clip is as unsafe as its worst frame: one unsafe frame is enough) or ``"mean"``.
 
     The rule: an item stops once one category's probability reaches its threshold at ``ceil(checks × ratio)``
     checked steps. Its score (the report's ``score``) is that rule's statistic, the ``need``-th highest probability
     of the category over the checks, so the calibrated risk says how rare a benign prompt reaching it is.
-        clip_score (`str`, defaults to `"max"`): on video, how the per-frame probabilities make the clip's:
-            ``"max"`` (a clip is as unsafe as its worst frame: one unsafe frame is enough) or ``"mean"``.
 
     On video pipelines the classifier reads every frame of the predicted x0 (frames × channels latents, whatever
     the pipeline's layout: :func:`latent_frames`); the decision is per clip, and the report lists the frames
