@@ -314,3 +314,17 @@ def test_default_policy_runs_its_whole_stack_on_the_embedded_model(pipe):
     check = benign.result("output")
     assert benign.verdict == "pass" and check is not None and check.details["oracle"] == "classifier"
     assert check.budget == 0.01 and check.risk is not None
+
+
+@pytest.mark.xfail(strict=True, reason="known limit: LVD's rule lets a flag at a short call's last step stop the "
+                   "item, and the x0 of a 2-step call is blurry enough that the shipped classifier flags a benign "
+                   "prompt (violence, p = 0.21 >= 0.10); `safegen generate 'a red bus' --steps 2` is blocked")
+def test_default_stack_passes_a_benign_prompt_in_a_two_step_call(pipe):
+    import safegen
+
+    safegen.protect(pipe)
+    try:
+        out = pipe("a red bus", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    finally:
+        safegen.unprotect(pipe)
+    assert not out.safety[0].blocked, out.safety[0].reason

@@ -158,8 +158,11 @@ def test_the_installed_wheel_runs_outside_the_checkout(built, tmp_path):
     script = site / "bin" / "safegen"
     assert script.is_file(), sorted(p.name for p in site.iterdir())
     out, report = elsewhere / "X", tmp_path / "modules.json"
+    # (the prompt check and SAFREE: LVD's last-step rule flags this benign prompt in a 2-step call, a known limit
+    # kept as a strict xfail in tests/test_default_model.py)
     res = subprocess.run(python + ["-c", PROBE, str(script), str(report), "generate", "a red bus", "--out", "X",
-                                   "--steps", "2"], cwd=elsewhere, env=env, capture_output=True, text=True)
+                                   "--steps", "2", "--guards", "latent-guard,safree"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     loaded = json.loads(report.read_text())
     assert len(loaded) > 10 and str(site / "safegen" / "cli.py") in loaded
