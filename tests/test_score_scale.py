@@ -38,7 +38,7 @@ def _log_policy(fpr: float):
     return policy
 
 
-@pytest.mark.parametrize("budget", [0.02, 0.05])
+@pytest.mark.parametrize("budget", [0.03])
 def test_latent_guard_and_safree_flag_the_budget_on_the_reference(sd, budget):
     """Text guards on all 1,000 reference prompts: at most the budget, and within one level of it."""
     prompts = reference_prompts()
