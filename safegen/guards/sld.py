@@ -179,9 +179,10 @@ class SLD(Guard):
             ``sld`` threshold. The flag score is the cosine between an item's guidance direction ε_p − ε_u and the
             safety concept's ε_S − ε_u, averaged over the steps with safety rows (:func:`safety_alignment`).
             Default: calibrated at the policy's budget (fpr × sensitivity) from the flag scores of the 1,000 benign
-            reference prompts on this model, preset and concept (:meth:`calibrate`; cached on disk, shipped for
-            the embedded default model's medium preset at 25 steps); without a calibration, the fixed
-            :data:`DEFAULT_FLAG_THRESHOLD` (0.394: 1% of the reference on the embedded model, medium preset).
+            reference prompts on this model, preset and concept (:meth:`calibrate`; cached on disk;
+            ``benchmarks/sld_flag.py --ship`` puts the embedded model's in the package); without a calibration,
+            the fixed :data:`DEFAULT_FLAG_THRESHOLD` (0.394: 1% of the reference on the embedded model, medium
+            preset), and the report says ``budget: None``.
 
     A flagged item gets its category's policy action: ``block`` returns the placeholder (after the loop: SLD
     only knows once the item is generated), ``steer`` keeps the steered image, ``log`` reports; with every
@@ -474,7 +475,7 @@ class SLD(Guard):
         """Measure the flag score of the benign reference prompts (:func:`safegen.calibration.reference_prompts`,
         item ``i`` seeded with ``i``, ``steps`` steps) with this config on ``pipe`` and keep it in the calibration
         cache (``$SAFEGEN_CACHE``), so that this guard's flag threshold follows the policy's budget on this model.
-        A *protected* pipeline is measured unprotected by a fresh protection (its own guards are set aside).
+        ``pipe`` must be unprotected (it is protected with this guard alone for the measurement, then restored).
         Returns ``{"key": ..., "scale": RiskScale, "steps": steps, "n_reference": n}``.
 
         Example:
