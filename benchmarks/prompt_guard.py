@@ -293,7 +293,8 @@ def main() -> None:
              f"{machine()}, {time.time() - t0:.0f} s in all).", "",
              f"Weights: `{os.path.relpath(weights, ROOT)}` (trained on {meta.get('train_pairs')} CoProV2 training "
              f"pairs and {meta.get('benign') or 0} benign captions ({meta.get('benign_file', 'none')}, "
-             + ("the split_coco training half" if meta.get('benign_split') else f"first {meta.get('benign_skip', 0)} skipped")
+             + ("the split_coco training half" if meta.get('benign_split')
+                else f"first {meta.get('benign_skip', 0)} skipped")
              + f"), {meta.get('steps')} steps; validation AUC on "
              f"{meta.get('val_pairs')} held-out pairs "
              f"{meta.get('val_auc', float('nan')):.4f}; thresholds calibrated at a 1% budget on the benign reference). "

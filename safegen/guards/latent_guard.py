@@ -670,10 +670,10 @@ def _shipped_pipeline_head(adapter: TextEncoderAdapter) -> tuple["LatentGuardHea
     width = getattr(getattr(adapter.encoder, "config", None), "hidden_size", None)
     if (head is None or head.config.hidden_size != width  # a cheap check first: no hashing of a large encoder
             or head.metadata.get("encoder_fingerprint") != _adapter_fingerprint(adapter)):
-        raise GuardUnavailable("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text encoder "
-                         "(`safegen train-prompt-guard --backbone pipeline --model M --out FILE`, or "
-                         "train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(FILE)); a head ships "
-                         f"only for the embedded default model's encoder ({path.name})")
+        raise GuardUnavailable("LatentGuard(backbone='pipeline') needs weights= trained for the pipeline's text "
+                               "encoder (`safegen train-prompt-guard --backbone pipeline --model M --out FILE`, or "
+                               "train_head(TextEncoderAdapter.for_clip(...), pairs) then head.save(FILE)); a head "
+                               f"ships only for the embedded default model's encoder ({path.name})")
     return head, str(path)
 
 

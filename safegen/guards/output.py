@@ -65,6 +65,11 @@ CLASSIFIER = "classifier"
 AUTO = "auto"
 
 
+def _label(oracle) -> str:
+    """An oracle's name in reports and reasons."""
+    return getattr(oracle, "name", type(oracle).__name__)
+
+
 def _summary(j: dict) -> dict:
     keep = ("unsafe", "category", "score", "risk", "oracle_error", "error")
     return {k: j[k] for k in keep if k in j and j[k] is not None}
@@ -183,7 +188,7 @@ class OutputGuard(Guard):
     def oracle_name(self) -> str:
         if isinstance(self.oracle, str) and self.oracle.lower() == AUTO and self._oracle is None:
             return AUTO  # picked per pipeline (the reports name the one each call used)
-        return getattr(self.judge, "name", type(self.judge).__name__)
+        return _label(self.judge)
 
     def _bound(self, call):
         """The oracle this pipeline judges with (bound to it at attach time when the oracle can be), under the
@@ -275,13 +280,12 @@ class OutputGuard(Guard):
             if j.get("oracle_error"):
                 raise ValueError(f"the output oracle could not read item {i}: {j['oracle_error']}")
             res = call.result(i, self.name)
-            name = getattr(oracle, "name", type(oracle).__name__)
-            res.details = {"oracle": name, "protocol": getattr(oracle, "protocol", ""),
+            res.details = {"oracle": _label(oracle), "protocol": getattr(oracle, "protocol", ""),
                            "action": self.action, "first_check": _summary(j)}
             _fill(res, j)
             if j.get("error"):  # the oracle could not decide on this item (e.g. non-finite scores): fail closed
                 put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
-                res.verdict, res.reason = "error", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}): {j['error']}"
+                res.verdict, res.reason = "error", f"output check ({_label(oracle)}): {j['error']}"
                 continue
             if j.get("unsafe"):
                 res.category = j.get("category")
@@ -301,13 +305,13 @@ class OutputGuard(Guard):
                 res.details["second_check"] = _summary(j2)
                 if not j2.get("unsafe") and not j2.get("oracle_error") and not j2.get("error"):
                     put_item(out, field_name, i, blurred)
-                    res.verdict, res.reason = "block", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; blurred"
+                    res.verdict, res.reason = "block", f"output check ({_label(oracle)}) found {found}; blurred"
                     continue
                 how = "still unsafe after blurring; replaced by the policy's placeholder"
             else:
                 how = "replaced by the policy's placeholder"
             put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
-            res.verdict, res.reason = "block", f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; {how}"
+            res.verdict, res.reason = "block", f"output check ({_label(oracle)}) found {found}; {how}"
 
     def _regenerate(self, call, out, field_name, images, flagged, prompts, output_type) -> None:
         regen = call.protection.state(self).regen
@@ -327,13 +331,13 @@ class OutputGuard(Guard):
             if not j2.get("unsafe") and not j2.get("oracle_error") and not j2.get("error"):
                 put_item(out, field_name, i, new_images[k])
                 res.verdict = "block" if rep2.blocked else "steer"
-                res.reason = (f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; regenerated with "
+                res.reason = (f"output check ({_label(oracle)}) found {found}; regenerated with "
                               f"{'+'.join(names)}: " + ("blocked there, placeholder returned" if rep2.blocked
                                                         else "second check passed"))
             else:
                 put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
                 res.verdict = "block"
-                res.reason = (f"output check ({getattr(oracle, 'name', type(oracle).__name__)}) found {found}; regenerated with {'+'.join(names)}"
+                res.reason = (f"output check ({_label(oracle)}) found {found}; regenerated with {'+'.join(names)}"
                               ": still unsafe, replaced by the policy's placeholder")
 
 

@@ -338,8 +338,8 @@ class Safree(Guard):
             raise ValueError(f"Safree(threshold=...) must be ≥ 0, got {self.threshold}")
         if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"Safree(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
-        if self.fpr_budget is not None and not (isinstance(self.fpr_budget, (int, float))
-                                                and not isinstance(self.fpr_budget, bool) and 0 < self.fpr_budget < 0.5):
+        b = self.fpr_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 0.5):
             raise ValueError(f"Safree(fpr_budget=...) is a share of benign prompts in (0, 0.5), got {self.fpr_budget!r}")
         if self.svf_c is not None and not (isinstance(self.svf_c, (int, float)) and math.isfinite(self.svf_c)):
             raise ValueError(f"Safree(svf_c=...) must be a finite number or None (calibrated), got {self.svf_c!r}")
@@ -692,7 +692,8 @@ class Safree(Guard):
             j = self._reported_category(state, b, among=[k for k, a in enumerate(actions) if a == "block"])
             call.block_prompt(b, self.name, f"category {cats[j]!r} ({self._why(state, b, j)}; action: block)",
                               category=cats[j], concept=lexical[b][j] or nearest[b][j],
-                              score=float(scores[b, j]), threshold=float(thresholds[j]), **self._risk_fields(state, b, j),
+                              score=float(scores[b, j]), threshold=float(thresholds[j]),
+                              **self._risk_fields(state, b, j),
                               steps_saved=call.num_steps)
         state.blocked = block | bad
         steered = steer.any(1)
