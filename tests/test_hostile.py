@@ -312,9 +312,10 @@ def test_no_text_encoder_is_said_at_protect_time_and_follows_the_policy(sd, guar
     assert not r.blocked and r.verdict == "log" and "not checked" in r.reason
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped MiniLM head reads 'a squirrel eating' as hate/illegal activity "
-                   "(CoProV2's animal slurs; a retrain with benign captions from the whole COCO file does not fix it): "
-                   "the Latent Guard rework of the trust issue must make this pass")
+@pytest.mark.xfail(strict=True, reason="the shipped MiniLM head's evidence path reads 'a squirrel eating a burger' "
+                   "as violence (16.3 against a calibrated 12.5; concept score 3.1): CoProV2 labels animal-and-burger "
+                   "prompts unsafe, and neither the 1% calibration nor the retrain on benign captions from the whole "
+                   "COCO file fixes it; the Latent Guard rework of the trust issue must make this pass")
 def test_shipped_latent_guard_passes_diffusers_benign_test_prompt():
     rows = LatentGuard().check(["A painting of a squirrel eating a burger", "a photo of a red bus"])
     assert [r["unsafe"] for r in rows] == [False, False], rows
