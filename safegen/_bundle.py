@@ -29,6 +29,16 @@ def read_safetensors(path: "str | os.PathLike", *, missing: Exception, error: ty
     return tensors, header
 
 
+def read_tagged(path: "str | os.PathLike", fmt: str, *, kind: str, missing: Exception, error: type, hint: str
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`read_safetensors` of a weights file whose ``format`` metadata must be ``fmt``; otherwise ``error``
+    saying the file is not ``kind`` (e.g. "an LVD classifier"), with ``hint``."""
+    tensors, header = read_safetensors(path, missing=missing, error=error, hint=hint)
+    if header.get("format") != fmt:
+        raise error(f"{path}: not {kind} (format {header.get('format')!r}, expected {fmt!r}); {hint}")
+    return tensors, header
+
+
 def save_bundle(path: "str | os.PathLike", tensors: Mapping[str, Any], kind: str, meta: Mapping[str, Any]) -> Path:
     """Write ``tensors`` with ``meta`` (JSON-encoded per key) and a ``format`` tag ``kind``."""
     from safetensors.torch import save_file

@@ -66,30 +66,12 @@ def budget_thresholds(scores, budget: float):
     quantile level (so no category takes the whole budget), the largest level that keeps the rate within it.
 
     ``scores`` (N, K): benign prompts' scores per category. A threshold sits just above the highest benign score
-    it must not fire on, so the budget holds on the reference set exactly (ties fire together). Returns (K,).
+    it must not fire on, so the budget holds on the reference set exactly (ties fire together). Returns (K,):
+    :meth:`RiskScale.thresholds` of a scale fitted on ``scores``.
     """
-    import torch
-
     if not 0 < budget < 1:
         raise ValueError(f"a false-positive budget is a share in (0, 1), got {budget!r}")
-    scores = scores.float()  # thresholds are compared with float32 scores: computed in float32, exactly
-    n = scores.shape[0]
-    if n == 0:
-        raise ValueError("calibration needs at least one reference prompt")
-    ordered = scores.sort(0, descending=True).values  # (N, K): column k's scores, highest first
-    top = torch.cat([ordered, torch.full((1, scores.shape[1]), -torch.inf, dtype=scores.dtype)])
-
-    def thresholds_at(m: int):  # let the m highest of each column fire: just above the (m+1)-th highest
-        return torch.nextafter(top[m], torch.full_like(top[m], torch.inf))
-
-    lo, hi = 0, n  # the largest m per column with fire_rate <= budget (fire_rate grows with m)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fire_rate(scores, thresholds_at(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return thresholds_at(lo).float()
+    return RiskScale(scores, [str(k) for k in range(scores.shape[1])]).thresholds(budget)
 
 
 class RiskScale:
@@ -234,28 +216,29 @@ def digest(*parts: Any) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
-def tensors_digest(tensors: Mapping[str, Any]) -> str:
-    """A hex key of named tensors' bytes (a small module's state dict)."""
+def _hash_tensors(h, tensors: Mapping[str, Any]) -> None:
+    """Feed named tensors (names, shapes, dtypes and bytes, in name order) into the hash ``h``."""
     import torch
 
-    h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(tensors.items()):
-        h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensors_digest(tensors: Mapping[str, Any]) -> str:
+    """A hex key of named tensors' bytes (a small module's state dict)."""
+    h = hashlib.blake2b(digest_size=16)
+    _hash_tensors(h, tensors)
     return h.hexdigest()
 
 
 def encoder_fingerprint(encoder, tokenizer=None, **settings: Any) -> str:
     """A hex key of a text encoder's weights (every parameter and buffer, bytes), its tokenizer's vocabulary
     and the reading ``settings`` (layer, summary...): two encoders share a calibration only when all agree."""
-    import torch
-
     h = hashlib.blake2b(digest_size=16)
     h.update(type(encoder).__name__.encode())
-    for name, t in sorted(encoder.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    _hash_tensors(h, encoder.state_dict())
     if tokenizer is not None:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=True).encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())

@@ -76,6 +76,17 @@ def _add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
 
 
+def _add_labelled_generation_args(p: argparse.ArgumentParser, labelled: str) -> None:
+    """``--data-dir --oracle --policy --steps`` of the commands that train on images the model draws and an oracle
+    labels (``train-lvd``, ``train-output-classifier``); ``labelled`` says what the oracle labels."""
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
+                        "../shared/data)")
+    p.add_argument("--oracle", default="world", help=f"labels {labelled} (default: world)")
+    p.add_argument("--policy", default="default", metavar="NAME_OR_PATH", help="its categories are the labels")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+
+
 OFFLINE_NOTE = "Offline by default (HF_HUB_OFFLINE=1); export HF_HUB_OFFLINE=0 to download hub models."
 
 
@@ -267,12 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompts", type=_positive_int, default=1200, metavar="N",
                    help="trajectories to record: half unsafe CoProV2 prompts, a quarter safe twins, a quarter COCO "
                         "(default 1200)")
-    v.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
-                        "../shared/data)")
-    v.add_argument("--oracle", default="world", help="labels each final image (default: world)")
-    v.add_argument("--policy", default="default", metavar="NAME_OR_PATH", help="its categories are the labels")
-    v.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    _add_labelled_generation_args(v, "each final image")
     v.add_argument("--window", type=_positive_int, default=5, metavar="N", help="decision window in steps (5)")
     v.add_argument("--ratio", type=_positive_float, default=0.6, metavar="X", help="share of window steps (0.6)")
     v.add_argument("--record-steps", type=_positive_int, default=None, metavar="N",
@@ -300,12 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benign COCO captions to draw, from row 5000 on (default 1200)")
     oc.add_argument("--work", default="outputs/train-output-classifier", metavar="DIR",
                     help="resumable cache of images and checkpoints (default: outputs/train-output-classifier)")
-    oc.add_argument("--data-dir", default=None, metavar="DIR",
-                    help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
-                         "../shared/data)")
-    oc.add_argument("--oracle", default="world", help="labels each training image (default: world)")
-    oc.add_argument("--policy", default="default", metavar="NAME_OR_PATH", help="its categories are the labels")
-    oc.add_argument("--steps", type=_positive_int, default=None, metavar="N", help=_STEPS_HELP)
+    _add_labelled_generation_args(oc, "each training image")
     oc.add_argument("--train-steps", type=_positive_int, default=2000, metavar="N", help="optimiser steps (2000)")
     oc.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="prompts per generation call")
     oc.add_argument("--calibrate-on", choices=("all", "clean"), default="clean",

@@ -893,7 +893,8 @@ class LatentGuard(Guard):
 
     def detach(self, protection) -> None:
         protection.drop_state(self)
-        protection.cache.pop(("latent_guard", "bank"), None)
+        for key in [k for k in protection.cache if isinstance(k, tuple) and k[:1] == ("latent_guard",)]:
+            del protection.cache[key]  # the bank, the risk scale and the encoder key
 
     def _adapter(self, call, state: _Attached) -> TextEncoderAdapter:
         if state.adapter is not None:
@@ -1038,8 +1039,11 @@ class LatentGuard(Guard):
         hit = cache.get(("latent_guard", "scale"))
         if hit is not None and hit[0] == (entries, id(head), id(adapter)):
             return hit[1]
-        encoder = (_adapter_fingerprint(adapter) if adapter.name != MINILM_NAME
-                   else (encoder_identity(adapter, MINILM_NAME), adapter.max_length))
+        fp_key = ("latent_guard", "encoder-key", id(adapter))
+        if fp_key not in cache:  # hashing a pipeline's encoder costs seconds: once per protection
+            cache[fp_key] = (_adapter_fingerprint(adapter) if adapter.name != MINILM_NAME
+                             else (encoder_identity(adapter, MINILM_NAME), adapter.max_length))
+        encoder = cache[fp_key]
         key = digest("latent-guard", tensors_digest(head.state_dict()), head.config.to_dict(), encoder,
                      entries, reference_digest())
         data = load_cached("latent-guard", key)

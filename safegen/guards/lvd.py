@@ -311,15 +311,12 @@ class LatentClassifier(nn.Module):
     @classmethod
     def load(cls, path: "str | os.PathLike") -> "LatentClassifier":
         """Load a file written by :meth:`save` (safetensors only; never unpickles)."""
-        from .._bundle import read_safetensors
+        from .._bundle import read_tagged
 
         path = Path(path)
-        state, header = read_safetensors(
-            path, missing=LVDWeightsError(f"{path}: LVD classifier weights not found; {_TRAIN_HINT}"),
-            error=LVDWeightsError, hint=_TRAIN_HINT)
-        if header.get("format") != _FORMAT:
-            raise LVDWeightsError(f"{path}: not an LVD classifier (format {header.get('format')!r}, expected "
-                                  f"{_FORMAT!r}); {_TRAIN_HINT}")
+        state, header = read_tagged(
+            path, _FORMAT, kind="an LVD classifier", error=LVDWeightsError, hint=_TRAIN_HINT,
+            missing=LVDWeightsError(f"{path}: LVD classifier weights not found; {_TRAIN_HINT}"))
         try:
             model = cls(LVDConfig(**json.loads(header["config"])))
             model.load_state_dict(state)

@@ -456,17 +456,14 @@ class OutputClassifier:
     def load(cls, path: "str | os.PathLike | None" = None, *, budget: float | None = None) -> "OutputClassifier":
         """Load a file written by :meth:`save` (default: the one shipped for the embedded default model);
         safetensors only, never unpickles."""
-        from .._bundle import read_safetensors
+        from .._bundle import read_tagged
         from ..calibration import RiskScale
 
         shipped = path is None
         path = default_weights_path() if shipped else Path(path)
-        state, header = read_safetensors(
-            path, missing=OutputClassifierError(f"{path}: output classifier weights not found; {_TRAIN_HINT}"),
-            error=OutputClassifierError, hint=_TRAIN_HINT)
-        if header.get("format") != _FORMAT:
-            raise OutputClassifierError(f"{path}: not an output classifier (format {header.get('format')!r}, "
-                                        f"expected {_FORMAT!r}); {_TRAIN_HINT}")
+        state, header = read_tagged(
+            path, _FORMAT, kind="an output classifier", error=OutputClassifierError, hint=_TRAIN_HINT,
+            missing=OutputClassifierError(f"{path}: output classifier weights not found; {_TRAIN_HINT}"))
         try:
             net = OutputClassifierNet(OutputClassifierConfig(**json.loads(header["config"])))
             net.load_state_dict(state)

@@ -462,13 +462,13 @@ class SLD(Guard):
         serves every category), or ``None`` when it was never calibrated (:meth:`calibrate`)."""
         from ..calibration import RiskScale, load_cached
 
-        key = ("sld-scale", concept, id(call.pipe))
+        key = ("sld-scale", concept, tuple(categories))
         cache = call.protection.cache
-        if key not in cache:
+        if key not in cache:  # read and fitted once per concept and category list, not per call
             data = load_cached("sld", self._calibration_key(call.pipe, concept))
-            cache[key] = None if data is None else RiskScale.from_dict(data["scale"]).reference[:, :1]
-        ref = cache[key]
-        return None if ref is None else RiskScale(ref.expand(-1, len(categories)), categories)
+            ref = None if data is None else RiskScale.from_dict(data["scale"]).reference[:, :1]
+            cache[key] = None if ref is None else RiskScale(ref.expand(-1, len(categories)), categories)
+        return cache[key]
 
     def calibrate(self, pipe, policy: Any = "default", *, steps: int = 25, batch_size: int = 16,
                   limit: int | None = None, progress: bool = True) -> dict:

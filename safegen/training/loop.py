@@ -48,7 +48,8 @@ import torch
 
 from ..errors import TrainingDivergedError
 
-__all__ = ["step_seed", "progress_bar", "Checkpoints", "TrainingLoop"]
+__all__ = ["step_seed", "progress_bar", "Checkpoints", "TrainingLoop", "seeded_split", "seeded_init",
+           "positive_weight"]
 
 
 def step_seed(seed: int, stream: str, step: int) -> int:
@@ -70,6 +71,30 @@ def progress_bar(iterable=None, **kw):
 
     kw.setdefault("mininterval", 0.5 if sys.stderr.isatty() else 30.0)
     return tqdm(iterable, **kw)
+
+
+def seeded_split(n: int, val_share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` indices of ``n`` examples: a seeded permutation, the first ``round(val_share · n)`` held
+    out (at least one when there are two or more examples and a share is asked for)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(val_share * n))) if n > 1 and val_share > 0 else 0
+    return order[n_val:], order[:n_val]
+
+
+def seeded_init(make, seed: int):
+    """``make()`` (a module) initialised from ``seed``, leaving the caller's global RNG as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return make()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def positive_weight(labels: torch.Tensor, cap: float = 20.0) -> torch.Tensor:
+    """Per-label ``pos_weight`` for a multi-label BCE: negatives / positives among ``labels`` (N, K), capped."""
+    pos = labels.float().mean(0).clamp(1e-3, 1 - 1e-3)
+    return ((1 - pos) / pos).clamp(max=cap)
 
 
 def _named_tensors(model: "torch.nn.Module | Mapping[str, torch.Tensor]") -> Mapping[str, torch.Tensor]:

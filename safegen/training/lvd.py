@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guards.lvd import LatentClassifier, LVDConfig, _X0Tap, unet_fingerprint
-from .loop import TrainingLoop, progress_bar
+from .loop import TrainingLoop, positive_weight, progress_bar, seeded_init, seeded_split
 
 __all__ = ["Trajectories", "record_trajectories", "balanced_accuracy", "train_classifier"]
 
@@ -157,22 +157,13 @@ def train_classifier(data: Trajectories, *, window: int = 5, ratio: float = 0.6,
     """
     if window > data.x0.shape[1]:
         raise ValueError(f"window={window} but only {data.x0.shape[1]} steps were recorded; record more steps")
-    gen = torch.Generator().manual_seed(seed)
     n = data.x0.shape[0]
-    order = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(val_share * n))) if n > 1 and val_share > 0 else 0
-    val, train = order[:n_val], order[n_val:]
+    train, val = seeded_split(n, val_share, seed)
     S = window
     cfg = LVDConfig(latent_channels=int(data.x0.shape[2]), categories=list(data.categories), width=width,
                     model=dict(data.model))
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        clf = LatentClassifier(cfg)
-    finally:
-        torch.random.set_rng_state(state)
-    pos = data.labels[train].mean(0).clamp(1e-3, 1 - 1e-3)
-    pos_weight = ((1 - pos) / pos).clamp(max=20.0)
+    clf = seeded_init(lambda: LatentClassifier(cfg), seed)
+    pos_weight = positive_weight(data.labels[train])
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
     t0 = time.time()
     # cosine from lr to 0 over the run, no warm-up; each step's batch is seeded from (seed, step)

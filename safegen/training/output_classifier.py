@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ..guards.output_classifier import (DEFAULT_BUDGET, OutputClassifier, OutputClassifierConfig,
                                         OutputClassifierNet, images_to_tensor)
-from .loop import Checkpoints, TrainingLoop, progress_bar
+from .loop import Checkpoints, TrainingLoop, positive_weight, progress_bar, seeded_init, seeded_split
 
 __all__ = ["BENIGN_START", "ImageSet", "training_prompts", "generate_images", "oracle_labels", "train_network",
            "validation_report", "build_output_classifier"]
@@ -239,23 +239,14 @@ def train_network(images: torch.Tensor, labels: torch.Tensor, categories: Sequen
     if labels.shape != (images.shape[0], len(categories)):
         raise ValueError(f"labels must be (N={images.shape[0]}, K={len(categories)}), got {tuple(labels.shape)}")
     n = images.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen)
-    n_val = max(1, int(round(val_share * n))) if n > 1 and val_share > 0 else 0
-    val, train = order[:n_val], order[n_val:]
+    train, val = seeded_split(n, val_share, seed)
     if len(train) == 0:
         raise ValueError("no training images left after the validation share")
     x, _ = images_to_tensor(images, size)  # (N, 3, size, size) in [0, 1], computed once
     y = labels.float()
     cfg = OutputClassifierConfig(categories=categories, size=size, width=width, model=dict(model or {}))
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        net = OutputClassifierNet(cfg)
-    finally:
-        torch.random.set_rng_state(state)
-    pos = y[train].mean(0).clamp(1e-3, 1 - 1e-3)
-    pos_weight = ((1 - pos) / pos).clamp(max=20.0)
+    net = seeded_init(lambda: OutputClassifierNet(cfg), seed)
+    pos_weight = positive_weight(y[train])
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     digest = _data_digest(images if images.dtype == torch.uint8 else images.float(), y)
     meta = {"data": digest, "config": {"size": size, "width": width, "categories": categories},
