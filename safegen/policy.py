@@ -174,9 +174,10 @@ class Policy:
     skip_unavailable: bool = False
 
     # ------------------------------------------------------------------ queries
-    def budget(self) -> float:
-        """The benign false-positive budget every guard works at: ``min(fpr × sensitivity, 0.5)``."""
-        return min(float(self.fpr) * float(self.sensitivity), MAX_BUDGET)
+    def budget(self, fpr: float | None = None) -> float:
+        """The benign false-positive budget every guard works at: ``min(fpr × sensitivity, 0.5)``; ``fpr`` replaces
+        the policy's for a guard given its own (SAFREE's ``fpr_budget``)."""
+        return min(float(self.fpr if fpr is None else fpr) * float(self.sensitivity), MAX_BUDGET)
 
     def fixed_threshold(self, category: str, guard: str) -> float | None:
         """The fixed raw threshold the policy sets for ``guard`` in ``category``, or ``None`` (calibrated)."""

@@ -475,11 +475,7 @@ class Safree(Guard):
     def _budget(self, policy) -> float:
         """The gate's benign false-positive budget: the policy's (fpr × sensitivity), or ``fpr_budget`` ×
         sensitivity when the guard sets its own."""
-        if self.fpr_budget is None:
-            return policy.budget()
-        from ..policy import MAX_BUDGET
-
-        return min(float(self.fpr_budget) * float(policy.sensitivity), MAX_BUDGET)
+        return policy.budget(self.fpr_budget)
 
     def _thresholds(self, policy, calibration: dict | None) -> tuple[list[float], list]:
         """Each category's gate threshold and the budget it stands for (``None``: fixed): the policy's fixed
