@@ -94,15 +94,18 @@ def summary_rows(scores: dict[str, torch.Tensor], decide) -> dict:
 
 
 # ---------------------------------------------------------------------- checkers
-def latent_guard_scores(head, adapter, feats: dict, policy, chunk: int = 512) -> dict[str, dict[str, torch.Tensor]]:
+def latent_guard_scores(head, adapter, feats: dict, policy, texts: dict, chunk: int = 512
+                        ) -> dict[str, dict[str, torch.Tensor]]:
     """Per set, the guard's decision score (largest margin over categories of max(best concept score, evidence)
-    minus the calibrated threshold), the two paths' own margins and the reported category's index:
+    minus the calibrated threshold), the two paths' own margins and the reported category's index (the guard's own
+    rule, :func:`safegen.guards.latent_guard._decide`, with the literal phrases of ``texts``):
     ``{"guard": ..., "concepts": ..., "evidence": ..., "category": ...}``."""
-    from safegen.guards.latent_guard import LatentGuard, per_category
+    from safegen.guards.latent_guard import LatentGuard, _decide, literal_hits, per_category
 
     guard = LatentGuard()
     cache: dict = {}
-    bank, cat_of, cats, _ = guard._bank(cache, policy, head, adapter)
+    bank, cat_of, cats, entries = guard._bank(cache, policy, head, adapter)
+    phrases = [p for _, p in entries]
     thr = guard._thresholds(cache, policy, head, adapter)[0].to(head.device)
     out: dict[str, dict[str, torch.Tensor]] = {"guard": {}, "concepts": {}, "evidence": {}, "category": {}}
     with torch.no_grad():
@@ -118,9 +121,9 @@ def latent_guard_scores(head, adapter, feats: dict, policy, chunk: int = 512) ->
                 vals["evidence"].append((ev - thr).amax(1))
                 both = torch.maximum(by_concept, ev)
                 vals["guard"].append((both - thr).amax(1))
-                # the reported category: the fired one scored highest (as LatentGuard reports it)
-                vals["category"].append(torch.where(both >= thr, both, torch.full_like(both, float("-inf")))
-                                        .argmax(1))
+                # the reported category, as LatentGuard reports it
+                lit = literal_hits(texts[name][s:s + chunk], phrases, cache)
+                vals["category"].append(torch.tensor(_decide(scores, cat_of, thr, ev, lit).category))
             for k in out:
                 out[k][name] = torch.cat(vals[k])
     return out
@@ -247,7 +250,7 @@ def main() -> None:
     cats = [c for _, c in coprov2][:len(sets["coprov2"])]
     feats = {k: text_features(adapter, v, batch_size=256, progress=True) for k, v in sets.items()}
 
-    lg = latent_guard_scores(head, adapter, feats, policy)
+    lg = latent_guard_scores(head, adapter, feats, policy, sets)
     kw = keyword_scores(sets, policy)
     pairs = load_coprov2_pairs()
     train_texts = list(dict.fromkeys(t for u, s, _ in pairs for t in (u, s)))

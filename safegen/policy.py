@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from ._paths import assets_dir
 from .guard_names import GUARD_NAMES, PRESET_GUARDS, canonical_guard, guard_of_preset
@@ -227,6 +227,30 @@ class Policy:
         cat = self._category(category)
         if concept not in cat.concepts:
             cat.concepts.append(concept)
+
+    def add_category(self, category: str, concepts: "Sequence[str]", action: str = "block") -> Category:
+        """Add a harm category of your own (a brand, a topic your app excludes) with its concept phrases and action.
+        Guards calibrate it like the built-in ones on their next call: a text guard (Latent Guard, SAFREE) flags it
+        at the policy's benign budget. Raises :class:`PolicyError` if the category exists or a concept is empty.
+
+        Example:
+            >>> import safegen
+            >>> policy = safegen.load_policy("default")
+            >>> cat = policy.add_category("brand", ["pepsi logo", "nike swoosh"])
+            >>> cat.action, policy.concepts("brand")
+            ('block', ['pepsi logo', 'nike swoosh'])
+        """
+        key = normalize_category(category)
+        where = f"categories.{key}"
+        if not key:
+            raise PolicyError(f"{self.source}: a category needs a non-empty name")
+        if key in self.categories:
+            raise PolicyError(f"policy {self.name!r} already has category {key!r}; use add_concept to extend it")
+        if isinstance(concepts, str) or not concepts:
+            raise PolicyError(f"{self.source}: field '{where}.concepts' must be a non-empty list of strings")
+        phrases = list(dict.fromkeys(_check_concept(c, self.source, f"{where}.concepts") for c in concepts))
+        self.categories[key] = Category(key, phrases, action)
+        return self.categories[key]
 
     def remove_concept(self, category: str, concept: str) -> None:
         """Remove a concept phrase; raises ``KeyError`` naming the category if it is not there."""

@@ -701,6 +701,39 @@ def test_decide_takes_the_higher_path_and_still_names_the_best_concept():
     assert plain.fired == [True, False] and plain.by_evidence == [False, False]
 
 
+def test_a_literal_policy_phrase_in_a_fired_category_is_the_concept_named():
+    # concepts: 0 "gore", 1 "blood" (violence); 2 "robbery", 3 "theft" (illegal-activity)
+    scores = torch.tensor([[6.0, 4.5, 5.5, 7.0], [6.0, 4.5, 5.5, 7.0], [6.0, 4.5, 1.0, 1.0]])
+    cat_of = torch.tensor([0, 0, 1, 1])
+    thresholds = torch.tensor([4.0, 4.0])
+    texts = ["a robbery at night, gore", "a bloodhound sniffing", "Blood  on a knife"]
+    literal = lg.literal_hits(texts, ["gore", "blood", "robbery", "theft"])
+    assert literal.tolist() == [[True, False, True, False], [False] * 4, [False, True, False, False]]
+    d = lg._decide(scores, cat_of, thresholds, None, literal)
+    # text 0: both categories fired and "theft" scores highest, but "robbery" and "gore" are written in the
+    # prompt: the higher of those two is named, with its own category
+    assert (d.category[0], d.concept[0]) == (0, 0)
+    assert (d.category[1], d.concept[1]) == (1, 3)  # nothing literal ("bloodhound" is not "blood"): the head's pick
+    assert (d.category[2], d.concept[2]) == (0, 1) and d.score[2] == 6.0  # "blood" named, the category's score kept
+    # a literal phrase of a category that did not fire is not named (it would explain a verdict it did not cause)
+    quiet = lg._decide(scores, cat_of, torch.tensor([9.0, 4.0]), None, literal)
+    assert (quiet.category[0], quiet.concept[0]) == (1, 2)
+
+
+def test_add_category_adds_a_calibrated_category_with_its_own_action():
+    policy = safegen.load_policy("default")
+    cat = policy.add_category("Brand", ["pepsi logo", " nike swoosh ", "pepsi logo"])
+    assert cat.name == "brand" and cat.action == "block" and policy.concepts("brand") == ["pepsi logo", "nike swoosh"]
+    assert policy.add_category("topics", ["casino chips"], action="log").action == "log"
+    with pytest.raises(safegen.PolicyError, match="already has category 'brand'"):
+        policy.add_category("brand", ["coca cola"])
+    with pytest.raises(safegen.PolicyError, match="non-empty list"):
+        policy.add_category("empty", [])
+    with pytest.raises(safegen.PolicyError, match="action must be one of"):
+        policy.add_category("odd", ["x"], action="explode")
+    assert "odd" not in policy.categories and "empty" not in policy.categories
+
+
 def saturated_evidence_guard(pipe, category="violence"):
     """A mean-match concept path that only fires on exact concept text, plus an evidence path that says
     'unsafe, category <category>' for every prompt."""

@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -706,12 +707,36 @@ def per_category(scores: torch.Tensor, cat_of: torch.Tensor, n_categories: int) 
         1, cat_of.to(scores.device).expand(B, -1), scores, reduce="amax")
 
 
+def literal_hits(texts: Sequence[str], phrases: Sequence[str], cache: dict | None = None) -> torch.Tensor:
+    """(T, C) bool: phrase c occurs in text t literally (whole words, any case, any run of spaces or hyphens between
+    its words). The patterns are compiled once per phrase list (kept in ``cache`` if given).
+
+    Example:
+        >>> literal_hits(["Robbery at a bank", "a bloodhound"], ["robbery", "blood"]).tolist()
+        [[True, False], [False, False]]
+    """
+    key = ("latent_guard", "literal", tuple(phrases))
+    pattern = None if cache is None else cache.get(key)
+    if pattern is None:
+        words = [re.findall(r"\w+", p.lower()) for p in phrases]
+        pattern = [re.compile(r"(?<!\w)" + r"[\s\-]+".join(map(re.escape, w)) + r"(?!\w)") if w else None
+                   for w in words]
+        if cache is not None:
+            cache[key] = pattern
+    lowered = [t.lower() for t in texts]
+    return torch.tensor([[bool(p is not None and p.search(t)) for p in pattern] for t in lowered],
+                        dtype=torch.bool).view(len(texts), len(phrases))
+
+
 def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor,
-            evidence: torch.Tensor | None = None) -> _Decision:
+            evidence: torch.Tensor | None = None, literal: torch.Tensor | None = None) -> _Decision:
     """Batched decision on concept scores (B, C) and, if given, evidence scores (B, K): a category's score is its
     best concept score or its evidence, whichever is higher, and it fires when that reaches its threshold; the
     reported category is the fired one with the highest score, else the closest one, and the reported concept
-    is that category's best. One host copy per batch."""
+    is that category's best. ``literal`` (B, C) marks the concepts written in the prompt itself
+    (:func:`literal_hits`): when one of them belongs to a category that fired, it is the one reported (the
+    highest-scoring such concept, and its category), since the prompt's own words are the truest explanation.
+    One host copy per batch."""
     neg = torch.tensor(float("-inf"), device=scores.device)
     by_concept = per_category(scores, cat_of, thresholds.numel())
     per_cat = by_concept if evidence is None else torch.maximum(by_concept, evidence.to(scores.device))
@@ -723,6 +748,12 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
     # margin would favour categories whose benign scores run low), else the closest one
     cat = torch.where(any_fired, torch.where(fired, per_cat, neg).argmax(1), per_cat.argmax(1))
     concept = torch.where(cat_of.unsqueeze(0) == cat.unsqueeze(1), scores, neg).argmax(1)
+    if literal is not None:  # a blacklisted phrase written in the prompt, in a category that fired, is named
+        named = literal.to(scores.device) & fired.gather(1, cat_of.to(scores.device).expand(scores.shape[0], -1))
+        has = named.any(1)
+        pick = torch.where(named, scores, neg).argmax(1)
+        concept = torch.where(has, pick, concept)
+        cat = torch.where(has, cat_of.to(scores.device)[pick], cat)
     best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
     own = by_concept.gather(1, cat.unsqueeze(1)).squeeze(1)
     packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float(), own,
@@ -942,7 +973,8 @@ class LatentGuard(Guard):
         names = [name for item in per_prompt for name, _ in (item if self.check_prompt_2 else item[:1])]
         scores, evidence, windows = self._score(head, adapter, bank, texts, cats)  # (T, C), (T, K), (T,)
         thresholds, budgets, scale = self._thresholds(call.protection.cache, policy, head, adapter)
-        d = _decide(scores, cat_of, thresholds.to(scores.device), evidence)
+        literal = literal_hits(texts, [p for _, p in entries], call.protection.cache)
+        d = _decide(scores, cat_of, thresholds.to(scores.device), evidence, literal)
         risks = _risks(scale, d)
         best = torch.tensor(d.score)  # the reported (deciding) score of each text; one text per prompt decides
         tau = round(head.tau.item(), 4)
@@ -1127,7 +1159,7 @@ class LatentGuard(Guard):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 scores, ev, windows = self._score(head, adapter, bank, chunk, cats)
-                d = _decide(scores, cat_of, thresholds, ev)
+                d = _decide(scores, cat_of, thresholds, ev, literal_hits(chunk, [p for _, p in entries], cache))
                 risks = _risks(scale, d)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]
