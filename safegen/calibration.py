@@ -62,12 +62,14 @@ def fire_rate(scores, thresholds) -> float:
 
 
 def budget_thresholds(scores, budget: float):
-    """Per-column thresholds at which at most ``budget`` of the rows fire in any column, each column at the same
-    quantile level (so no category takes the whole budget), the largest level that keeps the rate within it.
+    """Per-column thresholds at which a new benign prompt fires in some column at an expected rate of at most
+    ``budget``, each column at the same quantile level (so no category takes the whole budget), the largest level
+    that keeps the rate within it (see :class:`RiskScale`: the expected rate at level m is the reference rate at
+    level m + 1, so fewer than ``budget`` of the rows themselves fire).
 
     ``scores`` (N, K): benign prompts' scores per category. A threshold sits just above the highest benign score
-    it must not fire on, so the budget holds on the reference set exactly (ties fire together). Returns (K,):
-    :meth:`RiskScale.thresholds` of a scale fitted on ``scores``.
+    it must not fire on (ties fire together). Returns (K,): :meth:`RiskScale.thresholds` of a scale fitted on
+    ``scores``.
     """
     if not 0 < budget < 1:
         raise ValueError(f"a false-positive budget is a share in (0, 1), got {budget!r}")
@@ -77,24 +79,28 @@ def budget_thresholds(scores, budget: float):
 class RiskScale:
     """The shared score scale: a guard's raw per-category scores as calibrated risk in [0, 1].
 
-    Fitted on the scores of the benign reference prompts (N, K). The *benign rate* of a raw score ``s`` in
-    category ``k`` is the share of reference prompts a guard would flag if it let every category fire down to the
-    same level as ``s`` (``s`` sits at level ``m`` = how many reference scores of column ``k`` reach it; at level
-    ``m`` each column lets its ``m`` highest reference scores fire, as :func:`budget_thresholds` does). The
-    **risk** is ``1 - benign rate``. A guard at a benign false-positive budget ``b`` flags exactly when
-    ``risk >= 1 - b``, the same as comparing the raw score with :meth:`thresholds` ``(b)``: at most ``b`` of the
-    reference prompts fire, whatever the raw scale (cosines, logits, probabilities). So one budget means the same
-    for every guard. A score above every reference score has risk 1.0; a non-finite score has risk NaN (guards
-    treat it as an error).
+    Fitted on the scores of the benign reference prompts (N, K). A raw score ``s`` of category ``k`` sits at
+    *level* ``m`` = how many reference scores of column ``k`` reach it; at level ``m`` every column lets its ``m``
+    highest reference scores fire, and ``g(m)`` is the share of reference prompts that then fire in some column.
+    The **benign rate** of ``s`` is the rate a *new* benign prompt is expected to be flagged at that level,
+    ``g(m + 1)``: a new prompt exchangeable with the reference ones passes a column's m-th highest score with
+    probability (m + 1) / (N + 1), not m / N, which matters where a budget leaves each category a handful of
+    reference prompts (at 1% over seven categories, one or two each: the in-sample share underestimates the
+    benign rate on new prompts by about half; measured in BENCHMARKS.md). The **risk** is ``1 - benign rate``.
+    A guard at a benign false-positive budget ``b`` flags exactly when ``risk >= 1 - b``, the same as comparing
+    the raw score with :meth:`thresholds` ``(b)``, whatever the raw scale (cosines, logits, probabilities), so
+    one budget means the same for every guard: the expected share of new benign prompts flagged. A score above
+    every reference score (level 0) has risk 1.0, so a budget below what the reference can resolve still flags
+    those; a non-finite score has risk NaN (guards treat it as an error).
 
     Example:
         >>> import torch
         >>> from safegen.calibration import RiskScale
         >>> scale = RiskScale(torch.arange(100.0).view(100, 1), ["violence"])  # benign scores 0..99
-        >>> scale.risk(torch.tensor([[99.0], [95.0], [200.0]])).flatten().tolist()
-        [0.99, 0.95, 1.0]
-        >>> t = float(scale.thresholds(0.05)[0])  # flag when risk >= 0.95: the 5 highest reference scores fire
-        >>> 94.0 < t <= 95.0
+        >>> [round(r, 4) for r in scale.risk(torch.tensor([[99.0], [95.0], [200.0]])).flatten().tolist()]
+        [0.98, 0.94, 1.0]
+        >>> t = float(scale.thresholds(0.05)[0])  # flag when risk >= 0.95: the 4 highest reference scores fire
+        >>> 95.0 < t <= 96.0
         True
     """
 
@@ -111,7 +117,10 @@ class RiskScale:
             raise ValueError("the reference scores are not all finite numbers: the calibration cannot be trusted")
         self._asc = self.reference.t().sort(1).values.contiguous()  # (K, N): each column ascending
         level = self._levels(self.reference).amin(1)  # (N,): the lowest level at which each reference row fires
-        self._rate = torch.bincount(level, minlength=n + 1).cumsum(0).double() / n  # (N + 1,): benign rate g(m)
+        in_sample = torch.bincount(level, minlength=n + 1).cumsum(0).double() / n  # (N + 1,): g(m), m = 0..N
+        # the expected rate of a new prompt at level m >= 1: g(m + 1) (level N lets every reference prompt fire: 1);
+        # level 0, above every reference score, stays 0: no benign reference prompt scores that high
+        self._rate = torch.cat([torch.zeros(1, dtype=torch.float64), in_sample[2:], torch.ones(1, dtype=torch.float64)])
 
     def __len__(self) -> int:
         return self.reference.shape[0]
@@ -139,13 +148,15 @@ class RiskScale:
         return 1.0 - self.benign_rate(scores)
 
     def thresholds(self, budget: float):
-        """(K,) raw thresholds at which at most ``budget`` of the reference prompts fire (``risk >= 1 - budget``);
-        equal to :func:`budget_thresholds` on the reference scores."""
+        """(K,) raw thresholds at which a new benign prompt is expected to fire with rate at most ``budget``
+        (``risk >= 1 - budget``; fewer than ``budget`` of the reference prompts themselves fire); equal to
+        :func:`budget_thresholds` on the reference scores. A budget below what the reference can resolve still lets
+        each column's scores above every reference score fire (level 0, rate 0)."""
         import torch
 
         if not 0 < budget < 1:
             raise ValueError(f"a false-positive budget is a share in (0, 1), got {budget!r}")
-        m = int((self._rate <= budget).nonzero().max())  # the largest level within the budget (g(0) = 0)
+        m = int((self._rate <= budget).nonzero().max())  # the largest level within the budget (rate(0) = 0)
         top = torch.cat([self._asc.flip(1), torch.full((self._asc.shape[0], 1), -torch.inf)], 1)  # highest first
         return torch.nextafter(top[:, m], torch.full_like(top[:, m], torch.inf))
 

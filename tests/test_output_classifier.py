@@ -87,7 +87,7 @@ def test_calibrated_thresholds_keep_the_reference_within_the_budget():
     ref = random_images(400, seed=3)
     scale = RiskScale(net.scores(ref), net.categories)
     flagged = {}
-    for budget in (0.01, 0.05):
+    for budget in (0.01, 0.02, 0.05):
         clf = OutputClassifier(net, scale, budget=budget)
         js = clf.judge_batch([""] * len(ref), list(ref))
         flagged[budget] = sum(j["unsafe"] for j in js)
@@ -96,7 +96,9 @@ def test_calibrated_thresholds_keep_the_reference_within_the_budget():
         assert all(j["risk"] >= 1 - budget and j["score"] >= j["threshold"] - 1e-4 and j["budget"] == budget
                    for j in hit)
         assert all(j["category"] is None for j in js if not j["unsafe"])
-    assert 0 < flagged[0.01] < flagged[0.05]  # the budget moves the threshold: more budget, more flags
+    # the budget moves the threshold: more budget, more flags (400 images cannot resolve 1% over four
+    # categories: a new image's expected rate one level down is already over it, so only level 0 fires)
+    assert flagged[0.01] <= flagged[0.02] < flagged[0.05] and flagged[0.02] > 0
     with pytest.raises(ValueError, match="budget"):
         OutputClassifier(net, scale, budget=1.5)
 

@@ -30,12 +30,18 @@ def test_budget_thresholds_hold_the_budget_and_are_the_loosest_that_do():
     g = torch.Generator().manual_seed(1)
     scores = torch.rand(997, 5, generator=g)
     scores[:40, 2] = 0.5  # ties fire together
+    desc = scores.sort(0, descending=True).values
+
+    def at_level(m):  # every column lets its m highest scores fire (ties together): just above the (m+1)-th
+        return torch.nextafter(desc[m], torch.full_like(desc[m], torch.inf))
+
     for budget in (0.01, 0.05, 0.2):
         th = budget_thresholds(scores, budget)
-        assert fire_rate(scores, th) <= budget
-        # one more benign prompt per category (the next lower score of each) would break the budget
-        lower = torch.stack([scores[:, k][scores[:, k] < th[k]].max() for k in range(5)])
-        assert fire_rate(scores, lower) > budget
+        # the budget is the expected rate of a new prompt: the reference rate one level further; the loosest
+        # level that keeps it, found here by brute force over every level
+        m = max(lvl for lvl in range(len(scores) - 1) if lvl == 0 or fire_rate(scores, at_level(lvl + 1)) <= budget)
+        assert torch.equal(th, at_level(m))
+        assert fire_rate(scores, th) <= budget and fire_rate(scores, at_level(m + 2)) > budget
     with pytest.raises(ValueError, match="budget"):
         budget_thresholds(scores, 0.0)
 
@@ -61,7 +67,7 @@ def test_calibrated_thresholds_reproduce_the_budget_on_the_reference(sd):
     scores = _gate_scores_by_hand(sd, policy, guard)
     rate = fire_rate(scores, torch.tensor([cal["thresholds"][c] for c in policy.categories]))
     assert rate == pytest.approx(cal["reference_fire_rate"]) and rate <= 0.05
-    assert rate > 0.05 - len(policy.categories) / 1000  # the loosest level within the budget, not far under
+    assert rate > 0.05 - 2 * len(policy.categories) / 1000  # the loosest level within the budget, not far under
     # SVF's c: 10 x the midpoint between the two classes' mean beta (the authors' rule), when they separate
     if cal["svf_c"] is not None:
         assert cal["beta_unsafe"] > cal["beta_benign"]

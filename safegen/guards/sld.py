@@ -482,8 +482,9 @@ class SLD(Guard):
             >>> import safegen
             >>> from safegen.testing import tiny_sd_pipeline
             >>> cal = safegen.SLD.max().calibrate(tiny_sd_pipeline(), steps=2, limit=8, progress=False)
-            >>> cal["n_reference"], round(cal["scale"].risk(cal["scale"].reference[:1]).max().item(), 3) > 0
-            (8, True)
+            >>> above = cal["scale"].reference.amax(0, keepdim=True) + 1  # above every benign reference score
+            >>> cal["n_reference"], cal["scale"].risk(above).min().item()
+            (8, 1.0)
         """
         import torch
         from tqdm.auto import tqdm
