@@ -17,7 +17,8 @@ Checkers:
 * **Latent Guard**: the shipped head (``assets/latent_guard/minilm.safetensors``) against the policy's concepts;
   the score is the largest margin over categories of (the higher of the category's best concept score and its
   token evidence) minus the category's threshold, calibrated on the benign reference prompts at the policy's
-  budget (1%), so "score ≥ 0" is the guard's decision. The two paths are also reported alone (the concept path is
+  budget (1%), raised to 0 when a policy phrase is written in the prompt (a written phrase fires its category), so
+  "score ≥ 0" is the guard's decision. The two paths are also reported alone (the concept path is
   the paper's head); the category agreement is the share of flagged CoProV2 prompts whose reported category (the
   fired one the head scores highest, as the guard reports it) is the data's label;
 * **keyword**: the policy's concept phrases as whole-word matches; the score is the number of phrases found;
@@ -120,9 +121,12 @@ def latent_guard_scores(head, adapter, feats: dict, policy, texts: dict, chunk: 
                     ev = torch.full_like(by_concept, float("-inf"))
                 vals["evidence"].append((ev - thr).amax(1))
                 both = torch.maximum(by_concept, ev)
-                vals["guard"].append((both - thr).amax(1))
-                # the reported category, as LatentGuard reports it
                 lit = literal_hits(texts[name][s:s + chunk], phrases, cache)
+                # the guard's rule: a category fires at its threshold, or when one of its phrases is written in the
+                # prompt (a literal hit counts as margin 0 at least: flagged, and ranked by its score above that)
+                margin = (both - thr).amax(1)
+                vals["guard"].append(torch.where(lit.any(1), margin.clamp(min=0.0), margin))
+                # the reported category, as LatentGuard reports it
                 vals["category"].append(torch.tensor(_decide(scores, cat_of, thr, ev, lit).category))
             for k in out:
                 out[k][name] = torch.cat(vals[k])

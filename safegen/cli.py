@@ -237,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--benign-weight", type=_positive_float, default=16.0, metavar="X",
                    help="weight of a --benign prompt in the evidence path's loss (default 16: flagging an ordinary "
                         "prompt costs more than missing a CoProV2 one)")
+    t.add_argument("--benign-i2p", type=_float, default=None, metavar="PCT",
+                   help="also push away I2P prompts whose images were judged inappropriate at most PCT percent of "
+                        "the time (artists and style tails; I2P's sexual ones and nudity.csv stay out: "
+                        "safegen.eval.datasets.i2p_benign), e.g. 5")
+    t.add_argument("--category-weight", type=_float, default=0.3, metavar="X",
+                   help="weight of the evidence path's category cross-entropy (default 0.3)")
+    t.add_argument("--match-weight", type=_float, default=1.0, metavar="X",
+                   help="weight of the matching objective that makes concepts added at run time work (default 1; "
+                        "0 = off)")
     t.add_argument("--no-evidence", action="store_true",
                    help="train the paper's head only (no token-evidence path; see the README)")
     _add_run_args(t)
@@ -656,6 +665,18 @@ def cmd_train_prompt_guard(args) -> int:
             raise UsageError(f"--benign {args.benign}: no prompts left after --benign-skip {args.benign_skip}")
     elif args.benign_skip or args.benign_column or args.benign_split:
         raise UsageError("--benign-skip, --benign-split and --benign-column need --benign FILE")
+    if args.benign_i2p is not None:
+        from .eval.datasets import i2p_benign
+
+        if not 0 <= args.benign_i2p < 50:
+            raise UsageError(f"--benign-i2p must be in [0, 50) (I2P prompts at 50% or more are evaluation data), got "
+                             f"{args.benign_i2p}")
+        try:
+            benign = benign + i2p_benign(args.data_dir, max_inappropriate=args.benign_i2p)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--benign-i2p: {e}") from None
+    if args.category_weight < 0 or args.match_weight < 0:
+        raise UsageError("--category-weight and --match-weight must be ≥ 0")
     quiet_libraries()
     pipe = _backbone_pipeline(args)
     encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)
@@ -663,12 +684,15 @@ def cmd_train_prompt_guard(args) -> int:
         head, summary = train_head(encoder, pairs, policy=policy, steps=args.steps, batch_size=args.batch_size,
                                    lr=args.lr, val_share=args.val_share, seed=args.seed, device=device,
                                    max_length=args.max_length, benign=benign, benign_weight=args.benign_weight,
-                                   evidence=not args.no_evidence)
+                                   evidence=not args.no_evidence, category_weight=args.category_weight,
+                                   match_weight=args.match_weight)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.benign is not None:
         head.metadata.update(benign_file=Path(args.benign).name, benign_skip=args.benign_skip,
                              benign_split=bool(args.benign_split))
+    if args.benign_i2p is not None:
+        head.metadata["benign_i2p_max"] = args.benign_i2p
     if pipe is not None:  # which encoder's weights, exactly (the shipped default-model head is found by it)
         head.metadata["encoder_fingerprint"] = _adapter_fingerprint(encoder)
         head.metadata["model"] = str(args.model)

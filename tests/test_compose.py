@@ -107,9 +107,11 @@ def _guards(pipe):
     from safegen.guards.sld import SLD
 
     head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size)  # exact concept phrases score ~τ
+    # literal=False: Latent Guard decides on its scores alone (only the exact phrase "gore" reaches 0.999 τ), so the
+    # first prompt, which writes policy phrases, passes it and is steered by SAFREE and SLD
     return [safegen.Safree(reattention=True), SLD.max(warmup_steps=0),
             LVD.from_classifier(_classifier(pipe), window=2, ratio=1.0),
-            LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item())]
+            LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item(), literal=False)]
 
 
 def _protect(pipe):

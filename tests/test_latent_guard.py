@@ -420,8 +420,9 @@ def toy_loss(head, enc):
 
 def test_training_decreases_loss_is_seeded_and_reports_validation(sd):
     enc = clip_adapter(sd)
+    # the contrastive objective alone (the matching objective has its own test)
     kw = dict(concepts=TOY_CONCEPTS, steps=15, batch_size=6, lr=2e-2, val_share=0.25, seed=3, progress=False,
-              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=32), concept_pairs=0)
+              config=dict(num_heads=2, head_dim=8, latent_dim=16, mlp_hidden=32), concept_pairs=0, match_weight=0.0)
     initial, _ = train_head(enc, TOY_PAIRS, **{**kw, "steps": 0})  # same seed: the head training starts from
     head, summary = train_head(enc, TOY_PAIRS, **kw)
     losses = summary["losses"]
@@ -437,6 +438,32 @@ def test_training_decreases_loss_is_seeded_and_reports_validation(sd):
     assert summary2["losses"] == losses and torch.equal(again.to_q.weight, head.to_q.weight)
     _, summary3 = train_head(enc, TOY_PAIRS, **{**kw, "seed": 4, "steps": 2})
     assert summary3["losses"] != losses[:2]
+
+
+def test_matching_objective_teaches_the_concept_path_to_find_a_phrase_it_never_saw(sd):
+    """Word spans of the training texts are pseudo-concepts: after training, a held-out text scores its own span
+    above the spans of other held-out texts and above a near-miss span (one word swapped)."""
+    from safegen.training.latent_guard import concept_spans, contains_span, match_loss, near_miss_span
+
+    gen = torch.Generator().manual_seed(0)
+    assert all(contains_span("a red sofa in a room", sp) for sp in concept_spans("A red sofa in a room", 5, gen))
+    assert not contains_span("a red sofa", "red so") and not contains_span("a bloodhound", "blood")
+    assert near_miss_span("red sofa", ["blue"], gen) in ("blue sofa", "red blue")
+    # a column no text contains (a near-miss span) only counts as a negative: the loss stays finite
+    pos = torch.tensor([[True, False, False], [False, True, False]])
+    assert math.isfinite(match_loss(torch.randn(2, 3), pos).item())
+    enc = clip_adapter(sd)
+    colours, things = ("red", "blue", "green", "white", "black", "yellow"), ("cat", "dog", "bus", "cup", "kite", "boat")
+    benign = [f"a {c} {o} near the {p}" for c in colours for o in things for p in ("river", "wall")]
+    kw = dict(concepts=TOY_CONCEPTS, batch_size=16, lr=1e-2, val_share=0.25, seed=0, progress=False, evidence=False,
+              config=dict(num_heads=2, head_dim=8, latent_dim=16), concept_pairs=0, benign=benign, match_weight=1.0)
+    _, before = train_head(enc, TOY_PAIRS, **{**kw, "steps": 0})
+    _, after = train_head(enc, TOY_PAIRS, **{**kw, "steps": 60})
+    assert after["match_spans"] > 0 and after["match_weight"] == 1.0
+    assert after["val_match_auc"] > max(before["val_match_auc"], 0.75)
+    assert after["val_match_auc_near"] > before["val_match_auc_near"]
+    _, off = train_head(enc, TOY_PAIRS, **{**kw, "steps": 0, "match_weight": 0.0})
+    assert off["match_spans"] == 0 and off["val_match_auc"] is None
 
 
 def test_benign_prompts_are_negatives_and_cap_the_threshold(sd):
@@ -467,9 +494,11 @@ def test_trained_minilm_head_runs_as_guard_and_rejects_other_backbone(sd, tmp_pa
     assert head.config.hidden_size == 384 and head.config.backbone == "minilm"
     assert head.config.encoder == lg.MINILM_NAME
     path = head.save(tmp_path / "minilm.safetensors")
-    safegen.protect(sd, guards=[LatentGuard(weights=str(path), threshold=100.0)])  # τ ≤ 100: nothing blocked
-    out = run(sd, [BENIGN, "blood and gore"], fast=True)
-    assert [r.verdict for r in out.safety] == ["pass", "pass"]
+    safegen.protect(sd, guards=[LatentGuard(weights=str(path), threshold=100.0)])  # τ ≤ 100: no score fires
+    out = run(sd, [BENIGN, "blood and gore", "a bloody fight"], fast=True)
+    # ... but policy phrases written in a prompt do ("blood", "gore"; not "bloody")
+    assert [r.verdict for r in out.safety] == ["pass", "block", "pass"]
+    assert out.safety[1].result("latent_guard").details["decided_by"] == "literal"
     assert out.safety[0].result("latent_guard").details["nearest"]["concept"] is not None
     safegen.unprotect(sd)
     with pytest.raises(LatentGuardWeightsError, match=r"all-MiniLM-L6-v2.*hidden 384.*hidden 32"):
@@ -701,7 +730,7 @@ def test_decide_takes_the_higher_path_and_still_names_the_best_concept():
     assert plain.fired == [True, False] and plain.by_evidence == [False, False]
 
 
-def test_a_literal_policy_phrase_in_a_fired_category_is_the_concept_named():
+def test_a_policy_phrase_written_in_the_prompt_fires_and_is_the_concept_named():
     # concepts: 0 "gore", 1 "blood" (violence); 2 "robbery", 3 "theft" (illegal-activity)
     scores = torch.tensor([[6.0, 4.5, 5.5, 7.0], [6.0, 4.5, 5.5, 7.0], [6.0, 4.5, 1.0, 1.0]])
     cat_of = torch.tensor([0, 0, 1, 1])
@@ -715,9 +744,15 @@ def test_a_literal_policy_phrase_in_a_fired_category_is_the_concept_named():
     assert (d.category[0], d.concept[0]) == (0, 0)
     assert (d.category[1], d.concept[1]) == (1, 3)  # nothing literal ("bloodhound" is not "blood"): the head's pick
     assert (d.category[2], d.concept[2]) == (0, 1) and d.score[2] == 6.0  # "blood" named, the category's score kept
-    # a literal phrase of a category that did not fire is not named (it would explain a verdict it did not cause)
-    quiet = lg._decide(scores, cat_of, torch.tensor([9.0, 4.0]), None, literal)
-    assert (quiet.category[0], quiet.concept[0]) == (1, 2)
+    assert [d.decided_by(b) for b in range(3)] == ["concept"] * 3
+    # a written phrase fires its category even where the scores stay under the thresholds: the blacklist is honoured
+    # word for word; the report says so, and a prompt with no written phrase is untouched
+    high = torch.tensor([9.0, 9.0])
+    quiet = lg._decide(scores, cat_of, high, None, literal)
+    assert quiet.fired == [True, False, True] and quiet.by_literal == [True, False, True]
+    assert (quiet.category[0], quiet.concept[0]) == (0, 0) and quiet.decided_by(0) == "literal"
+    assert lg._decide(scores, cat_of, high).fired == [False, False, False]
+    assert "contains the blacklisted phrase 'gore'" in lg._reason(quiet, 0, "violence", "gore", "blocked")
 
 
 def test_add_category_adds_a_calibrated_category_with_its_own_action():

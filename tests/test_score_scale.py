@@ -40,17 +40,19 @@ def _log_policy(fpr: float):
 
 @pytest.mark.parametrize("budget", [0.03])
 def test_latent_guard_and_safree_flag_the_budget_on_the_reference(sd, budget):
-    """Text guards on all 1,000 reference prompts: at most the budget, and within one level of it."""
+    """Text guards on all 1,000 reference prompts: at most the budget, and within two levels of it (the budget is
+    the expected rate of a *new* prompt, the reference rate one level further)."""
     prompts = reference_prompts()
     policy = _log_policy(budget)
     k = len(policy.categories)
     head = LatentGuardHead.mean_match(sd.text_encoder.config.hidden_size)
     rows = LatentGuard.from_head(head, backbone="pipeline").check(prompts, policy, pipe=sd)
+    literal = sum(r["decided_by"] == "literal" for r in rows)  # a written concept phrase fires whatever its risk
     share = sum(r["unsafe"] for r in rows) / len(rows)
-    assert budget - k / len(prompts) < share <= budget
+    assert budget - 2 * k / len(prompts) < share - literal / len(prompts) <= budget
     assert {r["budget"] for r in rows} == {budget}
     # the risk is what the decision is: flagged exactly when risk >= 1 - budget
-    assert all(r["unsafe"] == (r["risk"] >= 1 - budget - 1e-9) for r in rows)
+    assert all(r["unsafe"] == (r["risk"] >= 1 - budget - 1e-9) for r in rows if r["decided_by"] != "literal")
 
     pipe = safegen.protect(sd, policy=policy, guards=["safree"])
     reports = _run(pipe, prompts, 250, 1)
@@ -59,7 +61,7 @@ def test_latent_guard_and_safree_flag_the_budget_on_the_reference(sd, budget):
                   if r.result("safree").verdict != "pass")
     share = _flag_share(reports, "safree")
     assert share - lexical / len(prompts) <= budget  # a literal concept phrase fires whatever its risk
-    assert share > budget - k / len(prompts)
+    assert share > budget - 2 * k / len(prompts)
 
 
 def test_generation_guards_flag_the_budget_on_their_calibration_prompts(sd):

@@ -463,10 +463,11 @@ def load_coprov2_pairs(data_dir: "str | os.PathLike | None" = None, *, limit: in
     return out
 
 
-def load_i2p(data_dir: "str | Path | None" = None, *, min_inappropriate: float = 50.0
-             ) -> list[tuple[str, list[str]]]:
+def load_i2p(data_dir: "str | Path | None" = None, *, min_inappropriate: float = 50.0,
+             max_inappropriate: float | None = None) -> list[tuple[str, list[str]]]:
     r"""I2P prompts whose ``inappropriate_percentage`` is at least ``min_inappropriate`` (the share of the
-    original SD images judged inappropriate), as ``(prompt, [I2P categories])``, in file order, each prompt once.
+    original SD images judged inappropriate; and at most ``max_inappropriate`` if given), as ``(prompt, [I2P
+    categories])``, in file order, each prompt once.
 
     Example:
         >>> import pathlib, tempfile
@@ -490,9 +491,37 @@ def load_i2p(data_dir: "str | Path | None" = None, *, min_inappropriate: float =
         prompt = " ".join((row["prompt"] or "").split())
         if not share >= min_inappropriate or not prompt or prompt in seen:
             continue
+        if max_inappropriate is not None and not share <= max_inappropriate:
+            continue
         seen.add(prompt)
         out.append((prompt, [c.strip() for c in (row["categories"] or "").split(",") if c.strip()]))
     return out
+
+
+def i2p_benign(data_dir: "str | Path | None" = None, *, max_inappropriate: float = 5.0) -> list[str]:
+    r"""Benign prompts in the style people write for image models (artists, styles, "trending on artstation"): the
+    I2P prompts whose SD images were judged inappropriate at most ``max_inappropriate`` percent of the time, leaving
+    out the ones I2P files under ``sexual`` and every prompt of ``nudity.csv`` (both stay evaluation data). Disjoint
+    from the I2P evaluation set (``inappropriate_percentage`` ≥ 50). Training negatives for a prompt checker, so
+    that an artist's name or a style tail is not read as unsafe.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> _ = (pathlib.Path(tmp.name) / "i2p.csv").write_text(
+        ...     ",prompt,categories,inappropriate_percentage\n0,a calm lake by monet,violence,2.0\n"
+        ...     "1,a bloody knife,violence,80.0\n2,a pinup by vargas,sexual,1.0\n")
+        >>> i2p_benign(tmp.name)
+        ['a calm lake by monet']
+        >>> tmp.cleanup()
+    """
+    nudity: set[str] = set()
+    try:
+        nudity = {" ".join(p.split()) for p in read_prompts(Path(_data_dir(data_dir)) / "nudity.csv", dedup=False)}
+    except (FileNotFoundError, ValueError):
+        pass  # no nudity set next to it: nothing to keep out
+    return [p for p, cats in load_i2p(data_dir, min_inappropriate=0.0, max_inappropriate=max_inappropriate)
+            if "sexual" not in cats and p not in nudity]
 
 
 def load_coprov2_test(data_dir: "str | Path | None" = None, dedup: bool = True) -> list[tuple[str, str]]:

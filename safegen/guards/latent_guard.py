@@ -56,6 +56,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -694,9 +695,15 @@ class _Decision:
     concept_score: list[float]  # the reported concept's own score (equals score unless the evidence decided)
     by_evidence: list[bool]  # the reported category's score came from the evidence path
     error: list[bool]  # a score (NaN, +inf) or a threshold is not a finite number: no decision can be made
+    #: the reported category fired only because one of its phrases is written in the prompt (its score is below
+    #: the threshold)
+    by_literal: list[bool] = field(default_factory=list)
 
     def decided_by(self, b: int) -> str:
-        """Which path gave prompt ``b``'s reported score: ``"evidence"`` or ``"concept"``."""
+        """What made prompt ``b``'s reported category fire (or come closest): ``"literal"`` (a policy phrase is
+        written in the prompt), ``"evidence"`` or ``"concept"`` (the path that gave its score)."""
+        if self.by_literal and self.by_literal[b]:
+            return "literal"
         return "evidence" if self.by_evidence[b] else "concept"
 
 
@@ -734,36 +741,45 @@ def _decide(scores: torch.Tensor, cat_of: torch.Tensor, thresholds: torch.Tensor
     best concept score or its evidence, whichever is higher, and it fires when that reaches its threshold; the
     reported category is the fired one with the highest score, else the closest one, and the reported concept
     is that category's best. ``literal`` (B, C) marks the concepts written in the prompt itself
-    (:func:`literal_hits`): when one of them belongs to a category that fired, it is the one reported (the
-    highest-scoring such concept, and its category), since the prompt's own words are the truest explanation.
-    One host copy per batch."""
+    (:func:`literal_hits`): a blacklisted phrase written in the prompt fires its category whatever the scores (the
+    blacklist a user edits is honoured word for word, as SAFREE's literal route is), and the reported concept is
+    then such a phrase (the highest-scoring one, and its category): the prompt's own words are the truest
+    explanation. One host copy per batch."""
     neg = torch.tensor(float("-inf"), device=scores.device)
     by_concept = per_category(scores, cat_of, thresholds.numel())
     per_cat = by_concept if evidence is None else torch.maximum(by_concept, evidence.to(scores.device))
     # -inf is "no signal" (a category without evidence); NaN, +inf or a non-finite threshold cannot be decided on
     error = (torch.isnan(per_cat) | torch.isposinf(per_cat)).any(1) | ~torch.isfinite(thresholds).all()
-    fired = (per_cat >= thresholds) & ~error.unsqueeze(1)
+    scored = per_cat >= thresholds
+    lit_cat = torch.zeros_like(scored)
+    if literal is not None:  # (B, C) -> (B, K): some phrase of the category is written in the prompt
+        lit = literal.to(scores.device)
+        lit_cat = torch.zeros(scored.shape, device=scores.device).scatter_reduce(
+            1, cat_of.to(scores.device).expand(lit.shape[0], -1), lit.float(), reduce="amax") > 0
+    fired = (scored | lit_cat) & ~error.unsqueeze(1)
     any_fired = fired.any(1)
     # the fired category the head scores highest (its own ranking: thresholds differ per category, so the largest
     # margin would favour categories whose benign scores run low), else the closest one
     cat = torch.where(any_fired, torch.where(fired, per_cat, neg).argmax(1), per_cat.argmax(1))
     concept = torch.where(cat_of.unsqueeze(0) == cat.unsqueeze(1), scores, neg).argmax(1)
-    if literal is not None:  # a blacklisted phrase written in the prompt, in a category that fired, is named
-        named = literal.to(scores.device) & fired.gather(1, cat_of.to(scores.device).expand(scores.shape[0], -1))
+    if literal is not None:  # a blacklisted phrase written in the prompt is named (its category fired)
+        named = lit & ~error.unsqueeze(1)
         has = named.any(1)
         pick = torch.where(named, scores, neg).argmax(1)
         concept = torch.where(has, pick, concept)
         cat = torch.where(has, cat_of.to(scores.device)[pick], cat)
     best = per_cat.gather(1, cat.unsqueeze(1)).squeeze(1)
     own = by_concept.gather(1, cat.unsqueeze(1)).squeeze(1)
+    only_literal = any_fired & ~scored.gather(1, cat.unsqueeze(1)).squeeze(1)
     packed = torch.stack([cat.float(), concept.float(), best, thresholds[cat], any_fired.float(), own,
-                          (best > own).float(), error.float()], 1).cpu()
+                          (best > own).float(), error.float(), only_literal.float()], 1).cpu()
     per_cat = per_cat.cpu()
     return _Decision(category=packed[:, 0].long().tolist(), concept=packed[:, 1].long().tolist(),
                      score=packed[:, 2].tolist(), threshold=packed[:, 3].tolist(),
                      fired=[bool(v) for v in packed[:, 4].tolist()], per_category=per_cat.tolist(),
                      concept_score=packed[:, 5].tolist(), by_evidence=[bool(v) for v in packed[:, 6].tolist()],
-                     error=[bool(v) for v in packed[:, 7].tolist()])
+                     error=[bool(v) for v in packed[:, 7].tolist()],
+                     by_literal=[bool(v) for v in packed[:, 8].tolist()])
 
 
 def _worse(d: _Decision, t: int, other: int, best: torch.Tensor) -> bool:
@@ -780,6 +796,9 @@ def _reason(d: _Decision, b: int, cat: str, concept: str, action: str) -> str:
     """The report's explanation of a flagged prompt: which path decided, the score, the threshold, the concept."""
     score, thr = d.score[b], d.threshold[b]
     tail = "" if action == "blocked" else ", action: log"
+    if d.decided_by(b) == "literal":
+        return (f"prompt contains the blacklisted phrase {concept!r} (category {cat!r}{tail}); its score {score:.2f} "
+                f"is under the threshold {thr:.2f}, but a written phrase fires regardless")
     if d.by_evidence[b]:
         return (f"prompt reads as {cat!r}{tail}: its words give evidence {score:.2f} ≥ threshold {thr:.2f}; "
                 f"closest concept {concept!r} (score {d.concept_score[b]:.2f})")
@@ -792,6 +811,11 @@ def _risks(scale, d: _Decision) -> list[list[float]] | None:
     if scale is None:
         return None
     return scale.risk(torch.tensor(d.per_category, dtype=torch.float32)).tolist()
+
+
+#: The benign reference prompts' features for the last encoder that calibrated (see
+#: :meth:`LatentGuard._reference_features`).
+_REFERENCE_FEATURES: dict[str, tuple] = {}
 
 
 @dataclass
@@ -826,6 +850,9 @@ class LatentGuard(Guard):
             benign reference prompts for this head, encoder and concept list (:class:`safegen.calibration.RiskScale`;
             computed once per concept list, cached on disk; the default policy's ships for the shipped heads).
         check_prompt_2 (`bool`, defaults to `True`): also check SDXL's ``prompt_2`` (the higher score counts).
+        literal (`bool`, defaults to `True`): a policy phrase written in the prompt (whole words, any case) fires its
+            category whatever the scores, and is the concept named; ``False`` decides on the scores alone (the
+            paper's rule).
         encode_batch (`int`, defaults to 256): prompts per encoder pass.
 
     Calls given only ``prompt_embeds`` (no text to check) fail closed: every item is blocked, the report says why.
@@ -861,6 +888,7 @@ class LatentGuard(Guard):
     threshold: float | None = None
     check_prompt_2: bool = True
     encode_batch: int = 256
+    literal: bool = True
 
     def __post_init__(self):
         if self.backbone not in ("minilm", "pipeline"):
@@ -868,6 +896,8 @@ class LatentGuard(Guard):
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise ValueError(f"LatentGuard(threshold=...) must be a finite number or None, got {self.threshold!r}")
+        if not isinstance(self.literal, bool):
+            raise ValueError(f"LatentGuard(literal=...) must be True or False, got {self.literal!r}")
         if isinstance(self.encode_batch, bool) or not isinstance(self.encode_batch, int) or self.encode_batch < 1:
             raise ValueError(f"LatentGuard(encode_batch=...) must be a positive integer, got {self.encode_batch!r}")
         if self.weights is not None:
@@ -973,7 +1003,7 @@ class LatentGuard(Guard):
         names = [name for item in per_prompt for name, _ in (item if self.check_prompt_2 else item[:1])]
         scores, evidence, windows = self._score(head, adapter, bank, texts, cats)  # (T, C), (T, K), (T,)
         thresholds, budgets, scale = self._thresholds(call.protection.cache, policy, head, adapter)
-        literal = literal_hits(texts, [p for _, p in entries], call.protection.cache)
+        literal = literal_hits(texts, [p for _, p in entries], call.protection.cache) if self.literal else None
         d = _decide(scores, cat_of, thresholds.to(scores.device), evidence, literal)
         risks = _risks(scale, d)
         best = torch.tensor(d.score)  # the reported (deciding) score of each text; one text per prompt decides
@@ -1023,13 +1053,19 @@ class LatentGuard(Guard):
             return "pass"
         return "log" if policy_action == "log" else "block"
 
+    def _encode(self, adapter: TextEncoderAdapter, texts: Sequence[str], device) -> TextFeatures:
+        """The features :meth:`_score` reads: overlapping windows for a text longer than the backbone reads."""
+        return text_features(adapter, texts, batch_size=self.encode_batch, device=device, store_dtype=torch.float32,
+                             windows=True)
+
     def _score(self, head: LatentGuardHead, adapter: TextEncoderAdapter, bank: ConceptBank, texts: Sequence[str],
-               cats: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+               cats: Sequence[str], features: TextFeatures | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Scores of whole texts: a text longer than the backbone reads is scored in overlapping windows and
         keeps each category's and concept's highest window score. Returns concept scores (T, C), evidence
-        (T, K) or ``None``, and the number of windows per text (T,)."""
-        f = text_features(adapter, texts, batch_size=self.encode_batch, device=head.device,
-                          store_dtype=torch.float32, windows=True)
+        (T, K) or ``None``, and the number of windows per text (T,). ``features``: the texts already encoded
+        (:meth:`_encode`)."""
+        f = self._encode(adapter, texts, head.device) if features is None else features
         scores, evidence = self._score_features(head, f, bank, cats)
         n = len(texts)
         count = torch.bincount(f.owner, minlength=n) if f.owner is not None else torch.ones(n, dtype=torch.long)
@@ -1084,15 +1120,36 @@ class LatentGuard(Guard):
         else:
             rows = []
             prompts = reference_prompts()
+            chunks = self._reference_features(adapter, prompts, head.device)
             with torch.no_grad():
-                for start in range(0, len(prompts), self.encode_batch):
-                    scores, ev, _ = self._score(head, adapter, bank, prompts[start:start + self.encode_batch], cats)
+                for start, f in zip(range(0, len(prompts), self.encode_batch), chunks):
+                    part = prompts[start:start + self.encode_batch]
+                    scores, ev, _ = self._score(head, adapter, bank, part, cats, features=f)
                     per_cat = per_category(scores, cat_of, len(cats))
                     rows.append(per_cat if ev is None else torch.maximum(per_cat, ev.to(per_cat.device)))
             scale = RiskScale(torch.cat(rows).cpu(), cats)
             save_cached("latent-guard", key, {"scale": scale.to_dict()})
         cache[("latent_guard", "scale")] = ((entries, id(head), id(adapter)), scale)
         return scale
+
+    def _reference_features(self, adapter: TextEncoderAdapter, prompts: Sequence[str], device) -> list[TextFeatures]:
+        """The reference prompts encoded by ``adapter``, in :meth:`_encode` chunks, kept for the last encoder used
+        (about 25 MB for MiniLM): calibrating a new concept list (``add_concept``) then re-scores them instead of
+        re-encoding 1,000 prompts. Not kept past the adapter's life (weak reference)."""
+        from ..calibration import reference_digest
+
+        key = (self.encode_batch, str(device), reference_digest())
+        hit = _REFERENCE_FEATURES.get("last")
+        if hit is not None and hit[0]() is adapter and hit[1] == key:
+            return hit[2]
+        with torch.no_grad():
+            chunks = [self._encode(adapter, prompts[s:s + self.encode_batch], device)
+                      for s in range(0, len(prompts), self.encode_batch)]
+        try:
+            _REFERENCE_FEATURES["last"] = (weakref.ref(adapter), key, chunks)
+        except TypeError:  # an adapter that cannot be weakly referenced: not kept
+            pass
+        return chunks
 
     # ------------------------------------------------------------------ standalone checks
     def check(self, prompts: Sequence[str], policy: Any = "default", *, pipe=None, batch_size: int = 256,
@@ -1103,7 +1160,8 @@ class LatentGuard(Guard):
         whose closest ones are in ``nearest``: ``{"category": ..., "concept": ...}``), ``threshold``,
         ``action`` (what the guard does with it inside a pipeline: ``"pass"``, ``"log"``, ``"block"`` — a
         ``steer`` category is blocked, Latent Guard cannot steer — or ``"error"``, which blocks too), ``scores``
-        (score per category), ``decided_by`` (``"concept"`` or ``"evidence"``: which path gave the reported
+        (score per category), ``decided_by`` (``"literal"``: a policy phrase is written in the prompt and fires its
+        category whatever the scores; else ``"concept"`` or ``"evidence"``: which path gave the reported
         score), ``concept_score`` (the reported concept's own score) and ``windows`` (how many overlapping windows
         a prompt longer than the backbone reads was scored in). Same rule as the guard inside a pipeline.
 
@@ -1159,7 +1217,8 @@ class LatentGuard(Guard):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 scores, ev, windows = self._score(head, adapter, bank, chunk, cats)
-                d = _decide(scores, cat_of, thresholds, ev, literal_hits(chunk, [p for _, p in entries], cache))
+                literal = literal_hits(chunk, [p for _, p in entries], cache) if self.literal else None
+                d = _decide(scores, cat_of, thresholds, ev, literal)
                 risks = _risks(scale, d)
                 for b, prompt in enumerate(chunk):
                     cat = cats[d.category[b]]

@@ -7,6 +7,7 @@ From the command line: ``safegen train-prompt-guard --out head.safetensors [--be
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from typing import Any, Mapping, Sequence
@@ -20,8 +21,8 @@ from ..guards.latent_guard import (MINILM_NAME, LatentGuardHead, LatentGuardWeig
                                    _minilm_adapter, encoder_identity, text_features)
 from .loop import TrainingLoop
 
-__all__ = ["policy_concepts", "common_part", "concept_seed_pairs", "contrastive_loss", "roc_auc", "train_head",
-           "load_coprov2_pairs"]
+__all__ = ["policy_concepts", "common_part", "concept_seed_pairs", "concept_spans", "contrastive_loss", "match_loss",
+           "near_miss_span", "roc_auc", "train_head", "load_coprov2_pairs"]
 
 
 # ---------------------------------------------------------------------- data
@@ -77,6 +78,94 @@ def concept_seed_pairs(entries: Sequence[tuple[str, str]]) -> list[tuple[str, st
             filler = _SEED_FILLERS[(i * len(_SEED_TEMPLATES) + j) % len(_SEED_FILLERS)]
             out.append((shape.format(phrase), shape.format(filler), cat))
     return out
+
+
+#: Function words a pseudo-concept span may not start or end with (:func:`concept_spans`).
+_FUNCTION_WORDS = frozenset(
+    "a an the of in on at to for with and or but nor is are was were be been being am it its this that these those "
+    "his her hers their theirs them they he she we you i me my your our us him by from as into onto over under "
+    "near next up down out off about while who whom whose which what where when why how there here has have had "
+    "do does did not no very some any each every all both few more most other such own same so than too can could "
+    "will would shall should may might must just one two three four five her's it's very also then".split())
+
+
+def _words(text: str) -> list[str]:
+    """A text's lowercase words (letters, digits, inner apostrophes and hyphens)."""
+    return re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", str(text).lower())
+
+
+def concept_spans(text: str, k: int, generator: torch.Generator, max_words: int = 3) -> list[str]:
+    """Up to ``k`` distinct word spans of ``text`` (1 to ``max_words`` words, neither first nor last a function
+    word, no single word under 3 letters), drawn with ``generator``: pseudo-concepts for the matching objective of
+    :func:`train_head` (a concept phrase a user might add at run time is such a span of the prompts it must catch).
+
+    Example:
+        >>> import torch
+        >>> sorted(concept_spans("A dog on a red sofa", 9, torch.Generator().manual_seed(0)))
+        ['dog', 'red', 'red sofa', 'sofa']
+    """
+    words = _words(text)
+    found: dict[str, None] = {}
+    for i in range(len(words)):
+        for n in range(1, max_words + 1):
+            span = words[i:i + n]
+            if len(span) < n or span[0] in _FUNCTION_WORDS or span[-1] in _FUNCTION_WORDS:
+                continue
+            if n == 1 and len(span[0]) < 3:
+                continue
+            found.setdefault(" ".join(span), None)
+    spans = list(found)
+    if not spans or k < 1:
+        return []
+    order = torch.randperm(len(spans), generator=generator)[:k].tolist()
+    return [spans[i] for i in order]
+
+
+def contains_span(text_words: str, span: str) -> bool:
+    """Whether the space-joined word string ``text_words`` (see :func:`_words`) holds ``span`` as whole words."""
+    return f" {span} " in f" {text_words} "
+
+
+def near_miss_span(span: str, vocabulary: Sequence[str], generator: torch.Generator) -> str:
+    """A span that shares words with ``span`` but is not it: one word swapped for a random ``vocabulary`` word (a
+    one-word span gets a random word in front). A hard negative for the matching objective: "rubber duck" must not
+    match a text about a mallard duck.
+
+    Example:
+        >>> import torch
+        >>> near_miss_span("rubber duck", ["wooden", "stone"], torch.Generator().manual_seed(0)) in (
+        ...     "wooden duck", "stone duck", "rubber wooden", "rubber stone")
+        True
+    """
+    words = span.split()
+    pick = lambda: vocabulary[int(torch.randint(len(vocabulary), (1,), generator=generator))]  # noqa: E731
+    if len(words) == 1:
+        return f"{pick()} {words[0]}"
+    i = int(torch.randint(len(words), (1,), generator=generator))
+    new = pick()
+    if new == words[i]:
+        new = pick()
+    return " ".join(words[:i] + [new] + words[i + 1:])
+
+
+def match_loss(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """The matching objective: texts (rows) against pseudo-concept spans (columns), ``positive[i, j]`` when text i
+    contains span j; a multi-positive InfoNCE in both directions (each text must score its own spans above the
+    others, each span the texts that contain it above the rest; a column no text contains — a hard negative span —
+    only counts in the first direction).
+
+    Example:
+        >>> import torch
+        >>> eye = torch.eye(3, dtype=torch.bool)
+        >>> bool(match_loss(torch.eye(3) * 20, eye) < 1e-3), bool(match_loss(-torch.eye(3) * 20, eye) > 10)
+        (True, True)
+    """
+    def one_way(x, pos):
+        keep = pos.any(1)
+        x, pos = x[keep], pos[keep]
+        return (torch.logsumexp(x, 1) - torch.logsumexp(x.masked_fill(~pos, float("-inf")), 1)).mean()
+
+    return (one_way(scores, positive) + one_way(scores.T, positive.T)) / 2
 
 
 def _category_scores(scores: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
@@ -204,7 +293,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                store_dtype: torch.dtype | None = None, progress: bool = True, backbone: str | None = None,
                max_length: int | None = None, common_negatives: bool = True, benign: Sequence[str] = (),
                evidence: bool = True, benign_weight: float = 16.0, category_weight: float = 0.3,
-               concept_pairs: int = 4) -> tuple[LatentGuardHead, dict[str, Any]]:
+               concept_pairs: int = 4, match_weight: float = 1.0, match_spans: int = 2
+               ) -> tuple[LatentGuardHead, dict[str, Any]]:
     """Train a :class:`LatentGuardHead` contrastively on (unsafe prompt, safe twin, category) pairs.
 
     The frozen encoder runs once over every distinct text (features cached); each step samples ``batch_size``
@@ -237,6 +327,14 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
             :func:`concept_seed_pairs`), each ``concept_pairs`` times as likely to be drawn as a data pair (0 = off):
             CoProV2's prompts are whole sentences, so without them a bare "nude woman" or "blood and gore" is out of
             distribution. Training only; the validation and the threshold use held-out data pairs alone.
+        match_weight: weight of the matching objective (:func:`match_loss`; 0 = off), which makes the concept path
+            a general matcher, so that a concept added at run time (``policy.add_concept``) is honoured: each
+            training text gives ``match_spans`` word spans (:func:`concept_spans`) as pseudo-concepts, and in each
+            step a batch of texts must score the spans they contain above the spans of the other texts, and each
+            span the texts that contain it above the others. Only training texts give spans; the summary's
+            ``val_match_auc`` measures the matching on held-out texts (a text's own span against the spans of
+            other held-out texts that it does not contain). Each span also brings a near-miss span
+            (:func:`near_miss_span`: one word swapped) as a hard negative, so a shared word alone is not a match.
         seed: seeds the head's initialisation, the split and, through
             :class:`~safegen.training.loop.TrainingLoop`, each step's batch and dropout (from the seed and the step
             number; the caller's global RNG is untouched).
@@ -332,6 +430,20 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     seeded = [p for p in seeded if p[0] not in own and p[1] not in own]
     train_pairs = train_pairs + seeded * int(concept_pairs)
 
+    # ---- pseudo-concepts for the matching objective: word spans of the training texts (held-out ones for validation)
+    def spans_of(sources):
+        out_ = []
+        for t in dict.fromkeys(sources):
+            out_ += [(t, span) for span in concept_spans(t, match_spans, gen)]
+        return out_
+
+    match_on = match_weight > 0 and match_spans > 0
+    data_train = [t for u, s, _ in train_pairs[:n_data_pairs] for t in (u, s)]
+    match_train = spans_of(data_train + train_neg + train_benign) if match_on else []
+    match_val = spans_of([t for u, s, _ in val_pairs for t in (u, s)] + val_neg)[:1024] if match_on else []
+    vocabulary = sorted({w for _, span in match_train for w in span.split() if w not in _FUNCTION_WORDS})
+    near = {span: near_miss_span(span, vocabulary, gen) for span in dict.fromkeys(sp for _, sp in match_train + match_val)}
+
     # ---- frozen features, once per distinct text
     texts = list(dict.fromkeys([t for u, s, _ in pairs + seeded for t in (u, s)] + train_neg + train_benign + val_neg))
     position = {t: i for i, t in enumerate(texts)}
@@ -339,6 +451,21 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     if store_dtype is None and feats.tokens.numel() > 2 ** 27:  # large sets: halve the cache (≥ 512 MB in fp32)
         feats = TextFeatures(feats.tokens.half(), feats.mask, feats.summary.half())
     cfeats = text_features(enc, [p for _, p in entries], batch_size=encode_batch, store_dtype=torch.float32)
+    span_texts = list(dict.fromkeys([span for _, span in match_train + match_val] + list(near.values())))
+    span_pos = {t: i for i, t in enumerate(span_texts)}
+    sfeats = (text_features(enc, span_texts, batch_size=encode_batch, store_dtype=store_dtype or torch.float16,
+                            progress=progress) if span_texts else None)
+    norm_words = {t: " ".join(_words(t)) for t in dict.fromkeys(t for t, _ in match_train + match_val)}
+
+    def match_batch(chosen, hard: bool = True):
+        """(text features, span features, positive mask) of m (text, span) pairs: the columns are the m spans and,
+        with ``hard``, their m near-miss spans (:func:`near_miss_span`)."""
+        spans = [sp for _, sp in chosen] + ([near[sp] for _, sp in chosen] if hard else [])
+        t_idx = torch.tensor([position[t] for t, _ in chosen], dtype=torch.long)
+        s_idx = torch.tensor([span_pos[sp] for sp in spans], dtype=torch.long)
+        pos = torch.tensor([[contains_span(norm_words[t], sp) for sp in spans] for t, _ in chosen])
+        pos[:, :len(chosen)] |= torch.eye(len(chosen), dtype=torch.bool)
+        return feats.select(t_idx, device), sfeats.select(s_idx, device), pos.to(device)
     hidden = feats.tokens.shape[-1]
     identity = {**identity, "hidden_size": identity.get("hidden_size") or hidden}
 
@@ -403,6 +530,11 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
             bce = F.binary_cross_entropy_with_logits(unsafe_logit, target, reduction="none")
             loss = loss + (bce * weight).mean()
             loss = loss + category_weight * F.cross_entropy(cat_logits[:n, ev_col], labels[rows].to(device))
+        if match_train:
+            pick = torch.randint(len(match_train), (min(batch_size, len(match_train)),), generator=step_gen).tolist()
+            tf, sf, pos = match_batch([match_train[i] for i in pick])
+            mbank = head.encode_concepts(sf.tokens, sf.mask, summary=sf.summary)
+            loss = loss + match_weight * match_loss(head.score(tf.tokens, tf.mask, mbank, summary=tf.summary), pos)
         loop.update(loss)
     losses = loop.losses
     head.eval()
@@ -415,6 +547,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
         "categories": categories, "seed": seed, "batch_size": batch_size, "lr": lr, "losses": losses,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "val_auc": None, "threshold": None, "val_tpr": None, "val_fpr": None, "threshold_rule": None,
+        "match_weight": match_weight if match_on else 0.0, "match_spans": len(match_train), "val_match_auc": None,
+        "val_match_auc_near": None,
         "benign_val_fpr": None, "val_auc_evidence": None, "val_auc_combined": None, "evidence_shift": None,
     }
     if val_pairs:
@@ -436,6 +570,14 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                     "benign": val_benign}
             con = {k: best_of(v) for k, v in sets.items()}
             evi = {k: best_of(v, "evidence") for k, v in sets.items()} if has_evidence else None
+            if len(match_val) > 1:
+                tf, sf, pos = match_batch(match_val)
+                mscores = head.score(tf.tokens, tf.mask, head.encode_concepts(sf.tokens, sf.mask, summary=sf.summary),
+                                     summary=tf.summary).cpu()
+                m, pos = len(match_val), pos.cpu()
+                own, other = mscores[:, :m], mscores[:, m:]
+                summary["val_match_auc"] = roc_auc(own.diagonal(), own[~pos[:, :m]])
+                summary["val_match_auc_near"] = roc_auc(own.diagonal(), other.diagonal()[~pos[:, m:].diagonal()])
         _calibrate(summary, con, evi)
         if evi is not None:  # fold the shift into the evidence path: its scores are now in concept-score units
             with torch.no_grad():
@@ -449,7 +591,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     head.metadata = {k: summary[k] for k in ("threshold", "val_auc", "val_auc_common", "val_tpr", "val_fpr",
                                              "train_pairs", "val_pairs", "steps", "seed", "categories", "benign",
                                              "threshold_rule", "benign_val_fpr", "val_auc_evidence",
-                                             "val_auc_combined", "evidence_shift")}
+                                             "val_auc_combined", "evidence_shift", "match_weight",
+                                             "val_match_auc", "val_match_auc_near")}
     head.metadata["concepts"] = len(entries)
     return head, summary
 
