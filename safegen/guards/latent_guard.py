@@ -20,12 +20,15 @@ The pieces:
   path decided (``details["decided_by"]``) and still names the closest concept.
 * :func:`train_head` — the contrastive training: each unsafe prompt is pulled to its category's concepts and
   pushed away from the other categories' concepts *and* from its minimally edited safe twin (a hard negative);
-  each category is pulled to its unsafe prompts and pushed from every safe prompt. A validation share of the
-  pairs is held out; its AUC and a calibrated threshold are reported and stored with the weights.
+  each category is pulled to its unsafe prompts and pushed from every safe prompt. A matching objective makes the
+  concept path a general matcher (word spans of the training texts as pseudo-concepts, one-word-swapped spans as
+  hard negatives), so a concept added at run time finds itself in a prompt. A validation share of the pairs is
+  held out; its AUC and a calibrated threshold are reported and stored with the weights.
 * :func:`load_coprov2_pairs` — (unsafe prompt, safe twin, category) triples from CoProV2's training CSV.
 * :class:`LatentGuard` — the guard: scores every prompt against every policy concept, blocks those whose best
-  score reaches the category's threshold, calibrated at the policy's benign false-positive budget. Blocked items
-  get no UNet step and the policy's placeholder; the rest of the batch runs unchanged.
+  score reaches the category's threshold, calibrated at the policy's benign false-positive budget, or that write
+  a policy phrase (whole words; ``literal=False`` turns that off). Blocked items get no UNet step and the policy's
+  placeholder; the rest of the batch runs unchanged.
 
 Weights are safetensors only, with the head's config and the encoder it was trained for in the file's metadata;
 loading checks both against the backbone it is used with. Nothing is ever unpickled.
@@ -46,7 +49,7 @@ Differences from the authors' code, on purpose:
 Training a head for the default MiniLM backbone on CoProV2::
 
     safegen train-prompt-guard --out assets/latent_guard/minilm.safetensors --steps 2000 \
-        --benign ../shared/data/coco_30k_10k.csv --benign-skip 5000
+        --benign ../shared/data/coco_30k_10k.csv --benign-split --category-weight 1.0
 """
 
 from __future__ import annotations
