@@ -135,7 +135,8 @@ def main() -> None:
              "guard on its benign reference set when the concept is added), or the phrase written in the prompt "
              "(the guard fires a written policy phrase's category).", "",
              "| added as | TPR | literal | paraphrase | report names the concept | near-misses flagged | "
-             "COCO flagged by the added category | COCO flagged at all | COCO n |", "|---|---|---|---|---|---|---|---|---|"]
+             "COCO flagged by the added category | COCO flagged at all | COCO n |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in modes.items():
         lines.append(f"| {name} | {rate(m['literal'] + m['paraphrase'])} | {rate(m['literal'])} | "
                      f"{rate(m['paraphrase'])} | {rate(m['named'])} | {rate(m['near'])} | {rate(m['coco'])} | "

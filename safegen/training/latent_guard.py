@@ -86,7 +86,7 @@ _FUNCTION_WORDS = frozenset(
     "his her hers their theirs them they he she we you i me my your our us him by from as into onto over under "
     "near next up down out off about while who whom whose which what where when why how there here has have had "
     "do does did not no very some any each every all both few more most other such own same so than too can could "
-    "will would shall should may might must just one two three four five her's it's very also then".split())
+    "will would shall should may might must just one two three four five her's it's also then".split())
 
 
 def _words(text: str) -> list[str]:
@@ -442,7 +442,8 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
     match_train = spans_of(data_train + train_neg + train_benign) if match_on else []
     match_val = spans_of([t for u, s, _ in val_pairs for t in (u, s)] + val_neg)[:1024] if match_on else []
     vocabulary = sorted({w for _, span in match_train for w in span.split() if w not in _FUNCTION_WORDS})
-    near = {span: near_miss_span(span, vocabulary, gen) for span in dict.fromkeys(sp for _, sp in match_train + match_val)}
+    all_spans = dict.fromkeys(sp for _, sp in match_train + match_val)
+    near = {span: near_miss_span(span, vocabulary, gen) for span in all_spans}
 
     # ---- frozen features, once per distinct text
     texts = list(dict.fromkeys([t for u, s, _ in pairs + seeded for t in (u, s)] + train_neg + train_benign + val_neg))
