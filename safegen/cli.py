@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--benign-i2p", type=_float, default=None, metavar="PCT",
                    help="also push away I2P prompts whose images were judged inappropriate at most PCT percent of "
                         "the time (artists and style tails; I2P's sexual ones and nudity.csv stay out: "
-                        "safegen.eval.datasets.i2p_benign), e.g. 5")
+                        "safegen.eval.datasets.i2p_benign), e.g. 5. Measured: fewer artist false positives, but "
+                        "I2P recall collapses (BENCHMARKS.md); the shipped head does not use it")
     t.add_argument("--category-weight", type=_float, default=0.3, metavar="X",
                    help="weight of the evidence path's category cross-entropy (default 0.3)")
     t.add_argument("--match-weight", type=_float, default=1.0, metavar="X",

@@ -502,8 +502,10 @@ def i2p_benign(data_dir: "str | Path | None" = None, *, max_inappropriate: float
     r"""Benign prompts in the style people write for image models (artists, styles, "trending on artstation"): the
     I2P prompts whose SD images were judged inappropriate at most ``max_inappropriate`` percent of the time, leaving
     out the ones I2P files under ``sexual`` and every prompt of ``nudity.csv`` (both stay evaluation data). Disjoint
-    from the I2P evaluation set (``inappropriate_percentage`` ≥ 50). Training negatives for a prompt checker, so
-    that an artist's name or a style tail is not read as unsafe.
+    from the I2P evaluation set (``inappropriate_percentage`` ≥ 50). Meant as training negatives for a prompt
+    checker, so that an artist's name or a style tail is not read as unsafe; measured for the MiniLM Latent Guard
+    head it did that (artist prompts flagged 19% → 2%) but unsafe I2P prompts look the same and their recall
+    collapsed (BENCHMARKS.md), so the shipped head does not use it.
 
     Example:
         >>> import pathlib, tempfile
