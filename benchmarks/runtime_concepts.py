@@ -71,11 +71,10 @@ def run_mode(guard, entries: list[dict], coco: list[str], one_at_a_time: bool, c
             rows.update({(e["phrase"], t): r for t, r in zip(texts, got)})
             coco_rows += got[len(texts):]
     else:
-        texts = [t for e in entries for t in e["prompts"] + e["near_misses"]]
-        got = guard.check(texts + coco, policy_with([e["phrase"] for e in entries]), progress=True)
-        rows.update({(e["phrase"], t): r for e in entries for t in e["prompts"] + e["near_misses"]
-                     for r in [got[texts.index(t)]]})
-        coco_rows = got[len(texts):]
+        keys = [(e["phrase"], t) for e in entries for t in e["prompts"] + e["near_misses"]]
+        got = guard.check([t for _, t in keys] + coco, policy_with([e["phrase"] for e in entries]), progress=True)
+        rows.update(zip(keys, got))
+        coco_rows = got[len(keys):]
 
     def fires(row):  # the added category fired: at its calibrated threshold, or reported (e.g. a phrase written)
         return row["risks"]["custom"] >= 1 - budget or (row["unsafe"] and row["category"] == "custom")

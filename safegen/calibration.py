@@ -134,7 +134,8 @@ class RiskScale:
         return (asc.shape[1] - below).t()
 
     def benign_rate(self, scores):
-        """(B, K) share of reference prompts flagged at the level of each score (NaN for a non-finite score)."""
+        """(B, K) the expected share of new benign prompts flagged at the level of each score (the reference rate one
+        level further; NaN for a non-finite score)."""
         import torch
 
         scores = torch.as_tensor(scores).float()

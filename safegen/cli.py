@@ -37,7 +37,8 @@ from typing import Any, Sequence
 
 from .demo import AUTH_ENV, DEMO_GUARDS
 from .cliargs import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
-                      check_out_dir, float_value as _float, load_model, nonnegative_int as _nonnegative_int,
+                      check_out_dir, float_value as _float, load_model, nonnegative_float as _nonnegative_float,
+                      nonnegative_int as _nonnegative_int,
                       positive_float as _positive_float, positive_int as _positive_int, quiet_libraries,
                       run_command, run_settings, sensitivity_value as _sensitivity)
 from .eval.command import guards_help, protect_pipeline
@@ -76,9 +77,13 @@ def _add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, ...")
 
 
-def _add_labelled_generation_args(p: argparse.ArgumentParser, labelled: str) -> None:
-    """``--data-dir --oracle --policy --steps`` of the commands that train on images the model draws and an oracle
-    labels (``train-lvd``, ``train-output-classifier``); ``labelled`` says what the oracle labels."""
+def _add_labelled_generation_args(p: argparse.ArgumentParser, labelled: str, classified: str) -> None:
+    """``--out --model --data-dir --oracle --policy --steps`` of the commands that train a classifier on what the
+    model draws and an oracle labels (``train-lvd``, ``train-output-classifier``); ``labelled`` says what the
+    oracle labels, ``classified`` what the classifier reads."""
+    p.add_argument("--out", required=True, metavar="FILE", help="classifier file to write (.safetensors)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model whose {classified} are classified (default: "
+                                                          "the embedded default model)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder with CoProv2_train.csv and coco_30k_10k.csv (default: $SAFEGEN_DATA or "
                         "../shared/data)")
@@ -242,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the time (artists and style tails; I2P's sexual ones and nudity.csv stay out: "
                         "safegen.eval.datasets.i2p_benign), e.g. 5. Measured: fewer artist false positives, but "
                         "I2P recall collapses (BENCHMARKS.md); the shipped head does not use it")
-    t.add_argument("--category-weight", type=_float, default=0.3, metavar="X",
+    t.add_argument("--category-weight", type=_nonnegative_float, default=0.3, metavar="X",
                    help="weight of the evidence path's category cross-entropy (default 0.3)")
-    t.add_argument("--match-weight", type=_float, default=1.0, metavar="X",
+    t.add_argument("--match-weight", type=_nonnegative_float, default=1.0, metavar="X",
                    help="weight of the matching objective that makes concepts added at run time work (default 1; "
                         "0 = off)")
     t.add_argument("--no-evidence", action="store_true",
@@ -282,13 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "along every trajectory, label each trajectory with the oracle on its final "
                                    "image, train the classifier and calibrate its threshold on held-out "
                                    "trajectories.")
-    v.add_argument("--out", required=True, metavar="FILE", help="classifier file to write (.safetensors)")
-    v.add_argument("--model", default=DEFAULT_MODEL, help="the model whose latents are classified (default: the "
-                                                          "embedded default model)")
+    _add_labelled_generation_args(v, "each final image", "latents")
     v.add_argument("--prompts", type=_positive_int, default=1200, metavar="N",
                    help="trajectories to record: half unsafe CoProV2 prompts, a quarter safe twins, a quarter COCO "
                         "(default 1200)")
-    _add_labelled_generation_args(v, "each final image")
     v.add_argument("--window", type=_positive_int, default=5, metavar="N", help="decision window in steps (5)")
     v.add_argument("--ratio", type=_positive_float, default=0.6, metavar="X", help="share of window steps (0.6)")
     v.add_argument("--record-steps", type=_positive_int, default=None, metavar="N",
@@ -307,16 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "rows) with the unprotected model, label each image with the oracle, train a "
                                     "small CNN on them and calibrate it on the benign reference prompts' images. "
                                     "Images and checkpoints go to --work: a killed run resumes.")
-    oc.add_argument("--out", required=True, metavar="FILE", help="classifier file to write (.safetensors)")
-    oc.add_argument("--model", default=DEFAULT_MODEL, help="the model whose images are classified (default: the "
-                                                           "embedded default model)")
+    _add_labelled_generation_args(oc, "each training image", "images")
     oc.add_argument("--n-unsafe", type=_positive_int, default=1200, metavar="N",
                     help="unsafe CoProV2 training prompts to draw (default 1200)")
     oc.add_argument("--n-benign", type=_positive_int, default=1200, metavar="N",
                     help="benign COCO captions to draw, from row 5000 on (default 1200)")
     oc.add_argument("--work", default="outputs/train-output-classifier", metavar="DIR",
                     help="resumable cache of images and checkpoints (default: outputs/train-output-classifier)")
-    _add_labelled_generation_args(oc, "each training image")
     oc.add_argument("--train-steps", type=_positive_int, default=2000, metavar="N", help="optimiser steps (2000)")
     oc.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="prompts per generation call")
     oc.add_argument("--calibrate-on", choices=("all", "clean"), default="clean",
@@ -676,8 +675,6 @@ def cmd_train_prompt_guard(args) -> int:
             benign = benign + i2p_benign(args.data_dir, max_inappropriate=args.benign_i2p)
         except (FileNotFoundError, ValueError) as e:
             raise UsageError(f"--benign-i2p: {e}") from None
-    if args.category_weight < 0 or args.match_weight < 0:
-        raise UsageError("--category-weight and --match-weight must be ≥ 0")
     quiet_libraries()
     pipe = _backbone_pipeline(args)
     encoder = "minilm" if pipe is None else _pipeline_adapter(pipe)

@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
 
 __all__ = ["UsageError", "OneLineParser", "int_at_least", "positive_int", "nonnegative_int", "positive_float",
-           "float_value", "sensitivity_value", "STEPS_HELP", "add_model_arguments", "parse_guards", "run_settings",
-           "check_out_dir", "load_model", "quiet_libraries", "run_command"]
+           "nonnegative_float", "float_value", "sensitivity_value", "STEPS_HELP", "add_model_arguments",
+           "parse_guards", "run_settings", "check_out_dir", "load_model", "quiet_libraries", "run_command"]
 
 
 class UsageError(Exception):
@@ -80,6 +80,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse type: a finite number ≥ 0 (a weight)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
     return value
 
 

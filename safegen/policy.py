@@ -129,7 +129,7 @@ class Policy:
     **Thresholds are budgets.** Every guard turns its raw score (a cosine, a logit, a probability) into a
     calibrated risk in [0, 1] on one shared scale (:class:`safegen.calibration.RiskScale`): fitted on 1,000
     benign reference prompts for the encoder or model at hand. The policy states how many benign prompts a guard
-    may flag, ``fpr`` (default 0.01: at most 1% of the reference prompts), and each guard flags a category when
+    may flag, ``fpr`` (default 0.01: an expected 1% of new benign prompts), and each guard flags a category when
     its risk reaches ``1 - budget``. ``sensitivity`` scales that budget, the same way for every guard::
 
         budget = min(fpr × sensitivity, 0.5)
@@ -145,7 +145,7 @@ class Policy:
         >>> policy.fpr, policy.budget()
         (0.01, 0.01)
         >>> policy.sensitivity = 1.5
-        >>> round(policy.budget(), 4)  # 1.5% of benign reference prompts may be flagged by each guard
+        >>> round(policy.budget(), 4)  # each guard may flag an expected 1.5% of benign prompts
         0.015
         >>> policy.categories["violence"].set_threshold("safree", 0.45)  # a fixed raw cosine for SAFREE
         >>> policy.threshold("violence", "safree", default=0.3)  # fixed: sensitivity does not move it
@@ -157,7 +157,7 @@ class Policy:
     name: str
     categories: dict[str, Category]
     sensitivity: float = 1.0
-    #: The benign false-positive budget of every guard at sensitivity 1: the share of benign reference prompts a
+    #: The benign false-positive budget of every guard at sensitivity 1: the expected share of new benign prompts a
     #: guard may flag (0 < fpr <= 0.5).
     fpr: float = DEFAULT_FPR
     placeholder: str = "flat"

@@ -27,8 +27,8 @@ class GuardResult:
         score: the deciding raw score, on the guard's own scale (a cosine, a logit, a probability); ``threshold``
             is the raw threshold it was compared against.
         risk: the deciding score as calibrated risk in [0, 1], the scale every guard shares
-            (:class:`safegen.calibration.RiskScale`: 1 - the share of benign reference prompts that score as
-            high); ``None`` where the guard has no calibration.
+            (:class:`safegen.calibration.RiskScale`: 1 - the expected share of new benign prompts that would be
+            flagged at that score); ``None`` where the guard has no calibration.
         budget: the benign false-positive budget the threshold was set at (the policy's ``fpr`` × sensitivity):
             the guard flags when ``risk >= 1 - budget``; ``None`` when the threshold was fixed, not calibrated.
         scores: per-category raw scores; ``risks``: per-category calibrated risks.

@@ -607,7 +607,9 @@ def split_coco(captions: "list[str]", *, skip: int = HARNESS_COCO_ROWS) -> tuple
     from ..calibration import reference_prompts
 
     out = set(captions[:skip]) | set(reference_prompts())
-    rest = [c for c in dict.fromkeys(captions[skip:]) if c not in out]
-    heldout = [c for c in rest if _heldout_half(c)]
-    train = [c for c in rest if not _heldout_half(c)]
+    train: list[str] = []
+    heldout: list[str] = []
+    for c in dict.fromkeys(captions[skip:]):
+        if c not in out:
+            (heldout if _heldout_half(c) else train).append(c)
     return train, heldout

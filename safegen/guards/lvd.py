@@ -76,6 +76,12 @@ class LVDModelMismatch(LVDWeightsError, GuardUnavailable):
     (a policy with ``skip_unavailable`` skips it there)."""
 
 
+def _rule_of(trace: torch.Tensor, need: int) -> torch.Tensor:
+    """Rule scores (..., K) of check traces (..., checks, K): per category the ``need``-th highest probability (-1
+    where fewer than ``need`` checks were made)."""
+    return trace.topk(min(need, trace.shape[-2]), dim=-2).values.select(-2, -1)
+
+
 # ---------------------------------------------------------------------- predicted x0
 def _step_index(scheduler, timestep) -> int:
     idx = getattr(scheduler, "step_index", None)
@@ -511,17 +517,21 @@ class LVD(Guard):
         not), at least 1."""
         return max(1, math.ceil(self.checks_for(num_steps) * self.ratio - 1e-9))
 
+    def _weights_path(self) -> Path:
+        """The classifier file: ``weights``, else the shipped one."""
+        return Path(self.weights) if self.weights is not None else default_weights_path()
+
     def weight_files(self) -> list:
         if self._classifier is not None:
             return []  # an in-memory classifier: no file
-        return [Path(self.weights) if self.weights is not None else default_weights_path()]
+        return [self._weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, protection) -> None:
         if self._classifier is not None:
             clf, source = self._classifier, "the in-memory LVD classifier"
         else:
-            path = Path(self.weights) if self.weights is not None else default_weights_path()
+            path = self._weights_path()
             clf, source = LatentClassifier.load(path), str(path)
         clf.check_model(protection.pipe, source)
         unknown = [c for c in clf.categories if c not in protection.policy.categories]
@@ -540,7 +550,7 @@ class LVD(Guard):
             clf.to(device)
         policy = call.policy
         stoppable = torch.tensor([policy.categories[c].action != "log" for c in clf.categories], device=device)
-        scale = self._scale(clf, call.num_steps) if self.threshold is None else None
+        scale = self._scale(clf, call.num_steps, call.protection.cache) if self.threshold is None else None
         values, budgets = guard_thresholds(policy, self.name, clf.categories, scale=scale, fixed=self.threshold,
                                            default=self._default_threshold(clf))
         thresholds = torch.tensor(values, device=device).clamp(max=1.0)
@@ -647,7 +657,7 @@ class LVD(Guard):
         """Item ``j``'s rule score per category (K,): the ``need``-th highest probability among its checks so far,
         the number the stop rule compares with the threshold (a category stops the item once ``need`` checks
         reach it) and the one the calibration ranks (-1 before ``need`` checks were made)."""
-        return st.trace[j].topk(min(st.need, st.trace.shape[1]), dim=0).values[-1]
+        return _rule_of(st.trace[j], st.need)
 
     def _risk_fields(self, st, scores: torch.Tensor, k: int) -> dict[str, Any]:
         """The report's calibrated fields for rule scores (K,) and deciding category ``k``."""
@@ -693,7 +703,7 @@ class LVD(Guard):
         call.set_state(self, None)  # reported once, even when a failing call runs finish again
         clf = st.clf
         peak, count, thr = st.peak.cpu(), st.count.cpu(), st.thresholds.cpu()  # one host copy each
-        rule = st.trace.topk(min(st.need, st.trace.shape[1]), dim=1).values[:, -1].cpu()  # (n, K) rule scores
+        rule = _rule_of(st.trace, st.need).cpu()  # (n, K) rule scores, one host copy
         for j, item in enumerate(call.running_items):
             if item in call.stopped_items:
                 continue
@@ -720,9 +730,10 @@ class LVD(Guard):
                 res.reason = (f"latents looked unsafe at {int(count[j].max())} of {st.checks} checked steps, fewer "
                               f"than the {st.need} needed to stop")
 
-    def _scale(self, clf: LatentClassifier, num_steps: int | None = None):
+    def _scale(self, clf: LatentClassifier, num_steps: int | None = None, cache: dict | None = None):
         """The classifier's risk scale (stored with its weights by :meth:`calibrate`) when it was measured for this
-        rule and this call's step count, else ``None`` (the trained threshold applies, fixed)."""
+        rule and this call's step count, else ``None`` (the trained threshold applies, fixed). Built once per stored
+        calibration and kept in ``cache`` (the protection's), not refitted every call."""
         from ..calibration import RiskScale
 
         data = clf.metadata.get("risk_scale")
@@ -731,7 +742,13 @@ class LVD(Guard):
             return None  # measured for another rule: its numbers mean nothing for this one
         if num_steps is not None and data.get("steps") not in (None, num_steps):
             return None  # x0 predictions of another schedule: the benign scores do not carry over
-        return RiskScale.from_dict(data)
+        hit = None if cache is None else cache.get(("lvd", "scale", id(clf)))
+        if hit is not None and hit[0] is data:
+            return hit[1]
+        scale = RiskScale.from_dict(data)
+        if cache is not None:
+            cache[("lvd", "scale", id(clf))] = (data, scale)
+        return scale
 
     def calibrate(self, pipe, *, steps: int = 25, batch_size: int = 16, limit: int | None = None,
                   exclude: "Sequence[int]" = (), progress: bool = True) -> "RiskScale":
@@ -803,8 +820,7 @@ class LVD(Guard):
         if self._classifier is not None:
             return self._classifier
         if getattr(self, "_loaded", None) is None:
-            path = Path(self.weights) if self.weights is not None else default_weights_path()
-            self._loaded = LatentClassifier.load(path)
+            self._loaded = LatentClassifier.load(self._weights_path())
         return self._loaded
 
     def _default_threshold(self, clf: LatentClassifier) -> float:

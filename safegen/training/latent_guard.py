@@ -19,7 +19,7 @@ from ..encoders import TextEncoderAdapter
 from ..eval.datasets import load_coprov2_pairs
 from ..guards.latent_guard import (MINILM_NAME, LatentGuardHead, LatentGuardWeightsError, TextFeatures,
                                    _minilm_adapter, encoder_identity, text_features)
-from .loop import TrainingLoop
+from .loop import TrainingLoop, seeded_init
 
 __all__ = ["policy_concepts", "common_part", "concept_seed_pairs", "concept_spans", "contrastive_loss", "match_loss",
            "near_miss_span", "roc_auc", "train_head", "load_coprov2_pairs"]
@@ -484,12 +484,7 @@ def train_head(encoder, pairs: Sequence[tuple[str, str, str]], *, concepts=None,
                          encoder_layers=identity.get("encoder_layers"), encoder_vocab=identity.get("encoder_vocab"),
                          encoder_layer=identity.get("encoder_layer"), backbone=backbone,
                          max_length=getattr(enc, "max_length", None))
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            head = LatentGuardHead(**overrides)
-        finally:
-            torch.random.set_rng_state(state)
+        head = seeded_init(lambda: LatentGuardHead(**overrides), seed)
     elif head.config.hidden_size != hidden:
         raise LatentGuardWeightsError(f"head has hidden size {head.config.hidden_size} but the encoder gives {hidden}")
     head = head.to(device).train()
