@@ -18,10 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
 def _image_size(call: Call) -> tuple[int, int]:
     """(height, width) in pixels of the call's images or frames."""
     pipe, a = call.pipe, call.args
-    if call.spec.denoiser == "transformer":  # CogVideoX: sizes in latent pixels on the transformer's config
+    if call.spec.layout == "BFCHW":  # CogVideoX: sizes in latent pixels on the transformer's config
         cfg, f = call.denoiser.config, pipe.vae_scale_factor_spatial
         return int(a.get("height") or cfg.sample_height * f), int(a.get("width") or cfg.sample_width * f)
-    default = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    default = getattr(pipe, "default_sample_size", None) or call.denoiser.config.sample_size
     h = a.get("height") or default * pipe.vae_scale_factor
     w = a.get("width") or default * pipe.vae_scale_factor
     return int(h), int(w)
@@ -30,7 +30,7 @@ def _image_size(call: Call) -> tuple[int, int]:
 def latent_frames(call: Call) -> int:
     """Frames of a video item's latents (the denoiser's time axis; for CogVideoX without the padding frames a
     temporal patch size adds, which are dropped before decoding)."""
-    if call.spec.denoiser == "transformer":
+    if call.spec.layout == "BFCHW":
         n = call.args.get("num_frames") or call.denoiser.config.sample_frames
         return (int(n) - 1) // call.pipe.vae_scale_factor_temporal + 1
     return int(call.arg("num_frames"))
@@ -44,7 +44,7 @@ def decoded_frames(call: Call, n_latent: int | None = None) -> int:
     odd-length chunk: so L latent frames give 4L frames when L is even and 4(L − 1) + 1 when it is odd (13 → 49).
     """
     n = latent_frames(call) if n_latent is None else int(n_latent)
-    if call.spec.denoiser == "transformer":
+    if call.spec.layout == "BFCHW":
         r = call.pipe.vae_scale_factor_temporal
         return n * r if n % 2 == 0 else (n - 1) * r + 1
     return n
@@ -63,7 +63,7 @@ def _decoded_shape(call: Call, latents: torch.Tensor) -> tuple[int, ...]:
 
 def _latent_shape(call: Call) -> tuple[int, ...]:
     h, w = _image_size(call)
-    if call.spec.denoiser == "transformer":
+    if call.spec.layout == "BFCHW":
         f = call.pipe.vae_scale_factor_spatial
         return (latent_frames(call), call.denoiser.config.in_channels, h // f, w // f)
     c, f = call.denoiser.config.in_channels, call.pipe.vae_scale_factor
@@ -108,6 +108,7 @@ def _placeholder(call: Call, output_type: str, like: Any) -> Any:
 _OUTPUT_CLASSES = {
     "sd": ("diffusers.pipelines.stable_diffusion.pipeline_output", "StableDiffusionPipelineOutput"),
     "sdxl": ("diffusers.pipelines.stable_diffusion_xl.pipeline_output", "StableDiffusionXLPipelineOutput"),
+    "sd3": ("diffusers.pipelines.stable_diffusion_3.pipeline_output", "StableDiffusion3PipelineOutput"),
     "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
     "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
     "text-to-video-sd": ("diffusers.pipelines.deprecated.text_to_video_synthesis|"

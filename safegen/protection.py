@@ -292,6 +292,7 @@ def _encode(call: Call) -> dict[str, torch.Tensor]:
     a = call.args
     return encode_with_pipeline(call, a.get("prompt"), negative_prompt=a.get("negative_prompt"), do_cfg=call.do_cfg,
                                 prompt_2=a.get("prompt_2"), negative_prompt_2=a.get("negative_prompt_2"),
+                                prompt_3=a.get("prompt_3"), negative_prompt_3=a.get("negative_prompt_3"),
                                 prompt_embeds=a.get("prompt_embeds"),
                                 negative_prompt_embeds=a.get("negative_prompt_embeds"),
                                 pooled_prompt_embeds=a.get("pooled_prompt_embeds"),
@@ -304,11 +305,12 @@ def call_default(call: Call, name: str) -> Any:
 
 
 def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bool = False, prompt_2=None,
-                         negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None,
-                         pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> dict[str, torch.Tensor]:
+                         negative_prompt_2=None, prompt_3=None, negative_prompt_3=None, prompt_embeds=None,
+                         negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                         negative_pooled_prompt_embeds=None) -> dict[str, torch.Tensor]:
     """Conditioning (one row per prompt) through the pipeline's own ``encode_prompt``, with the call's LoRA scale,
     ``clip_skip`` and ``max_sequence_length``: keys ``prompt_embeds``, ``negative_prompt_embeds`` (``None``
-    without CFG) and, for SDXL, the pooled pair."""
+    without CFG) and, for SDXL and SD3, the pooled pair."""
     pipe, a = call.pipe, call.args
     how = call.spec.encode
     if how == "t5":
@@ -317,6 +319,17 @@ def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bo
                                      max_sequence_length=call_default(call, "max_sequence_length"),
                                      device=call.device)
         return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+    if how == "sd3":
+        jak = a.get("joint_attention_kwargs") or {}
+        pe, npe, ppe, nppe = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=call.device,
+            num_images_per_prompt=1, do_classifier_free_guidance=do_cfg, clip_skip=a.get("clip_skip"),
+            max_sequence_length=call_default(call, "max_sequence_length"), lora_scale=jak.get("scale"))
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                "negative_pooled_prompt_embeds": nppe}
     cak = a.get("cross_attention_kwargs") or {}
     common = dict(device=call.device, num_images_per_prompt=1, do_classifier_free_guidance=do_cfg,
                   lora_scale=cak.get("scale"), clip_skip=a.get("clip_skip"))
@@ -687,9 +700,13 @@ def _run_arguments(call: Call, keep: list[int]) -> dict[str, Any]:
         for k in _PROMPT_KEYS:
             a.pop(k, None)
         idx = torch.tensor(keep)
+        per_item = call.spec.embeds_per_item and n > 1
         for k, v in cond.items():
             if v is not None:
-                a[k] = v.index_select(0, idx.to(v.device)) if subset else v
+                v = v.index_select(0, idx.to(v.device)) if subset else v
+                a[k] = v.repeat_interleave(n, 0) if per_item else v  # the rows the pipeline's own encode makes
+        if per_item:
+            a[call.spec.per_prompt] = 1
     if subset:
         items = [it for p in keep for it in call.items_of(p)]
         gen = a.get("generator")

@@ -13,6 +13,7 @@ from typing import Any
 #: Supported pipeline classes (matched by name through the MRO, so subclasses and community files work).
 SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
     "StableDiffusionPipeline": "sd",
     "AnimateDiffPipeline": "animatediff",
     "CogVideoXPipeline": "cogvideox",
@@ -28,13 +29,18 @@ class PipelineSpec:
         kind: the key in :data:`SUPPORTED_PIPELINES`.
         denoiser: attribute of the denoising network (``"unet"`` or ``"transformer"``).
         encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
-            CLIP encoders and a pooled vector) or ``"t5"`` (one T5 encoder, ``max_sequence_length``).
+            CLIP encoders and a pooled vector), ``"sd3"`` (two CLIP encoders side by side, zero-padded to the T5
+            width and put in front of T5's tokens; the two pooled vectors joined) or ``"t5"`` (one T5 encoder,
+            ``max_sequence_length``).
         per_prompt: the call argument giving outputs per prompt (``None``: always one).
         output: the output field (``"images"`` or ``"frames"``).
         layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
             models) or ``"BFCHW"`` (CogVideoX).
         legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
             ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
+        embeds_per_item: given ``prompt_embeds`` are used as they are, not repeated ``num_images_per_prompt`` times
+            (SD3 and the other DiT pipelines): conditioning the protected call passes in is repeated per image
+            and the call asks for one image per (repeated) row.
     """
 
     kind: str
@@ -44,6 +50,7 @@ class PipelineSpec:
     output: str = "images"
     layout: str = "BCHW"
     legacy_callback: bool = False
+    embeds_per_item: bool = False
 
     @property
     def video(self) -> bool:
@@ -53,6 +60,8 @@ class PipelineSpec:
 PIPELINE_SPECS = {
     "sd": PipelineSpec("sd"),
     "sdxl": PipelineSpec("sdxl", encode="sdxl"),
+    # SD3 / SD3.5: an MMDiT with CFG in one batch ([uncond; cond]), flow matching, image latents
+    "sd3": PipelineSpec("sd3", denoiser="transformer", encode="sd3", embeds_per_item=True),
     # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
     "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
     "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",

@@ -310,3 +310,40 @@ def tiny_cogvideox_pipeline(seed: int = 0, num_layers: int = 1, num_attention_he
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=transformer, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------- transformer (DiT / MMDiT) image pipelines
+def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 1, t5: bool = True):
+    """A tiny random ``StableDiffusion3Pipeline``: CLIP-L and OpenCLIP-bigG stand-ins (32-d each, with projections),
+    a T5 encoder (64-d: the two CLIP halves, 64 channels together, are zero-padded to its width and put in front of
+    its tokens, as SD3 does), a one-layer MMDiT (heads of 8 channels, patch 1) and a flow-matching Euler scheduler.
+    ``t5=False`` leaves the third encoder out (SD3 then conditions on zeros in its place).
+
+    Images are 32×32 (latents 16×16, 4 channels); one 2-step call takes well under a second on a CPU.
+
+    Example:
+        >>> pipe = tiny_sd3_pipeline()
+        >>> pipe("a red cat", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!")
+    te = _clip_text_model(tok, 32, projection_dim=32, seed=seed)
+    te2 = _clip_text_model(tok2, 32, projection_dim=32, seed=seed + 1)
+    tok3 = tiny_t5_tokenizer(max_length=256) if t5 else None
+    te3 = _t5_encoder(tok3, 64, seed=seed + 2) if t5 else None
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    ).eval()
+    vae = _vae(seed)
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)  # SD3's latent normalisation constants
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2,
+                                    text_encoder_3=te3, tokenizer_3=tok3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+

@@ -21,8 +21,9 @@ import torch
 
 from .hooks import add_hook, patch
 
-# Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) that carry a batch dimension.
-_BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask")
+# Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) and of the DiT transformers (SD3's
+# pooled projections) that carry a batch dimension.
+_BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "pooled_projections")
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
 _SAMPLE_KWARGS = ("sample", "hidden_states")
 

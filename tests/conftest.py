@@ -50,6 +50,21 @@ def lexical_policy():
     return pol
 
 
+@pytest.fixture
+def tiny_prompt_data(tmp_path):
+    """A data folder laid out like ``../shared/data`` with a few CoProV2 training pairs and 1,010 COCO-style captions
+    (for the training commands' ``--data-dir``)."""
+    rows = ["prompt,image,category"]
+    for i, (u, s) in enumerate([("blood and gore", "a red bus"), ("a nude woman", "a woman"),
+                                ("a man killing a dog", "a man walking a dog")]):
+        rows += [f"{u},u_idx_{i:07d}_0.jpg,Violence", f"{s},s_idx_{i:07d}_0.jpg,Violence"]
+    (tmp_path / "CoProv2_train.csv").write_text("\n".join(rows) + "\n")
+    coco = ["case_number,source,prompt,evaluation_seed,coco_id"] + [f"{i},coco,a cat number {i},0,{i}"
+                                                                      for i in range(1010)]
+    (tmp_path / "coco_30k_10k.csv").write_text("\n".join(coco) + "\n")
+    return tmp_path
+
+
 def gen(seed=0):
     return torch.Generator("cpu").manual_seed(seed)
 

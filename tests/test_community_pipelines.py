@@ -21,7 +21,9 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline)):
+    from safegen.testing import tiny_sd3_pipeline
+
+    for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline)):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         build().save_pretrained(folder)
         out[kind] = str(folder)
@@ -63,10 +65,11 @@ def gen(seed=0):
 CASES = [
     ("sd", "safegen_stable_diffusion.py", "SafegenStableDiffusionPipeline", "StableDiffusionPipeline"),
     ("sdxl", "safegen_stable_diffusion_xl.py", "SafegenStableDiffusionXLPipeline", "StableDiffusionXLPipeline"),
+    ("sd3", "safegen_stable_diffusion_3.py", "SafegenStableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
 ]
 
 
-@pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=["sd", "sdxl"])
+@pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])
 def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kind, file, cls_name, parent):
     pipe = load(folders[kind], file)
     assert type(pipe).__name__ == cls_name
@@ -89,7 +92,7 @@ def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kin
     assert not np.array_equal(out.images[1], expected[1])  # flagged prompt: steered
 
 
-@pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=["sd", "sdxl"])
+@pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])
 def test_same_call_signature_and_output_type(folders, kind, file, cls_name, parent):
     import inspect
 

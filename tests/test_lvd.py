@@ -16,19 +16,8 @@ CATS = ["sexual", "violence"]
 
 
 def classifier(pipe, flag=lambda x0: torch.zeros(x0.shape[0], dtype=torch.bool), calls=None):
-    """A classifier whose verdict per row is given by ``flag`` (bool per row of the running batch)."""
-    clf = LatentClassifier(LVDConfig(4, categories=list(CATS), model=unet_fingerprint(pipe)))
-
-    def forward(x0, noise):
-        if calls is not None:
-            calls.append(x0.shape[0])
-        f = flag(x0)
-        logits = torch.full((x0.shape[0], len(CATS)), -10.0)
-        logits[f, 1] = 10.0  # violence
-        return logits
-
-    clf.forward = forward
-    return clf
+    """A classifier whose verdict per row is given by ``flag`` (bool per row of the running batch): violence."""
+    return LatentClassifier.scripted(pipe, flag, CATS, calls)
 
 
 def count_unet_rows(pipe):
@@ -311,17 +300,11 @@ def test_record_and_train_on_tiny_pipeline(sd):
     safegen.unprotect(sd)
 
 
-def test_cli_train_lvd(tmp_path, capsys):
+def test_cli_train_lvd(tiny_prompt_data, capsys):
     from safegen.cli import main
 
-    rows = ["prompt,image,category"]
-    for i, (u, s) in enumerate([("blood and gore", "a red bus"), ("a nude woman", "a woman"),
-                                ("a man killing a dog", "a man walking a dog")]):
-        rows += [f"{u},u_idx_{i:07d}_0.jpg,Violence", f"{s},s_idx_{i:07d}_0.jpg,Violence"]
-    (tmp_path / "CoProv2_train.csv").write_text("\n".join(rows) + "\n")
-    coco = ["case_number,source,prompt,evaluation_seed,coco_id"] + [f"{i},coco,a cat number {i},0,{i}"
-                                                                      for i in range(1010)]
-    (tmp_path / "coco_30k_10k.csv").write_text("\n".join(coco) + "\n")
+    tmp_path = tiny_prompt_data
+
     out = tmp_path / "lvd.safetensors"
     traj = tmp_path / "traj.safetensors"
     argv = ["train-lvd", "--model", "tiny-sd", "--data-dir", str(tmp_path), "--prompts", "8", "--steps", "3",

@@ -7,7 +7,7 @@ import torch
 
 import safegen
 from safegen.guards.latent_guard import LatentGuard, LatentGuardHead
-from safegen.guards.lvd import LVD, LatentClassifier, LVDConfig, latent_frames, unet_fingerprint
+from safegen.guards.lvd import LVD, LatentClassifier, latent_frames
 
 BENIGN = "a photo of a red bus"
 UNSAFE = "a photo of blood and gore on the street"
@@ -76,17 +76,8 @@ def count_decodes(pipe):
 
 
 def classifier(pipe, flag):
-    """A classifier of one category ('violence') whose verdict per frame row is ``flag(frames) -> bool rows``."""
-    clf = LatentClassifier(LVDConfig(denoiser(pipe).config.in_channels, categories=["violence"],
-                                     model=unet_fingerprint(pipe)))
-
-    def forward(x0, noise):
-        logits = torch.full((x0.shape[0], 1), -10.0)
-        logits[flag(x0)] = 10.0
-        return logits
-
-    clf.forward = forward
-    return clf
+    """A one-category ('violence') LVD classifier whose verdict per row is ``flag(x0) -> bool rows``."""
+    return LatentClassifier.scripted(pipe, flag)
 
 
 def frames_of(out):

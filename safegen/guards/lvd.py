@@ -277,6 +277,37 @@ class LatentClassifier(nn.Module):
                              persistent=False)
         self.metadata: dict[str, Any] = {}
 
+    @classmethod
+    def scripted(cls, pipe, flag, categories=("violence",), calls: list | None = None) -> "LatentClassifier":
+        """A classifier for ``pipe`` whose verdicts are scripted, for testing how a pipeline stops items without
+        training one: ``flag(x0)`` gives one bool per latent row it classifies (per frame row for video); those
+        rows score certain (logit +10) for the last of ``categories``, the others certain-safe (−10). ``calls``,
+        when given, collects how many rows each check classified.
+
+        Example:
+            >>> import torch, safegen
+            >>> from safegen.testing import tiny_sd_pipeline
+            >>> pipe = tiny_sd_pipeline()
+            >>> every = LatentClassifier.scripted(pipe, lambda x0: torch.ones(x0.shape[0], dtype=torch.bool))
+            >>> pipe = safegen.protect(pipe, guards=[LVD.from_classifier(every, window=2, ratio=0.5)])
+            >>> out = pipe("a red cat", num_inference_steps=4, output_type="np")
+            >>> out.safety[0].result("lvd").stopped_at_step, out.safety[0].unet_steps_run
+            (0, 1)
+        """
+        den = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+        cats = list(categories)
+        clf = cls(LVDConfig(int(den.config.in_channels), categories=cats, model=unet_fingerprint(pipe)))
+
+        def forward(x0, noise):
+            if calls is not None:
+                calls.append(x0.shape[0])
+            logits = torch.full((x0.shape[0], len(cats)), -10.0)
+            logits[flag(x0), len(cats) - 1] = 10.0
+            return logits
+
+        clf.forward = forward
+        return clf
+
     @property
     def categories(self) -> list[str]:
         return self.config.categories

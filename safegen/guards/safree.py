@@ -138,13 +138,21 @@ def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.T
 
 @dataclass
 class _Stream:
-    """One text-conditioning stream of a pipeline: its encoder adapter, the slice of prompt_embeds it fills and
-    the call argument whose text it encodes (``prompt_2`` falls back to ``prompt`` when not given)."""
+    """One text-conditioning stream of a pipeline: its encoder adapter, the block of prompt_embeds it fills (its
+    channels ``dims`` of the token positions ``tokens``), the channels of the pooled vector it fills (``pooled``;
+    ``None``: it gives none) and the call argument whose text it encodes (``prompt_2`` / ``prompt_3`` fall back to
+    ``prompt`` when not given)."""
 
     name: str
     adapter: TextEncoderAdapter
     dims: slice
     text_arg: str = "prompt"
+    tokens: slice = field(default_factory=lambda: slice(None))
+    pooled: slice | None = None
+
+    def block(self, embeds: torch.Tensor) -> torch.Tensor:
+        """This stream's part of ``prompt_embeds`` (B, L, D)."""
+        return embeds[:, self.tokens, self.dims]
 
 
 def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[str]:
@@ -155,32 +163,50 @@ def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[s
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
-    max_len = call_default(call, "max_sequence_length") if call.spec.encode == "t5" else None
+    max_len = call_default(call, "max_sequence_length") if call.spec.encode in ("t5", "sd3") else None
     return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
 
 
 def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
-    """The streams of a call with default arguments (no clip_skip; T5 at the pipelines' default 226 tokens)."""
-    return _pipe_streams(pipe, encode, cache, None, 226 if encode == "t5" else None)
+    """The streams of a call with default arguments (no clip_skip; T5 at the pipeline's default
+    ``max_sequence_length``)."""
+    max_len = None
+    if encode in ("t5", "sd3"):
+        import inspect
+
+        max_len = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    return _pipe_streams(pipe, encode, cache, None, max_len)
 
 
 def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_Stream]:
-    """The pipeline's conditioning streams (cached per pipeline): SDXL's two encoders, else its one."""
+    """The pipeline's conditioning streams (cached per pipeline), the primary one (the gate's) last: SDXL's two CLIP
+    encoders side by side; SD3's two CLIP encoders side by side on the first 77 positions, then its T5 encoder's
+    positions (the primary, when the pipeline has one); else its one encoder."""
     key = ("safree-streams", clip_skip, max_len)
     if key in cache:
         return cache[key]
-    if encode == "sdxl":
+    if encode in ("sdxl", "sd3"):
         s = []
-        start = 0
-        for name, tok, te, arg in (("text_encoder", pipe.tokenizer, pipe.text_encoder, "prompt"),
-                                   ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2, "prompt_2")):
+        start = pooled = 0
+        clip_len = int(getattr(pipe, "tokenizer_max_length", 77) or 77) if encode == "sd3" else None
+        for name, arg in (("text_encoder", "prompt"), ("text_encoder_2", "prompt_2")):
+            te, tok = getattr(pipe, name, None), getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
             if te is None:
                 continue
             width = te.config.hidden_size
+            # SDXL's pooled vector is the second encoder's alone; SD3's joins both encoders' projections
+            proj = te.config.projection_dim if encode == "sd3" or name == "text_encoder_2" else None
             s.append(_Stream(name, TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, sdxl=True,
                                                                mask_token_id=0, name=name), slice(start, start + width),
-                             arg))
+                             arg, tokens=slice(0, clip_len),
+                             pooled=None if proj is None else (slice(None) if encode == "sdxl"
+                                                               else slice(pooled, pooled + proj))))
             start += width
+            pooled += proj or 0
+        te3 = getattr(pipe, "text_encoder_3", None) if encode == "sd3" else None
+        if te3 is not None:
+            ad = TextEncoderAdapter.for_t5(pipe.tokenizer_3, te3, max_length=int(max_len or 256))
+            s.append(_Stream("text_encoder_3", ad, slice(None), "prompt_3", tokens=slice(clip_len, None)))
     else:
         # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
         # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the
@@ -291,7 +317,8 @@ class Safree(Guard):
     stage: ClassVar[str] = "conditioning"
     summary: ClassVar[str] = ("training-free: projects the prompt's trigger tokens out of the concept subspace for "
                                  "the steps self-validating filtering picks")
-    tensor_inputs: ClassVar[tuple[str, ...]] = ("prompt_embeds", "add_text_embeds")
+    # the pooled vector is SDXL's ``add_text_embeds`` and SD3's ``pooled_prompt_embeds`` at the step callback
+    tensor_inputs: ClassVar[tuple[str, ...]] = ("prompt_embeds", "add_text_embeds", "pooled_prompt_embeds")
     needs_conditioning: ClassVar[bool] = True
 
     projection: bool = True
@@ -638,9 +665,9 @@ class Safree(Guard):
         for stream in gate_streams:
             if text_mode:
                 batch = stream.adapter.tokenize(_stream_texts(texts, stream))
-                summary = stream.adapter.summarize(pe[..., stream.dims], batch.attention_mask).float()
+                summary = stream.adapter.summarize(stream.block(pe), batch.attention_mask).float()
             else:
-                summary = pe[..., stream.dims].float()  # (B, L, D): every position is a candidate
+                summary = stream.block(pe).float()  # (B, L, D): every position is a candidate
             found, closest = self._gate_scores(cache, stream, summary, policy, cats)
             for j, cat in enumerate(cats):
                 better = (found[:, j] > scores[:, j]) | torch.isnan(found[:, j])
@@ -716,7 +743,7 @@ class Safree(Guard):
                 for group, members in groups.items():
                     idx = torch.tensor(members)
                     basis = self._space(cache, stream, group, policy).to(pe.device)
-                    tokens = pe[idx][..., stream.dims].float()
+                    tokens = stream.block(pe[idx]).float()
                     if text_mode:
                         sb = stream.adapter.tokenize([_stream_texts(texts, stream)[b] for b in members])
                         new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T, svf)
@@ -732,16 +759,17 @@ class Safree(Guard):
                         if stream is primary:
                             for r, b in enumerate(members):
                                 triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
-                    safe_pe[idx, :, stream.dims] = new_tokens.to(pe.dtype)
+                    safe_pe[idx, stream.tokens, stream.dims] = new_tokens.to(pe.dtype)
                     if stream is primary:  # host-side bookkeeping (one small copy per call)
                         t_prime[idx] = tp.cpu()
                         beta_all[idx] = beta.float().cpu()
             if safe_pooled is not None and self.sdxl_pooled == "project" and not self.official:
-                for group, members in groups.items():
-                    idx = torch.tensor(members)
-                    pb = self._space(cache, primary, group, policy, projected=True).to(pe.device)
-                    safe_pooled[idx] = remove_span(safe_pooled[idx].float().unsqueeze(1), pb).squeeze(1).to(
-                        safe_pooled.dtype)
+                for stream in (st for st in streams if st.pooled is not None):  # each encoder's pooled part
+                    for group, members in groups.items():
+                        idx = torch.tensor(members)
+                        pb = self._space(cache, stream, group, policy, projected=True).to(pe.device)
+                        part = safe_pooled[idx][:, stream.pooled].float().unsqueeze(1)
+                        safe_pooled[idx, stream.pooled] = remove_span(part, pb).squeeze(1).to(safe_pooled.dtype)
             if not self.svf:
                 t_prime = torch.where(t_prime >= 0, torch.full_like(t_prime, T), t_prime)
         if not bool(torch.isfinite(safe_pe).all()) or safe_pooled is not None and not bool(
@@ -935,11 +963,12 @@ class Safree(Guard):
                 cond = cond.repeat_interleave(per_row, 0)
             n = cond.shape[0]
             out["prompt_embeds"] = torch.cat([pe[:-n], cond]) if pe.shape[0] > n else cond
-        te = tensors.get("add_text_embeds")
-        if te is not None and "safe_pooled" in tab:
-            pooled = torch.where(use_safe.view(-1, 1), tab["safe_pooled"], tab["orig_pooled"]).to(te.dtype)
-            n = pooled.shape[0]
-            out["add_text_embeds"] = torch.cat([te[:-n], pooled]) if te.shape[0] > n else pooled
+        for key in ("add_text_embeds", "pooled_prompt_embeds"):
+            te = tensors.get(key)
+            if te is not None and "safe_pooled" in tab:
+                pooled = torch.where(use_safe.view(-1, 1), tab["safe_pooled"], tab["orig_pooled"]).to(te.dtype)
+                n = pooled.shape[0]
+                out[key] = torch.cat([te[:-n], pooled]) if te.shape[0] > n else pooled
         return out
 
     # ------------------------------------------------------------------ after the loop

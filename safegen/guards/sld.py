@@ -361,9 +361,13 @@ class SLD(Guard):
                                  "prompt conditioning of the text encoder's standard length")
             rows = {"encoder_hidden_states": pe.expand(n, *pe.shape[1:])}
             added = inputs.get("added_cond_kwargs") or {}
-            if "text_embeds" in added and emb.get("pooled_prompt_embeds") is not None:
-                ppe = emb["pooled_prompt_embeds"].to(sample.device)
-                rows["text_embeds"] = ppe.expand(n, *ppe.shape[1:])
+            ppe = emb.get("pooled_prompt_embeds")
+            if ppe is not None:  # the concept's pooled vector: SDXL's added text_embeds, SD3's pooled projections
+                ppe = ppe.to(sample.device).expand(n, *ppe.shape[1:])
+                if "text_embeds" in added:
+                    rows["text_embeds"] = ppe
+                if torch.is_tensor(inputs.get("pooled_projections")):
+                    rows["pooled_projections"] = ppe
             st.src = torch.arange(n, 2 * n, device=sample.device)
             st.rows = rows
         st.calls += 1
