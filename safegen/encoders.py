@@ -280,12 +280,13 @@ class TextEncoderAdapter:
 
 
 def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length: int | None = None,
-                     mask_token_id: int | None = None) -> TextEncoderAdapter:
+                     mask_token_id: int | None = None, attention_mask: bool = False) -> TextEncoderAdapter:
     """The adapter of a pipeline's (first) text encoder, reading the states the pipeline conditions on.
 
     Duck-typed by the encoder, not the pipeline class: CLIP (SD 1.x/2.x, AnimateDiff, ZeroScope) → the EOS
     state of the layer ``clip_skip`` selects; T5 (CogVideoX) → :meth:`TextEncoderAdapter.for_t5` at
-    ``max_sequence_length`` (default 226), without attention mask as CogVideoX calls it; anything else
+    ``max_sequence_length`` (default 226), without attention mask as CogVideoX calls it (``attention_mask=True``:
+    with it, as Wan calls it); anything else
     (a BERT-like sentence encoder) → mean summary with its attention mask. SDXL's two encoders are wrapped by
     the guards themselves (:meth:`TextEncoderAdapter.for_clip` with ``sdxl=True``).
 
@@ -306,5 +307,6 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
     if "clip" in model_type:
         return TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, **kw)
     if "t5" in model_type:  # t5, umt5, mt5
-        return TextEncoderAdapter.for_t5(tok, te, max_length=int(max_sequence_length or 226), **kw)
+        return TextEncoderAdapter.for_t5(tok, te, max_length=int(max_sequence_length or 226),
+                                         attention_mask=attention_mask, **kw)
     return TextEncoderAdapter(tok, te, summary="mean", causal=False, **kw)

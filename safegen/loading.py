@@ -39,10 +39,11 @@ __all__ = ["ModelLoadError", "DEFAULT_MODEL", "TINY_MODELS", "TINY_VIDEO_MODELS"
 #: trained on safegen's world (see :mod:`safegen.default_model`).
 DEFAULT_MODEL = "default"
 #: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
-TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline"}
+TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline",
+               "tiny-flux": "tiny_flux_pipeline"}
 #: Built-in text-to-video pipelines, random weights too.
 TINY_VIDEO_MODELS = {"tiny-animatediff": "tiny_animatediff_pipeline", "tiny-cogvideox": "tiny_cogvideox_pipeline",
-                     "tiny-text-to-video": "tiny_text_to_video_pipeline"}
+                     "tiny-text-to-video": "tiny_text_to_video_pipeline", "tiny-wan": "tiny_wan_pipeline"}
 #: Denoising steps when none are asked for (any other model: 30).
 DEFAULT_STEPS = {DEFAULT_MODEL: 25, **{name: 4 for name in (*TINY_MODELS, *TINY_VIDEO_MODELS)}}
 #: What the commands print when a tiny model runs (``{model}`` is its name).

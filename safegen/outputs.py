@@ -21,18 +21,49 @@ def _image_size(call: Call) -> tuple[int, int]:
     if call.spec.layout == "BFCHW":  # CogVideoX: sizes in latent pixels on the transformer's config
         cfg, f = call.denoiser.config, pipe.vae_scale_factor_spatial
         return int(a.get("height") or cfg.sample_height * f), int(a.get("width") or cfg.sample_width * f)
-    default = getattr(pipe, "default_sample_size", None) or call.denoiser.config.sample_size
-    h = a.get("height") or default * pipe.vae_scale_factor
-    w = a.get("width") or default * pipe.vae_scale_factor
+    h, w = call.arg("height"), call.arg("width")  # given, else the call's own default (Wan: 480×832)
+    if h is None or w is None:
+        default = (getattr(pipe, "default_sample_size", None) or call.denoiser.config.sample_size) * _spatial(pipe)
+        h, w = h or default, w or default
     return int(h), int(w)
+
+
+def _spatial(pipe: Any) -> int:
+    """How much the pipeline's VAE shrinks height and width."""
+    return int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor)
+
+
+def latent_unpacker(pipe: Any, layout: str, height: int | None = None, width: int | None = None):
+    """For a pipeline whose scheduler steps on packed latents (``layout="packed"``: FLUX's 2×2 patches as tokens),
+    the function that turns them into (B, C, H, W) latent images with the pipeline's own ``_unpack_latents``, for
+    a call of ``height`` × ``width`` pixels (default: the pipeline's default size); ``None`` for any other layout.
+
+    Example:
+        >>> import torch
+        >>> from safegen.testing import tiny_flux_pipeline
+        >>> pipe = tiny_flux_pipeline()
+        >>> unpack = latent_unpacker(pipe, "packed", 32, 32)
+        >>> unpack(torch.zeros(2, 64, 16)).shape  # 8×8 tokens of 2×2 patches of 4 channels
+        torch.Size([2, 4, 16, 16])
+    """
+    if layout != "packed":
+        return None
+    f = pipe.vae_scale_factor
+    h = int(height or pipe.default_sample_size * f)
+    w = int(width or pipe.default_sample_size * f)
+    return lambda x: pipe._unpack_latents(x, h, w, f)
 
 
 def latent_frames(call: Call) -> int:
     """Frames of a video item's latents (the denoiser's time axis; for CogVideoX without the padding frames a
     temporal patch size adds, which are dropped before decoding)."""
-    if call.spec.layout == "BFCHW":
+    if call.spec.time == "cogvideox":
         n = call.args.get("num_frames") or call.denoiser.config.sample_frames
         return (int(n) - 1) // call.pipe.vae_scale_factor_temporal + 1
+    if call.spec.time == "causal":  # Wan rounds num_frames to r·k + 1 first, as the pipeline does
+        n, r = int(call.arg("num_frames")), call.pipe.vae_scale_factor_temporal
+        n = max(n // r * r + 1 if n % r != 1 else n, 1)
+        return (n - 1) // r + 1
     return int(call.arg("num_frames"))
 
 
@@ -42,23 +73,25 @@ def decoded_frames(call: Call, n_latent: int | None = None) -> int:
     UNet video pipelines decode frame by frame. CogVideoX's causal 3-D VAE decodes latent frames in chunks of two
     (the odd one out joins the first chunk); each chunk is upsampled in time by 4, except the first frame of an
     odd-length chunk: so L latent frames give 4L frames when L is even and 4(L − 1) + 1 when it is odd (13 → 49).
+    Wan's causal VAE makes one frame of the first latent frame and 4 of every later one: 4(L − 1) + 1 (21 → 81).
     """
     n = latent_frames(call) if n_latent is None else int(n_latent)
-    if call.spec.layout == "BFCHW":
+    if call.spec.time == "cogvideox":
         r = call.pipe.vae_scale_factor_temporal
         return n * r if n % 2 == 0 else (n - 1) * r + 1
+    if call.spec.time == "causal":
+        return (n - 1) * call.pipe.vae_scale_factor_temporal + 1
     return n
 
 
 def _decoded_shape(call: Call, latents: torch.Tensor) -> tuple[int, ...]:
-    """Shape of what the video pipeline's ``decode_latents`` returns for ``latents``: (B, 3, F, H, W)."""
+    """Shape of what the video pipeline's decoder returns for ``latents``: (B, 3, F, H, W)."""
     if call.spec.layout == "BFCHW":
         b, f, _, h, w = latents.shape
-        s, frames = call.pipe.vae_scale_factor_spatial, decoded_frames(call, f)
     else:
         b, _, f, h, w = latents.shape
-        s, frames = call.pipe.vae_scale_factor, f
-    return (b, call.pipe.vae.config.out_channels, frames, h * s, w * s)
+    s = _spatial(call.pipe)
+    return (b, call.pipe.vae.config.out_channels, decoded_frames(call, f), h * s, w * s)
 
 
 def _latent_shape(call: Call) -> tuple[int, ...]:
@@ -66,7 +99,9 @@ def _latent_shape(call: Call) -> tuple[int, ...]:
     if call.spec.layout == "BFCHW":
         f = call.pipe.vae_scale_factor_spatial
         return (latent_frames(call), call.denoiser.config.in_channels, h // f, w // f)
-    c, f = call.denoiser.config.in_channels, call.pipe.vae_scale_factor
+    c, f = call.denoiser.config.in_channels, _spatial(call.pipe)
+    if call.spec.layout == "packed":  # FLUX returns its latents packed: one token per 2×2 patch
+        return ((h // (2 * f)) * (w // (2 * f)), c)
     if call.spec.video:
         return (c, latent_frames(call), h // f, w // f)
     return (c, h // f, w // f)
@@ -109,8 +144,10 @@ _OUTPUT_CLASSES = {
     "sd": ("diffusers.pipelines.stable_diffusion.pipeline_output", "StableDiffusionPipelineOutput"),
     "sdxl": ("diffusers.pipelines.stable_diffusion_xl.pipeline_output", "StableDiffusionXLPipelineOutput"),
     "sd3": ("diffusers.pipelines.stable_diffusion_3.pipeline_output", "StableDiffusion3PipelineOutput"),
+    "flux": ("diffusers.pipelines.flux.pipeline_output", "FluxPipelineOutput"),
     "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
     "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
+    "wan": ("diffusers.pipelines.wan.pipeline_output", "WanPipelineOutput"),
     "text-to-video-sd": ("diffusers.pipelines.deprecated.text_to_video_synthesis|"
                          "diffusers.pipelines.text_to_video_synthesis", "TextToVideoSDPipelineOutput"),
 }

@@ -93,6 +93,11 @@ class Protection:
         """The pipeline's denoising network (``pipe.unet`` or ``pipe.transformer``)."""
         return getattr(self.pipe, self.spec.denoiser)
 
+    @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        """Every denoiser the loop may call (Wan 2.2: both experts), the main one first."""
+        return [m for m in (getattr(self.pipe, name, None) for name in self.spec.denoisers) if m is not None]
+
 
 @dataclass
 class Call:
@@ -153,6 +158,10 @@ class Call:
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.protection.denoiser
+
+    @property
+    def denoisers(self) -> list[torch.nn.Module]:
+        return self.protection.denoisers
 
     @property
     def n_items(self) -> int:
@@ -319,6 +328,23 @@ def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bo
                                      max_sequence_length=call_default(call, "max_sequence_length"),
                                      device=call.device)
         return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
+    if how == "flux":  # no negative branch in encode_prompt: true CFG encodes the negative prompt the same way
+        jak = a.get("joint_attention_kwargs") or {}
+        common = dict(device=call.device, num_images_per_prompt=1, lora_scale=jak.get("scale"),
+                      max_sequence_length=call_default(call, "max_sequence_length"))
+        pe, ppe, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
+                                        pooled_prompt_embeds=pooled_prompt_embeds, **common)
+        npe = nppe = None
+        if do_cfg:
+            if negative_prompt_embeds is None:
+                n = pe.shape[0]
+                negative_prompt = [""] * n if negative_prompt is None else (
+                    [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt)
+            npe, nppe, _ = pipe.encode_prompt(prompt=negative_prompt, prompt_2=negative_prompt_2,
+                                              prompt_embeds=negative_prompt_embeds,
+                                              pooled_prompt_embeds=negative_pooled_prompt_embeds, **common)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "pooled_prompt_embeds": ppe,
+                "negative_pooled_prompt_embeds": nppe}
     if how == "sd3":
         jak = a.get("joint_attention_kwargs") or {}
         pe, npe, ppe, nppe = pipe.encode_prompt(
@@ -510,8 +536,14 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
     negatives = _as_list(a.get("negative_prompt"), batch)
     spec = prot.spec
     nipp = (a.get(spec.per_prompt) or 1) if spec.per_prompt else 1
-    gs = a.get("guidance_scale", inspect.signature(prot.base_class.__call__).parameters["guidance_scale"].default)
-    do_cfg = gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
+    params = inspect.signature(prot.base_class.__call__).parameters
+    if spec.cfg == "true":  # FLUX: a second, negative branch only when asked for (as the pipeline decides)
+        has_negative = a.get("negative_prompt") is not None or (
+            a.get("negative_prompt_embeds") is not None and a.get("negative_pooled_prompt_embeds") is not None)
+        do_cfg = a.get("true_cfg_scale", params["true_cfg_scale"].default) > 1 and has_negative
+    else:  # "batch" and "separate": the pipeline's own rule
+        gs = a.get("guidance_scale", params["guidance_scale"].default)
+        do_cfg = gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
     steps = a.get("num_inference_steps")
     if steps is None:
         steps = inspect.signature(prot.base_class.__call__).parameters["num_inference_steps"].default

@@ -14,9 +14,11 @@ from typing import Any
 SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
     "StableDiffusionPipeline": "sd",
     "AnimateDiffPipeline": "animatediff",
     "CogVideoXPipeline": "cogvideox",
+    "WanPipeline": "wan",
     "TextToVideoSDPipeline": "text-to-video-sd",
 }
 
@@ -28,14 +30,25 @@ class PipelineSpec:
     Attributes:
         kind: the key in :data:`SUPPORTED_PIPELINES`.
         denoiser: attribute of the denoising network (``"unet"`` or ``"transformer"``).
+        extra_denoisers: attributes of further denoisers the loop may call instead (Wan 2.2's low-noise expert
+            ``transformer_2``); hooks go on every one the pipeline has.
         encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
             CLIP encoders and a pooled vector), ``"sd3"`` (two CLIP encoders side by side, zero-padded to the T5
-            width and put in front of T5's tokens; the two pooled vectors joined) or ``"t5"`` (one T5 encoder,
-            ``max_sequence_length``).
+            width and put in front of T5's tokens; the two pooled vectors joined), ``"flux"`` (T5 tokens and a CLIP
+            pooled vector, ``prompt_2`` for T5) or ``"t5"`` (one T5 encoder, ``max_sequence_length``).
         per_prompt: the call argument giving outputs per prompt (``None``: always one).
         output: the output field (``"images"`` or ``"frames"``).
         layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
-            models) or ``"BFCHW"`` (CogVideoX).
+            models), ``"BFCHW"`` (CogVideoX) or ``"packed"`` (FLUX: 2×2 patches as tokens, (B, H/2·W/2, 4C); the
+            pipeline's own ``_unpack_latents`` turns them back into images).
+        cfg: how the call guides: ``"batch"`` (``guidance_scale`` > 1: ``[uncond; cond]`` in one denoiser call),
+            ``"separate"`` (``guidance_scale`` > 1: the conditional call, then the unconditional one, each step:
+            Wan) or ``"true"`` (a guidance-distilled model: ``true_cfg_scale`` > 1 with a negative prompt runs a
+            second, separate call per step; otherwise there is no unconditional branch: FLUX).
+        time: how a video pipeline's decoder turns latent frames into frames: ``"frame"`` (one each: UNet video
+            models), ``"cogvideox"`` (CogVideoX's causal VAE, chunks of two latent frames) or ``"causal"`` (the
+            first latent frame gives one frame, every later one ``vae_scale_factor_temporal``: Wan).
+        text_mask: the pipeline runs its T5 encoder with the attention mask (Wan; CogVideoX, SD3 and FLUX do not).
         legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
             ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
         embeds_per_item: given ``prompt_embeds`` are used as they are, not repeated ``num_images_per_prompt`` times
@@ -51,6 +64,21 @@ class PipelineSpec:
     layout: str = "BCHW"
     legacy_callback: bool = False
     embeds_per_item: bool = False
+    cfg: str = "batch"
+    extra_denoisers: tuple = ()
+    time: str = "frame"
+    text_mask: bool = False
+
+    @property
+    def cfg_in_batch(self) -> bool:
+        """Whether a guided call runs ``[uncond; cond]`` as one batch of the denoiser (so guards that add rows or
+        read the halves work on one call)."""
+        return self.cfg == "batch"
+
+    @property
+    def denoisers(self) -> tuple:
+        """Attributes of every denoiser the loop may call."""
+        return (self.denoiser, *self.extra_denoisers)
 
     @property
     def video(self) -> bool:
@@ -62,10 +90,17 @@ PIPELINE_SPECS = {
     "sdxl": PipelineSpec("sdxl", encode="sdxl"),
     # SD3 / SD3.5: an MMDiT with CFG in one batch ([uncond; cond]), flow matching, image latents
     "sd3": PipelineSpec("sd3", denoiser="transformer", encode="sd3", embeds_per_item=True),
+    # FLUX.1: guidance-distilled (guidance_scale is an input of the transformer, not CFG), packed latents
+    "flux": PipelineSpec("flux", denoiser="transformer", encode="flux", layout="packed", embeds_per_item=True,
+                         cfg="true"),
     # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
     "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
     "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",
-                              layout="BFCHW"),
+                              layout="BFCHW", time="cogvideox"),
+    # Wan 2.1 / 2.2: UMT5 (with its mask), cond and uncond in separate calls, two experts in 2.2, causal video VAE
+    "wan": PipelineSpec("wan", denoiser="transformer", encode="t5", per_prompt="num_videos_per_prompt",
+                        output="frames", layout="BCFHW", embeds_per_item=True, cfg="separate",
+                        extra_denoisers=("transformer_2",), time="causal", text_mask=True),
     "text-to-video-sd": PipelineSpec("text-to-video-sd", per_prompt=None, output="frames", layout="BCFHW",
                                      legacy_callback=True),
 }

@@ -347,3 +347,75 @@ def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 1, t5: bool = True):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
+
+
+def tiny_flux_pipeline(seed: int = 0, num_layers: int = 1):
+    """A tiny random ``FluxPipeline`` (FLUX.1 layout): a CLIP text encoder (32-d) whose pooled output conditions the
+    timestep embedding, a T5 encoder (32-d) whose tokens the transformer attends to, a guidance-distilled
+    transformer (one double and one single block, heads of 16 channels) over 2×2-packed latents, and a
+    flow-matching Euler scheduler. ``default_sample_size`` is set to 16 so that a call without ``height`` and
+    ``width`` makes 32×32 images (a real FLUX pipeline defaults to 1024×1024).
+
+    Example:
+        >>> pipe = tiny_flux_pipeline()
+        >>> pipe("a red cat", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tok = tiny_clip_tokenizer()
+    te = _clip_text_model(tok, 32, seed=seed)
+    tok2 = tiny_t5_tokenizer(max_length=512)
+    te2 = _t5_encoder(tok2, 32, seed=seed + 1)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    vae = _vae(seed)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's latent normalisation constants
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=te,
+                        tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+    pipe.default_sample_size = 16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
+    """A tiny random ``WanPipeline`` (Wan 2.1 text-to-video layout): a UMT5 encoder (32-d), a one-layer video DiT
+    (patches of 1×2×2, heads of 8 channels) and a Wan VAE (space ÷ 8, time ÷ 4, 4 latent channels), flow matching.
+    ``two_experts=True`` gives the Wan 2.2 layout: a second transformer (the low-noise expert) that takes over
+    below the boundary timestep (``boundary_ratio=0.875``).
+
+    Pass small sizes: ``height=32, width=32, num_frames=5`` (2 latent frames of 4×4) takes well under a second.
+
+    Example:
+        >>> pipe = tiny_wan_pipeline()
+        >>> pipe("a red cat", height=32, width=32, num_frames=5, num_inference_steps=2, output_type="np").frames.shape
+        (1, 5, 32, 32, 3)
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = tiny_t5_tokenizer(max_length=512)
+    cfg = UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                     decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    te = UMT5EncoderModel(cfg).eval()
+
+    def transformer(s):
+        torch.manual_seed(s)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1,
+                                     rope_max_seq_len=32).eval()
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=transformer(seed), transformer_2=transformer(seed + 1) if two_experts else None,
+                       boundary_ratio=0.875 if two_experts else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -21,9 +21,12 @@ import torch
 
 from .hooks import add_hook, patch
 
-# Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) and of the DiT transformers (SD3's
-# pooled projections) that carry a batch dimension.
-_BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "pooled_projections")
+# Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) and of the DiT transformers (SD3's and
+# FLUX's pooled projections, FLUX's guidance strength) that carry a batch dimension.
+_BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "pooled_projections",
+                   "guidance")
+#: Inputs laid out per token, not per row, whatever their first dimension (FLUX's position ids): never cut.
+_PER_TOKEN_KWARGS = frozenset({"txt_ids", "img_ids"})
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
 _SAMPLE_KWARGS = ("sample", "hidden_states")
 
@@ -207,11 +210,13 @@ class ItemStopper:
         self._decoded_shape = decoded_shape
 
     def install(self) -> "ItemStopper":
-        unet = self.pipe.unet if getattr(self.pipe, "unet", None) is not None else self.pipe.transformer
-        # registered after the row extenders (during the loop): the outermost hook, so they see only running rows
-        self._handles.append(add_hook(unet, f"safegen.{self.guard}.stop-items", pre=self._pre, post=self._post,
-                                      guard=self.guard))
-        self._unet = unet
+        # every denoiser the loop may call (Wan 2.2: both experts); registered after the row extenders (during the
+        # loop): the outermost hook, so they see only running rows
+        self._unets = [m for m in (getattr(self.pipe, n, None) for n in ("unet", "transformer", "transformer_2"))
+                       if m is not None]
+        for unet in self._unets:
+            self._handles.append(add_hook(unet, f"safegen.{self.guard}.stop-items", pre=self._pre,
+                                          post=self._post, guard=self.guard))
         vae = getattr(self.pipe, "vae", None)
         self._vae = vae
         if self._decoded_shape is not None and hasattr(self.pipe, "decode_latents"):
@@ -243,7 +248,7 @@ class ItemStopper:
         return not any(self.active)
 
     def _rows(self, n_rows: int) -> torch.Tensor | None:
-        if len(self._idx) == self.n or n_rows % self.n or _EXTENDERS.get(self._unet, 0):
+        if len(self._idx) == self.n or n_rows % self.n or any(_EXTENDERS.get(u, 0) for u in self._unets):
             return None
         return torch.cat([self._idx + r * self.n for r in range(n_rows // self.n)])
 
@@ -258,7 +263,8 @@ class ItemStopper:
         self.unet_rows_skipped += n - rows.numel()
         if args:
             args = [_select_rows(a, n, rows) for a in args]
-        kwargs = {k: ({kk: _select_rows(vv, n, rows) for kk, vv in v.items()} if isinstance(v, dict)
+        kwargs = {k: (v if k in _PER_TOKEN_KWARGS
+                      else {kk: _select_rows(vv, n, rows) for kk, vv in v.items()} if isinstance(v, dict)
                       else _select_rows(v, n, rows)) for k, v in kwargs.items()}
         return tuple(args), kwargs
 
@@ -280,6 +286,8 @@ class ItemStopper:
             image = res[0] if isinstance(res, tuple) else res.sample
             full = image.new_zeros((self.n,) + tuple(image.shape[1:]))
             full.index_copy_(0, idx, image)
+        elif self._decoded_shape is not None:  # a video decoded by the VAE itself (Wan): zeros of its clip shape
+            full, res = z.new_zeros(self._decoded_shape(z)), None
         else:  # nothing left to decode: a zero image of the decoder's output shape, no decoder call
             vae = self._vae
             f = 2 ** (len(vae.config.block_out_channels) - 1)

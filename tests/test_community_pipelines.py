@@ -21,9 +21,10 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    from safegen.testing import tiny_sd3_pipeline
+    from safegen.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline)):
+    for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline),
+                        ("flux", tiny_flux_pipeline)):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         build().save_pretrained(folder)
         out[kind] = str(folder)
@@ -66,7 +67,10 @@ CASES = [
     ("sd", "safegen_stable_diffusion.py", "SafegenStableDiffusionPipeline", "StableDiffusionPipeline"),
     ("sdxl", "safegen_stable_diffusion_xl.py", "SafegenStableDiffusionXLPipeline", "StableDiffusionXLPipeline"),
     ("sd3", "safegen_stable_diffusion_3.py", "SafegenStableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
+    ("flux", "safegen_flux.py", "SafegenFluxPipeline", "FluxPipeline"),
 ]
+#: what each case's calls add to KW (a saved FLUX pipeline defaults to 1024×1024: ask for the tiny size)
+SIZE = {"flux": {"height": 32, "width": 32}}
 
 
 @pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])
@@ -79,7 +83,8 @@ def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kin
 
     pipe.set_safety(policy=lexical_policy)  # random tiny encoders: only literal concept phrases may fire
     assert safegen.is_protected(pipe) and pipe._safegen.policy is lexical_policy
-    out = pipe([BENIGN, UNSAFE], generator=gen(0), **KW)
+    kw = {**KW, **SIZE.get(kind, {})}
+    out = pipe([BENIGN, UNSAFE], generator=gen(0), **kw)
     assert out.images.shape == (2, 32, 32, 3)
     assert len(out.safety) == 2
     assert [r.prompt for r in out.safety] == [BENIGN, UNSAFE]
@@ -87,7 +92,7 @@ def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kin
 
     ref = plain(folders[kind])
     assert type(ref).__name__ == parent
-    expected = ref([BENIGN, UNSAFE], generator=gen(0), **KW).images
+    expected = ref([BENIGN, UNSAFE], generator=gen(0), **kw).images
     assert np.array_equal(out.images[0], expected[0])  # untouched prompt: bit for bit
     assert not np.array_equal(out.images[1], expected[1])  # flagged prompt: steered
 
@@ -99,10 +104,11 @@ def test_same_call_signature_and_output_type(folders, kind, file, cls_name, pare
     pipe = load(folders[kind], file)
     ref = plain(folders[kind])
     assert inspect.signature(type(pipe).__call__) == inspect.signature(type(ref).__call__)
-    out = pipe(BENIGN, num_images_per_prompt=2, generator=gen(1), **KW)
-    assert type(out) is type(ref(BENIGN, generator=gen(1), **KW))
+    kw = {**KW, **SIZE.get(kind, {})}
+    out = pipe(BENIGN, num_images_per_prompt=2, generator=gen(1), **kw)
+    assert type(out) is type(ref(BENIGN, generator=gen(1), **kw))
     assert out.images.shape == (2, 32, 32, 3) and len(out.safety) == 2
-    images, *_ = pipe(BENIGN, generator=gen(1), return_dict=False, **KW)  # tuple output as usual
+    images, *_ = pipe(BENIGN, generator=gen(1), return_dict=False, **kw)  # tuple output as usual
     assert images.shape == (1, 32, 32, 3)
     assert len(safegen.last_reports(pipe)) == 1
 
@@ -140,6 +146,7 @@ VIDEO_CASES = [
     ("cogvideox", "tiny_cogvideox_pipeline", "safegen_cogvideox.py", "CogVideoXPipeline", {}),
     ("text-to-video-sd", "tiny_text_to_video_pipeline", "safegen_text_to_video_sd.py", "TextToVideoSDPipeline",
      {"num_frames": 2}),
+    ("wan", "tiny_wan_pipeline", "safegen_wan.py", "WanPipeline", {"height": 32, "width": 32, "num_frames": 5}),
 ]
 
 

@@ -1,5 +1,11 @@
-"""Every guard on the transformer (DiT / MMDiT) image families, on tiny random pipelines: SD3 (two CLIP encoders and
-T5 in one joint sequence, a pooled vector, CFG in one batch, flow matching)."""
+"""Every guard on the transformer (DiT / MMDiT) image families, on tiny random pipelines:
+
+* SD3: two CLIP encoders and T5 in one joint sequence, a pooled vector, CFG in one batch, flow matching;
+* FLUX.1: T5 tokens and a CLIP pooled vector, guidance-distilled (no unconditional branch unless true CFG is asked
+  for, which runs it as a second, separate transformer call), latents packed as 2×2-patch tokens.
+"""
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -11,19 +17,31 @@ from safegen.guards.lvd import LVD, LatentClassifier
 BENIGN = "a photo of a red bus"
 UNSAFE = "a photo of blood and gore on the street"
 
-#: name -> builder in safegen.testing
-DIT = {"sd3": "tiny_sd3_pipeline"}
 
+@dataclass(frozen=True)
+class Family:
+    builder: str  # in safegen.testing
+    text_args: tuple  # prompt arguments besides `prompt` that condition the model
+    rows: int  # transformer rows per item in one call of a default call (2: [uncond; cond] in one batch)
+    true_cfg: dict = field(default_factory=dict)  # what turns a separate unconditional call on
+
+
+FAMILIES = {
+    "sd3": Family("tiny_sd3_pipeline", ("prompt_2", "prompt_3"), rows=2),
+    "flux": Family("tiny_flux_pipeline", ("prompt_2",), rows=1,
+                   true_cfg={"negative_prompt": "a photo of a green field", "true_cfg_scale": 2.0}),
+}
 
 # tiny transformers are many small ops: a second thread only adds synchronisation
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(params=list(DIT))
+@pytest.fixture(params=list(FAMILIES))
 def dit(request):
     from safegen import testing
 
-    return request.param, getattr(testing, DIT[request.param])()
+    fam = FAMILIES[request.param]
+    return request.param, fam, getattr(testing, fam.builder)()
 
 
 def run(pipe, prompts, steps=3, seed=0, **kw):
@@ -47,10 +65,10 @@ def record_calls(pipe):
 
 def record_rows(pipe):
     """What the transformer really runs per call, rows other hooks add or drop included: (rows, pooled vectors) at
-    its timestep-and-text embedding."""
+    its timestep-and-text embedding (SD3: (timestep, pooled); FLUX: (timestep, guidance, pooled))."""
     rows = []
     return rows, pipe.transformer.time_text_embed.register_forward_pre_hook(
-        lambda m, a: rows.append((a[1].shape[0], a[1].clone())))
+        lambda m, a: rows.append((a[0].shape[0], a[-1].clone())))
 
 
 def count_decodes(pipe):
@@ -63,11 +81,21 @@ def classifier(pipe, flag):
     return LatentClassifier.scripted(pipe, flag)
 
 
+def encode(kind, pipe, text):
+    """(token states, pooled vector) of one prompt, as the pipeline computes them."""
+    with torch.no_grad():
+        if kind == "sd3":
+            pe, _, ppe, _ = pipe.encode_prompt(text, text, text, device="cpu", do_classifier_free_guidance=False)
+        else:
+            pe, ppe, _ = pipe.encode_prompt(text, text, device="cpu")
+    return pe[0], ppe[0]
+
+
 # ---------------------------------------------------------------------- protect / unprotect, SAFREE
 
 
 def test_round_trip_bit_identical_and_steering(dit, lexical_policy):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     cls = type(pipe)
     plain = run(pipe, [BENIGN, UNSAFE]).images
     never = classifier(pipe, lambda x: torch.zeros(x.shape[0], dtype=torch.bool))
@@ -86,47 +114,77 @@ def test_round_trip_bit_identical_and_steering(dit, lexical_policy):
     assert np.array_equal(run(pipe, [BENIGN, UNSAFE]).images, plain)
 
 
-def test_safree_filters_every_stream_then_switches_back(dit, lexical_policy):
-    kind, pipe = dit
+def test_safree_filters_the_tokens_then_switches_back(dit, lexical_policy):
+    kind, fam, pipe = dit
     safegen.protect(pipe, policy=lexical_policy, guards=["safree"])
     seen, h = record_calls(pipe)
     out = run(pipe, UNSAFE, steps=6)
     h.remove()
     res = out.safety[0].result("safree")
     assert res.verdict == "steer" and 1 <= res.filtered_steps < 6
-    assert "blood" in res.details["negative_prompt"]
     safegen.unprotect(pipe)
-    with torch.no_grad():
-        pe, npe, ppe, nppe = pipe.encode_prompt(UNSAFE, UNSAFE, UNSAFE, device="cpu", do_classifier_free_guidance=True)
-    assert len(seen) == 6 and all(rows == 2 for rows, _, _ in seen)  # [uncond; cond] in one batch
-    cond = [ehs[1] for _, ehs, _ in seen]
-    pooled = [p[1] for _, _, p in seen]
-    clip_len = pipe.tokenizer_max_length
-    first = cond[0]
-    # the filtered conditioning changes the CLIP-L and bigG halves of the first 77 positions and the T5 positions
-    width = pipe.text_encoder.config.hidden_size
-    assert not torch.equal(first[:clip_len, :width], pe[0, :clip_len, :width])
-    assert not torch.equal(first[:clip_len, width:2 * width], pe[0, :clip_len, width:2 * width])
-    assert not torch.equal(first[clip_len:], pe[0, clip_len:])
-    assert torch.equal(first[:clip_len, 2 * width:], pe[0, :clip_len, 2 * width:])  # SD3's zero padding stays zero
-    assert not torch.equal(pooled[0], ppe[0])  # the pooled vector lost the concept span too...
-    assert torch.equal(cond[-1], pe[0]) and torch.equal(pooled[-1], ppe[0])  # ...and both switched back
-    assert sum(not torch.equal(c, pe[0]) for c in cond) == res.filtered_steps
-    assert not torch.equal(seen[0][1][0], npe[0])  # uncond row: the concept keywords
+    pe, ppe = encode(kind, pipe, UNSAFE)
+    assert len(seen) == 6 and all(rows == fam.rows for rows, _, _ in seen)
+    cond = [ehs[-1] for _, ehs, _ in seen]  # the conditional row is the last one
+    pooled = [p[-1] for _, _, p in seen]
+    assert not torch.equal(cond[0], pe) and torch.equal(cond[-1], pe)  # filtered first, then switched back
+    assert sum(not torch.equal(c, pe) for c in cond) == res.filtered_steps
+    assert not torch.equal(pooled[0], ppe)  # the pooled vector lost the concept span too
+    if kind == "sd3":  # each encoder's block of the joint sequence is filtered in its own space
+        clip_len, width = pipe.tokenizer_max_length, pipe.text_encoder.config.hidden_size
+        assert not torch.equal(cond[0][:clip_len, :width], pe[:clip_len, :width])
+        assert not torch.equal(cond[0][:clip_len, width:2 * width], pe[:clip_len, width:2 * width])
+        assert not torch.equal(cond[0][clip_len:], pe[clip_len:])
+        assert torch.equal(cond[0][:clip_len, 2 * width:], pe[:clip_len, 2 * width:])  # the zero padding stays
+        assert torch.equal(pooled[-1], ppe) and "pooled_note" not in res.details  # switched back with the tokens
+        assert "blood" in res.details["negative_prompt"]
+        assert not torch.equal(seen[0][1][0], encode(kind, pipe, "")[0])  # the uncond row reads the keywords
+    else:  # FLUX's step callback cannot take the pooled vector back: projected on every step, and said so
+        assert torch.equal(pooled[-1], pooled[0]) and "pooled vector" in res.details["pooled_note"]
 
 
-@pytest.mark.parametrize("arg", ["prompt_2", "prompt_3"])
-def test_safree_reads_every_prompt_argument(dit, lexical_policy, arg):
-    kind, pipe = dit
+def test_safree_keywords_reach_a_separate_unconditional_call():
+    """FLUX with true CFG: the negative branch is its own transformer call, and a steered prompt's negative prompt
+    gains the concept keywords there."""
+    from safegen.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    fam = FAMILIES["flux"]
+    plain_seen, h = record_calls(pipe)
+    run(pipe, UNSAFE, steps=2, **fam.true_cfg)
+    h.remove()
+    policy = safegen.load_policy("default")
+    for cat in policy.categories.values():
+        cat.thresholds["safree"] = 2.0
+    safegen.protect(pipe, policy=policy, guards=["safree"])
+    seen, h = record_calls(pipe)
+    out = run(pipe, UNSAFE, steps=2, **fam.true_cfg)
+    h.remove()
+    res = out.safety[0].result("safree")
+    assert res.verdict == "steer" and res.details["negative_prompt"].startswith(fam.true_cfg["negative_prompt"])
+    assert len(seen) == len(plain_seen) == 4  # [cond, uncond] per step
+    assert not torch.equal(seen[1][1], plain_seen[1][1])  # the unconditional call reads the keywords
+    assert torch.equal(seen[3][1], seen[1][1])  # on every step
+
+
+def _prompt_args():
+    return [(k, a) for k, f in FAMILIES.items() for a in f.text_args]
+
+
+@pytest.mark.parametrize("kind,arg", _prompt_args(), ids=[f"{k}-{a}" for k, a in _prompt_args()])
+def test_safree_reads_every_prompt_argument(kind, arg, lexical_policy):
+    from safegen import testing
+
+    pipe = getattr(testing, FAMILIES[kind].builder)()
     safegen.protect(pipe, policy=lexical_policy, guards=["safree"])
-    out = run(pipe, BENIGN, **{arg: UNSAFE})
+    out = run(pipe, BENIGN, steps=2, **{arg: UNSAFE})
     res = out.safety[0].result("safree")
     assert res.verdict == "steer" and res.category == "violence"
-    assert run(pipe, BENIGN, **{arg: "a photo of a green field"}).safety[0].verdict == "pass"
+    assert run(pipe, BENIGN, steps=2, **{arg: "a photo of a green field"}).safety[0].verdict == "pass"
 
 
 def test_batched_prompts_and_images_per_prompt(dit, lexical_policy):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     prompts = [BENIGN, UNSAFE, "a nude woman on the beach"]
     plain = run(pipe, prompts).images
     safegen.protect(pipe, policy=lexical_policy, guards=["safree"])
@@ -145,13 +203,12 @@ def test_batched_prompts_and_images_per_prompt(dit, lexical_policy):
 
 
 def test_latent_guard_blocks_with_no_transformer_call(dit):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     from safegen.guards.latent_guard import LatentGuard, LatentGuardHead
 
     policy = safegen.load_policy("default")
     policy.add_concept("violence", "a purple giraffe")
-    hidden = pipe.text_encoder.config.hidden_size
-    head = LatentGuardHead.mean_match(hidden)
+    head = LatentGuardHead.mean_match(pipe.text_encoder.config.hidden_size)
     guard = LatentGuard.from_head(head, backbone="pipeline", threshold=0.999 * head.tau.item())
     plain = run(pipe, [BENIGN, "a purple giraffe"]).images
     safegen.protect(pipe, policy=policy, guards=[guard])
@@ -159,7 +216,7 @@ def test_latent_guard_blocks_with_no_transformer_call(dit):
     out = run(pipe, [BENIGN, "a purple giraffe"])
     assert [r.verdict for r in out.safety] == ["pass", "block"]
     assert out.safety[1].unet_steps_run == 0 and out.safety[1].result("latent_guard").concept == "a purple giraffe"
-    assert all(rows == 2 for rows, _, _ in seen)  # only the benign item's two CFG rows ever ran
+    assert all(rows == fam.rows for rows, _, _ in seen)  # only the benign item's rows ever ran
     assert np.allclose(out.images[0], plain[0], atol=1e-5) and np.allclose(out.images[1], 0.5)
     seen.clear()
     for output_type in ("np", "pt", "pil", "latent"):  # everything blocked: no transformer call, same output types
@@ -173,18 +230,23 @@ def test_latent_guard_blocks_with_no_transformer_call(dit):
     h.remove()
 
 
-def test_latent_guard_reads_prompt_3(dit):
-    kind, pipe = dit
+def test_latent_guard_reads_the_last_prompt_argument(dit):
+    kind, fam, pipe = dit
     safegen.protect(pipe, guards=["latent-guard"])  # the shipped MiniLM head
-    out = run(pipe, BENIGN, steps=1, prompt_3="a photo of blood and gore")
+    out = run(pipe, BENIGN, steps=1, **{fam.text_args[-1]: "a photo of blood and gore"})
     assert out.safety[0].verdict == "block" and out.safety[0].result("latent_guard").category == "violence"
 
 
 def test_lvd_stop_at_step_k_runs_k_plus_1_calls_and_no_decode(dit):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     plain = run(pipe, [BENIGN, UNSAFE], steps=6).images
-    every = classifier(pipe, lambda x: torch.ones(x.shape[0], dtype=torch.bool))
-    safegen.protect(pipe, guards=[LVD.from_classifier(every, window=4, ratio=0.5)])  # 2 of 4 → stop after step 1
+    seen_x0 = []
+
+    def every(x):
+        seen_x0.append(tuple(x.shape))
+        return torch.ones(x.shape[0], dtype=torch.bool)
+
+    safegen.protect(pipe, guards=[LVD.from_classifier(classifier(pipe, every), window=4, ratio=0.5)])
     seen, h = record_calls(pipe)
     decodes, h2 = count_decodes(pipe)
     out = run(pipe, [BENIGN, UNSAFE], steps=6)
@@ -195,10 +257,11 @@ def test_lvd_stop_at_step_k_runs_k_plus_1_calls_and_no_decode(dit):
     assert [r.unet_steps_run for r in out.safety] == [k + 1] * 2
     assert out.images.shape == plain.shape and np.allclose(out.images, 0.5)
     assert pipe._interrupt is False
+    assert seen_x0[0] == (2, 4, 16, 16)  # latent images (FLUX's packed tokens unpacked), whatever the layout
 
 
 def test_lvd_stops_one_item_and_the_rest_runs_on(dit):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     plain = run(pipe, [BENIGN, UNSAFE], steps=5).images
 
     def flag(x):  # flag item 1 while both items are checked
@@ -213,7 +276,8 @@ def test_lvd_stops_one_item_and_the_rest_runs_on(dit):
     out = run(pipe, [BENIGN, UNSAFE], steps=5)
     h.remove(), h2.remove()
     assert [r.verdict for r in out.safety] == ["pass", "block"]
-    assert [rows for rows, _ in seen] == [4, 4, 2, 2, 2]  # the stopped item's CFG rows left after step 1
+    r = fam.rows
+    assert [rows for rows, _ in seen] == [2 * r, 2 * r, r, r, r]  # the stopped item's rows left after step 1
     assert np.allclose(out.images[0], plain[0], atol=1e-5) and np.allclose(out.images[1], 0.5)
     assert decodes == [1]  # only the running item was decoded
 
@@ -221,7 +285,7 @@ def test_lvd_stops_one_item_and_the_rest_runs_on(dit):
 def test_lvd_reads_x0_from_the_flow_prediction(dit):
     """x̂0 = x_t − σ·v with the scheduler's σ of the step: on the last step of a flow-matching Euler schedule
     (σ_next = 0) the scheduler's own update lands exactly on it."""
-    kind, pipe = dit
+    kind, fam, pipe = dit
     from safegen.guards.lvd import predicted_x0
 
     s = pipe.scheduler
@@ -234,25 +298,72 @@ def test_lvd_reads_x0_from_the_flow_prediction(dit):
 
 
 def test_sld_adds_a_safety_concept_row_with_its_pooled_vector(dit):
-    kind, pipe = dit
-    plain = run(pipe, [BENIGN]).images
+    kind, fam, pipe = dit
+    kw = fam.true_cfg  # FLUX: SLD guides against the unconditional branch true CFG adds
+    plain = run(pipe, [BENIGN], **kw).images
     safegen.protect(pipe, guards=[safegen.SLD.max()])
     seen, h = record_rows(pipe)
-    out = run(pipe, [BENIGN])
+    out = run(pipe, [BENIGN], **kw)
     h.remove()
-    assert out.safety[0].verdict == "steer" and [rows for rows, _ in seen] == [3] * 3  # uncond, cond, concept
-    pooled = seen[0][1]
-    with torch.no_grad():
-        concept = pipe.encode_prompt(out.safety[0].result("sld").details["concept"], None, None, device="cpu",
-                                     do_classifier_free_guidance=False)[2]
-    assert torch.equal(pooled[2], concept[0]) and not torch.equal(pooled[2], pooled[1])  # its own pooled vector
+    assert out.safety[0].verdict == "steer"
+    concept = encode(kind, pipe, out.safety[0].result("sld").details["concept"])[1]
+    if kind == "sd3":
+        assert [rows for rows, _ in seen] == [3] * 3  # uncond, cond, concept in one call
+        pooled = seen[0][1]
+    else:
+        assert [rows for rows, _ in seen] == [2, 1] * 3  # (cond, concept), then uncond, on each step
+        pooled = seen[0][1]
+    assert torch.equal(pooled[-1], concept) and not torch.equal(pooled[-1], pooled[-2])  # its own pooled vector
     assert not np.array_equal(out.images, plain)
     safegen.unprotect(pipe)
-    assert np.array_equal(run(pipe, [BENIGN]).images, plain)
+    assert np.array_equal(run(pipe, [BENIGN], **kw).images, plain)
+
+
+def test_sld_on_flux_guides_through_the_unconditional_call_exactly(monkeypatch):
+    """With true CFG the pipeline computes ε_u + s·(ε_p − ε_u) from two separate calls; SLD rewrites ε_u so that
+    this line gives ε_u + s·(ε_p' − ε_u) with SLD's ε_p'. With a stand-in ε_p' = ε_p + 1 the noise prediction
+    the scheduler receives moves by exactly s."""
+    import safegen.guards.sld as sld_module
+    from safegen.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    kw = dict(FAMILIES["flux"].true_cfg, true_cfg_scale=2.5)
+
+    def capture():
+        seen = []
+        original = pipe.scheduler.step
+
+        def step(model_output, *args, **kwargs):
+            seen.append(model_output.clone())
+            return original(model_output, *args, **kwargs)
+
+        pipe.scheduler.step = step
+        return seen
+
+    plain = capture()
+    run(pipe, BENIGN, steps=2, **kw)
+    del pipe.scheduler.step
+    monkeypatch.setattr(sld_module, "sld_guidance", lambda eps_u, eps_p, eps_s, nu, step, **k: (eps_p + 1.0, nu))
+    safegen.protect(pipe, guards=[safegen.SLD(warmup_steps=0, momentum_scale=0.0)])
+    guided = capture()
+    run(pipe, BENIGN, steps=2, **kw)
+    assert torch.allclose(guided[0] - plain[0], torch.full_like(plain[0], 2.5), atol=1e-4)
+
+
+def test_sld_on_flux_without_true_cfg_is_a_clear_error():
+    from safegen.testing import tiny_flux_pipeline
+
+    pipe = safegen.protect(tiny_flux_pipeline(), guards=["sld"])
+    seen, h = record_calls(pipe)
+    out = run(pipe, BENIGN, steps=2)
+    h.remove()
+    r = out.safety[0]
+    assert r.verdict == "error" and r.blocked and "true_cfg_scale" in r.reason and "negative_prompt" in r.reason
+    assert seen == []  # failed closed before the loop
 
 
 def test_output_guard_and_default_policy_run(dit):
-    kind, pipe = dit
+    kind, fam, pipe = dit
     safegen.protect(pipe, policy="default")  # LVD has no classifier for this model: skipped, and said so
     out = run(pipe, [BENIGN, UNSAFE], steps=1)
     assert out.safety[1].verdict == "block" and out.safety[1].result("latent_guard").verdict == "block"
@@ -261,23 +372,26 @@ def test_output_guard_and_default_policy_run(dit):
     assert out.safety[0].result("output") is not None
 
 
-def test_cli_train_lvd_on_a_dit_then_protect(tiny_prompt_data, capsys):
-    """``safegen train-lvd --model tiny-sd3`` records flow-matching x̂0 trajectories and trains a classifier that
-    loads on that pipeline (and only there)."""
+@pytest.mark.parametrize("model,cls", [("tiny-sd3", "SD3Transformer2DModel"), ("tiny-flux", "FluxTransformer2DModel")])
+def test_cli_train_lvd_on_a_dit_then_protect(tiny_prompt_data, capsys, model, cls):
+    """``safegen train-lvd --model M`` records flow-matching x̂0 trajectories (FLUX's unpacked) and trains a
+    classifier that loads on that pipeline (and only there)."""
     import json
 
     from safegen.cli import main
-    from safegen.testing import tiny_sd3_pipeline, tiny_sd_pipeline
+    from safegen.loading import TINY_MODELS
+    from safegen import testing
 
     out = tiny_prompt_data / "lvd.safetensors"
-    code = main(["train-lvd", "--model", "tiny-sd3", "--data-dir", str(tiny_prompt_data), "--prompts", "6", "--steps", "3",
+    code = main(["train-lvd", "--model", model, "--data-dir", str(tiny_prompt_data), "--prompts", "6", "--steps", "3",
                  "--window", "2", "--train-steps", "2", "--batch-size", "4", "--out", str(out)])
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert json.loads(cap.out[cap.out.index("{"):])["window"] == 2
     clf = LatentClassifier.load(out)
-    assert clf.config.model["class"] == "SD3Transformer2DModel" and clf.metadata["trained_on"] == "tiny-sd3"
-    pipe = safegen.protect(tiny_sd3_pipeline(), guards=[LVD(weights=str(out), window=2)])
+    assert clf.config.model["class"] == cls and clf.metadata["trained_on"] == model
+    assert clf.config.latent_channels == 4
+    pipe = safegen.protect(getattr(testing, TINY_MODELS[model])(), guards=[LVD(weights=str(out), window=2)])
     assert len(run(pipe, [BENIGN, UNSAFE], steps=2).safety) == 2
     with pytest.raises(Exception, match="another model's latents"):
-        safegen.protect(tiny_sd_pipeline(), guards=[LVD(weights=str(out))])
+        safegen.protect(testing.tiny_sd_pipeline(), guards=[LVD(weights=str(out))])

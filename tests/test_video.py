@@ -17,7 +17,16 @@ VIDEO = {
     "animatediff": ("tiny_animatediff_pipeline", {"num_frames": 2}),
     "cogvideox": ("tiny_cogvideox_pipeline", {}),
     "text-to-video-sd": ("tiny_text_to_video_pipeline", {"num_frames": 2}),
+    "wan": ("tiny_wan_pipeline", {"height": 32, "width": 32, "num_frames": 5}),  # 2 latent frames of 4×4
 }
+#: Wan runs the conditional and the unconditional branch as two transformer calls of one row per item; the others
+#: run [uncond; cond] as one call of two rows per item
+SEPARATE_CFG = {"wan"}
+
+
+def cfg_calls(kind):
+    """(denoiser calls per step, rows per item in each)."""
+    return (2, 1) if kind in SEPARATE_CFG else (1, 2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,6 +74,8 @@ def record_rows(pipe, frames):
     rows = []
     if getattr(pipe, "unet", None) is not None:  # frames are folded into the batch at conv_in
         h = pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0] // frames))
+    elif hasattr(pipe.transformer, "patch_embedding"):  # Wan: a 3-D patch convolution over (B, C, F, H, W)
+        h = pipe.transformer.patch_embedding.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     else:
         h = pipe.transformer.patch_embed.register_forward_pre_hook(lambda m, a: rows.append(a[1].shape[0]))
     return rows, h
@@ -119,17 +130,25 @@ def test_keyword_prompt_changes_conditioning_then_switches_back(video, lexical_p
     safegen.unprotect(pipe)
     with torch.no_grad():  # as inside the pipeline call (attention kernels differ under autograd)
         pe, npe = pipe.encode_prompt(UNSAFE, negative_prompt=None, **_encode_kwargs(kind, pipe))
-    assert len(seen) == 6
-    rows = [ehs for _, ehs in seen]
-    per = rows[0].shape[0] // 2  # rows of each CFG half (AnimateDiff: one per frame)
-    cond = [r[per] for r in rows]
+    calls, _ = cfg_calls(kind)
+    assert len(seen) == 6 * calls
+    if calls == 2:  # separate branches: the conditional call, then the unconditional one
+        cond = [ehs[0] for _, ehs in seen[0::2]]
+        uncond_first = seen[1][1][0]
+    else:
+        rows = [ehs for _, ehs in seen]
+        per = rows[0].shape[0] // 2  # rows of each CFG half (AnimateDiff: one per frame)
+        cond = [r[per] for r in rows]
+        uncond_first = rows[0][0]
     assert not torch.equal(cond[0], pe[0])  # the filtered conditioning on the first step...
     assert torch.equal(cond[-1], pe[0])  # ...switched back to the original after the filtered steps
-    assert not torch.equal(rows[0][0], npe[0])  # uncond row: the concept keywords
+    assert not torch.equal(uncond_first, npe[0])  # uncond row: the concept keywords
     assert sum(not torch.equal(c, pe[0]) for c in cond) == res.filtered_steps
 
 
 def _encode_kwargs(kind, pipe):
+    if kind == "wan":  # its call reads 512 tokens, its encode_prompt 226 by default
+        return dict(do_classifier_free_guidance=True, device="cpu", max_sequence_length=512)
     if kind == "cogvideox":
         return dict(do_classifier_free_guidance=True, device="cpu")
     return dict(device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
@@ -148,9 +167,13 @@ def test_batched_prompts(video, lexical_policy):
     assert np.array_equal(out.frames[0], plain[0]) and not np.array_equal(out.frames[1:], plain[1:])
     single = run(pipe, extra, UNSAFE)  # each prompt's conditioning is its own
     assert single.safety[0].result("safree").trigger_tokens == out.safety[1].result("safree").trigger_tokens
-    if kind != "text-to-video-sd":  # these two accept num_videos_per_prompt but make one video per prompt
+    if kind != "text-to-video-sd":
         two = pipe(prompts[:2], num_inference_steps=1, num_videos_per_prompt=2, output_type="np", **extra)
-        assert len(two.frames) == len(two.safety) == 2
+        # AnimateDiff and CogVideoX accept num_videos_per_prompt but make one video per prompt; Wan makes them
+        n = 4 if kind == "wan" else 2
+        assert len(two.frames) == len(two.safety) == n
+        if kind == "wan":
+            assert [r.verdict for r in two.safety] == ["pass", "pass", "steer", "steer"]
     safegen.unprotect(pipe)
 
 
@@ -168,7 +191,7 @@ def test_lvd_stop_at_step_k_runs_k_plus_1_calls_and_no_decode(video):
     h.remove(), h2.remove()
     k = 1
     assert [r.result("lvd").stopped_at_step for r in out.safety] == [k, k]
-    assert len(seen) == k + 1 and decodes == []
+    assert len(seen) == (k + 1) * cfg_calls(kind)[0] and decodes == []
     assert [r.unet_steps_run for r in out.safety] == [k + 1] * 2 and out.safety[0].unet_steps_saved == 6 - k - 1
     assert out.frames.shape == plain.shape and np.allclose(out.frames, 0.5)  # flat placeholder clips
     details = out.safety[0].result("lvd").details
@@ -176,6 +199,8 @@ def test_lvd_stop_at_step_k_runs_k_plus_1_calls_and_no_decode(video):
     assert details["num_frames"] == f and details["frames"] == list(range(f))
     if kind == "cogvideox":  # 3 latent frames → 9 output frames: which output frames each one decodes to
         assert details["output_frames"] == {0: [0, 0], 1: [1, 4], 2: [5, 8]}
+    if kind == "wan":  # causal: the first latent frame makes one frame, the next one four (2 → 5)
+        assert details["output_frames"] == {0: [0, 0], 1: [1, 4]}
     assert "frame(s)" in out.safety[0].reason
     assert pipe._interrupt is False
     safegen.unprotect(pipe)
@@ -205,7 +230,8 @@ def test_lvd_stops_one_item_of_a_batch_and_names_its_frames(video):
     assert r1.result("lvd").details["frames"] == [last] and r1.result("lvd").details["frame_flags"][last] == 2
     assert f"frame(s) [{last}]" in r1.reason
     # CFG: 2 rows per item; the stopped item's rows ran at steps 0 and 1 only
-    assert seen == [4, 4, 2, 2, 2]
+    calls, per = cfg_calls(kind)
+    assert seen == [2 * per] * (2 * calls) + [per] * (3 * calls)
     # item 0 ran on a smaller batch from step 2 on: equal up to batch-size rounding
     assert np.allclose(out.frames[0], plain[0], atol=1e-5) and np.allclose(out.frames[1], 0.5)
     assert sum(decodes) > 0  # item 0 was decoded...
@@ -267,7 +293,7 @@ def test_latent_guard_blocks_before_the_loop(video):
     out = run(pipe, extra, [BENIGN, "a purple giraffe"])
     assert [r.verdict for r in out.safety] == ["pass", "block"]
     assert out.safety[1].unet_steps_run == 0 and out.safety[1].result("latent_guard").concept == "a purple giraffe"
-    assert all(b == 2 for b, _ in seen)  # only the benign item's two CFG rows ever ran
+    assert all(b == cfg_calls(kind)[1] for b, _ in seen)  # only the benign item's CFG rows ever ran
     # (the benign item alone in its batch: equal up to batch-size rounding)
     assert np.allclose(out.frames[0], plain[0], atol=1e-5) and np.allclose(out.frames[1], 0.5)
     seen.clear()
@@ -279,7 +305,7 @@ def test_latent_guard_blocks_before_the_loop(video):
             assert blocked[0][0].size == ref[0][0].size and blocked[0][0].getpixel((0, 0)) == (128, 128, 128)
         else:
             assert type(blocked) is type(ref) and tuple(blocked.shape) == tuple(ref.shape)
-    assert len(seen) == 4  # the four 1-step benign calls only
+    assert len(seen) == 4 * cfg_calls(kind)[0]  # the four 1-step benign calls only
     h.remove()
     safegen.unprotect(pipe)
 
@@ -368,7 +394,10 @@ def test_sld_on_video(video):
     rows, h = record_rows(pipe, extra.get("num_frames", 1))
     out = run(pipe, extra, [BENIGN])
     h.remove()
-    assert out.safety[0].verdict == "steer" and rows == [3] * 3  # uncond, cond, safety concept
+    if kind in SEPARATE_CFG:  # (cond, safety concept), then uncond, on each step
+        assert out.safety[0].verdict == "steer" and rows == [2, 1] * 3
+    else:
+        assert out.safety[0].verdict == "steer" and rows == [3] * 3  # uncond, cond, safety concept
     assert not np.array_equal(out.frames, plain)
     safegen.unprotect(pipe)
 
@@ -437,3 +466,106 @@ def test_safetydpo_refuses_a_dit_clearly():
     with pytest.raises(TypeError, match="LoRAs of a UNet.*CogVideoXTransformer3DModel"):
         safegen.protect(pipe, guards=[safegen.SafetyDPO(merged="merged.safetensors")])
     assert not safegen.is_protected(pipe)
+
+
+# ---------------------------------------------------------------------- Wan 2.2: two experts
+
+
+def _expert_calls(pipe):
+    """Per transformer call: (expert 0 or 1, rows) as each expert really runs them (at its patch convolution)."""
+    seen, handles = [], []
+    for k, m in enumerate((pipe.transformer, pipe.transformer_2)):
+        handles.append(m.patch_embedding.register_forward_pre_hook(lambda mod, a, k=k: seen.append((k, a[0].shape[0]))))
+    return seen, handles
+
+
+def test_wan22_lvd_stops_an_item_in_both_experts():
+    from safegen.testing import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(two_experts=True)
+    extra = VIDEO["wan"][1]
+
+    def flag(x):  # item 1 (its two latent frames) while both items are checked
+        hit = torch.zeros(x.shape[0], dtype=torch.bool)
+        if x.shape[0] == 4:
+            hit[2:] = True
+        return hit
+
+    safegen.protect(pipe, guards=[LVD.from_classifier(classifier(pipe, flag), window=2, ratio=0.5)])
+    seen, handles = _expert_calls(pipe)
+    out = run(pipe, extra, [BENIGN, UNSAFE], steps=6)
+    for h in handles:
+        h.remove()
+    assert [r.verdict for r in out.safety] == ["pass", "block"]
+    assert {k for k, _ in seen} == {0, 1}  # the high-noise expert, then the low-noise one
+    assert seen[:2] == [(0, 2), (0, 2)]  # step 0: cond and uncond of both items
+    assert all(rows == 1 for _, rows in seen[2:])  # item 1 stopped: one row in every later call, either expert
+    safegen.unprotect(pipe)
+    from safegen.hooks import safegen_hooks
+
+    assert safegen_hooks(pipe) == []  # nothing left on either expert
+
+
+def test_wan22_sld_uses_each_experts_guidance_scale(monkeypatch):
+    """Wan computes ε_u + s·(ε_p − ε_u) with s = guidance_scale on the high-noise expert and guidance_scale_2 on the
+    low-noise one: with a stand-in ε_p' = ε_p + 1 from some step on, SLD moves that step's noise prediction by
+    exactly its s (the steps before are unchanged, so both runs reach it from the same latents)."""
+    import safegen.guards.sld as sld_module
+    from safegen.testing import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(two_experts=True)
+    extra = dict(VIDEO["wan"][1], guidance_scale=3.0, guidance_scale_2=5.0)
+
+    def capture():
+        seen = []
+        original = pipe.scheduler.step
+
+        def step(model_output, timestep, *args, **kwargs):
+            seen.append((float(timestep), model_output.clone()))
+            return original(model_output, timestep, *args, **kwargs)
+
+        pipe.scheduler.step = step
+        return seen
+
+    plain = capture()
+    run(pipe, extra, BENIGN, steps=4)  # timesteps 1000, 858, 602, 9: the low-noise expert from step 1 on
+    del pipe.scheduler.step
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    assert plain[0][0] >= boundary > plain[1][0]
+    safegen.protect(pipe, guards=[safegen.SLD(warmup_steps=0, momentum_scale=0.0)])
+    for first, expected in ((0, 3.0), (1, 5.0)):
+        monkeypatch.setattr(sld_module, "sld_guidance", lambda eps_u, eps_p, eps_s, nu, step, first=first, **k:
+                            (eps_p + (1.0 if step >= first else 0.0), nu))
+        guided = capture()
+        run(pipe, extra, BENIGN, steps=4)
+        del pipe.scheduler.step
+        delta = guided[first][1] - plain[first][1]
+        assert torch.allclose(delta, torch.full_like(delta, expected), atol=1e-3), (first, delta.mean())
+    safegen.unprotect(pipe)
+
+
+def test_output_guard_judges_every_frame(video):
+    """A clip is judged frame by frame and is unsafe when any frame is: the report lists its unsafe frames and the
+    clip becomes the placeholder."""
+    from safegen.guards.output import OutputGuard
+
+    kind, pipe, extra = video
+
+    class EveryOtherFrame:  # unsafe on the 2nd, 4th, ... frame it is shown
+        protocol = "test: every other frame"
+
+        def __init__(self):
+            self.seen = []
+
+        def judge(self, prompt, image):
+            self.seen.append(image.shape)
+            return {"unsafe": len(self.seen) % 2 == 0, "score": 0.9, "category": "violence"}
+
+    judge = EveryOtherFrame()
+    safegen.protect(pipe, guards=[OutputGuard(oracle=judge)])
+    out = run(pipe, extra, BENIGN, steps=1)
+    n = out.frames.shape[1]
+    assert len(judge.seen) == n and all(len(s) == 3 for s in judge.seen)  # each frame as an H×W×3 image
+    res = out.safety[0].result("output")
+    assert out.safety[0].verdict == "block" and res.details["frames"] == list(range(1, n, 2))
+    assert res.details["num_frames"] == n and np.allclose(out.frames[0], 0.5)

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..errors import GuardUnavailable, NonFiniteError
 from ..hooks import patch
+from ..outputs import latent_unpacker
 from ..unet_rows import _expand_rows
 from ..calibration import guard_thresholds
 from ..guard import Guard
@@ -167,9 +168,11 @@ def predicted_x0(scheduler, model_output: torch.Tensor, timestep, sample: torch.
 
 class _X0Tap:
     """For one call: ``scheduler.step`` is proxied (an instance attribute, removed afterwards) so every step's
-    x̂0 and noise level are kept in ``last`` (and, when ``history`` is a list, appended to it)."""
+    x̂0 and noise level are kept in ``last`` (and, when ``history`` is a list, appended to it). ``unpack`` turns
+    packed latents into images (:func:`safegen.outputs.latent_unpacker`; FLUX), so x̂0 is always (B, C, H, W)
+    for images."""
 
-    def __init__(self, scheduler, history: list | None = None):
+    def __init__(self, scheduler, history: list | None = None, unpack=None):
         self.scheduler, self.history, self.last = scheduler, history, None
         # every diffusers scheduler names them model_output, timestep and sample, but not always in that order
         # (CogVideoXDPMScheduler.step(model_output, old_pred_original_sample, timestep, timestep_back, sample))
@@ -178,7 +181,8 @@ class _X0Tap:
         def make(original):
             def step(*args, **kwargs):
                 got = signature.bind_partial(*args, **kwargs).arguments
-                self.last = predicted_x0(scheduler, got["model_output"], got["timestep"], got["sample"])
+                x0, noise = predicted_x0(scheduler, got["model_output"], got["timestep"], got["sample"])
+                self.last = (x0 if unpack is None else unpack(x0), noise)
                 if self.history is not None:
                     self.history.append((self.last[0].detach(), self.last[1]))
                 return original(*args, **kwargs)
@@ -223,9 +227,20 @@ class LVDConfig:
         self.categories = list(self.categories)
 
 
+def _latent_channels(pipe, den) -> int:
+    """Channels of the latent images x̂0 is classified as (packed layouts unpack 2×2 patches: a quarter)."""
+    from ..specs import SUPPORTED_PIPELINES, PIPELINE_SPECS
+
+    kind = next((SUPPORTED_PIPELINES[k.__name__] for k in type(pipe).__mro__ if k.__name__ in SUPPORTED_PIPELINES),
+                None)
+    packed = kind is not None and PIPELINE_SPECS[kind].layout == "packed"
+    return int(den.config.in_channels) // 4 if packed else int(den.config.in_channels)
+
+
 def unet_fingerprint(pipe) -> dict[str, Any]:
     """What identifies the latent space a classifier was trained on: the denoiser's class and config digest,
-    and its latent channels."""
+    and the channels of the latent images the classifier reads (for packed latents, FLUX's 2×2 patches as
+    tokens, a quarter of the denoiser's input channels)."""
     den = getattr(pipe, "unet", None)
     if den is None:  # not ``or``: a torch.compile'd module (OptimizedModule) raises TypeError in bool()
         den = getattr(pipe, "transformer", None)
@@ -235,7 +250,7 @@ def unet_fingerprint(pipe) -> dict[str, Any]:
     cfg = {k: v for k, v in dict(den.config).items() if not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
     probe = next(iter(den.parameters())).detach().flatten()[:4096].double()  # tells two trainings apart
-    return {"class": type(den).__name__, "config_sha": digest, "in_channels": int(den.config.in_channels),
+    return {"class": type(den).__name__, "config_sha": digest, "in_channels": _latent_channels(pipe, den),
             "weight_probe": round(float(probe.sum()), 5), "weight_probe_abs": round(float(probe.abs().sum()), 5)}
 
 
@@ -294,9 +309,9 @@ class LatentClassifier(nn.Module):
             >>> out.safety[0].result("lvd").stopped_at_step, out.safety[0].unet_steps_run
             (0, 1)
         """
-        den = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
         cats = list(categories)
-        clf = cls(LVDConfig(int(den.config.in_channels), categories=cats, model=unet_fingerprint(pipe)))
+        fingerprint = unet_fingerprint(pipe)
+        clf = cls(LVDConfig(fingerprint["in_channels"], categories=cats, model=fingerprint))
 
         def forward(x0, noise):
             if calls is not None:
@@ -405,10 +420,11 @@ def latent_frames(x0: torch.Tensor, n: int, layout: str) -> tuple[torch.Tensor, 
     return x0, max(1, x0.shape[0] // max(1, n))
 
 
-def _output_span(f: int, n_latent: int, ratio: int) -> list[int]:
+def _output_span(f: int, n_latent: int, ratio: int, causal: bool = False) -> list[int]:
     """[first, last] output frame decoded from latent frame ``f`` of ``n_latent`` by a causal video VAE that
-    compresses time by ``ratio`` (CogVideoX: an odd count keeps the first frame single, 13 → 49 frames)."""
-    if n_latent % 2:
+    compresses time by ``ratio`` (CogVideoX: an odd count keeps the first frame single, 13 → 49 frames; Wan,
+    ``causal``: the first frame is always single, 21 → 81)."""
+    if causal or n_latent % 2:
         return [0, 0] if f == 0 else [1 + (f - 1) * ratio, f * ratio]
     return [f * ratio, (f + 1) * ratio - 1]
 
@@ -434,6 +450,7 @@ class _CallState:
     video: bool
     layout: str
     time_ratio: int
+    causal: bool = False
     checks: int = 0
     frame_flags: torch.Tensor | None = None  # (n, F) video: checked steps that flagged each frame
 
@@ -588,7 +605,8 @@ class LVD(Guard):
         if not bool(torch.isfinite(thresholds).all()):
             raise NonFiniteError(f"LVD thresholds {thresholds.tolist()} are not all finite numbers")
         n = len(call.running_items)
-        tap = _X0Tap(call.pipe.scheduler)
+        tap = _X0Tap(call.pipe.scheduler, unpack=latent_unpacker(call.pipe, call.spec.layout,
+                                                                 call.args.get("height"), call.args.get("width")))
         call.defer(tap.remove)
         call.set_state(self, _CallState(
             tap=tap, clf=clf, thresholds=thresholds, stoppable=stoppable, budgets=budgets, scale=scale,
@@ -598,7 +616,8 @@ class LVD(Guard):
             open=[True] * n, need=self.required_for(call.num_steps), total=self.checks_for(call.num_steps),
             video=call.spec.video, layout=call.spec.layout,
             # CogVideoX's VAE makes ~4 output frames of each latent frame; UNet video models decode frame by frame
-            time_ratio=int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.layout == "BFCHW" else 1,
+            time_ratio=int(getattr(call.pipe, "vae_scale_factor_temporal", 1)) if call.spec.time != "frame" else 1,
+            causal=call.spec.time == "causal",
         ))
 
     def step_end(self, call, step: int, timestep, tensors):
@@ -681,7 +700,7 @@ class LVD(Guard):
             out["frames"] = [f for f, c in enumerate(flags) if c]
         out["clip_score"] = self.clip_score
         if st.time_ratio > 1:  # the listed frames are latent frames: say which output frames each one makes
-            out["output_frames"] = {f: _output_span(f, len(flags), st.time_ratio) for f in out["frames"]}
+            out["output_frames"] = {f: _output_span(f, len(flags), st.time_ratio, st.causal) for f in out["frames"]}
         return out
 
     def rule_scores(self, st, j: int) -> torch.Tensor:

@@ -271,10 +271,7 @@ class OutputGuard(Guard):
                 continue
             judged.append(i)
             arrays[i] = arr
-        if callable(getattr(oracle, "judge_batch", None)):  # one pass over the call's items
-            found_all = oracle.judge_batch([prompts[i] for i in judged], [arrays[i] for i in judged])
-        else:
-            found_all = [oracle.judge(prompts[i], arrays[i]) for i in judged]
+        found_all = _judge_items(oracle, [prompts[i] for i in judged], [arrays[i] for i in judged])
         for i, found_j in zip(judged, found_all):
             j = dict(found_j)
             if j.get("oracle_error"):
@@ -282,6 +279,8 @@ class OutputGuard(Guard):
             res = call.result(i, self.name)
             res.details = {"oracle": _label(oracle), "protocol": getattr(oracle, "protocol", ""),
                            "action": self.action, "first_check": _summary(j)}
+            if "frames" in j:  # a clip: which of its frames the oracle found unsafe
+                res.details["frames"], res.details["num_frames"] = j["frames"], j["num_frames"]
             _fill(res, j)
             if j.get("error"):  # the oracle could not decide on this item (e.g. non-finite scores): fail closed
                 put_item(out, field_name, i, _placeholder_like(call, output_type, images[i]))
@@ -367,6 +366,37 @@ def _as_array(img):
     if isinstance(img, (list, tuple)):
         return np.stack([np.asarray(f.convert("RGB")) for f in img])
     return np.asarray(img.convert("RGB")) if hasattr(img, "convert") else np.asarray(img)
+
+
+def _judge_items(oracle, prompts: list, arrays: list) -> list[dict]:
+    """The oracle's verdict per item in one pass over the call: an image is judged as it is; a clip (F, H, W, 3)
+    frame by frame, and it is unsafe when any frame is: its verdict is its worst frame's (the unsafe frame the
+    oracle scores highest, else the first frame's), with ``frames`` the unsafe frames' indices. A frame the oracle
+    could not read or decide on makes the clip's verdict that error (fail closed)."""
+    owner, flat_p, flat_a = [], [], []
+    for k, (p, a) in enumerate(zip(prompts, arrays)):
+        frames = [a] if a is None or a.ndim != 4 else list(a)
+        owner += [k] * len(frames)
+        flat_p += [p] * len(frames)
+        flat_a += frames
+    if callable(getattr(oracle, "judge_batch", None)):
+        found = oracle.judge_batch(flat_p, flat_a)
+    else:
+        found = [oracle.judge(p, a) for p, a in zip(flat_p, flat_a)]
+    out = []
+    for k, a in enumerate(arrays):
+        mine = [dict(found[j]) for j in range(len(owner)) if owner[j] == k]
+        if a is None or a.ndim != 4:
+            out.append(mine[0])
+            continue
+        bad = next((f for f in mine if f.get("oracle_error") or f.get("error")), None)
+        if bad is not None:
+            out.append(bad)
+            continue
+        unsafe = [t for t, f in enumerate(mine) if f.get("unsafe")]
+        worst = max(unsafe, key=lambda t: float(mine[t].get("score") or 0.0)) if unsafe else 0
+        out.append({**mine[worst], "frames": unsafe, "num_frames": len(mine)})
+    return out
 
 
 def _blur(img, radius: float | None):

@@ -139,16 +139,18 @@ def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.T
 @dataclass
 class _Stream:
     """One text-conditioning stream of a pipeline: its encoder adapter, the block of prompt_embeds it fills (its
-    channels ``dims`` of the token positions ``tokens``), the channels of the pooled vector it fills (``pooled``;
-    ``None``: it gives none) and the call argument whose text it encodes (``prompt_2`` / ``prompt_3`` fall back to
-    ``prompt`` when not given)."""
+    channels ``dims`` of the token positions ``tokens``; ``None``: no token states, FLUX's CLIP encoder), the
+    channels of the pooled vector it fills (``pooled``; ``None``: it gives none; ``pooled_projected``: the
+    encoder's projected pooled output, else its summary vector) and the call argument whose text it encodes
+    (``prompt_2`` / ``prompt_3`` fall back to ``prompt`` when not given)."""
 
     name: str
     adapter: TextEncoderAdapter
     dims: slice
     text_arg: str = "prompt"
-    tokens: slice = field(default_factory=lambda: slice(None))
+    tokens: slice | None = field(default_factory=lambda: slice(None))
     pooled: slice | None = None
+    pooled_projected: bool = True
 
     def block(self, embeds: torch.Tensor) -> torch.Tensor:
         """This stream's part of ``prompt_embeds`` (B, L, D)."""
@@ -163,7 +165,7 @@ def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[s
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
-    max_len = call_default(call, "max_sequence_length") if call.spec.encode in ("t5", "sd3") else None
+    max_len = call_default(call, "max_sequence_length") if call.spec.encode in ("t5", "sd3", "flux") else None
     return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
 
 
@@ -171,7 +173,7 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
     """The streams of a call with default arguments (no clip_skip; T5 at the pipeline's default
     ``max_sequence_length``)."""
     max_len = None
-    if encode in ("t5", "sd3"):
+    if encode in ("t5", "sd3", "flux"):
         import inspect
 
         max_len = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
@@ -181,7 +183,9 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
 def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_Stream]:
     """The pipeline's conditioning streams (cached per pipeline), the primary one (the gate's) last: SDXL's two CLIP
     encoders side by side; SD3's two CLIP encoders side by side on the first 77 positions, then its T5 encoder's
-    positions (the primary, when the pipeline has one); else its one encoder."""
+    positions (the primary, when the pipeline has one); FLUX's CLIP encoder (its pooled output only, from
+    ``prompt``) and its T5 encoder (every token position, from ``prompt_2``: the primary); else its one
+    encoder."""
     key = ("safree-streams", clip_skip, max_len)
     if key in cache:
         return cache[key]
@@ -207,13 +211,24 @@ def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_S
         if te3 is not None:
             ad = TextEncoderAdapter.for_t5(pipe.tokenizer_3, te3, max_length=int(max_len or 256))
             s.append(_Stream("text_encoder_3", ad, slice(None), "prompt_3", tokens=slice(clip_len, None)))
+    elif encode == "flux":
+        s = []
+        if getattr(pipe, "text_encoder", None) is not None:  # pooler_output: the last layer's EOS state
+            s.append(_Stream("text_encoder", TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder,
+                                                                         mask_token_id=0, name="text_encoder"),
+                             slice(None), "prompt", tokens=None, pooled=slice(None), pooled_projected=False))
+        s.append(_Stream("text_encoder_2", TextEncoderAdapter.for_t5(pipe.tokenizer_2, pipe.text_encoder_2,
+                                                                     max_length=int(max_len or 512)),
+                         slice(None), "prompt_2"))
     else:
         # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
         # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the
         # embedded default model): mean summary, [MASK] masking
+        from ..specs import pipeline_spec
+
         is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
         ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
-                              mask_token_id=0 if is_clip else None)
+                              mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask)
         s = [_Stream("text_encoder", ad, slice(None))]
     cache[key] = s
     return s
@@ -452,6 +467,12 @@ class Safree(Guard):
                            type(pipe).__name__, width, ", ".join(loose))
 
     @staticmethod
+    def _pooled_switches(call) -> bool:
+        """Whether the pipeline's step callback takes the pooled vector back (SDXL, SD3; not FLUX)."""
+        allowed = getattr(call.pipe, "_callback_tensor_inputs", ())
+        return any(k in allowed for k in ("add_text_embeds", "pooled_prompt_embeds"))
+
+    @staticmethod
     def _has_skips(denoiser) -> bool:
         """Re-attention filters U-Net up-block skip features; a DiT (CogVideoX's transformer) has none."""
         return len(getattr(denoiser, "up_blocks", None) or []) > 0
@@ -663,7 +684,9 @@ class Safree(Guard):
         scores = torch.full((B, len(cats)), float("-inf"))
         nearest: list[list[str | None]] = [[None] * len(cats) for _ in range(B)]
         for stream in gate_streams:
-            if text_mode:
+            if text_mode and stream.tokens is None:  # pooled only (FLUX's CLIP): its summary is the pooled vector
+                summary = cond["pooled_prompt_embeds"][:, stream.pooled].float()
+            elif text_mode:
                 batch = stream.adapter.tokenize(_stream_texts(texts, stream))
                 summary = stream.adapter.summarize(stream.block(pe), batch.attention_mask).float()
             else:
@@ -739,7 +762,7 @@ class Safree(Guard):
         if safe_pooled is not None:
             safe_pooled = safe_pooled.clone()
         if self.projection:
-            for s_idx, stream in enumerate(streams):
+            for stream in (st for st in streams if st.tokens is not None):  # each encoder's token states
                 for group, members in groups.items():
                     idx = torch.tensor(members)
                     basis = self._space(cache, stream, group, policy).to(pe.device)
@@ -767,7 +790,7 @@ class Safree(Guard):
                 for stream in (st for st in streams if st.pooled is not None):  # each encoder's pooled part
                     for group, members in groups.items():
                         idx = torch.tensor(members)
-                        pb = self._space(cache, stream, group, policy, projected=True).to(pe.device)
+                        pb = self._space(cache, stream, group, policy, projected=stream.pooled_projected).to(pe.device)
                         part = safe_pooled[idx][:, stream.pooled].float().unsqueeze(1)
                         safe_pooled[idx, stream.pooled] = remove_span(part, pb).squeeze(1).to(safe_pooled.dtype)
             if not self.svf:
@@ -958,7 +981,7 @@ class Safree(Guard):
         if pe is not None:
             cond = torch.where(use_safe.view(-1, 1, 1), tab["safe"], tab["orig"]).to(pe.dtype)
             # AnimateDiff repeats every row once per frame (repeat_interleave) before the loop
-            per_row = pe.shape[0] // (cond.shape[0] * (2 if call.do_cfg else 1))
+            per_row = pe.shape[0] // (cond.shape[0] * (2 if call.do_cfg and call.spec.cfg_in_batch else 1))
             if per_row > 1:
                 cond = cond.repeat_interleave(per_row, 0)
             n = cond.shape[0]
@@ -1018,6 +1041,10 @@ class Safree(Guard):
                                "lexical_match": lex, "negative_prompt": state.negative_text.get(b),
                                "mode": "text" if call.prompts is not None else "embeddings",
                                "reattention": lra}
+                if state.safe_pooled is not None and not self._pooled_switches(call):
+                    res.details["pooled_note"] = (f"{type(call.pipe).__name__}'s step callback cannot hand back the "
+                                                  "pooled vector: the projected one conditions every step (the "
+                                                  "token states switch back after the filtered steps)")
                 if self.reattention and not lra:
                     res.details["reattention_skipped"] = (f"{type(call.denoiser).__name__} has no U-Net skip "
                                                           "features to filter")

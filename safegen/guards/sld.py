@@ -132,7 +132,7 @@ class _CallState:
     why_inactive: str = ""
     concept: str | None = None
     embeds: dict | None = None
-    extender: Any = None
+    extenders: list = field(default_factory=list)  # one RowExtender per denoiser
     n: int | None = None  # items in the denoising batch
     rows: dict | None = None  # the safety-concept conditioning, repeated for the items
     src: torch.Tensor | None = None
@@ -142,6 +142,10 @@ class _CallState:
     align_sum: torch.Tensor | None = None  # per item, the flag's running sum (on device)
     align_steps: int = 0
     reported: bool = False
+    # true CFG (FLUX): the branches are separate denoiser calls, conditional first
+    phase_step: int = -1  # the step whose calls are being counted
+    phase: int = 0  # denoiser calls seen in that step
+    pending: tuple | None = None  # (ε_p, ε_S) of the step's conditional call, until its unconditional call
 
 
 
@@ -154,7 +158,11 @@ class SLD(Guard):
     call runs 1.5× the rows (the safety-concept rows), and every item's report says ``"steer"`` once safety
     guidance was applied on at least one step. It needs classifier-free guidance: with ``guidance_scale ≤ 1``
     (or a guidance-distilled UNet) in the pipeline call, or with this guard's ``guidance_scale ≤ 1`` (diffusers'
-    rule), it does nothing and the reports say it was inactive.
+    rule), it does nothing and the reports say it was inactive. On a guidance-distilled FLUX.1 pipeline the
+    unconditional branch exists only with true CFG (``negative_prompt`` and ``true_cfg_scale > 1``), as a second,
+    separate transformer call: the concept rows then join the conditional call and SLD's guidance reaches the
+    pipeline through the unconditional call's output (ε_u' = ε_u + s·(ε_p' − ε_p)/(1 − s), so the pipeline's own
+    ε_u' + s·(ε_p − ε_u') is SLD's ε_u + s·(ε_p' − ε_u)); without true CFG the call fails closed and says why.
 
     Notes:
         * One UNet call per step is assumed (as in diffusers' SLD): a second-order scheduler (Heun, DPM2) calls the
@@ -320,6 +328,10 @@ class SLD(Guard):
         # guidance only where some category asks for more than a log line; with only `log` categories SLD
         # measures (its flag) without changing the image
         st.apply = bool(actions & {"steer", "block"})
+        if not call.do_cfg and call.spec.cfg == "true":  # asked for, and cannot act: an error, not a silent pass
+            raise ValueError(f"SLD on {type(call.pipe).__name__} needs true classifier-free guidance: pass a "
+                             "negative_prompt and true_cfg_scale > 1 (a guidance-distilled model has no "
+                             "unconditional branch for SLD to guide against)")
         if not call.do_cfg:
             st.why_inactive = ("inactive: SLD needs classifier-free guidance and this call has none "
                                   "(guidance_scale ≤ 1 or a guidance-distilled UNet)")
@@ -332,29 +344,22 @@ class SLD(Guard):
         st.concept = text
         st.embeds = self._concept_embeds(call, text)
         st.active = True
-        ext = RowExtender(call.denoiser, provide=lambda b, i: self._provide(call, st, b, i),
-                          consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
-        st.extender = ext.install()
-        call.defer(ext.remove)
+        st.extenders = []
+        for k, den in enumerate(call.denoisers):  # Wan 2.2: both experts, each with its own guidance scale
+            ext = RowExtender(den, provide=lambda b, i, k=k: self._provide(call, st, b, i, k),
+                              consume=lambda m, e, x, n: self._consume(call, st, m, e, x, n), guard=self.name)
+            st.extenders.append(ext.install())
+            call.defer(ext.remove)
 
     # ------------------------------------------------------------------ the hooks (no host syncs)
 
-    def _provide(self, call, st, batch: int, inputs: dict[str, Any]) -> ExtraRows | None:
-        n = st.n
-        if n is None:
-            kept = call.kept_items
-            n = st.n = len(kept) if kept is not None else call.n_items
-        if batch < 2 * n:  # this UNet call has no CFG halves (e.g. a CFG cut-off callback): leave it alone
-            return None
-        step = call.step
-        if step < self.warmup_steps and self.momentum_scale == 0:
-            return None  # the momentum is never used: the warm-up steps need no safety rows
-        sample = inputs["sample"]
-        rows = st.rows
-        if rows is None:  # once per call: the concept conditioning repeated for the N items, on the UNet's device
+    def _concept_rows(self, st, n: int, inputs: dict[str, Any], device) -> dict[str, torch.Tensor]:
+        """The safety concept's conditioning for ``n`` rows (once per call): its token states, and its pooled
+        vector where the denoiser takes one (SDXL's added text embeddings, SD3's and FLUX's pooled projections)."""
+        if st.rows is None:
             emb = st.embeds
             ehs = inputs.get("encoder_hidden_states")
-            pe = emb["prompt_embeds"].to(sample.device)
+            pe = emb["prompt_embeds"].to(device)
             if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:]:
                 raise ValueError(f"SLD: the pipeline's encoder_hidden_states have shape {tuple(ehs.shape[1:])} "
                                  f"per row but the safety concept encodes to {tuple(pe.shape[1:])}; SLD needs "
@@ -362,42 +367,123 @@ class SLD(Guard):
             rows = {"encoder_hidden_states": pe.expand(n, *pe.shape[1:])}
             added = inputs.get("added_cond_kwargs") or {}
             ppe = emb.get("pooled_prompt_embeds")
-            if ppe is not None:  # the concept's pooled vector: SDXL's added text_embeds, SD3's pooled projections
-                ppe = ppe.to(sample.device).expand(n, *ppe.shape[1:])
+            if ppe is not None:
+                ppe = ppe.to(device).expand(n, *ppe.shape[1:])
                 if "text_embeds" in added:
                     rows["text_embeds"] = ppe
                 if torch.is_tensor(inputs.get("pooled_projections")):
                     rows["pooled_projections"] = ppe
-            st.src = torch.arange(n, 2 * n, device=sample.device)
             st.rows = rows
+        return st.rows
+
+    @staticmethod
+    def _cfg_scale(call, expert: int) -> float:
+        """The scale of the pipeline's own guidance line for a call of denoiser ``expert``: FLUX's
+        ``true_cfg_scale``; Wan's ``guidance_scale``, or for the low-noise expert ``guidance_scale_2`` when given."""
+        from ..protection import call_default
+
+        if call.spec.cfg == "true":
+            return float(call_default(call, "true_cfg_scale"))
+        second = call_default(call, "guidance_scale_2") if expert else None
+        return float(second if second is not None else call_default(call, "guidance_scale"))
+
+    def _provide_separate(self, call, st, n: int, batch: int, inputs: dict[str, Any],
+                          expert: int = 0) -> ExtraRows | None:
+        """Separate branches (FLUX's true CFG, Wan): each step runs the conditional call, then the unconditional
+        one. The conditional call gets the safety-concept rows (ε_S next to ε_p); the unconditional call gets none,
+        but its output is where the guidance goes (:meth:`_consume_separate`)."""
+        if batch != n:
+            return None
+        step = call.step
+        if st.phase_step != step:
+            st.phase_step, st.phase = step, 0
+        phase, st.phase = st.phase, st.phase + 1
+        sample = inputs["sample"]
+        if phase == 0:
+            if step < self.warmup_steps and self.momentum_scale == 0:
+                return None  # the momentum is never used: the warm-up steps need no safety rows
+            rows = self._concept_rows(st, n, inputs, sample.device)
+            st.calls += 1
+            if step >= self.warmup_steps:
+                st.guided.add(step)
+            return ExtraRows(tensors={"sample": sample, **rows}, source_rows=torch.arange(n, device=sample.device),
+                             info=("cond", n, step, expert))
+        if phase == 1 and st.pending is not None:  # no extra rows: only its output is rewritten
+            return ExtraRows(tensors={"sample": sample[:0]}, source_rows=torch.zeros(0, dtype=torch.long,
+                                                                                        device=sample.device),
+                             info=("uncond", n, step, expert))
+        return None
+
+    def _provide(self, call, st, batch: int, inputs: dict[str, Any], expert: int = 0) -> ExtraRows | None:
+        n = st.n
+        if n is None:
+            kept = call.kept_items
+            n = st.n = len(kept) if kept is not None else call.n_items
+        if not call.spec.cfg_in_batch:
+            return self._provide_separate(call, st, n, batch, inputs, expert)
+        if batch < 2 * n:  # this UNet call has no CFG halves (e.g. a CFG cut-off callback): leave it alone
+            return None
+        step = call.step
+        if step < self.warmup_steps and self.momentum_scale == 0:
+            return None  # the momentum is never used: the warm-up steps need no safety rows
+        sample = inputs["sample"]
+        rows = self._concept_rows(st, n, inputs, sample.device)
+        if st.src is None:
+            st.src = torch.arange(n, 2 * n, device=sample.device)
         st.calls += 1
         if step >= self.warmup_steps:
             st.guided.add(step)
         return ExtraRows(tensors={"sample": sample[n:2 * n], **rows}, source_rows=st.src, info=(n, step))
 
     def _consume(self, call, st, main: torch.Tensor, mine: torch.Tensor, extra: ExtraRows, _n: int):
+        if len(extra.info) == 4:  # the branches come in separate calls (FLUX's true CFG, Wan)
+            return self._consume_separate(call, st, main, mine, extra)
         n, step = extra.info
         eps_u, eps_p = main[:n], main[n:2 * n]
+        new_p = self._guide(st, eps_u, eps_p, mine, step)
+        if new_p is None:
+            return None
+        return torch.cat([eps_u, new_p, main[2 * n:]], 0)
+
+    def _guide(self, st, eps_u: torch.Tensor, eps_p: torch.Tensor, eps_s: torch.Tensor, step: int):
+        """One step of SLD on the three predictions: the flag is accumulated, the momentum moves, and the
+        safety-guided ε_p' is returned (``None`` during the warm-up or under a log-only policy: ε_p unchanged)."""
         # the flag: how far each item's own guidance direction points at the safety concept's (on device)
-        align = safety_alignment(eps_u, eps_p, mine)
+        align = safety_alignment(eps_u, eps_p, eps_s)
         st.align_sum = align if st.align_sum is None else st.align_sum + align
         st.align_steps += 1
-        new_p, st.nu = sld_guidance(eps_u, eps_p, mine, st.nu, step, guidance_scale=self.guidance_scale,
-                                       threshold=self.threshold, momentum_scale=self.momentum_scale,
-                                       momentum_beta=self.momentum_beta, warmup_steps=self.warmup_steps)
+        new_p, st.nu = sld_guidance(eps_u, eps_p, eps_s, st.nu, step, guidance_scale=self.guidance_scale,
+                                    threshold=self.threshold, momentum_scale=self.momentum_scale,
+                                    momentum_beta=self.momentum_beta, warmup_steps=self.warmup_steps)
         if step < self.warmup_steps or not st.apply:
-            return None  # ε_p unchanged (warm-up: only the momentum moved; log-only policy: measured only)
-        return torch.cat([eps_u, new_p, main[2 * n:]], 0)
+            return None  # warm-up: only the momentum moved; log-only policy: measured only
+        return new_p
+
+    def _consume_separate(self, call, st, main: torch.Tensor, mine: torch.Tensor, extra: ExtraRows):
+        """Separate branches: keep (ε_p, ε_S) from the conditional call; on the unconditional call compute SLD's ε_p'
+        and return ε_u' = ε_u + s·(ε_p' − ε_p)/(1 − s), s the pipeline's own guidance scale (:meth:`_cfg_scale`),
+        so its line ε_u' + s·(ε_p − ε_u') equals ε_u + s·(ε_p' − ε_u): SLD's guidance, through an unchanged
+        pipeline."""
+        kind, n, step, expert = extra.info
+        if kind == "cond":
+            st.pending = (main, mine)
+            return None
+        (eps_p, eps_s), st.pending = st.pending, None
+        new_p = self._guide(st, main, eps_p, eps_s, step)
+        if new_p is None:
+            return None
+        s = self._cfg_scale(call, expert)
+        return main + s * (new_p - eps_p) / (1.0 - s)
 
     # ------------------------------------------------------------------ after the loop
     def finish(self, call) -> None:
         st = call.state(self)
         if st is None:
             return
-        ext, st.extender = st.extender, None
-        if ext is not None:
+        extenders, st.extenders = st.extenders, []
+        for ext in extenders:
             ext.remove()
-        st.nu = st.rows = None
+        st.nu = st.rows = st.pending = None
         if st.reported:
             return
         st.reported = True

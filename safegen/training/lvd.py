@@ -83,11 +83,15 @@ def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str
     kw: dict[str, Any] = {"num_inference_steps": int(steps), "output_type": "np"}
     if guidance_scale is not None:
         kw["guidance_scale"] = float(guidance_scale)
+    from ..outputs import latent_unpacker
+    from ..specs import pipeline_spec
+
+    unpack = latent_unpacker(pipe, pipeline_spec(pipe).layout)  # FLUX: x̂0 as latent images, at the default size
     bar = progress_bar(total=len(prompts), desc="record trajectories", unit="prompt", disable=not progress)
     for s in range(0, len(prompts), batch_size):
         batch = prompts[s:s + batch_size]
         history: list = []
-        tap = _X0Tap(pipe.scheduler, history)
+        tap = _X0Tap(pipe.scheduler, history, unpack=unpack)
         try:
             gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(batch))]
             out = pipe(batch, generator=gens, **kw)
