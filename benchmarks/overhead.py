@@ -1,15 +1,20 @@
 """Wall-time overhead of safegen's guards: protected / plain, same pipeline object, same seed, one process.
 
-Two models:
+Models:
 
 * ``tiny``: :func:`safegen.testing.tiny_sd_pipeline` at 64x64 px, 20 DDIM steps (guard cost is large relative
   to a tiny UNet: this is the worst case for the ratio);
 * ``sd15``: the real SD 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder, SD1.5 AutoencoderKL) with
-  random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio).
+  random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio);
+* ``sd35``, ``flux1``, ``wan21``: SD3.5 medium, FLUX.1 and Wan 2.1 1.3B at their real hidden widths with
+  reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers were kept).
 
-Configurations: plain (unprotected); SAFREE without / with latent re-attention, each on a benign prompt
-(nothing fires: the guard only checks) and on an unsafe prompt containing policy keywords (the guard
-projects); SLD medium. The policy is the default one with the semantic gate off (thresholds above 1), so only
+Configurations: plain (unprotected); SAFREE without / with latent re-attention (U-Nets only: a DiT has no skip
+features), each on a benign prompt (nothing fires: the guard only checks) and on an unsafe prompt containing
+policy keywords (the guard projects); SLD medium (FLUX: with true CFG); LVD (DiTs: an untrained classifier for
+the model whose threshold nothing reaches, so every check runs and nothing stops: its cost per check is what is
+measured). For every model, one denoiser call is timed inside the plain calls, so guard work can be read against
+a denoiser step. The policy is the default one with the semantic gate off (thresholds above 1), so only
 literal concept phrases fire: with random weights, similarity means nothing, and which prompt triggers must
 be deterministic.
 
@@ -82,6 +87,13 @@ class Model:
     call_args: dict
     default_repeats: int
     encode_reps: int
+    configs: tuple = ("safree", "safree-reattention", "sld")  # see configs()
+    sld_args: dict = field(default_factory=dict)  # what SLD's calls add (FLUX: true CFG)
+    video: bool = False
+    # the DiTs: SAFREE's calibration (1,000 reference prompts through the T5 encoder at its padded length, once per
+    # encoder, cached on disk) is not part of a call; with fixed gate thresholds only SVF's c needs it: the
+    # authors' constant is used instead
+    safree_args: dict = field(default_factory=dict)
 
 
 def build_tiny():
@@ -124,11 +136,30 @@ def build_sd15():
     return pipe
 
 
+def _dit(name: str):
+    def build():
+        from benchmarks import dit_models
+
+        return getattr(dit_models, f"build_{name}")()
+    return build
+
+
 MODELS = {
     "tiny": Model("tiny", "tiny random SD pipeline (safegen.testing), 64x64 px, 20 steps, CFG 7.5", build_tiny,
                   dict(height=64, width=64, num_inference_steps=20, guidance_scale=7.5), 5, 20),
     "sd15": Model("sd15", "SD 1.5 architecture, random fp32 weights (UNet 859.5M, CLIP-L), 256x256 px, 4 steps, "
                   "CFG 7.5", build_sd15, dict(height=256, width=256, num_inference_steps=4, guidance_scale=7.5), 3, 5),
+    "sd35": Model("sd35", "SD3.5 medium widths, reduced depth, random fp32 weights, 256x256 px, 4 steps, CFG 5",
+                  _dit("sd35"), dict(height=256, width=256, num_inference_steps=4, guidance_scale=5.0), 3, 3,
+                  configs=("safree", "sld", "lvd"), safree_args=dict(calibrate=False)),
+    "flux1": Model("flux1", "FLUX.1 widths, reduced depth, random fp32 weights, 256x256 px, 4 steps (guidance-"
+                   "distilled; SLD with true CFG 2)", _dit("flux1"),
+                   dict(height=256, width=256, num_inference_steps=4), 3, 3, configs=("safree", "sld", "lvd"),
+                   sld_args=dict(negative_prompt="blurry", true_cfg_scale=2.0), safree_args=dict(calibrate=False)),
+    "wan21": Model("wan21", "Wan 2.1 1.3B widths, reduced depth, random fp32 weights, 128x128 px, 9 frames, 4 steps, "
+                   "CFG 5 (two transformer calls per step)", _dit("wan21"),
+                   dict(height=128, width=128, num_frames=9, num_inference_steps=4, guidance_scale=5.0), 3, 3,
+                   configs=("safree", "sld", "lvd"), video=True, safree_args=dict(calibrate=False)),
 }
 
 
@@ -137,7 +168,7 @@ MODELS = {
 class Config:
     label: str
     prompt_name: str
-    factory: Callable[[], Any] | None  # None: plain
+    factory: Callable[[Any], Any] | None  # pipe -> guard; None: plain
     guard: Any = None
     status: str = "ok"  # "ok" or "n/a: why"
     cache: dict | None = None
@@ -147,6 +178,8 @@ class Config:
     guard_seconds: list[float] = field(default_factory=list)
     verdict: str = ""
     filtered: str = ""
+    call_args: dict = field(default_factory=dict)  # what this configuration's calls (and their plain pairs) add
+    checks: int = 0  # LVD: checks per call (its guard seconds are divided by them)
 
     @property
     def prompt(self) -> str:
@@ -157,14 +190,33 @@ class Config:
         return self.status == "ok"
 
 
-def configs() -> list[Config]:
-    return [
-        Config("SAFREE", "benign", lambda: safegen.Safree()),
-        Config("SAFREE", "unsafe", lambda: safegen.Safree()),
-        Config("SAFREE + re-attention", "benign", lambda: safegen.Safree(reattention=True)),
-        Config("SAFREE + re-attention", "unsafe", lambda: safegen.Safree(reattention=True)),
-        Config("SLD medium", "unsafe", lambda: safegen.SLD.medium()),
-    ]
+def _untrained_lvd(pipe):
+    """LVD with an untrained classifier for this model and a threshold its probabilities (near 0.5) never reach:
+    every check runs, nothing stops (its cost is what is measured)."""
+    from safegen.guards.lvd import LVD, LatentClassifier, LVDConfig, unet_fingerprint
+
+    fp = unet_fingerprint(pipe)
+    torch.manual_seed(SEED)
+    return LVD.from_classifier(LatentClassifier(LVDConfig(fp["in_channels"], categories=["violence"], model=fp)),
+                               threshold=0.9999)
+
+
+def configs(model: Model) -> list[Config]:
+    out = []
+    for key in model.configs:
+        if key == "safree":
+            kw = dict(model.safree_args)
+            out += [Config("SAFREE", "benign", lambda pipe: safegen.Safree(**kw)),
+                    Config("SAFREE", "unsafe", lambda pipe: safegen.Safree(**kw))]
+        elif key == "safree-reattention":
+            out += [Config("SAFREE + re-attention", "benign", lambda pipe: safegen.Safree(reattention=True)),
+                    Config("SAFREE + re-attention", "unsafe", lambda pipe: safegen.Safree(reattention=True))]
+        elif key == "sld":
+            out.append(Config("SLD medium", "unsafe", lambda pipe: safegen.SLD.medium(),
+                              call_args=dict(model.sld_args)))
+        elif key == "lvd":
+            out.append(Config("LVD (every check, no stop)", "benign", _untrained_lvd))
+    return out
 
 
 def lexical_policy():
@@ -198,22 +250,34 @@ class Runner:
             pipe._safegen.cache.update(cfg.cache)
         cfg.cache = pipe._safegen.cache
 
-    def call(self, prompt: str):
+    def call(self, prompt: str, extra: dict | None = None):
         gen = torch.Generator("cpu").manual_seed(SEED)
         t0 = time.perf_counter()
-        out = self.pipe(prompt, generator=gen, output_type="np", **self.model.call_args)
+        out = self.pipe(prompt, generator=gen, output_type="np", **self.model.call_args, **(extra or {}))
         return time.perf_counter() - t0, out
 
-    def plain(self, prompt: str) -> float:
+    def plain(self, prompt: str, extra: dict | None = None, denoiser_calls: list | None = None) -> float:
+        """One unprotected call; with ``denoiser_calls`` (a list), the seconds of each denoiser call are appended."""
         self.activate(None)
-        dt, _ = self.call(prompt)
+        handles = []
+        if denoiser_calls is not None:
+            den = getattr(self.pipe, "unet", None) or self.pipe.transformer
+            start: list = []
+            handles = [den.register_forward_pre_hook(lambda m, a: start.append(time.perf_counter())),
+                       den.register_forward_hook(lambda m, a, o: denoiser_calls.append(time.perf_counter()
+                                                                                      - start.pop()))]
+        try:
+            dt, _ = self.call(prompt, extra)
+        finally:
+            for h in handles:
+                h.remove()
         return dt
 
     def protected(self, cfg: Config) -> float | None:
         """One protected call; records guard time and the SAFREE report. None (and cfg marked n/a) on failure."""
         try:
             self.activate(cfg)
-            dt, out = self.call(cfg.prompt)
+            dt, out = self.call(cfg.prompt, cfg.call_args)
         except UNAVAILABLE as e:
             cfg.status = f"n/a: {type(e).__name__}: {e}"
             return None
@@ -228,22 +292,38 @@ class Runner:
         if res is not None:
             cfg.guard_seconds.append(res.seconds)
             cfg.verdict = res.verdict
+            n = self.model.call_args["num_inference_steps"]
             if cfg.guard.name == "safree":
-                n = self.model.call_args["num_inference_steps"]
                 cfg.filtered = f"{res.filtered_steps or 0}/{n}"
+            if cfg.guard.name == "lvd":
+                cfg.checks = cfg.guard.checks_for(n)
         return dt
+
+
+def _encode_once(pipe, prompt: str) -> None:
+    """The pipeline's own ``encode_prompt`` for one prompt, positive and (where the family encodes one there)
+    negative, as one call does."""
+    dev = pipe._execution_device
+    name = type(pipe).__name__
+    if name == "FluxPipeline":
+        pipe.encode_prompt(prompt, None, device=dev)
+    elif name == "StableDiffusion3Pipeline":
+        pipe.encode_prompt(prompt, None, None, device=dev, do_classifier_free_guidance=True)
+    elif name == "WanPipeline":
+        pipe.encode_prompt(prompt, do_classifier_free_guidance=True, device=dev, max_sequence_length=512)
+    else:
+        pipe.encode_prompt(prompt, dev, 1, True)
 
 
 def encode_seconds(pipe, prompt: str, reps: int) -> float:
     """Median seconds of the pipeline's own ``encode_prompt`` (positive + negative, as one CFG call does)."""
     unprotect(pipe)
-    dev = pipe._execution_device
     with torch.no_grad():
-        pipe.encode_prompt(prompt, dev, 1, True)
+        _encode_once(pipe, prompt)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            pipe.encode_prompt(prompt, dev, 1, True)
+            _encode_once(pipe, prompt)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -256,13 +336,14 @@ def bench_model(model: Model, repeats: int) -> dict:
     build_s = time.perf_counter() - t_build
     policy = lexical_policy()
     runner = Runner(model, pipe, policy)
-    cfgs = configs()
+    cfgs = configs(model)
     plain = Config("plain (unprotected)", "both", None)
     plain_times: list[float] = []
+    denoiser_calls: list[float] = []
 
     for cfg in cfgs:  # instantiate guards; unavailable ones are n/a
         try:
-            cfg.guard = cfg.factory()
+            cfg.guard = cfg.factory(pipe)
             if _is_stub(cfg.guard):
                 cfg.status = f"n/a: {type(cfg.guard).__name__} is a placeholder (no hooks implemented yet)"
         except UNAVAILABLE as e:
@@ -287,7 +368,7 @@ def bench_model(model: Model, repeats: int) -> dict:
                 bar.update(2)
                 continue
             bar.set_postfix_str(f"round {r + 1}/{repeats}: {cfg.label} / {cfg.prompt_name}")
-            p = runner.plain(cfg.prompt)
+            p = runner.plain(cfg.prompt, cfg.call_args, denoiser_calls if not cfg.call_args else None)
             plain_times.append(p)
             bar.update()
             dt = runner.protected(cfg)
@@ -302,7 +383,7 @@ def bench_model(model: Model, repeats: int) -> dict:
     del runner, pipe
     gc.collect()
     return {"model": model, "repeats": repeats, "load": load, "build_s": build_s, "plain": plain, "configs": cfgs,
-            "encode_s": enc}
+            "encode_s": enc, "denoiser_s": statistics.median(denoiser_calls) if denoiser_calls else None}
 
 
 # ---------------------------------------------------------------------- reporting
@@ -385,6 +466,26 @@ def section(res: dict, when: str) -> str:
         f"literal concept phrases fire). Text encoding alone (`pipe.encode_prompt`, prompt + empty negative): "
         f"{res['encode_s'] * 1000:.1f} ms.",
     ]
+    den = res.get("denoiser_s")
+    if den:
+        lines += ["", f"One denoiser call (median inside the plain calls): {den:.3f} s."]
+        for c in res["configs"]:
+            if not c.ok or not c.guard_seconds:
+                continue
+            g = statistics.median(c.guard_seconds)
+            if c.label == "SAFREE" and c.prompt_name == "unsafe":
+                lines.append(f"SAFREE's work on the steered prompt (gate, masked copies through the text encoders, "
+                             f"projection, keyword negative prompt): {g:.3f} s = {g / den:.2f} denoiser calls.")
+            if c.checks:
+                lines.append(f"LVD: {g / c.checks * 1000:.1f} ms per check ({c.checks} checks a call) = "
+                             f"{100 * g / c.checks / den:.2f}% of a denoiser call.")
+    from benchmarks.dit_models import DEPTHS
+
+    if m.key in DEPTHS:
+        lines += ["", f"Kept of the released model: {DEPTHS[m.key]}. SAFREE runs with "
+                  f"`{', '.join(f'{k}={v}' for k, v in m.safree_args.items())}` (its once-per-encoder calibration is "
+                  "not part of a call) and its default `copies_length=\"auto\"` (content-length masked copies on "
+                  "T5)."]
     return "\n".join(lines)
 
 
@@ -431,10 +532,9 @@ def dry_build(keys: list[str]) -> None:
         torch.manual_seed(SEED)
         pipe = m.build()
         dt = time.perf_counter() - t0
-        n = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
-             for name in ("unet", "text_encoder", "vae")}
-        print(f"{key}: built in {dt:.1f} s; params (M): " + ", ".join(f"{k} {v:.1f}" for k, v in n.items())
-              + f"; tokenizer vocab {len(pipe.tokenizer)}; vae_scale_factor {pipe.vae_scale_factor}")
+        n = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in pipe.components.items()
+             if isinstance(part, torch.nn.Module)}
+        print(f"{key}: built in {dt:.1f} s; params (M): " + ", ".join(f"{k} {v:.1f}" for k, v in n.items()))
         try:
             import resource
 
@@ -448,7 +548,7 @@ def dry_build(keys: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=sorted(MODELS), help="run one model only (default: tiny, then sd15)")
+    ap.add_argument("--only", choices=sorted(MODELS), help="run one model only (default: every model in turn)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="interleaved rounds per configuration (default: tiny 5, sd15 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

@@ -167,13 +167,15 @@ class TextEncoderAdapter:
         return next(self.encoder.parameters()).dtype
 
     def tokenize(self, texts: Sequence[str], *, max_length: int | None = None,
-                 pad_to_longest: bool = False) -> TokenBatch:
+                 pad_to_longest: bool = False, approximate: bool = False) -> TokenBatch:
         """Tokenise and pad to ``max_length`` (default: the model's), truncating like the pipelines do; with
         ``pad_to_longest`` only to the longest text of the batch (same states for a masked, non-causal encoder,
-        for a fraction of the work on short prompts)."""
+        for a fraction of the work on short prompts). On an encoder whose states depend on the padding
+        (:attr:`padding_matters`) that shortcut is refused unless ``approximate`` (the states then differ a little
+        from the pipeline's: a caller that compares such texts only with each other may accept that)."""
         if isinstance(texts, str):
             texts = [texts]
-        pad_to_longest = pad_to_longest and not self.padding_matters
+        pad_to_longest = pad_to_longest and (approximate or not self.padding_matters)
         out = self.tokenizer(list(texts), padding="longest" if pad_to_longest else "max_length",
                              max_length=max_length or self.max_length, truncation=True, return_tensors="pt")
         mask = out["attention_mask"].long()
@@ -263,13 +265,14 @@ class TextEncoderAdapter:
         content[rows, last] = 0
         return (tokens * content.unsqueeze(-1)).sum(1) / content.sum(1, keepdim=True).clamp(min=1)
 
-    def summaries(self, texts: Sequence[str], *, projected: bool = False) -> torch.Tensor:
-        """Summary (or projected pooled) vectors of texts, one encoder pass; cached per text list."""
-        key = (tuple(texts), projected, self.layer, self.final_norm)
+    def summaries(self, texts: Sequence[str], *, projected: bool = False, short: bool = False) -> torch.Tensor:
+        """Summary (or projected pooled) vectors of texts, one encoder pass; cached per text list. ``short``: padded
+        only to the longest text, even where the padding matters (see :meth:`tokenize`'s ``approximate``)."""
+        key = (tuple(texts), projected, self.layer, self.final_norm, short)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        enc = self.encode(self.tokenize(list(texts)))
+        enc = self.encode(self.tokenize(list(texts), pad_to_longest=short, approximate=short))
         vec = enc.projected if projected else enc.summary
         if vec is None:
             raise ValueError(f"text encoder {self.name} has no projected pooled output")

@@ -312,6 +312,14 @@ class Safree(Guard):
             <concept>") and of benign prompts. The report's details say which thresholds and c were used.
         fpr_budget (`float`, *optional*): a false-positive budget for SAFREE's gate that replaces the policy's
             ``fpr`` (still multiplied by the policy's sensitivity); default: the policy's.
+        copies_length (`str`, defaults to `"auto"`): how long the masked copies of part (b) and the concept
+            phrases of part (a) are encoded. ``"full"``: padded as the pipeline pads, so every vector lies in the
+            space of the pipeline's own states (exact); ``"content"``: only as long as the text (a copy of an
+            N-token prompt costs N tokens, not the 256 or 512 a T5 pipeline pads to); ``"auto"``: ``"content"`` where
+            the encoder attends to its padding and pads to more than 77 tokens (SD3's, FLUX's and CogVideoX's T5:
+            there the full-length leave-one-out pass costs many denoiser steps), else ``"full"``. Content-length
+            vectors differ a little from the pipeline's (the padding it attends to is missing); the trigger rule
+            compares the copies only with each other, and the gate is calibrated on the same path.
         official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
             steered over every ``steer`` category's span, their keywords as every prompt's negative prompt), their
             constants gamma=10, k=2.5, c=5.333 on a 50-step scale without rescaling, SDXL's pooled embedding kept.
@@ -354,6 +362,7 @@ class Safree(Guard):
     threshold: float = 0.55
     calibrate: bool = True
     fpr_budget: float | None = None
+    copies_length: str = "auto"
     official: bool = False
     encode_batch: int = 256
 
@@ -366,6 +375,9 @@ class Safree(Guard):
         if self.project_positions not in ("triggers", "triggers+eos", "all"):
             raise ValueError(f"Safree(project_positions=...) must be 'triggers', 'triggers+eos' or 'all', "
                              f"got {self.project_positions!r}")
+        if self.copies_length not in ("auto", "full", "content"):
+            raise ValueError(f"Safree(copies_length=...) must be 'auto', 'full' or 'content', "
+                             f"got {self.copies_length!r}")
         if self.sdxl_pooled not in ("project", "keep"):
             raise ValueError(f"Safree(sdxl_pooled=...) must be 'project' or 'keep', got {self.sdxl_pooled!r}")
         if self.svf_gamma < 0:
@@ -466,6 +478,13 @@ class Safree(Guard):
                            "only",
                            type(pipe).__name__, width, ", ".join(loose))
 
+    def _short(self, ad: TextEncoderAdapter) -> bool:
+        """Whether this encoder's masked copies and concept phrases are encoded at their content length
+        (``copies_length``)."""
+        if self.copies_length != "auto":
+            return self.copies_length == "content"
+        return ad.padding_matters and ad.max_length > 77
+
     @staticmethod
     def _pooled_switches(call) -> bool:
         """Whether the pipeline's step callback takes the pooled vector back (SDXL, SD3; not FLUX)."""
@@ -480,10 +499,12 @@ class Safree(Guard):
     def _space(self, cache: dict, stream: _Stream, categories: tuple[str, ...], policy, projected: bool = False):
         """Cached orthonormal basis (D, r) of the concept span of ``categories`` in a stream's space."""
         phrases = tuple(k for c in categories for k in policy.concepts(c))
-        key = ("safree-basis", stream.name, id(stream.adapter), categories, phrases, projected)
+        key = ("safree-basis", stream.name, id(stream.adapter), categories, phrases, projected,
+               self._short(stream.adapter))
         basis = cache.get(key)
         if basis is None:
-            vecs = stream.adapter.summaries(list(phrases), projected=projected).float()
+            short = self._short(stream.adapter)
+            vecs = stream.adapter.summaries(list(phrases), projected=projected, short=short).float()
             basis = orthonormal_basis(vecs.T)
             cache[key] = basis
         return basis
@@ -491,10 +512,10 @@ class Safree(Guard):
     def _gate_space(self, cache: dict, stream: _Stream, category: str, policy):
         """Per-category basis of keyword vectors measured from the empty prompt (for the relevance gate)."""
         phrases = tuple(policy.concepts(category))
-        key = ("safree-gate", stream.name, id(stream.adapter), category, phrases)
+        key = ("safree-gate", stream.name, id(stream.adapter), category, phrases, self._short(stream.adapter))
         hit = cache.get(key)
         if hit is None:
-            vecs = stream.adapter.summaries(list(phrases) + [""]).float()
+            vecs = stream.adapter.summaries(list(phrases) + [""], short=self._short(stream.adapter)).float()
             origin = vecs[-1]
             centered = vecs[:-1] - origin
             unit = centered / centered.norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -564,7 +585,7 @@ class Safree(Guard):
                                           summary=ad.summary_kind, max_length=ad.max_length, mask=ad.mask_token_id,
                                           attention_mask=ad.use_attention_mask)
         key = hashlib.blake2b(json.dumps([self.CALIBRATION_VERSION, fingerprint, concepts,
-                                          reference_digest(), self.BETA_REFERENCE]).encode(),
+                                          reference_digest(), self.BETA_REFERENCE, self._short(ad)]).encode(),
                               digest_size=16).hexdigest()
         cached = load_cached("safree", key)
         if cached is not None and cached.get("scale", {}).get("categories") == cats:
@@ -611,7 +632,7 @@ class Safree(Guard):
         """SVF's beta of each text against ``basis`` (every token projected, as SVF measures it)."""
         out = []
         for i in range(0, len(texts), 32):
-            sb = ad.tokenize(texts[i:i + 32], pad_to_longest=True)
+            sb = ad.tokenize(texts[i:i + 32], pad_to_longest=True, approximate=self._short(ad))
             tokens = ad.encode(sb).tokens.float()
             _, projected = self._analyse_text(ad, sb, tokens, basis)
             att = sb.attention_mask[:, : tokens.shape[1]].to(tokens.device)
@@ -900,7 +921,8 @@ class Safree(Guard):
     def _analyse_text(self, ad: TextEncoderAdapter, sb, tokens: torch.Tensor, basis: torch.Tensor):
         """Parts (b)-(c) for prompts given as text: ``(trigger mask (b, N), every token projected (b, L, D))``."""
         copies, att, owner, position, valid = masked_copies(sb.ids, sb.attention_mask, sb.n_content, sb.first,
-                                                            ad.mask_token_id, cut=not ad.padding_matters)
+                                                            ad.mask_token_id,
+                                                            cut=not ad.padding_matters or self._short(ad))
         vecs = []
         for start in range(0, copies.shape[0], self.encode_batch):  # chunks of sequences, not tokens
             vecs.append(ad.encode(copies[start:start + self.encode_batch], att[start:start + self.encode_batch]).summary)

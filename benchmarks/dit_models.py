@@ -1,0 +1,119 @@
+"""The transformer families at their real hidden widths with reduced depth and random fp32 weights, built offline
+(safegen's tiny tokenizers, seeded weights), for ``benchmarks/overhead.py``.
+
+Depths are cut so that a pipeline fits this machine's memory in fp32 and a step takes seconds; every width (the
+text encoders', the denoiser's, the latent channels) is the released model's, so the cost *ratios* that the
+overhead benchmark reports (guard work against one denoiser call) are those of the real shapes per layer. What
+each builder keeps and cuts is in its docstring and in ``DEPTHS`` (shown in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: per family: what was kept of the released model's depth (layers used / layers released)
+DEPTHS = {
+    "sd35": "MMDiT 2/24 joint blocks (SD3.5 medium widths: 24 heads × 64, caption 1536), CLIP-L 12/12, "
+            "CLIP-bigG 4/32, T5-XXL 2/24 layers",
+    "flux1": "FLUX.1 1/19 double + 2/38 single blocks (24 heads × 128), CLIP-L 12/12, T5-XXL 2/24 layers",
+    "wan21": "Wan 2.1 1.3B 2/30 blocks (12 heads × 128, FFN 8960), UMT5-XXL 2/24 layers",
+}
+
+
+def _clip(tok, hidden: int, layers: int, heads: int, inter: int, projection: int | None, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=projection or hidden, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def _t5_xxl(tok, layers: int, seed: int, umt5: bool = False):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(vocab_size=len(tok), d_model=4096, d_kv=64, d_ff=10240, num_layers=layers, num_heads=64,
+              relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    return (UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))).eval()
+
+
+def _vae16(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=1.5305,
+                         shift_factor=0.0609).eval()
+
+
+def build_sd35(seed: int = 0):
+    """``StableDiffusion3Pipeline`` at SD3.5-medium widths (MMDiT-X: 24 heads of 64, joint attention over T5's
+    4096-wide states, pooled 768 + 1280), CLIP-L, CLIP-bigG and T5-XXL, a 16-channel VAE; depth in ``DEPTHS``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from safegen.testing import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer(max_length=256)
+    te = _clip(tok, 768, 12, 12, 3072, 768, seed)
+    te2 = _clip(tok2, 1280, 4, 20, 5120, 1280, seed + 1)
+    te3 = _t5_xxl(tok3, 2, seed + 2)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                        caption_projection_dim=1536, pooled_projection_dim=2048,
+                                        pos_embed_max_size=384, dual_attention_layers=(0, 1),
+                                        qk_norm="rms_norm").eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=_vae16(seed), text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                                    tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_flux1(seed: int = 0):
+    """``FluxPipeline`` at FLUX.1 widths (24 heads of 128 = 3072, T5-XXL 4096, CLIP-L pooled 768, guidance
+    embedding), a 16-channel VAE; depth in ``DEPTHS``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from safegen.testing import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer(max_length=512)
+    te = _clip(tok, 768, 12, 12, 3072, None, seed)
+    te2 = _t5_xxl(tok2, 2, seed + 1)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                         pooled_projection_dim=768, guidance_embeds=True,
+                                         axes_dims_rope=(16, 56, 56)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae16(seed), text_encoder=te,
+                        tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_wan21(seed: int = 0):
+    """``WanPipeline`` at Wan 2.1 1.3B widths (12 heads of 128, FFN 8960, UMT5-XXL 4096) and the Wan VAE
+    (16 latent channels, space ÷ 8, time ÷ 4); depth in ``DEPTHS``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    from safegen.testing import tiny_t5_tokenizer
+
+    tok = tiny_t5_tokenizer(max_length=512)
+    te = _t5_xxl(tok, 2, seed, umt5=True)
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=1024).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
