@@ -360,6 +360,7 @@ def bench_model(model: Model, repeats: int) -> dict:
         if cfg.ok:
             bar.set_postfix_str(f"warm-up {cfg.label} / {cfg.prompt_name}")
             cfg.first = runner.protected(cfg)
+            cfg.guard_seconds.clear()  # the warm-up builds caches: only the timed rounds count
         bar.update()
     # interleaved timed rounds: plain, A, plain, B, ...
     for r in range(repeats):

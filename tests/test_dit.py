@@ -425,3 +425,33 @@ def test_safree_encodes_t5_copies_at_their_content_length():
 
     ad = _pipe_streams(tiny_flux_pipeline(), "flux", {}, None, 512)[-1].adapter
     assert safegen.Safree()._short(ad) and not safegen.Safree(copies_length="full")._short(ad)
+
+
+def test_safree_encodes_each_keyword_negative_prompt_once(dit, lexical_policy):
+    """Steered prompts of the same categories share one keyword negative prompt: it is encoded once per
+    protection, and a later call's unconditional row is exactly the first call's."""
+    kind, fam, pipe = dit
+    kw = fam.true_cfg if kind == "flux" else {}
+    safegen.protect(pipe, policy=lexical_policy, guards=["safree"])
+    seen, h = record_calls(pipe)
+    first = run(pipe, UNSAFE, steps=1, **kw)
+    calls = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    other = "a photo of gore and blood in a city"
+    second = run(pipe, other, steps=1, **kw)
+    cached = len(calls)
+    for key in [k for k in pipe._safegen.cache if isinstance(k, tuple) and k and k[0] == "safree-negative"]:
+        del pipe._safegen.cache[key]
+    calls.clear()
+    run(pipe, other, steps=1, **kw)
+    handle.remove()
+    h.remove()
+    assert first.safety[0].verdict == second.safety[0].verdict == "steer"
+    assert first.safety[0].result("safree").details["negative_prompt"] == \
+        second.safety[0].result("safree").details["negative_prompt"]
+    assert len(calls) == cached + 1  # without the cache the keyword negative prompt is encoded again
+    uncond = [ehs for _, ehs, _ in seen]
+    if kind == "sd3":
+        assert torch.equal(uncond[0][0], uncond[1][0])
+    else:  # FLUX: the unconditional branch is the second call of each step
+        assert torch.equal(uncond[1][0], uncond[3][0])

@@ -229,11 +229,12 @@ class LVDConfig:
 
 def _latent_channels(pipe, den) -> int:
     """Channels of the latent images x̂0 is classified as (packed layouts unpack 2×2 patches: a quarter)."""
-    from ..specs import SUPPORTED_PIPELINES, PIPELINE_SPECS
+    from ..specs import pipeline_spec
 
-    kind = next((SUPPORTED_PIPELINES[k.__name__] for k in type(pipe).__mro__ if k.__name__ in SUPPORTED_PIPELINES),
-                None)
-    packed = kind is not None and PIPELINE_SPECS[kind].layout == "packed"
+    try:
+        packed = pipeline_spec(pipe).layout == "packed"
+    except TypeError:  # a pipeline safegen does not protect: its latents as the denoiser reads them
+        packed = False
     return int(den.config.in_channels) // 4 if packed else int(den.config.in_channels)
 
 

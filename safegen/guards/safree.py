@@ -584,8 +584,10 @@ class Safree(Guard):
         fingerprint = encoder_fingerprint(ad.encoder, ad.tokenizer, layer=ad.layer, final_norm=ad.final_norm,
                                           summary=ad.summary_kind, max_length=ad.max_length, mask=ad.mask_token_id,
                                           attention_mask=ad.use_attention_mask)
-        key = hashlib.blake2b(json.dumps([self.CALIBRATION_VERSION, fingerprint, concepts,
-                                          reference_digest(), self.BETA_REFERENCE, self._short(ad)]).encode(),
+        parts = [self.CALIBRATION_VERSION, fingerprint, concepts, reference_digest(), self.BETA_REFERENCE]
+        if self._short(ad):  # content-length phrases and copies: another space (exact ones keep their keys)
+            parts.append("content-length")
+        key = hashlib.blake2b(json.dumps(parts).encode(),
                               digest_size=16).hexdigest()
         cached = load_cached("safree", key)
         if cached is not None and cached.get("scale", {}).get("categories") == cats:
@@ -845,7 +847,7 @@ class Safree(Guard):
                 neg_text.append(f"{user}, {kw}" if user else kw)
                 # SDXL's second encoder reads negative_prompt_2 when the caller gave one
                 neg_text_2.append(f"{user_2[b]}, {kw}" if user_2 and user_2[b] else neg_text[-1])
-            enc = _encode_texts(call, neg_text, neg_text_2 if user_2 else None)
+            enc = self._negative_embeds(call, cache, neg_text, neg_text_2 if user_2 else None)
             idx = torch.tensor(rows)
             npe = cond["negative_prompt_embeds"].clone()
             npe[idx] = enc["prompt_embeds"].to(npe.dtype)
@@ -866,6 +868,30 @@ class Safree(Guard):
                       last_filtered_step=state.last_filtered_step)
             call.defer(lra.end)
             state.lra = lra
+
+    @staticmethod
+    def _negative_embeds(call, cache: dict, texts: list[str], texts_2: list[str] | None) -> dict:
+        """The keyword negative prompts' conditioning, one row per text, through the pipeline's own
+        ``encode_prompt``; each distinct text is encoded once per protection (per clip_skip, LoRA scale, sequence
+        length, device and dtype, as SLD's concept): steered prompts of the same categories share one negative
+        prompt, and on a T5 pipeline its encoding is most of SAFREE's per-call work."""
+        from ..protection import call_default
+
+        a = call.args
+        scale = (a.get("cross_attention_kwargs") or a.get("joint_attention_kwargs") or {}).get("scale")
+        te = getattr(call.pipe, "text_encoder", None) or getattr(call.pipe, "text_encoder_2", None)
+        setting = (a.get("clip_skip"), scale, call_default(call, "max_sequence_length"), str(call.device),
+                   str(getattr(te, "dtype", None)))
+        seconds = texts_2 if texts_2 is not None else [None] * len(texts)
+        keys = [("safree-negative", t, t2, setting) for t, t2 in zip(texts, seconds)]
+        todo = [k for k in dict.fromkeys(keys) if k not in cache]  # distinct texts not encoded yet, in order
+        if todo:
+            enc = _encode_texts(call, [k[1] for k in todo], [k[2] for k in todo] if texts_2 is not None else None)
+            for r, k in enumerate(todo):
+                cache[k] = {name: (v[r:r + 1] if v is not None else None) for name, v in enc.items()}
+        rows = [cache[k] for k in keys]
+        return {k: (torch.cat([row[k] for row in rows]) if rows[0].get(k) is not None else None)
+                for k in rows[0]}
 
     @staticmethod
     def _risk_fields(state: "_CallState", b: int, j: int) -> dict:
