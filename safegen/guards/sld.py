@@ -163,6 +163,8 @@ class SLD(Guard):
     separate transformer call: the concept rows then join the conditional call and SLD's guidance reaches the
     pipeline through the unconditional call's output (ε_u' = ε_u + s·(ε_p' − ε_p)/(1 − s), so the pipeline's own
     ε_u' + s·(ε_p − ε_u') is SLD's ε_u + s·(ε_p' − ε_u)); without true CFG the call fails closed and says why.
+    Wan runs its two branches as separate calls too (s is ``guidance_scale``, or ``guidance_scale_2`` on Wan 2.2's
+    low-noise expert).
 
     Notes:
         * One UNet call per step is assumed (as in diffusers' SLD): a second-order scheduler (Heun, DPM2) calls the
