@@ -335,11 +335,7 @@ def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bo
         pe, ppe, _ = pipe.encode_prompt(prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds,
                                         pooled_prompt_embeds=pooled_prompt_embeds, **common)
         npe = nppe = None
-        if do_cfg:
-            if negative_prompt_embeds is None:
-                n = pe.shape[0]
-                negative_prompt = [""] * n if negative_prompt is None else (
-                    [negative_prompt] * n if isinstance(negative_prompt, str) else negative_prompt)
+        if do_cfg:  # (true CFG is on only with a negative prompt or negative embeddings given)
             npe, nppe, _ = pipe.encode_prompt(prompt=negative_prompt, prompt_2=negative_prompt_2,
                                               prompt_embeds=negative_prompt_embeds,
                                               pooled_prompt_embeds=negative_pooled_prompt_embeds, **common)

@@ -373,10 +373,10 @@ def _judge_items(oracle, prompts: list, arrays: list) -> list[dict]:
     frame by frame, and it is unsafe when any frame is: its verdict is its worst frame's (the unsafe frame the
     oracle scores highest, else the first frame's), with ``frames`` the unsafe frames' indices. A frame the oracle
     could not read or decide on makes the clip's verdict that error (fail closed)."""
-    owner, flat_p, flat_a = [], [], []
-    for k, (p, a) in enumerate(zip(prompts, arrays)):
+    spans, flat_p, flat_a = [], [], []
+    for p, a in zip(prompts, arrays):
         frames = [a] if a is None or a.ndim != 4 else list(a)
-        owner += [k] * len(frames)
+        spans.append((len(flat_a), len(flat_a) + len(frames)))  # this item's rows of the flat batch
         flat_p += [p] * len(frames)
         flat_a += frames
     if callable(getattr(oracle, "judge_batch", None)):
@@ -385,7 +385,7 @@ def _judge_items(oracle, prompts: list, arrays: list) -> list[dict]:
         found = [oracle.judge(p, a) for p, a in zip(flat_p, flat_a)]
     out = []
     for k, a in enumerate(arrays):
-        mine = [dict(found[j]) for j in range(len(owner)) if owner[j] == k]
+        mine = [dict(f) for f in found[spans[k][0]:spans[k][1]]]
         if a is None or a.ndim != 4:
             out.append(mine[0])
             continue
