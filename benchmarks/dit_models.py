@@ -17,6 +17,9 @@ DEPTHS = {
             "CLIP-bigG 4/32, T5-XXL 2/24 layers",
     "flux1": "FLUX.1 1/19 double + 2/38 single blocks (24 heads × 128), CLIP-L 12/12, T5-XXL 2/24 layers",
     "wan21": "Wan 2.1 1.3B 2/30 blocks (12 heads × 128, FFN 8960), UMT5-XXL 2/24 layers",
+    "qwenimage": "Qwen-Image MMDiT 2/60 blocks (24 heads × 128, caption 3584), Qwen2.5-VL-7B language model 2/28 "
+                 "layers (3584 wide, FFN 18944, 28 query / 4 key-value heads; vision tower not used by text-to-image: "
+                 "1 small block), the 16-channel Qwen-Image VAE",
 }
 
 
@@ -115,5 +118,34 @@ def build_wan21(seed: int = 0):
                            temperal_downsample=[False, True, True]).eval()
     pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_qwenimage(seed: int = 0):
+    """``QwenImagePipeline`` at Qwen-Image widths: the MMDiT (24 heads of 128 = 3072, joint attention over the
+    3584-wide LLM states, 64 packed latent channels), the Qwen2.5-VL-7B language model's layer shape, and the
+    Qwen-Image VAE (16 latent channels, space ÷ 8); depth in ``DEPTHS``. safegen's tiny Qwen2 tokenizer (its
+    template tokenises to the real 34 system tokens; words outside its small vocabulary fall back to bytes, so a
+    prompt is more tokens than with the real vocabulary: the text-side cost is, if anything, overstated)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    from safegen.testing import qwen_vl_text_encoder, tiny_qwen_tokenizer
+
+    tok = tiny_qwen_tokenizer()
+    te = qwen_vl_text_encoder(tok, hidden=3584, intermediate=18944, layers=2, heads=28, kv_heads=4,
+                              mrope=(16, 24, 24), seed=seed)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=128, num_attention_heads=24,
+                                              joint_attention_dim=3584, guidance_embeds=False,
+                                              axes_dims_rope=(16, 56, 56)).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 16,
+                                 latents_std=[1.0] * 16).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=te,
+                             tokenizer=tok, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,8 +6,8 @@ Models:
   to a tiny UNet: this is the worst case for the ratio);
 * ``sd15``: the real SD 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder, SD1.5 AutoencoderKL) with
   random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio);
-* ``sd35``, ``flux1``, ``wan21``: SD3.5 medium, FLUX.1 and Wan 2.1 1.3B at their real hidden widths with
-  reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers were kept).
+* ``sd35``, ``flux1``, ``wan21``, ``qwenimage``: SD3.5 medium, FLUX.1, Wan 2.1 1.3B and Qwen-Image at their
+  real hidden widths with reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers were kept).
 
 Configurations: plain (unprotected); SAFREE without / with latent re-attention (U-Nets only: a DiT has no skip
 features), each on a benign prompt (nothing fires: the guard only checks) and on an unsafe prompt containing
@@ -160,6 +160,11 @@ MODELS = {
                    "CFG 5 (two transformer calls per step)", _dit("wan21"),
                    dict(height=128, width=128, num_frames=9, num_inference_steps=4, guidance_scale=5.0), 3, 3,
                    configs=("safree", "sld", "lvd"), video=True, safree_args=dict(calibrate=False)),
+    "qwenimage": Model("qwenimage", "Qwen-Image widths, reduced depth, random fp32 weights, 256x256 px, 4 steps, "
+                       "true CFG 4 with a negative prompt (two transformer calls per step)", _dit("qwenimage"),
+                       dict(height=256, width=256, num_inference_steps=4, negative_prompt="blurry",
+                            true_cfg_scale=4.0), 3, 3, configs=("safree", "sld", "lvd"),
+                       safree_args=dict(calibrate=False)),
 }
 
 
@@ -311,6 +316,9 @@ def _encode_once(pipe, prompt: str) -> None:
         pipe.encode_prompt(prompt, None, None, device=dev, do_classifier_free_guidance=True)
     elif name == "WanPipeline":
         pipe.encode_prompt(prompt, do_classifier_free_guidance=True, device=dev, max_sequence_length=512)
+    elif name == "QwenImagePipeline":  # true CFG: the negative prompt is a second encode
+        pipe.encode_prompt(prompt, device=dev)
+        pipe.encode_prompt("blurry", device=dev)
     else:
         pipe.encode_prompt(prompt, dev, 1, True)
 

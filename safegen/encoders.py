@@ -102,6 +102,7 @@ class TextEncoderAdapter:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         self.first = 1 if len(probe) > len(plain) and probe[0] != plain[0] else 0
+        self.tail = 1  # closing tokens after the content (EOS)
         self.mask_token_id = self._default_mask_id() if mask_token_id is None else int(mask_token_id)
         self._cache: dict = {}
 
@@ -130,6 +131,14 @@ class TextEncoderAdapter:
         """True when padded positions change the states (a bidirectional encoder run without attention mask):
         sequences must then be encoded at the full padded length to land in the pipeline's space."""
         return not self.causal and not self.use_attention_mask
+
+    @property
+    def long_masked(self) -> bool:
+        """True for a long sequence (over 128 positions) read with its attention mask (Wan's UMT5 at 512): padding
+        a batch of texts only to its longest gives the same states, and a full-length pass per text is most of the
+        cost, so batches of phrases and reference prompts are padded to their longest. (Short CLIP-length
+        encoders keep the pipeline's exact padding.)"""
+        return not self.padding_matters and not self.causal and self.max_length > 128
 
     @classmethod
     def from_pretrained(cls, path: str, *, subfolder: str | None = None, summary: str = "mean", **kw) -> "TextEncoderAdapter":
@@ -179,14 +188,19 @@ class TextEncoderAdapter:
         out = self.tokenizer(list(texts), padding="longest" if pad_to_longest else "max_length",
                              max_length=max_length or self.max_length, truncation=True, return_tensors="pt")
         mask = out["attention_mask"].long()
-        n_special = self.first + 1  # BOS (if any) + EOS
+        n_special = self.first + self.tail  # BOS (if any) + EOS
         n_content = (mask.sum(1) - n_special).clamp(min=0)
         return TokenBatch(out["input_ids"].long(), mask, n_content, self.first)
 
     @property
     def window_tokens(self) -> int:
         """Content tokens one encoder pass reads (the length less BOS and EOS)."""
-        return self.max_length - (self.first + 1)
+        return self.max_length - (self.first + self.tail)
+
+    def _frame_ids(self) -> tuple[list[int], list[int]]:
+        """The token ids a row puts before and after its content (BOS and EOS)."""
+        specials = self.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS (if any) and EOS around nothing
+        return list(specials[:self.first]), list(specials[self.first:])
 
     def tokenize_windows(self, texts: Sequence[str], *, pad_to_longest: bool = False
                          ) -> tuple[TokenBatch, torch.Tensor]:
@@ -204,8 +218,7 @@ class TextEncoderAdapter:
         if all(len(ids) <= width for ids in content):  # the common case: one row per text, the usual path
             return self.tokenize(texts, pad_to_longest=pad_to_longest), torch.arange(len(texts))
         step = max(1, width // 2)
-        specials = self.tokenizer("", add_special_tokens=True)["input_ids"]  # BOS (if any) and EOS around nothing
-        head, tail = list(specials[:self.first]), list(specials[self.first:])
+        head, tail = self._frame_ids()
         rows: list[list[int]] = []
         owner: list[int] = []
         for i, ids in enumerate(content):  # per text (not per token): where its windows start
@@ -221,7 +234,7 @@ class TextEncoderAdapter:
         for r, row in enumerate(rows):
             ids_t[r, :len(row)] = torch.tensor(row, dtype=torch.long)
             mask[r, :len(row)] = 1
-        n_content = (mask.sum(1) - (self.first + 1)).clamp(min=0)
+        n_content = (mask.sum(1) - (self.first + self.tail)).clamp(min=0)
         return TokenBatch(ids_t, mask, n_content, self.first), torch.tensor(owner)
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -229,17 +242,20 @@ class TextEncoderAdapter:
         toks = self.tokenizer.convert_ids_to_tokens([int(i) for i in ids])
         return [t.replace("</w>", "").replace("Ġ", "").replace("▁", "") for t in toks]
 
-    @torch.no_grad()
-    def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
-        """Token states, summary vector and (if any) projected pooled vector for a token batch."""
+    def _on_device(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None):
+        """``(ids, attention_mask)`` of a token batch (or of ids given with their mask) on the encoder's device."""
         if isinstance(batch, TokenBatch):
             ids, mask = batch.ids, batch.attention_mask
         else:
             ids, mask = batch, attention_mask
             if mask is None:
                 raise ValueError("encode(ids) needs attention_mask= when ids are passed as a tensor")
-        ids = ids.to(self.device)
-        mask = mask.to(self.device)
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
+        """Token states, summary vector and (if any) projected pooled vector for a token batch."""
+        ids, mask = self._on_device(batch, attention_mask)
         want_hidden = self.layer is not None
         out = self.encoder(ids, attention_mask=mask if self.use_attention_mask else None,
                            output_hidden_states=want_hidden)
@@ -262,7 +278,8 @@ class TextEncoderAdapter:
             return tokens[rows, last]
         content = mask.to(tokens.dtype).clone()
         content[:, : self.first] = 0
-        content[rows, last] = 0
+        at = torch.arange(content.shape[1], device=tokens.device).view(1, -1)
+        content[at > (last - self.tail).view(-1, 1)] = 0  # the closing tokens (EOS; a chat template's end)
         return (tokens * content.unsqueeze(-1)).sum(1) / content.sum(1, keepdim=True).clamp(min=1)
 
     def summaries(self, texts: Sequence[str], *, projected: bool = False, short: bool = False) -> torch.Tensor:
@@ -272,7 +289,7 @@ class TextEncoderAdapter:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        enc = self.encode(self.tokenize(list(texts), pad_to_longest=short, approximate=short))
+        enc = self.encode(self.tokenize(list(texts), pad_to_longest=short or self.long_masked, approximate=short))
         vec = enc.projected if projected else enc.summary
         if vec is None:
             raise ValueError(f"text encoder {self.name} has no projected pooled output")
@@ -282,6 +299,102 @@ class TextEncoderAdapter:
         return vec
 
 
+class ChatTemplateAdapter(TextEncoderAdapter):
+    """A decoder-only language model read the way an LLM-conditioned pipeline reads it (Qwen-Image): each prompt
+    is put into the pipeline's chat ``template``, the model runs with the attention mask, and the conditioning is
+    the last hidden states from position ``drop`` on (the template's system tokens are cut off), as long as the
+    longest prompt of the batch, cut to ``max_length`` positions.
+
+    Token batches live in that conditioning's positions: ``first`` counts the template's tokens left before the
+    content (0 for Qwen-Image: its ``drop`` is exactly the system part), ``tail`` the template's closing tokens
+    (``<|im_end|>``, a newline, ``<|im_start|>assistant``, a newline). :meth:`encode` puts the dropped system
+    tokens back in front, so states match the pipeline's; padded positions are zero, as in the pipeline. The
+    model is causal, so a prompt's states do not depend on the padding and batches pad to their longest prompt.
+    The summary vector is the mean of the content states; masked copies replace a token with the pad token
+    (``<|endoftext|>``: an LLM vocabulary has no mask token).
+
+    Example:
+        >>> from safegen.encoders import pipeline_adapter
+        >>> from safegen.testing import tiny_qwenimage_pipeline
+        >>> pipe = tiny_qwenimage_pipeline()
+        >>> ad = pipeline_adapter(pipe, max_sequence_length=512)
+        >>> batch = ad.tokenize(["a red cat"])
+        >>> ad.token_strings(batch.ids[0].tolist())
+        ['a', 'red', 'cat', '<|im_end|>', 'Ċ', '<|im_start|>', 'assistant', 'Ċ']
+        >>> bool((ad.encode(batch).tokens - pipe.encode_prompt("a red cat", device="cpu")[0]).abs().max() < 1e-5)
+        True
+    """
+
+    def __init__(self, tokenizer, encoder, *, template: str, drop: int, max_length: int, token_limit: int,
+                 mask_token_id: int | None = None, name: str | None = None):
+        if template.count("{}") != 1:
+            raise ValueError("the chat template must hold exactly one '{}' where the prompt goes")
+        super().__init__(tokenizer, encoder, layer=-1, summary="mean", causal=True, attention_mask=True,
+                         max_length=int(max_length), name=name,
+                         mask_token_id=tokenizer.pad_token_id if mask_token_id is None else mask_token_id)
+        prefix, suffix = template.split("{}")
+        self.template, self.drop, self.token_limit = template, int(drop), int(token_limit)
+        self.prefix_ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        self.suffix_ids = list(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        if len(self.prefix_ids) < self.drop:
+            raise ValueError(f"the template's system part is {len(self.prefix_ids)} tokens, fewer than the {drop} "
+                             "the pipeline drops")
+        self.first = len(self.prefix_ids) - self.drop
+        self.tail = len(self.suffix_ids)
+
+    @classmethod
+    def for_pipeline(cls, pipe, *, max_length: int | None = None, **kw) -> "ChatTemplateAdapter":
+        """The adapter of a pipeline with ``prompt_template_encode`` / ``prompt_template_encode_start_idx``
+        (Qwen-Image), at the call's ``max_sequence_length`` (default: the signature's)."""
+        if max_length is None:
+            import inspect
+
+            max_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+        drop = int(pipe.prompt_template_encode_start_idx)
+        return cls(pipe.tokenizer, pipe.text_encoder, template=pipe.prompt_template_encode, drop=drop,
+                   max_length=int(max_length), token_limit=int(pipe.tokenizer_max_length) + drop, **kw)
+
+    def tokenize(self, texts: Sequence[str], *, max_length: int | None = None, pad_to_longest: bool = False,
+                 approximate: bool = False) -> TokenBatch:
+        """Each text in the template, tokenised as the pipeline does (one string, padded to the batch's longest),
+        less the dropped system tokens and cut to ``max_length`` positions (default: the adapter's)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = self.tokenizer([self.template.format(t) for t in texts], max_length=self.token_limit,
+                             padding="longest", truncation=True, return_tensors="pt")
+        keep = max_length or self.max_length
+        ids = out["input_ids"][:, self.drop:self.drop + keep].long()
+        mask = out["attention_mask"][:, self.drop:self.drop + keep].long()
+        n_content = (mask.sum(1) - (self.first + self.tail)).clamp(min=0)
+        return TokenBatch(ids, mask, n_content, self.first)
+
+    def _frame_ids(self) -> tuple[list[int], list[int]]:
+        return self.prefix_ids[self.drop:], list(self.suffix_ids)
+
+    @torch.no_grad()
+    def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
+        ids, mask = self._on_device(batch, attention_mask)
+        head = torch.tensor(self.prefix_ids[:self.drop], dtype=ids.dtype, device=ids.device)
+        full_ids = torch.cat([head.expand(ids.shape[0], -1), ids], 1)
+        full_mask = torch.cat([torch.ones_like(full_ids[:, :self.drop]), mask], 1)
+        out = self.encoder(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=True)
+        tokens = out.hidden_states[-1][:, self.drop:] * mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+        return Encoded(tokens, self.summarize(tokens, mask), None)
+
+
+def join_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Conditioning rows of different lengths (an LLM encoder's, as long as each prompt: Qwen-Image) as one batch:
+    each zero-padded along the token axis (dim 1) to the longest, then stacked along dim 0. Zeros are what the
+    pipeline itself pads embeddings and their masks with."""
+    length = max(t.shape[1] for t in tensors)
+    return torch.cat([pad_tokens(t, length) for t in tensors])
+
+
+def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` (B, L, ...) zero-padded along the token axis to ``length`` (≥ L)."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1]))
+
+
 def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length: int | None = None,
                      mask_token_id: int | None = None, attention_mask: bool = False) -> TextEncoderAdapter:
     """The adapter of a pipeline's (first) text encoder, reading the states the pipeline conditions on.
@@ -289,7 +402,8 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
     Duck-typed by the encoder, not the pipeline class: CLIP (SD 1.x/2.x, AnimateDiff, ZeroScope) → the EOS
     state of the layer ``clip_skip`` selects; T5 (CogVideoX) → :meth:`TextEncoderAdapter.for_t5` at
     ``max_sequence_length`` (default 226), without attention mask as CogVideoX calls it (``attention_mask=True``:
-    with it, as Wan calls it); anything else
+    with it, as Wan calls it); an LLM read through a chat template (Qwen-Image) → :class:`ChatTemplateAdapter`;
+    anything else
     (a BERT-like sentence encoder) → mean summary with its attention mask. SDXL's two encoders are wrapped by
     the guards themselves (:meth:`TextEncoderAdapter.for_clip` with ``sdxl=True``).
 
@@ -301,6 +415,9 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
         (0, 'mean', 226, ['<extra_id_0>'])
     """
     te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
+    if te is not None and tok is not None and hasattr(pipe, "prompt_template_encode_start_idx"):  # an LLM encoder
+        kw = {} if mask_token_id is None else {"mask_token_id": mask_token_id}
+        return ChatTemplateAdapter.for_pipeline(pipe, max_length=max_sequence_length, name="text_encoder", **kw)
     if te is None or tok is None:  # e.g. an SDXL refiner: only the second encoder
         te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
     if te is None or tok is None:

@@ -34,7 +34,8 @@ def _spatial(pipe: Any) -> int:
 
 
 def latent_unpacker(pipe: Any, layout: str, height: int | None = None, width: int | None = None):
-    """For a pipeline whose scheduler steps on packed latents (``layout="packed"``: FLUX's 2×2 patches as tokens),
+    """For a pipeline whose scheduler steps on packed latents (``layout="packed"``: FLUX's and Qwen-Image's 2×2
+    patches as tokens),
     the function that turns them into (B, C, H, W) latent images with the pipeline's own ``_unpack_latents``, for
     a call of ``height`` × ``width`` pixels (default: the pipeline's default size); ``None`` for any other layout.
 
@@ -51,7 +52,12 @@ def latent_unpacker(pipe: Any, layout: str, height: int | None = None, width: in
     f = pipe.vae_scale_factor
     h = int(height or pipe.default_sample_size * f)
     w = int(width or pipe.default_sample_size * f)
-    return lambda x: pipe._unpack_latents(x, h, w, f)
+
+    def unpack(x):
+        out = pipe._unpack_latents(x, h, w, f)
+        return out[:, :, 0] if out.ndim == 5 else out  # Qwen-Image's video VAE: one frame (B, C, 1, H, W)
+
+    return unpack
 
 
 def latent_frames(call: Call) -> int:
@@ -145,6 +151,7 @@ _OUTPUT_CLASSES = {
     "sdxl": ("diffusers.pipelines.stable_diffusion_xl.pipeline_output", "StableDiffusionXLPipelineOutput"),
     "sd3": ("diffusers.pipelines.stable_diffusion_3.pipeline_output", "StableDiffusion3PipelineOutput"),
     "flux": ("diffusers.pipelines.flux.pipeline_output", "FluxPipelineOutput"),
+    "qwenimage": ("diffusers.pipelines.qwenimage.pipeline_output", "QwenImagePipelineOutput"),
     "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
     "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
     "wan": ("diffusers.pipelines.wan.pipeline_output", "WanPipelineOutput"),

@@ -305,7 +305,9 @@ def _encode(call: Call) -> dict[str, torch.Tensor]:
                                 prompt_embeds=a.get("prompt_embeds"),
                                 negative_prompt_embeds=a.get("negative_prompt_embeds"),
                                 pooled_prompt_embeds=a.get("pooled_prompt_embeds"),
-                                negative_pooled_prompt_embeds=a.get("negative_pooled_prompt_embeds"))
+                                negative_pooled_prompt_embeds=a.get("negative_pooled_prompt_embeds"),
+                                prompt_embeds_mask=a.get("prompt_embeds_mask"),
+                                negative_prompt_embeds_mask=a.get("negative_prompt_embeds_mask"))
 
 
 def call_default(call: Call, name: str) -> Any:
@@ -316,12 +318,31 @@ def call_default(call: Call, name: str) -> Any:
 def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bool = False, prompt_2=None,
                          negative_prompt_2=None, prompt_3=None, negative_prompt_3=None, prompt_embeds=None,
                          negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                         negative_pooled_prompt_embeds=None) -> dict[str, torch.Tensor]:
+                         negative_pooled_prompt_embeds=None, prompt_embeds_mask=None,
+                         negative_prompt_embeds_mask=None) -> dict[str, torch.Tensor]:
     """Conditioning (one row per prompt) through the pipeline's own ``encode_prompt``, with the call's LoRA scale,
     ``clip_skip`` and ``max_sequence_length``: keys ``prompt_embeds``, ``negative_prompt_embeds`` (``None``
-    without CFG) and, for SDXL and SD3, the pooled pair."""
+    without CFG), for SDXL, SD3 and FLUX the pooled pair, and for an LLM encoder (Qwen-Image) the pair of masks
+    ``prompt_embeds_mask`` / ``negative_prompt_embeds_mask`` (always a tensor here: the pipeline itself drops a
+    mask that is all ones)."""
     pipe, a = call.pipe, call.args
     how = call.spec.encode
+    if how == "llm":  # no negative branch in encode_prompt: true CFG encodes the negative prompt the same way
+        msl = call_default(call, "max_sequence_length")
+
+        def enc(text, embeds, mask):
+            e, m = pipe.encode_prompt(prompt=text, prompt_embeds=embeds, prompt_embeds_mask=mask,
+                                      device=call.device, num_images_per_prompt=1, max_sequence_length=msl)
+            return e, (torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if m is None else m)
+
+        pe, pm = enc(prompt, prompt_embeds, prompt_embeds_mask)
+        npe = npm = None
+        if isinstance(negative_prompt, str) and pe.shape[0] > 1:  # one negative prompt for every prompt
+            negative_prompt = [negative_prompt] * pe.shape[0]
+        if do_cfg:
+            npe, npm = enc(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask)
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "prompt_embeds_mask": pm,
+                "negative_prompt_embeds_mask": npm}
     if how == "t5":
         pe, npe = pipe.encode_prompt(prompt, negative_prompt, do_cfg, num_videos_per_prompt=1,
                                      prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -496,8 +517,8 @@ def last_reports(pipe: Any) -> list[SafetyReport]:
 #: Text arguments that condition the model besides ``prompt`` (each encoder of a multi-encoder pipeline).
 _EXTRA_TEXT_ARGS = ("prompt_2", "prompt_3")
 _PROMPT_KEYS = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3",
-                "prompt_embeds",
-                "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+                "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
+                "prompt_embeds_mask", "negative_prompt_embeds_mask")
 
 
 def _as_list(x: Any, n: int | None = None) -> list | None:
@@ -534,8 +555,10 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
     nipp = (a.get(spec.per_prompt) or 1) if spec.per_prompt else 1
     params = inspect.signature(prot.base_class.__call__).parameters
     if spec.cfg == "true":  # FLUX: a second, negative branch only when asked for (as the pipeline decides)
+        # (FLUX wants negative embeddings with their pooled vector; Qwen-Image has no pooled vector)
         has_negative = a.get("negative_prompt") is not None or (
-            a.get("negative_prompt_embeds") is not None and a.get("negative_pooled_prompt_embeds") is not None)
+            a.get("negative_prompt_embeds") is not None and (
+                "negative_pooled_prompt_embeds" not in params or a.get("negative_pooled_prompt_embeds") is not None))
         do_cfg = a.get("true_cfg_scale", params["true_cfg_scale"].default) > 1 and has_negative
     else:  # "batch" and "separate": the pipeline's own rule
         gs = a.get("guidance_scale", params["guidance_scale"].default)

@@ -15,6 +15,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwenimage",
     "StableDiffusionPipeline": "sd",
     "AnimateDiffPipeline": "animatediff",
     "CogVideoXPipeline": "cogvideox",
@@ -35,7 +36,10 @@ class PipelineSpec:
         encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
             CLIP encoders and a pooled vector), ``"sd3"`` (two CLIP encoders side by side, zero-padded to the T5
             width and put in front of T5's tokens; the two pooled vectors joined), ``"flux"`` (T5 tokens and a CLIP
-            pooled vector, ``prompt_2`` for T5) or ``"t5"`` (one T5 encoder, ``max_sequence_length``).
+            pooled vector, ``prompt_2`` for T5), ``"t5"`` (one T5 encoder, ``max_sequence_length``) or ``"llm"`` (a
+            decoder-only language model read through the pipeline's chat template: the last hidden states after
+            the template's system tokens, as long as the longest prompt of the call, with
+            ``prompt_embeds_mask``: Qwen-Image).
         per_prompt: the call argument giving outputs per prompt (``None``: always one).
         output: the output field (``"images"`` or ``"frames"``).
         layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
@@ -48,7 +52,8 @@ class PipelineSpec:
         time: how a video pipeline's decoder turns latent frames into frames: ``"frame"`` (one each: UNet video
             models), ``"cogvideox"`` (CogVideoX's causal VAE, chunks of two latent frames) or ``"causal"`` (the
             first latent frame gives one frame, every later one ``vae_scale_factor_temporal``: Wan).
-        text_mask: the pipeline runs its T5 encoder with the attention mask (Wan; CogVideoX, SD3 and FLUX do not).
+        text_mask: the pipeline runs its text encoder with the attention mask (Wan's UMT5, Qwen-Image's LLM;
+            CogVideoX, SD3 and FLUX run T5 without one).
         legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
             ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
         embeds_per_item: given ``prompt_embeds`` are used as they are, not repeated ``num_images_per_prompt`` times
@@ -93,6 +98,9 @@ PIPELINE_SPECS = {
     # FLUX.1: guidance-distilled (guidance_scale is an input of the transformer, not CFG), packed latents
     "flux": PipelineSpec("flux", denoiser="transformer", encode="flux", layout="packed", embeds_per_item=True,
                          cfg="true"),
+    # Qwen-Image: an LLM's hidden states (with their mask), true CFG as a separate call, packed latents
+    "qwenimage": PipelineSpec("qwenimage", denoiser="transformer", encode="llm", layout="packed",
+                              embeds_per_item=True, cfg="true", text_mask=True),
     # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
     "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
     "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",

@@ -419,3 +419,119 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
                        boundary_ratio=0.875 if two_experts else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---------------------------------------------------------------------- LLM text encoders (Qwen-Image)
+#: Words of the Qwen-Image prompt template, so that its system part is as many tokens as with the real vocabulary.
+_TEMPLATE_WORDS = ("system user assistant Describe describe by detailing color shape size texture quantity text "
+                   "spatial relationships objects background").split()
+_QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@lru_cache(maxsize=None)
+def _qwen_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """``(vocab, merges)`` of a small Qwen2-style byte-level BPE vocabulary (``Ġ`` marks a leading space)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {t: i for i, t in enumerate(_byte_alphabet())}
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add_chain(parts: list[str]) -> None:
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            parts = [parts[0] + parts[1]] + parts[2:]
+            vocab.setdefault(parts[0], len(vocab))
+
+    words = list(_WORDS) + _TEMPLATE_WORDS
+    for w in words:
+        add_chain(list(w))
+        add_chain(["Ġ", *w])
+    for special in _QWEN_SPECIAL:
+        vocab.setdefault(special, len(vocab))
+    for _ in range(6):  # merges apply by rank across words: join what is still split (as for the CLIP vocabulary)
+        tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges))
+        split = [p for w in words for p in (tok.tokenize(w), tok.tokenize(" " + w)) if len(p) > 1]
+        if not split:
+            break
+        for parts in split:
+            add_chain(parts)
+    return vocab, tuple(merges)
+
+
+def tiny_qwen_tokenizer():
+    """A Qwen2 tokenizer (byte-level BPE, ``<|im_start|>`` / ``<|im_end|>`` chat tokens, pads on the right with
+    ``<|endoftext|>``) over the tiny vocabulary, built in memory. Qwen-Image's prompt template tokenises to the
+    same 34 system tokens and 5 closing tokens as with the real vocabulary, so the pipeline's
+    ``prompt_template_encode_start_idx`` holds as it is.
+
+    Example:
+        >>> tok = tiny_qwen_tokenizer()
+        >>> tok.convert_ids_to_tokens(tok("a red cat<|im_end|>")["input_ids"])
+        ['a', 'Ġred', 'Ġcat', '<|im_end|>']
+    """
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _qwen_vocab()
+    tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=32768)
+    tok.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL[1:])})
+    return tok
+
+
+def qwen_vl_text_encoder(tok, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                         mrope: tuple[int, int, int], seed: int = 0):
+    """A ``Qwen2_5_VLForConditionalGeneration`` with seeded random weights over ``tok``'s vocabulary: the language
+    model at the given shape (``mrope``: the rotary sections, summing to half a head), and a one-block vision tower
+    (text-to-image pipelines never run it)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    n = len(tok)
+    ids = {"bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+           "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"), "pad_token_id": tok.pad_token_id}
+    cfg = Qwen2_5_VLConfig(
+        text_config={**ids, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+                     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": n,
+                     "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                     "rope_scaling": {"mrope_section": list(mrope), "rope_type": "default", "type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        hidden_size=hidden, vocab_size=n, vision_start_token_id=n + 1, vision_end_token_id=n + 2,
+        vision_token_id=n + 3, image_token_id=n + 4, video_token_id=n + 5, **ids)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwenimage_pipeline(seed: int = 0, num_layers: int = 1):
+    """A tiny random ``QwenImagePipeline``: a Qwen2.5-VL text encoder (16-d, two layers; its last hidden states,
+    after the prompt template's system tokens, are the conditioning), a one-block MMDiT over 2×2-packed latents
+    and a Qwen-Image VAE (4 latent channels, space ÷ 4). Classifier-free guidance is "true" CFG, as in the real
+    model: a separate negative branch when ``negative_prompt`` is given with ``true_cfg_scale`` > 1.
+    ``default_sample_size`` is set to 8 so that a call without ``height`` and ``width`` makes 32×32 images.
+
+    Example:
+        >>> pipe = tiny_qwenimage_pipeline()
+        >>> pipe("a red cat", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    tok = tiny_qwen_tokenizer()
+    te = qwen_vl_text_encoder(tok, hidden=16, intermediate=16, layers=2, heads=2, kv_heads=2, mrope=(1, 1, 2),
+                              seed=seed)
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4)).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval()
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
+                             transformer=transformer)
+    pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

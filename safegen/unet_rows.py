@@ -24,7 +24,7 @@ from .hooks import add_hook, patch
 # Keyword inputs of UNet2DConditionModel.forward (and UNet3D / motion UNets) and of the DiT transformers (SD3's and
 # FLUX's pooled projections, FLUX's guidance strength) that carry a batch dimension.
 _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "pooled_projections",
-                   "guidance")
+                   "guidance", "encoder_hidden_states_mask")
 #: Inputs laid out per token, not per row, whatever their first dimension (FLUX's position ids): never cut.
 _PER_TOKEN_KWARGS = frozenset({"txt_ids", "img_ids"})
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
@@ -129,6 +129,9 @@ class RowExtender:
             return None
         e = extra.tensors["sample"].shape[0]
         src = extra.source_rows.to(sample.device)
+        given_rows = dict(extra.tensors)
+        if given_rows.get("encoder_hidden_states_mask") is not None:
+            _align_text_lengths(kwargs, given_rows)
 
         def grow(name: str, value: Any, given: torch.Tensor | None):
             k = _rows_per_item(value, n)
@@ -156,10 +159,10 @@ class RowExtender:
                 kwargs["timestep"] = timestep
         for name in _BATCHED_KWARGS:
             if name in kwargs:
-                kwargs[name] = grow(name, kwargs[name], extra.tensors.get(name))
+                kwargs[name] = grow(name, kwargs[name], given_rows.get(name))
         added = kwargs.get("added_cond_kwargs")
         if added:
-            kwargs["added_cond_kwargs"] = {k: grow(k, v, extra.tensors.get(k)) for k, v in added.items()}
+            kwargs["added_cond_kwargs"] = {k: grow(k, v, given_rows.get(k)) for k, v in added.items()}
         return tuple(args), kwargs
 
     def _post(self, module, output):
@@ -176,6 +179,23 @@ class RowExtender:
         # rows appended by extenders registered after this one have already been stripped by their hooks
         merged = torch.cat([new_main, others], 0) if others.shape[0] else new_main
         return _with_sample(output, merged)
+
+
+def _align_text_lengths(kwargs: dict, given: dict) -> None:
+    """Extra rows whose text conditioning has its own length and mask (an LLM encoder's, Qwen-Image): the batch's
+    ``encoder_hidden_states`` and the extra rows' are zero-padded to the longer of the two, and the batch gets the
+    mask it implied (all ones where the pipeline dropped a mask of ones), padded with zeros: the padding is never
+    attended to."""
+    ehs, extra = kwargs["encoder_hidden_states"], given["encoder_hidden_states"]
+    length = max(ehs.shape[1], extra.shape[1])
+    mask = kwargs.get("encoder_hidden_states_mask")
+    if mask is None:
+        mask = torch.ones(ehs.shape[:2], dtype=given["encoder_hidden_states_mask"].dtype, device=ehs.device)
+    from .encoders import pad_tokens
+
+    kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_mask"] = pad_tokens(ehs, length), pad_tokens(mask, length)
+    given["encoder_hidden_states"] = pad_tokens(extra, length)
+    given["encoder_hidden_states_mask"] = pad_tokens(given["encoder_hidden_states_mask"], length)
 
 
 def _select_rows(value: Any, n: int, rows: torch.Tensor) -> Any:
@@ -289,9 +309,13 @@ class ItemStopper:
         elif self._decoded_shape is not None:  # a video decoded by the VAE itself (Wan): zeros of its clip shape
             full, res = z.new_zeros(self._decoded_shape(z)), None
         else:  # nothing left to decode: a zero image of the decoder's output shape, no decoder call
-            vae = self._vae
-            f = 2 ** (len(vae.config.block_out_channels) - 1)
-            full = z.new_zeros((self.n, vae.config.out_channels) + tuple(s * f for s in z.shape[2:]))
+            cfg = self._vae.config
+            if "block_out_channels" in cfg:
+                f = 2 ** (len(cfg.block_out_channels) - 1)
+            else:  # a video VAE decoding images as one-frame clips (Qwen-Image): (B, C, 1, h, w) latents
+                f = int(self.pipe.vae_scale_factor)
+            out_ch = cfg.get("out_channels") or cfg.get("input_channels") or 3
+            full = z.new_zeros((self.n, out_ch) + tuple(z.shape[2:-2]) + tuple(s * f for s in z.shape[-2:]))
             res = None
         if kwargs.get("return_dict", True) is False or isinstance(res, tuple):
             return (full,)

@@ -21,10 +21,10 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    from safegen.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+    from safegen.testing import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
 
     for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline),
-                        ("flux", tiny_flux_pipeline)):
+                        ("flux", tiny_flux_pipeline), ("qwenimage", tiny_qwenimage_pipeline)):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         build().save_pretrained(folder)
         out[kind] = str(folder)
@@ -68,9 +68,10 @@ CASES = [
     ("sdxl", "safegen_stable_diffusion_xl.py", "SafegenStableDiffusionXLPipeline", "StableDiffusionXLPipeline"),
     ("sd3", "safegen_stable_diffusion_3.py", "SafegenStableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
     ("flux", "safegen_flux.py", "SafegenFluxPipeline", "FluxPipeline"),
+    ("qwenimage", "safegen_qwenimage.py", "SafegenQwenImagePipeline", "QwenImagePipeline"),
 ]
-#: what each case's calls add to KW (a saved FLUX pipeline defaults to 1024×1024: ask for the tiny size)
-SIZE = {"flux": {"height": 32, "width": 32}}
+#: what each case's calls add to KW (saved FLUX and Qwen-Image pipelines default to 1024×1024: ask for the tiny size)
+SIZE = {"flux": {"height": 32, "width": 32}, "qwenimage": {"height": 32, "width": 32}}
 
 
 @pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..encoders import TextEncoderAdapter, pipeline_adapter
+from ..encoders import TextEncoderAdapter, join_rows, pipeline_adapter
 from ..errors import NonFiniteError
 from ..policy import concept_phrases
 from ..guard import Guard, has_text_encoder, unreadable_call
@@ -162,10 +162,14 @@ def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[s
     return [dict(t).get(stream.text_arg, t[0][1]) for t in texts]
 
 
+#: Encodings whose length is the call's ``max_sequence_length``.
+_SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm")
+
+
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
-    max_len = call_default(call, "max_sequence_length") if call.spec.encode in ("t5", "sd3", "flux") else None
+    max_len = call_default(call, "max_sequence_length") if call.spec.encode in _SEQUENCE_ENCODES else None
     return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
 
 
@@ -173,7 +177,7 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
     """The streams of a call with default arguments (no clip_skip; T5 at the pipeline's default
     ``max_sequence_length``)."""
     max_len = None
-    if encode in ("t5", "sd3", "flux"):
+    if encode in _SEQUENCE_ENCODES:
         import inspect
 
         max_len = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
@@ -223,7 +227,7 @@ def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_S
     else:
         # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
         # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the
-        # embedded default model): mean summary, [MASK] masking
+        # embedded default model): mean summary, [MASK] masking; an LLM through its chat template (Qwen-Image)
         from ..specs import pipeline_spec
 
         is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
@@ -599,8 +603,10 @@ class Safree(Guard):
                     cache_dir())
         # padded as the pipeline pads (its full length): the scores are bit-for-bit the ones the gate computes
         # from the pipeline's prompt_embeds, so a threshold just above a benign score stays above it at run time
+        # (a long masked encoder, Wan's UMT5, pads to each chunk's longest: the same states, a fraction of the work)
         chunks = range(0, len(ref), self.encode_batch)
-        summaries = torch.cat([ad.encode(ad.tokenize(ref[i:i + self.encode_batch])).summary.float()
+        summaries = torch.cat([ad.encode(ad.tokenize(ref[i:i + self.encode_batch],
+                                                     pad_to_longest=ad.long_masked)).summary.float()
                                for i in tqdm(chunks, desc=f"SAFREE calibration ({ad.name}): reference prompts",
                                              unit="batch", leave=False, disable=len(chunks) < 2)])
         scores, _ = self._gate_scores(cache, stream, summaries, policy, cats)
@@ -849,8 +855,17 @@ class Safree(Guard):
                 neg_text_2.append(f"{user_2[b]}, {kw}" if user_2 and user_2[b] else neg_text[-1])
             enc = self._negative_embeds(call, cache, neg_text, neg_text_2 if user_2 else None)
             idx = torch.tensor(rows)
-            npe = cond["negative_prompt_embeds"].clone()
-            npe[idx] = enc["prompt_embeds"].to(npe.dtype)
+            npe = cond["negative_prompt_embeds"]
+            new_rows = enc["prompt_embeds"].to(npe.dtype)
+            if cond.get("negative_prompt_embeds_mask") is not None:  # an LLM's rows are as long as their text
+                mask, n = cond["negative_prompt_embeds_mask"], npe.shape[0]
+                npe, new_rows = join_rows([npe, new_rows]).split([n, len(rows)])
+                mask, new_mask = join_rows([mask, enc["prompt_embeds_mask"].to(mask.dtype)]).split([n, len(rows)])
+                mask = mask.clone()
+                mask[idx] = new_mask
+                override["negative_prompt_embeds_mask"] = mask
+            npe = npe.clone()
+            npe[idx] = new_rows
             override["negative_prompt_embeds"] = npe
             if "negative_pooled_prompt_embeds" in cond and cond["negative_pooled_prompt_embeds"] is not None:
                 nppe = cond["negative_pooled_prompt_embeds"].clone()
@@ -890,7 +905,7 @@ class Safree(Guard):
             for r, k in enumerate(todo):
                 cache[k] = {name: (v[r:r + 1] if v is not None else None) for name, v in enc.items()}
         rows = [cache[k] for k in keys]
-        return {k: (torch.cat([row[k] for row in rows]) if rows[0].get(k) is not None else None)
+        return {k: (join_rows([row[k] for row in rows]) if rows[0].get(k) is not None else None)
                 for k in rows[0]}
 
     @staticmethod
@@ -977,6 +992,8 @@ class Safree(Guard):
             pos_full |= at >= start
         new_tokens = torch.where(pos_full.unsqueeze(-1), projected, tokens)
         att_full = sb.attention_mask[:, :L].to(tokens.device)
+        if att_full.shape[1] < L:  # an LLM's conditioning is as long as the call's longest prompt, not these
+            att_full = torch.nn.functional.pad(att_full, (0, L - att_full.shape[1]))
         gamma, k, c, rescale = svf
         tp, beta = svf_steps(tokens, projected, att_full, gamma=gamma, k=k, c=c, num_steps=T if rescale else None)
         return new_tokens, trig, tp, beta
@@ -1120,4 +1137,4 @@ def _encode_texts(call, texts: list[str], texts_2: list[str] | None = None) -> d
     from ..protection import encode_with_pipeline
 
     enc = encode_with_pipeline(call, texts, do_cfg=False, prompt_2=texts_2)
-    return {k: v for k, v in enc.items() if k in ("prompt_embeds", "pooled_prompt_embeds")}
+    return {k: v for k, v in enc.items() if k in ("prompt_embeds", "pooled_prompt_embeds", "prompt_embeds_mask")}

@@ -164,7 +164,10 @@ class SLD(Guard):
     pipeline through the unconditional call's output (ε_u' = ε_u + s·(ε_p' − ε_p)/(1 − s), so the pipeline's own
     ε_u' + s·(ε_p − ε_u') is SLD's ε_u + s·(ε_p' − ε_u)); without true CFG the call fails closed and says why.
     Wan runs its two branches as separate calls too (s is ``guidance_scale``, or ``guidance_scale_2`` on Wan 2.2's
-    low-noise expert).
+    low-noise expert). Qwen-Image's true CFG (default ``true_cfg_scale`` 4, with a ``negative_prompt``) works as
+    FLUX's; the pipeline then rescales the guided prediction to the conditional prediction's norm, as it does for
+    its own CFG. Its concept is as many tokens long as its text: the row extender pads the concept's and the
+    batch's LLM states to one length, with masks that hide the padding.
 
     Notes:
         * One UNet call per step is assumed (as in diffusers' SLD): a second-order scheduler (Heun, DPM2) calls the
@@ -316,7 +319,7 @@ class SLD(Guard):
         te = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
         cak = call.args.get("cross_attention_kwargs") or {}
         key = ("sld-embeds", text, call.args.get("clip_skip"), cak.get("scale"), str(call.device),
-               str(getattr(te, "dtype", None)))
+               str(getattr(te, "dtype", None)), call.arg("max_sequence_length"))
         cache = call.protection.cache
         if key not in cache:
             cache[key] = _encode_texts(call, [text])
@@ -362,11 +365,14 @@ class SLD(Guard):
             emb = st.embeds
             ehs = inputs.get("encoder_hidden_states")
             pe = emb["prompt_embeds"].to(device)
-            if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:]:
+            mask = emb.get("prompt_embeds_mask")  # an LLM's (Qwen-Image): the row extender pads to one length
+            if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:] and (mask is None or ehs.shape[2:] != pe.shape[2:]):
                 raise ValueError(f"SLD: the pipeline's encoder_hidden_states have shape {tuple(ehs.shape[1:])} "
                                  f"per row but the safety concept encodes to {tuple(pe.shape[1:])}; SLD needs "
                                  "prompt conditioning of the text encoder's standard length")
             rows = {"encoder_hidden_states": pe.expand(n, *pe.shape[1:])}
+            if mask is not None:
+                rows["encoder_hidden_states_mask"] = mask.to(device).expand(n, *mask.shape[1:])
             added = inputs.get("added_cond_kwargs") or {}
             ppe = emb.get("pooled_prompt_embeds")
             if ppe is not None:
