@@ -457,7 +457,7 @@ def _generate_each(args, pipe, out_dir: Path, save, extra_kw: dict[str, Any], *,
         for k, batch in enumerate(batches):
             if len(batches) > 1:
                 bar.set_postfix_str(f"batch {k + 1}/{len(batches)}")
-            out = pipe(batch, generator=[_generator(args.seed) for _ in batch], **call_kw)
+            out = pipe(prompt=batch, generator=[_generator(args.seed) for _ in batch], **call_kw)
             bar.update((k + 1) * steps - bar.n)  # a batch that guards stopped early ends here
             for j, prompt in enumerate(batch):
                 i = k * size + j
@@ -971,9 +971,9 @@ def cmd_demo_run(args) -> int:
     steps = _default_steps(args)
     kw = {"num_inference_steps": steps, "output_type": "pil"}
     texts = [p for p, _ in prompts]
-    plain = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw).images  # same noise per row
+    plain = pipe(prompt=texts, generator=[_generator(args.seed) for _ in prompts], **kw).images  # same noise per row
     settings = _protect_for_command(pipe, policy, guards)
-    out = pipe(texts, generator=[_generator(args.seed) for _ in prompts], **kw)
+    out = pipe(prompt=texts, generator=[_generator(args.seed) for _ in prompts], **kw)
     unprotect(pipe)
     rows, entries = [], []
     print(f"\nmodel {args.model!r}, policy {policy.name!r}, guards {guards if guards is not None else policy.guards}, "

@@ -770,7 +770,7 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
         if progress is not None:
             progress(0.0, "unprotected")
         t0 = time.perf_counter()
-        plain = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(0, "unprotected"), **kw)
+        plain = pipe(prompt=prompt, generator=generator(), callback_on_step_end=step_callback(0, "unprotected"), **kw)
         plain_seconds = time.perf_counter() - t0
         plain_image = plain.images[0]
     protect(pipe, policy=policy, guards=list(guards))
@@ -778,7 +778,7 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
         if progress is not None:
             progress(offset / total, "protected")
         t0 = time.perf_counter()
-        out = pipe(prompt, generator=generator(), callback_on_step_end=step_callback(offset, "protected"), **kw)
+        out = pipe(prompt=prompt, generator=generator(), callback_on_step_end=step_callback(offset, "protected"), **kw)
         protected_seconds = time.perf_counter() - t0
     finally:
         unprotect(pipe)

@@ -272,6 +272,8 @@ class TextEncoderAdapter:
     def summarize(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The summary vector of token states already computed (e.g. the pipeline's ``prompt_embeds``)."""
         mask = attention_mask.to(tokens.device)[:, : tokens.shape[1]]
+        if mask.shape[1] < tokens.shape[1]:  # states padded further than these texts (FLUX.2: to 512): not content
+            mask = pad_tokens(mask, tokens.shape[1])
         last = mask.sum(1) - 1
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         if self.summary_kind == "eos":
@@ -300,18 +302,21 @@ class TextEncoderAdapter:
 
 
 class ChatTemplateAdapter(TextEncoderAdapter):
-    """A decoder-only language model read the way an LLM-conditioned pipeline reads it (Qwen-Image): each prompt
-    is put into the pipeline's chat ``template``, the model runs with the attention mask, and the conditioning is
-    the last hidden states from position ``drop`` on (the template's system tokens are cut off), as long as the
-    longest prompt of the batch, cut to ``max_length`` positions.
+    """A decoder-only language model read the way an LLM-conditioned pipeline reads it (Qwen-Image, FLUX.2
+    [klein]): each prompt is put into the pipeline's chat ``template`` (a string with one ``{}``, or the text
+    before and after the prompt), the model runs with the attention mask,
+    and the conditioning is the hidden states of ``layers`` side by side (Qwen-Image: the last layer; FLUX.2
+    [klein]: layers 9, 18 and 27) from position ``drop`` on (Qwen-Image cuts the template's system tokens off),
+    cut to ``max_length`` positions.
 
     Token batches live in that conditioning's positions: ``first`` counts the template's tokens left before the
-    content (0 for Qwen-Image: its ``drop`` is exactly the system part), ``tail`` the template's closing tokens
-    (``<|im_end|>``, a newline, ``<|im_start|>assistant``, a newline). :meth:`encode` puts the dropped system
-    tokens back in front, so states match the pipeline's; padded positions are zero, as in the pipeline. The
-    model is causal, so a prompt's states do not depend on the padding and batches pad to their longest prompt.
-    The summary vector is the mean of the content states; masked copies replace a token with the pad token
-    (``<|endoftext|>``: an LLM vocabulary has no mask token).
+    content (0 for Qwen-Image: its ``drop`` is exactly the system part; 3 for FLUX.2's ``<|im_start|>user``
+    line), ``tail`` the template's closing tokens (``<|im_end|>``, ``<|im_start|>assistant``, newlines, an empty
+    thinking block). :meth:`encode` puts dropped system tokens back in front, so states match the pipeline's. The
+    model is causal, so a prompt's states do not depend on what follows it, and batches pad only to their longest
+    prompt (the pipeline pads Qwen-Image's to the call's longest, FLUX.2's to ``max_sequence_length``): positions
+    past a prompt's end are zero here. The summary vector is the mean of the content states; masked copies
+    replace a token with the pad token (``<|endoftext|>``: an LLM vocabulary has no mask token).
 
     Example:
         >>> from safegen.encoders import pipeline_adapter
@@ -325,17 +330,21 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         True
     """
 
-    def __init__(self, tokenizer, encoder, *, template: str, drop: int, max_length: int, token_limit: int,
-                 mask_token_id: int | None = None, name: str | None = None):
-        if template.count("{}") != 1:
-            raise ValueError("the chat template must hold exactly one '{}' where the prompt goes")
+    def __init__(self, tokenizer, encoder, *, template: "str | tuple[str, str]", drop: int, max_length: int,
+                 token_limit: int, layers: Sequence[int] = (-1,), mask_token_id: int | None = None,
+                 name: str | None = None):
+        if isinstance(template, str):
+            if template.count("{}") != 1:
+                raise ValueError("the chat template must hold exactly one '{}' where the prompt goes")
+            template = tuple(template.split("{}"))
         super().__init__(tokenizer, encoder, layer=-1, summary="mean", causal=True, attention_mask=True,
                          max_length=int(max_length), name=name,
                          mask_token_id=tokenizer.pad_token_id if mask_token_id is None else mask_token_id)
-        prefix, suffix = template.split("{}")
-        self.template, self.drop, self.token_limit = template, int(drop), int(token_limit)
-        self.prefix_ids = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-        self.suffix_ids = list(tokenizer(suffix, add_special_tokens=False)["input_ids"])
+        self.prefix, self.suffix = template  # the text before and after the prompt
+        self.drop, self.token_limit = int(drop), int(token_limit)
+        self.layers = tuple(int(k) for k in layers)
+        self.prefix_ids = list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
+        self.suffix_ids = list(tokenizer(self.suffix, add_special_tokens=False)["input_ids"])
         if len(self.prefix_ids) < self.drop:
             raise ValueError(f"the template's system part is {len(self.prefix_ids)} tokens, fewer than the {drop} "
                              "the pipeline drops")
@@ -343,24 +352,35 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         self.tail = len(self.suffix_ids)
 
     @classmethod
-    def for_pipeline(cls, pipe, *, max_length: int | None = None, **kw) -> "ChatTemplateAdapter":
-        """The adapter of a pipeline with ``prompt_template_encode`` / ``prompt_template_encode_start_idx``
-        (Qwen-Image), at the call's ``max_sequence_length`` (default: the signature's)."""
-        if max_length is None:
-            import inspect
+    def for_pipeline(cls, pipe, *, max_length: int | None = None, layers: Sequence[int] | None = None,
+                     **kw) -> "ChatTemplateAdapter":
+        """The adapter of an LLM-conditioned pipeline at the call's ``max_sequence_length`` (default: the
+        signature's): Qwen-Image (``prompt_template_encode``, ``prompt_template_encode_start_idx``, last layer) or
+        FLUX.2 [klein] (the tokenizer's chat template with thinking off, ``text_encoder_out_layers``: ``layers``,
+        default the signature's)."""
+        import inspect
 
-            max_length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
-        drop = int(pipe.prompt_template_encode_start_idx)
-        return cls(pipe.tokenizer, pipe.text_encoder, template=pipe.prompt_template_encode, drop=drop,
-                   max_length=int(max_length), token_limit=int(pipe.tokenizer_max_length) + drop, **kw)
+        params = inspect.signature(type(pipe).__call__).parameters
+        if max_length is None:
+            max_length = params["max_sequence_length"].default
+        if hasattr(pipe, "prompt_template_encode_start_idx"):  # Qwen-Image
+            drop = int(pipe.prompt_template_encode_start_idx)
+            return cls(pipe.tokenizer, pipe.text_encoder, template=pipe.prompt_template_encode, drop=drop,
+                       max_length=int(max_length), token_limit=int(pipe.tokenizer_max_length) + drop, **kw)
+        # FLUX.2 [klein]: one user message, generation prompt, thinking off; truncated at max_sequence_length
+        mark = "\x00prompt\x00"
+        text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        layers = params["text_encoder_out_layers"].default if layers is None else layers
+        return cls(pipe.tokenizer, pipe.text_encoder, template=tuple(text.split(mark)), drop=0, max_length=int(max_length), token_limit=int(max_length), layers=layers, **kw)
 
     def tokenize(self, texts: Sequence[str], *, max_length: int | None = None, pad_to_longest: bool = False,
                  approximate: bool = False) -> TokenBatch:
-        """Each text in the template, tokenised as the pipeline does (one string, padded to the batch's longest),
+        """Each text in the template, tokenised as the pipeline does (one string), padded to the batch's longest,
         less the dropped system tokens and cut to ``max_length`` positions (default: the adapter's)."""
         if isinstance(texts, str):
             texts = [texts]
-        out = self.tokenizer([self.template.format(t) for t in texts], max_length=self.token_limit,
+        out = self.tokenizer([self.prefix + t + self.suffix for t in texts], max_length=self.token_limit,
                              padding="longest", truncation=True, return_tensors="pt")
         keep = max_length or self.max_length
         ids = out["input_ids"][:, self.drop:self.drop + keep].long()
@@ -378,7 +398,8 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         full_ids = torch.cat([head.expand(ids.shape[0], -1), ids], 1)
         full_mask = torch.cat([torch.ones_like(full_ids[:, :self.drop]), mask], 1)
         out = self.encoder(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=True)
-        tokens = out.hidden_states[-1][:, self.drop:] * mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+        states = torch.cat([out.hidden_states[k] for k in self.layers], -1)[:, self.drop:]
+        tokens = states * mask.unsqueeze(-1).to(states.dtype)
         return Encoded(tokens, self.summarize(tokens, mask), None)
 
 
@@ -396,13 +417,15 @@ def pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length: int | None = None,
-                     mask_token_id: int | None = None, attention_mask: bool = False) -> TextEncoderAdapter:
+                     mask_token_id: int | None = None, attention_mask: bool = False,
+                     layers: Sequence[int] | None = None) -> TextEncoderAdapter:
     """The adapter of a pipeline's (first) text encoder, reading the states the pipeline conditions on.
 
     Duck-typed by the encoder, not the pipeline class: CLIP (SD 1.x/2.x, AnimateDiff, ZeroScope) → the EOS
     state of the layer ``clip_skip`` selects; T5 (CogVideoX) → :meth:`TextEncoderAdapter.for_t5` at
     ``max_sequence_length`` (default 226), without attention mask as CogVideoX calls it (``attention_mask=True``:
-    with it, as Wan calls it); an LLM read through a chat template (Qwen-Image) → :class:`ChatTemplateAdapter`;
+    with it, as Wan calls it); an LLM read through a chat template (Qwen-Image; FLUX.2 [klein], whose hidden
+    ``layers`` default to the call signature's ``text_encoder_out_layers``) → :class:`ChatTemplateAdapter`;
     anything else
     (a BERT-like sentence encoder) → mean summary with its attention mask. SDXL's two encoders are wrapped by
     the guards themselves (:meth:`TextEncoderAdapter.for_clip` with ``sdxl=True``).
@@ -415,9 +438,11 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
         (0, 'mean', 226, ['<extra_id_0>'])
     """
     te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-    if te is not None and tok is not None and hasattr(pipe, "prompt_template_encode_start_idx"):  # an LLM encoder
+    if te is not None and tok is not None and (hasattr(pipe, "prompt_template_encode_start_idx")
+                                               or hasattr(pipe, "_get_qwen3_prompt_embeds")):  # an LLM encoder
         kw = {} if mask_token_id is None else {"mask_token_id": mask_token_id}
-        return ChatTemplateAdapter.for_pipeline(pipe, max_length=max_sequence_length, name="text_encoder", **kw)
+        return ChatTemplateAdapter.for_pipeline(pipe, max_length=max_sequence_length, layers=layers,
+                                                name="text_encoder", **kw)
     if te is None or tok is None:  # e.g. an SDXL refiner: only the second encoder
         te, tok = getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None)
     if te is None or tok is None:

@@ -53,6 +53,10 @@ def latent_unpacker(pipe: Any, layout: str, height: int | None = None, width: in
     h = int(height or pipe.default_sample_size * f)
     w = int(width or pipe.default_sample_size * f)
 
+    if hasattr(pipe, "_unpatchify_latents"):  # FLUX.2: row-major tokens of 2×2-patchified latents
+        gh, gw = h // (2 * f), w // (2 * f)
+        return lambda x: pipe._unpatchify_latents(x.transpose(1, 2).reshape(x.shape[0], x.shape[2], gh, gw))
+
     def unpack(x):
         out = pipe._unpack_latents(x, h, w, f)
         return out[:, :, 0] if out.ndim == 5 else out  # Qwen-Image's video VAE: one frame (B, C, 1, H, W)
@@ -106,6 +110,8 @@ def _latent_shape(call: Call) -> tuple[int, ...]:
         f = call.pipe.vae_scale_factor_spatial
         return (latent_frames(call), call.denoiser.config.in_channels, h // f, w // f)
     c, f = call.denoiser.config.in_channels, _spatial(call.pipe)
+    if call.spec.layout == "packed" and not call.spec.packed_output:  # FLUX.2: latent images
+        return (c // 4, h // f, w // f)
     if call.spec.layout == "packed":  # FLUX returns its latents packed: one token per 2×2 patch
         return ((h // (2 * f)) * (w // (2 * f)), c)
     if call.spec.video:
@@ -152,6 +158,7 @@ _OUTPUT_CLASSES = {
     "sd3": ("diffusers.pipelines.stable_diffusion_3.pipeline_output", "StableDiffusion3PipelineOutput"),
     "flux": ("diffusers.pipelines.flux.pipeline_output", "FluxPipelineOutput"),
     "qwenimage": ("diffusers.pipelines.qwenimage.pipeline_output", "QwenImagePipelineOutput"),
+    "flux2klein": ("diffusers.pipelines.flux2.pipeline_output", "Flux2PipelineOutput"),
     "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
     "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
     "wan": ("diffusers.pipelines.wan.pipeline_output", "WanPipelineOutput"),

@@ -343,6 +343,16 @@ def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bo
             npe, npm = enc(negative_prompt, negative_prompt_embeds, negative_prompt_embeds_mask)
         return {"prompt_embeds": pe, "negative_prompt_embeds": npe, "prompt_embeds_mask": pm,
                 "negative_prompt_embeds_mask": npm}
+    if how == "flux2":  # the unconditional branch is always the empty prompt, unless its embeddings are given
+        common = dict(device=call.device, num_images_per_prompt=1,
+                      max_sequence_length=call_default(call, "max_sequence_length"),
+                      text_encoder_out_layers=call_default(call, "text_encoder_out_layers"))
+        pe = pipe.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, **common)[0]
+        npe = None
+        if do_cfg:
+            empty = negative_prompt if negative_prompt is not None else [""] * pe.shape[0]
+            npe = pipe.encode_prompt(prompt=empty, prompt_embeds=negative_prompt_embeds, **common)[0]
+        return {"prompt_embeds": pe, "negative_prompt_embeds": npe}
     if how == "t5":
         pe, npe = pipe.encode_prompt(prompt, negative_prompt, do_cfg, num_videos_per_prompt=1,
                                      prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -562,7 +572,8 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
         do_cfg = a.get("true_cfg_scale", params["true_cfg_scale"].default) > 1 and has_negative
     else:  # "batch" and "separate": the pipeline's own rule
         gs = a.get("guidance_scale", params["guidance_scale"].default)
-        do_cfg = gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
+        do_cfg = (gs is not None and gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
+                  and not getattr(pipe.config, "is_distilled", False))  # (FLUX.2 [klein]'s step-distilled models)
     steps = a.get("num_inference_steps")
     if steps is None:
         steps = inspect.signature(prot.base_class.__call__).parameters["num_inference_steps"].default

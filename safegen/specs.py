@@ -16,6 +16,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "QwenImagePipeline": "qwenimage",
+    "Flux2KleinPipeline": "flux2klein",
     "StableDiffusionPipeline": "sd",
     "AnimateDiffPipeline": "animatediff",
     "CogVideoXPipeline": "cogvideox",
@@ -39,12 +40,15 @@ class PipelineSpec:
             pooled vector, ``prompt_2`` for T5), ``"t5"`` (one T5 encoder, ``max_sequence_length``) or ``"llm"`` (a
             decoder-only language model read through the pipeline's chat template: the last hidden states after
             the template's system tokens, as long as the longest prompt of the call, with
-            ``prompt_embeds_mask``: Qwen-Image).
+            ``prompt_embeds_mask``: Qwen-Image) or ``"flux2"`` (a decoder-only language model's hidden states of
+            several layers side by side, padded to ``max_sequence_length``, no mask: FLUX.2 [klein]).
         per_prompt: the call argument giving outputs per prompt (``None``: always one).
         output: the output field (``"images"`` or ``"frames"``).
         layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
-            models), ``"BFCHW"`` (CogVideoX) or ``"packed"`` (FLUX: 2×2 patches as tokens, (B, H/2·W/2, 4C); the
-            pipeline's own ``_unpack_latents`` turns them back into images).
+            models), ``"BFCHW"`` (CogVideoX) or ``"packed"`` (FLUX, Qwen-Image, FLUX.2: 2×2 patches as tokens,
+            (B, H/2·W/2, 4C); :func:`safegen.outputs.latent_unpacker` turns them back into images).
+        packed_output: with ``output_type="latent"`` the pipeline returns its latents packed as it stepped them
+            (FLUX.1, Qwen-Image); ``False``: as latent images (FLUX.2 unpacks and unpatchifies them).
         cfg: how the call guides: ``"batch"`` (``guidance_scale`` > 1: ``[uncond; cond]`` in one denoiser call),
             ``"separate"`` (``guidance_scale`` > 1: the conditional call, then the unconditional one, each step:
             Wan) or ``"true"`` (a guidance-distilled model: ``true_cfg_scale`` > 1 with a negative prompt runs a
@@ -73,6 +77,7 @@ class PipelineSpec:
     extra_denoisers: tuple = ()
     time: str = "frame"
     text_mask: bool = False
+    packed_output: bool = True
 
     @property
     def cfg_in_batch(self) -> bool:
@@ -101,6 +106,10 @@ PIPELINE_SPECS = {
     # Qwen-Image: an LLM's hidden states (with their mask), true CFG as a separate call, packed latents
     "qwenimage": PipelineSpec("qwenimage", denoiser="transformer", encode="llm", layout="packed",
                               embeds_per_item=True, cfg="true", text_mask=True),
+    # FLUX.2 [klein]: a Qwen3 LLM's layers 9/18/27 side by side, CFG as separate calls (none when step-distilled),
+    # packed 2×2-patchified latents that the pipeline unpacks itself before returning them
+    "flux2klein": PipelineSpec("flux2klein", denoiser="transformer", encode="flux2", layout="packed",
+                               embeds_per_item=True, cfg="separate", packed_output=False),
     # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
     "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
     "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",

@@ -425,7 +425,15 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False):
 #: Words of the Qwen-Image prompt template, so that its system part is as many tokens as with the real vocabulary.
 _TEMPLATE_WORDS = ("system user assistant Describe describe by detailing color shape size texture quantity text "
                    "spatial relationships objects background").split()
-_QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+#: A Qwen3-style chat template (written for these tests): each message between ``<|im_start|>`` and
+#: ``<|im_end|>``; the generation prompt opens the assistant's turn, with an empty thinking block when
+#: ``enable_thinking=False`` (as FLUX.2 [klein] asks for).
+_QWEN_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif -%}{%- endif -%}")
 
 
 @lru_cache(maxsize=None)
@@ -463,10 +471,10 @@ def _qwen_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
 
 
 def tiny_qwen_tokenizer():
-    """A Qwen2 tokenizer (byte-level BPE, ``<|im_start|>`` / ``<|im_end|>`` chat tokens, pads on the right with
-    ``<|endoftext|>``) over the tiny vocabulary, built in memory. Qwen-Image's prompt template tokenises to the
-    same 34 system tokens and 5 closing tokens as with the real vocabulary, so the pipeline's
-    ``prompt_template_encode_start_idx`` holds as it is.
+    """A Qwen2 tokenizer (byte-level BPE, ``<|im_start|>`` / ``<|im_end|>`` chat tokens, ``<think>``, a Qwen3-style
+    chat template, pads on the right with ``<|endoftext|>``) over the tiny vocabulary, built in memory. Qwen-Image's
+    prompt template tokenises to the same 34 system tokens and 5 closing tokens as with the real vocabulary, so
+    the pipeline's ``prompt_template_encode_start_idx`` holds as it is.
 
     Example:
         >>> tok = tiny_qwen_tokenizer()
@@ -478,6 +486,7 @@ def tiny_qwen_tokenizer():
     vocab, merges = _qwen_vocab()
     tok = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=32768)
     tok.add_special_tokens({"additional_special_tokens": list(_QWEN_SPECIAL[1:])})
+    tok.chat_template = _QWEN_CHAT_TEMPLATE
     return tok
 
 
@@ -533,5 +542,45 @@ def tiny_qwenimage_pipeline(seed: int = 0, num_layers: int = 1):
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
                              transformer=transformer)
     pipe.default_sample_size = 8
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0, num_layers: int = 1):
+    """A tiny random ``Flux2KleinPipeline`` (FLUX.2 [klein] layout): a Qwen3 language model (16-d, 27 layers, so that
+    the pipeline's default ``text_encoder_out_layers=(9, 18, 27)`` exist) whose three layers' hidden states,
+    side by side, condition a FLUX.2 transformer (one double and one single block) over 2×2-patchified, packed
+    latents of a FLUX.2 VAE (4 latent channels, batch-norm statistics). Not step-distilled: ``guidance_scale`` > 1
+    runs the empty negative prompt as a second, separate transformer call. ``default_sample_size`` is set to 16 so
+    that a call without ``height`` and ``width`` makes 32×32 images.
+
+    Example:
+        >>> pipe = tiny_flux2_klein_pipeline()
+        >>> pipe(prompt="a red cat", num_inference_steps=2, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = tiny_qwen_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=16, num_hidden_layers=27,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    torch.manual_seed(seed)
+    te = Qwen3ForCausalLM(cfg).eval()
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
+                                          num_single_layers=num_layers, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=48, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
+                              transformer=transformer)
+    pipe.default_sample_size = 16
     pipe.set_progress_bar_config(disable=True)
     return pipe

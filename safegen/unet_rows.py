@@ -25,8 +25,13 @@ from .hooks import add_hook, patch
 # FLUX's pooled projections, FLUX's guidance strength) that carry a batch dimension.
 _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "attention_mask", "pooled_projections",
                    "guidance", "encoder_hidden_states_mask")
-#: Inputs laid out per token, not per row, whatever their first dimension (FLUX's position ids): never cut.
+#: Position ids: laid out per token, not per row, when 2-D (FLUX.1's (L, 3)): never cut; FLUX.2's are per row
+#: ((B, L, 4)) and are cut and grown with the batch.
 _PER_TOKEN_KWARGS = frozenset({"txt_ids", "img_ids"})
+
+
+def _per_token(name: str, value: Any) -> bool:
+    return name in _PER_TOKEN_KWARGS and (not torch.is_tensor(value) or value.ndim < 3)
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
 _SAMPLE_KWARGS = ("sample", "hidden_states")
 
@@ -157,8 +162,8 @@ class RowExtender:
                 args[1] = timestep
             else:
                 kwargs["timestep"] = timestep
-        for name in _BATCHED_KWARGS:
-            if name in kwargs:
+        for name in _BATCHED_KWARGS + tuple(_PER_TOKEN_KWARGS):
+            if name in kwargs and not _per_token(name, kwargs[name]):
                 kwargs[name] = grow(name, kwargs[name], given_rows.get(name))
         added = kwargs.get("added_cond_kwargs")
         if added:
@@ -283,7 +288,7 @@ class ItemStopper:
         self.unet_rows_skipped += n - rows.numel()
         if args:
             args = [_select_rows(a, n, rows) for a in args]
-        kwargs = {k: (v if k in _PER_TOKEN_KWARGS
+        kwargs = {k: (v if _per_token(k, v)
                       else {kk: _select_rows(vv, n, rows) for kk, vv in v.items()} if isinstance(v, dict)
                       else _select_rows(v, n, rows)) for k, v in kwargs.items()}
         return tuple(args), kwargs

@@ -21,10 +21,11 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    from safegen.testing import tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
+    from safegen.testing import tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
 
     for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline),
-                        ("flux", tiny_flux_pipeline), ("qwenimage", tiny_qwenimage_pipeline)):
+                        ("flux", tiny_flux_pipeline), ("qwenimage", tiny_qwenimage_pipeline),
+                        ("flux2klein", tiny_flux2_klein_pipeline)):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         build().save_pretrained(folder)
         out[kind] = str(folder)
@@ -69,9 +70,11 @@ CASES = [
     ("sd3", "safegen_stable_diffusion_3.py", "SafegenStableDiffusion3Pipeline", "StableDiffusion3Pipeline"),
     ("flux", "safegen_flux.py", "SafegenFluxPipeline", "FluxPipeline"),
     ("qwenimage", "safegen_qwenimage.py", "SafegenQwenImagePipeline", "QwenImagePipeline"),
+    ("flux2klein", "safegen_flux2_klein.py", "SafegenFlux2KleinPipeline", "Flux2KleinPipeline"),
 ]
-#: what each case's calls add to KW (saved FLUX and Qwen-Image pipelines default to 1024×1024: ask for the tiny size)
-SIZE = {"flux": {"height": 32, "width": 32}, "qwenimage": {"height": 32, "width": 32}}
+#: what each case's calls add to KW (saved FLUX, Qwen-Image and FLUX.2 pipelines default to 1024×1024: ask for the
+#: tiny size)
+SIZE = {kind: {"height": 32, "width": 32} for kind in ("flux", "qwenimage", "flux2klein")}
 
 
 @pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])
@@ -85,7 +88,7 @@ def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kin
     pipe.set_safety(policy=lexical_policy)  # random tiny encoders: only literal concept phrases may fire
     assert safegen.is_protected(pipe) and pipe._safegen.policy is lexical_policy
     kw = {**KW, **SIZE.get(kind, {})}
-    out = pipe([BENIGN, UNSAFE], generator=gen(0), **kw)
+    out = pipe(prompt=[BENIGN, UNSAFE], generator=gen(0), **kw)
     assert out.images.shape == (2, 32, 32, 3)
     assert len(out.safety) == 2
     assert [r.prompt for r in out.safety] == [BENIGN, UNSAFE]
@@ -93,7 +96,7 @@ def test_loads_protected_and_matches_plain_pipeline(folders, lexical_policy, kin
 
     ref = plain(folders[kind])
     assert type(ref).__name__ == parent
-    expected = ref([BENIGN, UNSAFE], generator=gen(0), **kw).images
+    expected = ref(prompt=[BENIGN, UNSAFE], generator=gen(0), **kw).images
     assert np.array_equal(out.images[0], expected[0])  # untouched prompt: bit for bit
     assert not np.array_equal(out.images[1], expected[1])  # flagged prompt: steered
 
@@ -106,10 +109,10 @@ def test_same_call_signature_and_output_type(folders, kind, file, cls_name, pare
     ref = plain(folders[kind])
     assert inspect.signature(type(pipe).__call__) == inspect.signature(type(ref).__call__)
     kw = {**KW, **SIZE.get(kind, {})}
-    out = pipe(BENIGN, num_images_per_prompt=2, generator=gen(1), **kw)
-    assert type(out) is type(ref(BENIGN, generator=gen(1), **kw))
+    out = pipe(prompt=BENIGN, num_images_per_prompt=2, generator=gen(1), **kw)
+    assert type(out) is type(ref(prompt=BENIGN, generator=gen(1), **kw))
     assert out.images.shape == (2, 32, 32, 3) and len(out.safety) == 2
-    images, *_ = pipe(BENIGN, generator=gen(1), return_dict=False, **kw)  # tuple output as usual
+    images, *_ = pipe(prompt=BENIGN, generator=gen(1), return_dict=False, **kw)  # tuple output as usual
     assert images.shape == (1, 32, 32, 3)
     assert len(safegen.last_reports(pipe)) == 1
 

@@ -293,7 +293,7 @@ def run_items(pipe, plan: Sequence[dict], *, oracle, steps: int, batch_size: int
             batch = [plan[i] for i in rows]
             gens = [torch.Generator("cpu").manual_seed(it["seed"]) for it in batch]
             t0 = time.perf_counter()
-            out = pipe([it["prompt"] for it in batch], generator=gens, **kw)
+            out = pipe(prompt=[it["prompt"] for it in batch], generator=gens, **kw)
             per_item = (time.perf_counter() - t0) / len(batch)
             images = _as_images(out)
             reports = getattr(out, "safety", None) if protected else None

@@ -852,7 +852,7 @@ class LVD(Guard):
                               unit="batch", disable=not progress):
                 chunk = prompts[start:start + batch_size]
                 gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-                out = pipe(chunk, num_inference_steps=steps, generator=gens, output_type="latent",
+                out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="latent",
                            callback_on_step_end=cut)
                 rows += [[r.result(self.name).scores[c] for c in clf.categories] for r in out.safety]
         finally:

@@ -163,14 +163,15 @@ def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[s
 
 
 #: Encodings whose length is the call's ``max_sequence_length``.
-_SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm")
+_SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm", "flux2")
 
 
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
     max_len = call_default(call, "max_sequence_length") if call.spec.encode in _SEQUENCE_ENCODES else None
-    return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len)
+    layers = call_default(call, "text_encoder_out_layers") if call.spec.encode == "flux2" else None
+    return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len, layers)
 
 
 def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
@@ -184,13 +185,13 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
     return _pipe_streams(pipe, encode, cache, None, max_len)
 
 
-def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_Stream]:
+def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len, layers=None) -> list[_Stream]:
     """The pipeline's conditioning streams (cached per pipeline), the primary one (the gate's) last: SDXL's two CLIP
     encoders side by side; SD3's two CLIP encoders side by side on the first 77 positions, then its T5 encoder's
     positions (the primary, when the pipeline has one); FLUX's CLIP encoder (its pooled output only, from
     ``prompt``) and its T5 encoder (every token position, from ``prompt_2``: the primary); else its one
     encoder."""
-    key = ("safree-streams", clip_skip, max_len)
+    key = ("safree-streams", clip_skip, max_len, None if layers is None else tuple(layers))
     if key in cache:
         return cache[key]
     if encode in ("sdxl", "sd3"):
@@ -232,7 +233,8 @@ def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len) -> list[_S
 
         is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
         ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
-                              mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask)
+                              mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask,
+                              layers=layers)
         s = [_Stream("text_encoder", ad, slice(None))]
     cache[key] = s
     return s

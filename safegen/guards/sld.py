@@ -606,7 +606,7 @@ class SLD(Guard):
                               unit="batch", disable=not progress):
                 chunk = prompts[start:start + batch_size]
                 gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-                out = pipe(chunk, num_inference_steps=steps, generator=gens, output_type="latent")
+                out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="latent")
                 scores += [r.result(self.name).score for r in out.safety]
         finally:
             unprotect(pipe)

@@ -94,7 +94,7 @@ def record_trajectories(pipe, prompts: Sequence[str], *, labeller: Callable[[str
         tap = _X0Tap(pipe.scheduler, history, unpack=unpack)
         try:
             gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(batch))]
-            out = pipe(batch, generator=gens, **kw)
+            out = pipe(prompt=batch, generator=gens, **kw)
         finally:
             tap.remove()
         if len(history) < record_steps:

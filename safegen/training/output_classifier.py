@@ -162,7 +162,7 @@ def generate_images(pipe, prompts: Sequence[str], *, seed: int = 0, steps: int =
         for s in range(0, len(todo), batch_size):
             gens = [torch.Generator("cpu").manual_seed(x) for x in seeds[s:s + batch_size]]
             with torch.no_grad():
-                out = pipe(todo[s:s + batch_size], generator=gens, **kw)
+                out = pipe(prompt=todo[s:s + batch_size], generator=gens, **kw)
             made.append(_to_uint8(out.images))
             bar.update(len(gens))
         images = torch.cat(made)

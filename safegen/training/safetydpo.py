@@ -109,7 +109,7 @@ def make_preference_pairs(pipe, pairs: Sequence[tuple[str, str, str]], *,
         n = len(chunk)
         prompts = [u for u, _, _ in chunk] + [t for _, t, _ in chunk]
         gens = [torch.Generator("cpu").manual_seed(seed + s + (i % n)) for i in range(2 * n)]  # same seed per pair
-        lat = pipe(prompts, generator=gens, num_inference_steps=steps, output_type="latent").images
+        lat = pipe(prompt=prompts, generator=gens, num_inference_steps=steps, output_type="latent").images
         images = pipe.vae.decode(lat / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(images, output_type="np")
         embeds, _ = pipe.encode_prompt([u for u, _, _ in chunk], device, 1, False)
