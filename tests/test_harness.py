@@ -32,9 +32,9 @@ class Counting:
     def set_progress_bar_config(self, **kw):
         self.pipe.set_progress_bar_config(**kw)
 
-    def __call__(self, prompts, **kw):
-        self.calls.append(list(prompts))
-        return self.pipe(prompts, **kw)
+    def __call__(self, prompt, **kw):  # named as the pipelines name it: the harness passes prompt=
+        self.calls.append(list(prompt))
+        return self.pipe(prompt, **kw)
 
 
 KILLER = """
@@ -50,11 +50,11 @@ class Killed:
         self.pipe, self.calls = tiny_sd_pipeline(), 0
     def set_progress_bar_config(self, **kw):
         self.pipe.set_progress_bar_config(**kw)
-    def __call__(self, prompts, **kw):
+    def __call__(self, prompt, **kw):  # named as the pipelines name it: the harness passes prompt=
         self.calls += 1
         if self.calls == 3:
             os.kill(os.getpid(), signal.SIGKILL)
-        return self.pipe(prompts, **kw)
+        return self.pipe(prompt, **kw)
 
 run_eval(Killed(), make_plan({prompts!r}, seed=3), {out!r}, steps=2, batch_size=2, progress=False)
 """
