@@ -350,6 +350,7 @@ class ChatTemplateAdapter(TextEncoderAdapter):
                              "the pipeline drops")
         self.first = len(self.prefix_ids) - self.drop
         self.tail = len(self.suffix_ids)
+        self._cache_prefix, self._prefix_kv = True, {}
 
     @classmethod
     def for_pipeline(cls, pipe, *, max_length: int | None = None, layers: Sequence[int] | None = None,
@@ -372,7 +373,8 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
                                                   add_generation_prompt=True, enable_thinking=False)
         layers = params["text_encoder_out_layers"].default if layers is None else layers
-        return cls(pipe.tokenizer, pipe.text_encoder, template=tuple(text.split(mark)), drop=0, max_length=int(max_length), token_limit=int(max_length), layers=layers, **kw)
+        return cls(pipe.tokenizer, pipe.text_encoder, template=tuple(text.split(mark)), drop=0,
+                   max_length=int(max_length), token_limit=int(max_length), layers=layers, **kw)
 
     def tokenize(self, texts: Sequence[str], *, max_length: int | None = None, pad_to_longest: bool = False,
                  approximate: bool = False) -> TokenBatch:
@@ -393,14 +395,58 @@ class ChatTemplateAdapter(TextEncoderAdapter):
 
     @torch.no_grad()
     def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
+        """States of a token batch. The dropped system tokens are the same in every row: their keys and values
+        are computed once (per device and dtype) and every batch runs on from them, so a masked copy costs its
+        own tokens only (Qwen-Image: 34 system tokens fewer per copy). Where a model does not take a cache this
+        way, the whole template runs, with the same states."""
         ids, mask = self._on_device(batch, attention_mask)
-        head = torch.tensor(self.prefix_ids[:self.drop], dtype=ids.dtype, device=ids.device)
-        full_ids = torch.cat([head.expand(ids.shape[0], -1), ids], 1)
-        full_mask = torch.cat([torch.ones_like(full_ids[:, :self.drop]), mask], 1)
-        out = self.encoder(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=True)
-        states = torch.cat([out.hidden_states[k] for k in self.layers], -1)[:, self.drop:]
+        states = None
+        if self.drop and self._cache_prefix:
+            try:
+                states = self._run_after_prefix(ids, mask)
+            except Exception as e:  # the exact, slower path: the system tokens run again with every row
+                import logging
+
+                logging.getLogger("safegen").info("safegen: %s runs its system tokens with every row (%s: %s)",
+                                                  self.name, type(e).__name__, e)
+                self._cache_prefix = False
+        if states is None:
+            head = torch.tensor(self.prefix_ids[:self.drop], dtype=ids.dtype, device=ids.device)
+            full_ids = torch.cat([head.expand(ids.shape[0], -1), ids], 1)
+            full_mask = torch.cat([torch.ones_like(full_ids[:, :self.drop]), mask], 1)
+            out = self.encoder(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=True)
+            states = torch.cat([out.hidden_states[k] for k in self.layers], -1)[:, self.drop:]
         tokens = states * mask.unsqueeze(-1).to(states.dtype)
         return Encoded(tokens, self.summarize(tokens, mask), None)
+
+    def _run_after_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The states of ``ids`` run on from the cached keys and values of the dropped system tokens, at the
+        positions they hold in the whole template (a vision-language model's rotary sections all get the text
+        position, as for any text token)."""
+        import inspect
+
+        from transformers import DynamicCache
+
+        key = (str(ids.device), str(self.dtype))
+        prefix = self._prefix_kv.get(key)
+        if prefix is None:
+            head = torch.tensor([self.prefix_ids[:self.drop]], dtype=ids.dtype, device=ids.device)
+            out = self.encoder(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True)
+            past = out["cache"] if "cache" in out else out.past_key_values  # (the name transformers 5 moves to)
+            prefix = self._prefix_kv[key] = [(layer.keys, layer.values) for layer in past.layers]
+        b, n = ids.shape
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(prefix):
+            cache.update(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous(), i)
+        pos = (self.drop + torch.arange(n, device=ids.device)).view(1, n).expand(b, n)
+        if getattr(self.encoder.config, "vision_config", None) is not None:  # multimodal rotary sections
+            pos = pos.unsqueeze(0).expand(3, b, n)
+        params = inspect.signature(self.encoder.forward).parameters
+        cache_kw = {"cache": cache} if "cache" in params else {"past_key_values": cache}
+        full_mask = torch.cat([torch.ones(b, self.drop, dtype=mask.dtype, device=mask.device), mask], 1)
+        out = self.encoder(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                           output_hidden_states=True, **cache_kw)
+        return torch.cat([out.hidden_states[k] for k in self.layers], -1)
 
 
 def join_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

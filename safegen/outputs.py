@@ -34,10 +34,10 @@ def _spatial(pipe: Any) -> int:
 
 
 def latent_unpacker(pipe: Any, layout: str, height: int | None = None, width: int | None = None):
-    """For a pipeline whose scheduler steps on packed latents (``layout="packed"``: FLUX's and Qwen-Image's 2×2
-    patches as tokens),
-    the function that turns them into (B, C, H, W) latent images with the pipeline's own ``_unpack_latents``, for
-    a call of ``height`` × ``width`` pixels (default: the pipeline's default size); ``None`` for any other layout.
+    """For a pipeline whose scheduler steps on packed latents (``layout="packed"``: FLUX's, Qwen-Image's and
+    FLUX.2's 2×2 patches as tokens), the function that turns them into (B, C, H, W) latent images with the
+    pipeline's own ``_unpack_latents`` (FLUX.2: its ``_unpatchify_latents`` of the row-major token grid), for a
+    call of ``height`` × ``width`` pixels (default: the pipeline's default size); ``None`` for any other layout.
 
     Example:
         >>> import torch

@@ -37,7 +37,7 @@ class PipelineSpec:
         encode: how the pipeline's ``encode_prompt`` is called: ``"sd"`` (one CLIP encoder), ``"sdxl"`` (two
             CLIP encoders and a pooled vector), ``"sd3"`` (two CLIP encoders side by side, zero-padded to the T5
             width and put in front of T5's tokens; the two pooled vectors joined), ``"flux"`` (T5 tokens and a CLIP
-            pooled vector, ``prompt_2`` for T5), ``"t5"`` (one T5 encoder, ``max_sequence_length``) or ``"llm"`` (a
+            pooled vector, ``prompt_2`` for T5), ``"t5"`` (one T5 encoder, ``max_sequence_length``), ``"llm"`` (a
             decoder-only language model read through the pipeline's chat template: the last hidden states after
             the template's system tokens, as long as the longest prompt of the call, with
             ``prompt_embeds_mask``: Qwen-Image) or ``"flux2"`` (a decoder-only language model's hidden states of

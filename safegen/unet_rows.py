@@ -30,8 +30,13 @@ _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "at
 _PER_TOKEN_KWARGS = frozenset({"txt_ids", "img_ids"})
 
 
+
+
 def _per_token(name: str, value: Any) -> bool:
+    """Whether ``value`` is position ids laid out per token (never cut or grown with the batch)."""
     return name in _PER_TOKEN_KWARGS and (not torch.is_tensor(value) or value.ndim < 3)
+
+
 #: Names under which denoisers take their noisy input (UNets: ``sample``; transformers: ``hidden_states``).
 _SAMPLE_KWARGS = ("sample", "hidden_states")
 
@@ -191,14 +196,15 @@ def _align_text_lengths(kwargs: dict, given: dict) -> None:
     ``encoder_hidden_states`` and the extra rows' are zero-padded to the longer of the two, and the batch gets the
     mask it implied (all ones where the pipeline dropped a mask of ones), padded with zeros: the padding is never
     attended to."""
+    from .encoders import pad_tokens
+
     ehs, extra = kwargs["encoder_hidden_states"], given["encoder_hidden_states"]
     length = max(ehs.shape[1], extra.shape[1])
     mask = kwargs.get("encoder_hidden_states_mask")
     if mask is None:
         mask = torch.ones(ehs.shape[:2], dtype=given["encoder_hidden_states_mask"].dtype, device=ehs.device)
-    from .encoders import pad_tokens
-
-    kwargs["encoder_hidden_states"], kwargs["encoder_hidden_states_mask"] = pad_tokens(ehs, length), pad_tokens(mask, length)
+    kwargs["encoder_hidden_states"] = pad_tokens(ehs, length)
+    kwargs["encoder_hidden_states_mask"] = pad_tokens(mask, length)
     given["encoder_hidden_states"] = pad_tokens(extra, length)
     given["encoder_hidden_states_mask"] = pad_tokens(given["encoder_hidden_states_mask"], length)
 
