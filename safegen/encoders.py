@@ -22,7 +22,7 @@ word's state the prompt's summary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -501,3 +501,92 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
         return TextEncoderAdapter.for_t5(tok, te, max_length=int(max_sequence_length or 226),
                                          attention_mask=attention_mask, **kw)
     return TextEncoderAdapter(tok, te, summary="mean", causal=False, **kw)
+
+
+# ---------------------------------------------------------------------- how each family's encoders fill the conditioning
+@dataclass
+class ConditioningStream:
+    """One text-conditioning stream of a pipeline: its encoder adapter, the block of ``prompt_embeds`` it fills
+    (its channels ``dims`` of the token positions ``tokens``; ``None``: no token states, FLUX's CLIP encoder), the
+    channels of the pooled vector it fills (``pooled``; ``None``: it gives none; ``pooled_projected``: the
+    encoder's projected pooled output, else its summary vector) and the call argument whose text it encodes
+    (``prompt_2`` / ``prompt_3`` fall back to ``prompt`` when not given)."""
+
+    name: str
+    adapter: TextEncoderAdapter
+    dims: slice
+    text_arg: str = "prompt"
+    tokens: slice | None = field(default_factory=lambda: slice(None))
+    pooled: slice | None = None
+    pooled_projected: bool = True
+
+    def block(self, embeds: torch.Tensor) -> torch.Tensor:
+        """This stream's part of ``prompt_embeds`` (B, L, D)."""
+        return embeds[:, self.tokens, self.dims]
+
+
+#: :attr:`~safegen.specs.PipelineSpec.encode` kinds whose length is the call's ``max_sequence_length``.
+SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm", "flux2")
+
+
+def conditioning_streams(pipe, encode: str, *, clip_skip: int | None = None, max_len: int | None = None,
+                         layers: Sequence[int] | None = None) -> list[ConditioningStream]:
+    """How a pipeline's text encoders fill its conditioning (``encode``: its spec's
+    :attr:`~safegen.specs.PipelineSpec.encode`), the primary stream (the one a guard gates on) last:
+
+    * SDXL: two CLIP encoders side by side (penultimate layer), the second one's projected pooled vector;
+    * SD3: the two CLIP encoders side by side on the first 77 positions (zero-padded to T5's width), then the T5
+      encoder's positions (the primary, when the pipeline has one); the pooled vector joins both CLIP projections;
+    * FLUX.1: its CLIP encoder gives the pooled vector only (from ``prompt``), its T5 encoder every token position
+      (from ``prompt_2``: the primary);
+    * anything else: its one encoder (:func:`pipeline_adapter`: CLIP, T5, a BERT-like encoder, an LLM through its
+      chat template), at ``max_len`` and, for FLUX.2, the hidden ``layers``.
+
+    Example:
+        >>> from safegen.encoders import conditioning_streams
+        >>> from safegen.testing import tiny_sd3_pipeline
+        >>> [(s.name, s.text_arg, s.tokens) for s in conditioning_streams(tiny_sd3_pipeline(), "sd3", max_len=256)]
+        [('text_encoder', 'prompt', slice(0, 77, None)), ('text_encoder_2', 'prompt_2', slice(0, 77, None)), ('text_encoder_3', 'prompt_3', slice(77, None, None))]
+    """
+    if encode in ("sdxl", "sd3"):
+        s = []
+        start = pooled = 0
+        clip_len = int(getattr(pipe, "tokenizer_max_length", 77) or 77) if encode == "sd3" else None
+        for name, arg in (("text_encoder", "prompt"), ("text_encoder_2", "prompt_2")):
+            te, tok = getattr(pipe, name, None), getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
+            if te is None:
+                continue
+            width = te.config.hidden_size
+            # SDXL's pooled vector is the second encoder's alone; SD3's joins both encoders' projections
+            proj = te.config.projection_dim if encode == "sd3" or name == "text_encoder_2" else None
+            s.append(ConditioningStream(
+                name, TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, sdxl=True, mask_token_id=0,
+                                                  name=name),
+                slice(start, start + width), arg, tokens=slice(0, clip_len),
+                pooled=None if proj is None else (slice(None) if encode == "sdxl" else slice(pooled, pooled + proj))))
+            start += width
+            pooled += proj or 0
+        te3 = getattr(pipe, "text_encoder_3", None) if encode == "sd3" else None
+        if te3 is not None:
+            ad = TextEncoderAdapter.for_t5(pipe.tokenizer_3, te3, max_length=int(max_len or 256))
+            s.append(ConditioningStream("text_encoder_3", ad, slice(None), "prompt_3", tokens=slice(clip_len, None)))
+        return s
+    if encode == "flux":
+        s = []
+        if getattr(pipe, "text_encoder", None) is not None:  # pooler_output: the last layer's EOS state
+            s.append(ConditioningStream("text_encoder", TextEncoderAdapter.for_clip(
+                pipe.tokenizer, pipe.text_encoder, mask_token_id=0, name="text_encoder"), slice(None), "prompt",
+                tokens=None, pooled=slice(None), pooled_projected=False))
+        s.append(ConditioningStream("text_encoder_2", TextEncoderAdapter.for_t5(
+            pipe.tokenizer_2, pipe.text_encoder_2, max_length=int(max_len or 512)), slice(None), "prompt_2"))
+        return s
+    # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in SAFREE's code; T5 (CogVideoX, Wan): no BOS,
+    # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the embedded
+    # default model): mean summary, [MASK] masking; an LLM through its chat template (Qwen-Image, FLUX.2)
+    from .specs import pipeline_spec
+
+    is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
+    ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
+                          mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask,
+                          layers=layers)
+    return [ConditioningStream("text_encoder", ad, slice(None))]

@@ -421,9 +421,9 @@ def test_safree_encodes_t5_copies_at_their_content_length():
     h.remove()
     with pytest.raises(ValueError, match="copies_length"):
         safegen.Safree(copies_length="half")
-    from safegen.guards.safree import _pipe_streams
+    from safegen.encoders import conditioning_streams
 
-    ad = _pipe_streams(tiny_flux_pipeline(), "flux", {}, None, 512)[-1].adapter
+    ad = conditioning_streams(tiny_flux_pipeline(), "flux", max_len=512)[-1].adapter
     assert safegen.Safree()._short(ad) and not safegen.Safree(copies_length="full")._short(ad)
 
 

@@ -39,7 +39,8 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..encoders import TextEncoderAdapter, join_rows, pipeline_adapter
+from ..encoders import SEQUENCE_ENCODES, TextEncoderAdapter, conditioning_streams, join_rows
+from ..encoders import ConditioningStream as _Stream
 from ..errors import NonFiniteError
 from ..policy import concept_phrases
 from ..guard import Guard, has_text_encoder, unreadable_call
@@ -136,108 +137,40 @@ def masked_copies(ids: torch.Tensor, attention: torch.Tensor, n_content: torch.T
 # ---------------------------------------------------------------------- concept spaces
 
 
-@dataclass
-class _Stream:
-    """One text-conditioning stream of a pipeline: its encoder adapter, the block of prompt_embeds it fills (its
-    channels ``dims`` of the token positions ``tokens``; ``None``: no token states, FLUX's CLIP encoder), the
-    channels of the pooled vector it fills (``pooled``; ``None``: it gives none; ``pooled_projected``: the
-    encoder's projected pooled output, else its summary vector) and the call argument whose text it encodes
-    (``prompt_2`` / ``prompt_3`` fall back to ``prompt`` when not given)."""
-
-    name: str
-    adapter: TextEncoderAdapter
-    dims: slice
-    text_arg: str = "prompt"
-    tokens: slice | None = field(default_factory=lambda: slice(None))
-    pooled: slice | None = None
-    pooled_projected: bool = True
-
-    def block(self, embeds: torch.Tensor) -> torch.Tensor:
-        """This stream's part of ``prompt_embeds`` (B, L, D)."""
-        return embeds[:, self.tokens, self.dims]
-
-
 def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[str]:
     """The text each prompt's stream encodes (its own argument's, else ``prompt``'s)."""
     return [dict(t).get(stream.text_arg, t[0][1]) for t in texts]
 
 
-#: Encodings whose length is the call's ``max_sequence_length``.
-_SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm", "flux2")
-
-
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
+    """The conditioning streams of this call's pipeline at the call's ``clip_skip``, ``max_sequence_length`` and
+    (FLUX.2) ``text_encoder_out_layers``."""
     from ..protection import call_default  # (safegen.protection imports the guards package)
 
-    max_len = call_default(call, "max_sequence_length") if call.spec.encode in _SEQUENCE_ENCODES else None
-    layers = call_default(call, "text_encoder_out_layers") if call.spec.encode == "flux2" else None
-    return _pipe_streams(call.pipe, call.spec.encode, cache, clip_skip, max_len, layers)
+    encode = call.spec.encode
+    max_len = call_default(call, "max_sequence_length") if encode in SEQUENCE_ENCODES else None
+    layers = call_default(call, "text_encoder_out_layers") if encode == "flux2" else None
+    return _cached_streams(call.pipe, encode, cache, clip_skip, max_len, layers)
 
 
 def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
-    """The streams of a call with default arguments (no clip_skip; T5 at the pipeline's default
-    ``max_sequence_length``)."""
-    max_len = None
-    if encode in _SEQUENCE_ENCODES:
-        import inspect
+    """The streams of a call with default arguments (no ``clip_skip``; the signature's ``max_sequence_length``
+    and ``text_encoder_out_layers``): the same objects such a call gets."""
+    import inspect
 
-        max_len = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
-    return _pipe_streams(pipe, encode, cache, None, max_len)
+    params = inspect.signature(type(pipe).__call__).parameters
+    max_len = params["max_sequence_length"].default if encode in SEQUENCE_ENCODES else None
+    layers = params["text_encoder_out_layers"].default if encode == "flux2" else None
+    return _cached_streams(pipe, encode, cache, None, max_len, layers)
 
 
-def _pipe_streams(pipe, encode: str, cache: dict, clip_skip, max_len, layers=None) -> list[_Stream]:
-    """The pipeline's conditioning streams (cached per pipeline), the primary one (the gate's) last: SDXL's two CLIP
-    encoders side by side; SD3's two CLIP encoders side by side on the first 77 positions, then its T5 encoder's
-    positions (the primary, when the pipeline has one); FLUX's CLIP encoder (its pooled output only, from
-    ``prompt``) and its T5 encoder (every token position, from ``prompt_2``: the primary); else its one
-    encoder."""
+def _cached_streams(pipe, encode: str, cache: dict, clip_skip, max_len, layers) -> list[_Stream]:
+    """:func:`safegen.encoders.conditioning_streams`, once per pipeline and setting (the adapters carry the
+    concept spaces and calibrations built on them)."""
     key = ("safree-streams", clip_skip, max_len, None if layers is None else tuple(layers))
-    if key in cache:
-        return cache[key]
-    if encode in ("sdxl", "sd3"):
-        s = []
-        start = pooled = 0
-        clip_len = int(getattr(pipe, "tokenizer_max_length", 77) or 77) if encode == "sd3" else None
-        for name, arg in (("text_encoder", "prompt"), ("text_encoder_2", "prompt_2")):
-            te, tok = getattr(pipe, name, None), getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
-            if te is None:
-                continue
-            width = te.config.hidden_size
-            # SDXL's pooled vector is the second encoder's alone; SD3's joins both encoders' projections
-            proj = te.config.projection_dim if encode == "sd3" or name == "text_encoder_2" else None
-            s.append(_Stream(name, TextEncoderAdapter.for_clip(tok, te, clip_skip=clip_skip, sdxl=True,
-                                                               mask_token_id=0, name=name), slice(start, start + width),
-                             arg, tokens=slice(0, clip_len),
-                             pooled=None if proj is None else (slice(None) if encode == "sdxl"
-                                                               else slice(pooled, pooled + proj))))
-            start += width
-            pooled += proj or 0
-        te3 = getattr(pipe, "text_encoder_3", None) if encode == "sd3" else None
-        if te3 is not None:
-            ad = TextEncoderAdapter.for_t5(pipe.tokenizer_3, te3, max_length=int(max_len or 256))
-            s.append(_Stream("text_encoder_3", ad, slice(None), "prompt_3", tokens=slice(clip_len, None)))
-    elif encode == "flux":
-        s = []
-        if getattr(pipe, "text_encoder", None) is not None:  # pooler_output: the last layer's EOS state
-            s.append(_Stream("text_encoder", TextEncoderAdapter.for_clip(pipe.tokenizer, pipe.text_encoder,
-                                                                         mask_token_id=0, name="text_encoder"),
-                             slice(None), "prompt", tokens=None, pooled=slice(None), pooled_projected=False))
-        s.append(_Stream("text_encoder_2", TextEncoderAdapter.for_t5(pipe.tokenizer_2, pipe.text_encoder_2,
-                                                                     max_length=int(max_len or 512)),
-                         slice(None), "prompt_2"))
-    else:
-        # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in the authors' code; T5 (CogVideoX): no BOS,
-        # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the
-        # embedded default model): mean summary, [MASK] masking; an LLM through its chat template (Qwen-Image)
-        from ..specs import pipeline_spec
-
-        is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
-        ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
-                              mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask,
-                              layers=layers)
-        s = [_Stream("text_encoder", ad, slice(None))]
-    cache[key] = s
-    return s
+    if key not in cache:
+        cache[key] = conditioning_streams(pipe, encode, clip_skip=clip_skip, max_len=max_len, layers=layers)
+    return cache[key]
 
 
 def _phrase_regex(phrases: Sequence[str]) -> re.Pattern:
