@@ -337,12 +337,14 @@ class ChatTemplateAdapter(TextEncoderAdapter):
             if template.count("{}") != 1:
                 raise ValueError("the chat template must hold exactly one '{}' where the prompt goes")
             template = tuple(template.split("{}"))
-        super().__init__(tokenizer, encoder, layer=-1, summary="mean", causal=True, attention_mask=True,
+        layers = tuple(int(k) for k in layers)
+        # ``layer`` records the layers read (it keys the phrase cache and the calibration's encoder fingerprint)
+        super().__init__(tokenizer, encoder, layer=layers, summary="mean", causal=True, attention_mask=True,
                          max_length=int(max_length), name=name,
                          mask_token_id=tokenizer.pad_token_id if mask_token_id is None else mask_token_id)
         self.prefix, self.suffix = template  # the text before and after the prompt
         self.drop, self.token_limit = int(drop), int(token_limit)
-        self.layers = tuple(int(k) for k in layers)
+        self.layers = layers
         self.prefix_ids = list(tokenizer(self.prefix, add_special_tokens=False)["input_ids"])
         self.suffix_ids = list(tokenizer(self.suffix, add_special_tokens=False)["input_ids"])
         if len(self.prefix_ids) < self.drop:

@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..encoders import SEQUENCE_ENCODES, TextEncoderAdapter, conditioning_streams, join_rows
+from ..encoders import SEQUENCE_ENCODES, TextEncoderAdapter, conditioning_streams, join_rows, pad_tokens
 from ..encoders import ConditioningStream as _Stream
 from ..errors import NonFiniteError
 from ..policy import concept_phrases
@@ -928,7 +928,7 @@ class Safree(Guard):
         new_tokens = torch.where(pos_full.unsqueeze(-1), projected, tokens)
         att_full = sb.attention_mask[:, :L].to(tokens.device)
         if att_full.shape[1] < L:  # an LLM's conditioning is as long as the call's longest prompt, not these
-            att_full = torch.nn.functional.pad(att_full, (0, L - att_full.shape[1]))
+            att_full = pad_tokens(att_full, L)
         gamma, k, c, rescale = svf
         tp, beta = svf_steps(tokens, projected, att_full, gamma=gamma, k=k, c=c, num_steps=T if rescale else None)
         return new_tokens, trig, tp, beta
