@@ -7,7 +7,8 @@ Models:
 * ``sd15``: the real SD 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder, SD1.5 AutoencoderKL) with
   random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio);
 * ``sd35``, ``flux1``, ``wan21``, ``qwenimage``: SD3.5 medium, FLUX.1, Wan 2.1 1.3B and Qwen-Image at their
-  real hidden widths with reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers were kept).
+  real hidden widths with reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers
+  were kept).
 
 Configurations: plain (unprotected); SAFREE without / with latent re-attention (U-Nets only: a DiT has no skip
 features), each on a benign prompt (nothing fires: the guard only checks) and on an unsafe prompt containing

@@ -505,7 +505,7 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
     return TextEncoderAdapter(tok, te, summary="mean", causal=False, **kw)
 
 
-# ---------------------------------------------------------------------- how each family's encoders fill the conditioning
+# ---------------------------------------------------------------------- each family's conditioning layout
 @dataclass
 class ConditioningStream:
     """One text-conditioning stream of a pipeline: its encoder adapter, the block of ``prompt_embeds`` it fills
@@ -532,7 +532,7 @@ SEQUENCE_ENCODES = ("t5", "sd3", "flux", "llm", "flux2")
 
 
 def conditioning_streams(pipe, encode: str, *, clip_skip: int | None = None, max_len: int | None = None,
-                         layers: Sequence[int] | None = None) -> list[ConditioningStream]:
+                         layers: Sequence[int] | None = None, text_mask: bool = False) -> list[ConditioningStream]:
     """How a pipeline's text encoders fill its conditioning (``encode``: its spec's
     :attr:`~safegen.specs.PipelineSpec.encode`), the primary stream (the one a guard gates on) last:
 
@@ -542,13 +542,15 @@ def conditioning_streams(pipe, encode: str, *, clip_skip: int | None = None, max
     * FLUX.1: its CLIP encoder gives the pooled vector only (from ``prompt``), its T5 encoder every token position
       (from ``prompt_2``: the primary);
     * anything else: its one encoder (:func:`pipeline_adapter`: CLIP, T5, a BERT-like encoder, an LLM through its
-      chat template), at ``max_len`` and, for FLUX.2, the hidden ``layers``.
+      chat template), at ``max_len``, for FLUX.2 the hidden ``layers``, and a T5 read with its attention mask
+      where the spec's ``text_mask`` says the pipeline does (Wan).
 
     Example:
         >>> from safegen.encoders import conditioning_streams
         >>> from safegen.testing import tiny_sd3_pipeline
-        >>> [(s.name, s.text_arg, s.tokens) for s in conditioning_streams(tiny_sd3_pipeline(), "sd3", max_len=256)]
-        [('text_encoder', 'prompt', slice(0, 77, None)), ('text_encoder_2', 'prompt_2', slice(0, 77, None)), ('text_encoder_3', 'prompt_3', slice(77, None, None))]
+        >>> streams = conditioning_streams(tiny_sd3_pipeline(), "sd3", max_len=256)
+        >>> [(s.name, s.text_arg, s.tokens.start) for s in streams]
+        [('text_encoder', 'prompt', 0), ('text_encoder_2', 'prompt_2', 0), ('text_encoder_3', 'prompt_3', 77)]
     """
     if encode in ("sdxl", "sd3"):
         s = []
@@ -585,10 +587,7 @@ def conditioning_streams(pipe, encode: str, *, clip_skip: int | None = None, max
     # CLIP (SD, AnimateDiff, ZeroScope): EOS state, id 0 masks as in SAFREE's code; T5 (CogVideoX, Wan): no BOS,
     # content-token mean, <extra_id_0> masks, at the call's max_sequence_length; a BERT-like encoder (the embedded
     # default model): mean summary, [MASK] masking; an LLM through its chat template (Qwen-Image, FLUX.2)
-    from .specs import pipeline_spec
-
     is_clip = "clip" in (getattr(pipe.text_encoder.config, "model_type", "") or "")
     ad = pipeline_adapter(pipe, clip_skip=clip_skip, max_sequence_length=max_len,
-                          mask_token_id=0 if is_clip else None, attention_mask=pipeline_spec(pipe).text_mask,
-                          layers=layers)
+                          mask_token_id=0 if is_clip else None, attention_mask=text_mask, layers=layers)
     return [ConditioningStream("text_encoder", ad, slice(None))]

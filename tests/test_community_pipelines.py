@@ -21,7 +21,8 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    from safegen.testing import tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline, tiny_sd3_pipeline
+    from safegen.testing import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
+                                 tiny_sd3_pipeline)
 
     for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline),
                         ("flux", tiny_flux_pipeline), ("qwenimage", tiny_qwenimage_pipeline),

@@ -167,9 +167,12 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
 def _cached_streams(pipe, encode: str, cache: dict, clip_skip, max_len, layers) -> list[_Stream]:
     """:func:`safegen.encoders.conditioning_streams`, once per pipeline and setting (the adapters carry the
     concept spaces and calibrations built on them)."""
+    from ..specs import pipeline_spec
+
     key = ("safree-streams", clip_skip, max_len, None if layers is None else tuple(layers))
     if key not in cache:
-        cache[key] = conditioning_streams(pipe, encode, clip_skip=clip_skip, max_len=max_len, layers=layers)
+        cache[key] = conditioning_streams(pipe, encode, clip_skip=clip_skip, max_len=max_len, layers=layers,
+                                          text_mask=pipeline_spec(pipe).text_mask)
     return cache[key]
 
 

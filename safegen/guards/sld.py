@@ -366,7 +366,8 @@ class SLD(Guard):
             ehs = inputs.get("encoder_hidden_states")
             pe = emb["prompt_embeds"].to(device)
             mask = emb.get("prompt_embeds_mask")  # an LLM's (Qwen-Image): the row extender pads to one length
-            if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:] and (mask is None or ehs.shape[2:] != pe.shape[2:]):
+            other_length = mask is not None and ehs is not None and ehs.shape[2:] == pe.shape[2:]
+            if torch.is_tensor(ehs) and ehs.shape[1:] != pe.shape[1:] and not other_length:
                 raise ValueError(f"SLD: the pipeline's encoder_hidden_states have shape {tuple(ehs.shape[1:])} "
                                  f"per row but the safety concept encodes to {tuple(pe.shape[1:])}; SLD needs "
                                  "prompt conditioning of the text encoder's standard length")
