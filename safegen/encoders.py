@@ -417,7 +417,7 @@ class ChatTemplateAdapter(TextEncoderAdapter):
             full_ids = torch.cat([head.expand(ids.shape[0], -1), ids], 1)
             full_mask = torch.cat([torch.ones_like(full_ids[:, :self.drop]), mask], 1)
             out = self.encoder(input_ids=full_ids, attention_mask=full_mask, output_hidden_states=True)
-            states = torch.cat([out.hidden_states[k] for k in self.layers], -1)[:, self.drop:]
+            states = self._read_layers(out)[:, self.drop:]
         tokens = states * mask.unsqueeze(-1).to(states.dtype)
         return Encoded(tokens, self.summarize(tokens, mask), None)
 
@@ -435,7 +435,10 @@ class ChatTemplateAdapter(TextEncoderAdapter):
             head = torch.tensor([self.prefix_ids[:self.drop]], dtype=ids.dtype, device=ids.device)
             out = self.encoder(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True)
             past = out["cache"] if "cache" in out else out.past_key_values  # (the name transformers 5 moves to)
-            prefix = self._prefix_kv[key] = [(layer.keys, layer.values) for layer in past.layers]
+            # (the keyword the model takes a cache under: ``cache`` in newer transformers)
+            name = "cache" if "cache" in inspect.signature(self.encoder.forward).parameters else "past_key_values"
+            prefix = self._prefix_kv[key] = (name, [(layer.keys, layer.values) for layer in past.layers])
+        name, prefix = prefix
         b, n = ids.shape
         cache = DynamicCache()
         for i, (k, v) in enumerate(prefix):
@@ -443,11 +446,13 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         pos = (self.drop + torch.arange(n, device=ids.device)).view(1, n).expand(b, n)
         if getattr(self.encoder.config, "vision_config", None) is not None:  # multimodal rotary sections
             pos = pos.unsqueeze(0).expand(3, b, n)
-        params = inspect.signature(self.encoder.forward).parameters
-        cache_kw = {"cache": cache} if "cache" in params else {"past_key_values": cache}
         full_mask = torch.cat([torch.ones(b, self.drop, dtype=mask.dtype, device=mask.device), mask], 1)
         out = self.encoder(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                           output_hidden_states=True, **cache_kw)
+                           output_hidden_states=True, **{name: cache})
+        return self._read_layers(out)
+
+    def _read_layers(self, out) -> torch.Tensor:
+        """The hidden states of :attr:`layers`, side by side, from a forward pass's output."""
         return torch.cat([out.hidden_states[k] for k in self.layers], -1)
 
 

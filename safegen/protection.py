@@ -315,6 +315,18 @@ def call_default(call: Call, name: str) -> Any:
     return call.arg(name)
 
 
+def encode_setting(call: Call) -> tuple:
+    """What decides :func:`encode_with_pipeline`'s conditioning of a text besides the text: ``clip_skip``, the text
+    encoders' LoRA scale, ``max_sequence_length``, FLUX.2's ``text_encoder_out_layers``, device and dtype. The key
+    of every per-protection cache of encoded texts (SLD's concept, SAFREE's keyword negative prompts)."""
+    a = call.args
+    kwargs = a.get("cross_attention_kwargs") or a.get("joint_attention_kwargs") or a.get("attention_kwargs") or {}
+    te = getattr(call.pipe, "text_encoder", None) or getattr(call.pipe, "text_encoder_2", None)
+    layers = call.arg("text_encoder_out_layers")
+    return (a.get("clip_skip"), kwargs.get("scale"), call.arg("max_sequence_length"),
+            None if layers is None else tuple(layers), str(call.device), str(getattr(te, "dtype", None)))
+
+
 def encode_with_pipeline(call: Call, prompt, *, negative_prompt=None, do_cfg: bool = False, prompt_2=None,
                          negative_prompt_2=None, prompt_3=None, negative_prompt_3=None, prompt_embeds=None,
                          negative_prompt_embeds=None, pooled_prompt_embeds=None,

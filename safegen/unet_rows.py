@@ -30,8 +30,6 @@ _BATCHED_KWARGS = ("encoder_hidden_states", "timestep_cond", "class_labels", "at
 _PER_TOKEN_KWARGS = frozenset({"txt_ids", "img_ids"})
 
 
-
-
 def _per_token(name: str, value: Any) -> bool:
     """Whether ``value`` is position ids laid out per token (never cut or grown with the batch)."""
     return name in _PER_TOKEN_KWARGS and (not torch.is_tensor(value) or value.ndim < 3)
@@ -320,11 +318,10 @@ class ItemStopper:
         elif self._decoded_shape is not None:  # a video decoded by the VAE itself (Wan): zeros of its clip shape
             full, res = z.new_zeros(self._decoded_shape(z)), None
         else:  # nothing left to decode: a zero image of the decoder's output shape, no decoder call
+            # (every image pipeline records its VAE's spatial factor; Qwen-Image's video VAE decodes one-frame
+            # clips, (B, C, 1, h, w) latents, and names its channels input_channels)
+            f = int(self.pipe.vae_scale_factor)
             cfg = self._vae.config
-            if "block_out_channels" in cfg:
-                f = 2 ** (len(cfg.block_out_channels) - 1)
-            else:  # a video VAE decoding images as one-frame clips (Qwen-Image): (B, C, 1, h, w) latents
-                f = int(self.pipe.vae_scale_factor)
             out_ch = cfg.get("out_channels") or cfg.get("input_channels") or 3
             full = z.new_zeros((self.n, out_ch) + tuple(z.shape[2:-2]) + tuple(s * f for s in z.shape[-2:]))
             res = None

@@ -145,12 +145,7 @@ def _stream_texts(texts: list[list[tuple[str, str]]], stream: _Stream) -> list[s
 def _streams(call, cache: dict, clip_skip) -> list[_Stream]:
     """The conditioning streams of this call's pipeline at the call's ``clip_skip``, ``max_sequence_length`` and
     (FLUX.2) ``text_encoder_out_layers``."""
-    from ..protection import call_default  # (safegen.protection imports the guards package)
-
-    encode = call.spec.encode
-    max_len = call_default(call, "max_sequence_length") if encode in SEQUENCE_ENCODES else None
-    layers = call_default(call, "text_encoder_out_layers") if encode == "flux2" else None
-    return _cached_streams(call.pipe, encode, cache, clip_skip, max_len, layers)
+    return _cached_streams(call.pipe, call.spec.encode, cache, clip_skip, call.arg)
 
 
 def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
@@ -159,16 +154,16 @@ def _default_streams(pipe, encode: str, cache: dict) -> list[_Stream]:
     import inspect
 
     params = inspect.signature(type(pipe).__call__).parameters
-    max_len = params["max_sequence_length"].default if encode in SEQUENCE_ENCODES else None
-    layers = params["text_encoder_out_layers"].default if encode == "flux2" else None
-    return _cached_streams(pipe, encode, cache, None, max_len, layers)
+    return _cached_streams(pipe, encode, cache, None, lambda name: params[name].default)
 
 
-def _cached_streams(pipe, encode: str, cache: dict, clip_skip, max_len, layers) -> list[_Stream]:
+def _cached_streams(pipe, encode: str, cache: dict, clip_skip, arg) -> list[_Stream]:
     """:func:`safegen.encoders.conditioning_streams`, once per pipeline and setting (the adapters carry the
-    concept spaces and calibrations built on them)."""
+    concept spaces and calibrations built on them); ``arg(name)`` is the call's value of an argument."""
     from ..specs import pipeline_spec
 
+    max_len = arg("max_sequence_length") if encode in SEQUENCE_ENCODES else None
+    layers = arg("text_encoder_out_layers") if encode == "flux2" else None
     key = ("safree-streams", clip_skip, max_len, None if layers is None else tuple(layers))
     if key not in cache:
         cache[key] = conditioning_streams(pipe, encode, clip_skip=clip_skip, max_len=max_len, layers=layers,
@@ -825,16 +820,12 @@ class Safree(Guard):
     @staticmethod
     def _negative_embeds(call, cache: dict, texts: list[str], texts_2: list[str] | None) -> dict:
         """The keyword negative prompts' conditioning, one row per text, through the pipeline's own
-        ``encode_prompt``; each distinct text is encoded once per protection (per clip_skip, LoRA scale, sequence
-        length, device and dtype, as SLD's concept): steered prompts of the same categories share one negative
-        prompt, and on a T5 pipeline its encoding is most of SAFREE's per-call work."""
-        from ..protection import call_default
+        ``encode_prompt``; each distinct text is encoded once per protection and
+        :func:`~safegen.protection.encode_setting` (as SLD's concept): steered prompts of the same categories
+        share one negative prompt, and on a T5 pipeline its encoding is most of SAFREE's per-call work."""
+        from ..protection import encode_setting
 
-        a = call.args
-        scale = (a.get("cross_attention_kwargs") or a.get("joint_attention_kwargs") or {}).get("scale")
-        te = getattr(call.pipe, "text_encoder", None) or getattr(call.pipe, "text_encoder_2", None)
-        setting = (a.get("clip_skip"), scale, call_default(call, "max_sequence_length"), str(call.device),
-                   str(getattr(te, "dtype", None)))
+        setting = encode_setting(call)
         seconds = texts_2 if texts_2 is not None else [None] * len(texts)
         keys = [("safree-negative", t, t2, setting) for t, t2 in zip(texts, seconds)]
         todo = [k for k in dict.fromkeys(keys) if k not in cache]  # distinct texts not encoded yet, in order

@@ -313,13 +313,11 @@ class SLD(Guard):
         return cache[key]
 
     def _concept_embeds(self, call, text: str) -> dict[str, torch.Tensor]:
-        """The concept's conditioning through the pipeline's own ``encode_prompt``, once per (text, clip_skip,
-        LoRA scale, device, dtype)."""
-        pipe = call.pipe
-        te = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
-        cak = call.args.get("cross_attention_kwargs") or {}
-        key = ("sld-embeds", text, call.args.get("clip_skip"), cak.get("scale"), str(call.device),
-               str(getattr(te, "dtype", None)), call.arg("max_sequence_length"))
+        """The concept's conditioning through the pipeline's own ``encode_prompt``, once per text and
+        :func:`~safegen.protection.encode_setting`."""
+        from ..protection import encode_setting
+
+        key = ("sld-embeds", text, encode_setting(call))
         cache = call.protection.cache
         if key not in cache:
             cache[key] = _encode_texts(call, [text])
