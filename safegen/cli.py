@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LoRA safetensors file.")
     x.add_argument("--category", required=True, help="policy category of the expert (e.g. sexual, violence)")
     x.add_argument("--out", required=True, metavar="FILE", help="LoRA file to write (.safetensors)")
-    x.add_argument("--model", default=DEFAULT_MODEL, help="the model to align (default: the embedded default model)")
+    x.add_argument("--model", default=DEFAULT_MODEL,
+                   help="the model to align: SD 1.x/2.x, SD3/SD3.5 or FLUX.1 (default: the embedded default model)")
     x.add_argument("--pairs", type=_positive_int, default=200, metavar="N",
                    help="CoProV2 training pairs of the category to generate (default 200)")
     x.add_argument("--pairs-file", default=None, metavar="FILE",

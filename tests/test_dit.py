@@ -5,6 +5,7 @@
   for, which runs it as a second, separate transformer call), latents packed as 2×2-patch tokens.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -455,3 +456,156 @@ def test_safree_encodes_each_keyword_negative_prompt_once(dit, lexical_policy):
         assert torch.equal(uncond[0][0], uncond[1][0])
     else:  # FLUX: the unconditional branch is the second call of each step
         assert torch.equal(uncond[1][0], uncond[3][0])
+
+
+# ---------------------------------------------------------------------- SafetyDPO on the transformer
+def test_safetydpo_expert_trains_with_flow_dpo_fuses_and_undoes(dit, tmp_path):
+    """Preference pairs hold the transformer's own final latents (FLUX's packed tokens) and the pooled vectors;
+    a short flow-matching Diffusion-DPO run makes a transformer LoRA that diffusers' loader fuses, that prefers
+    the preferred images more than the frozen model does, and whose undo is bit-exact."""
+    import math
+
+    from safegen.lora import read_lora
+    from safegen.training import safetydpo as sd_mod
+
+    kind, fam, pipe = dit
+    pairs = [("a photo of blood and gore", "a photo of a red bus", "violence"),
+             ("a photo of a man killing a dog", "a photo of a man walking a dog", "violence")]
+    data, stats = sd_mod.make_preference_pairs(pipe, pairs, judge=lambda p, img: (False, None), steps=2,
+                                               verify=False, progress=False)
+    assert stats["kept"] == 2 and data.kind == kind and data.size == (32, 32)
+    direct = pipe(prompt=pairs[0][1], generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                  output_type="latent").images
+    assert torch.allclose(data.preferred[:1], direct, atol=1e-5)  # the step callback's last latents: the output's
+    assert data.pooled.shape[0] == 2 and data.empty_pooled.shape[0] == 1
+    saved = PreferencePairsRoundTrip(data, tmp_path)
+    assert saved.kind == kind and saved.size == data.size and torch.equal(saved.pooled, data.pooled)
+
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    out = tmp_path / "expert.safetensors"
+    summary = sd_mod.train_expert(pipe, data, out=out, category="violence", steps=30, batch_size=2, lr=3e-3,
+                                  beta=500.0, empty_share=0.0, progress=False)
+    assert summary["target"] == "velocity" and len(summary["losses"]) == 30
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())  # adapter removed
+    _, meta = read_lora(out, pipe.transformer, component="transformer")
+    assert meta["component"] == "transformer" and meta["family"] == kind
+
+    # on a fixed (σ, noise) batch the fused LoRA beats the frozen transformer: loss below log 2
+    family = sd_mod._Family(pipe)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, family.n_train, (2,), generator=g)
+    noise = torch.randn(data.preferred.shape, generator=g)
+    xw, t, tw = family.noised(data.preferred, noise, idx)
+    xl, _, tl = family.noised(data.dispreferred, noise, idx)
+    cond, pooled = data.conditioning(torch.arange(2), torch.zeros(2, dtype=torch.bool))
+    x, tt, cc, pp = torch.cat([xw, xl]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([pooled, pooled])
+    plain = run(pipe, BENIGN)
+    with torch.no_grad():
+        ref = family(x, tt, cc, pp, data.size)
+        safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(out))])
+        assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())  # fused and unloaded
+        pol = family(x, tt, cc, pp, data.size)
+        steered = run(pipe, BENIGN)
+        assert steered.safety[0].result("safetydpo").verdict == "steer"
+        safegen.unprotect(pipe)
+    loss, _ = sd_mod.dpo_loss(pol[:2], pol[2:], ref[:2], ref[2:], tw, 500.0, target_l=tl)
+    assert float(loss) < math.log(2) - 0.05
+    assert not np.allclose(steered.images, plain.images)
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert np.array_equal(run(pipe, BENIGN).images, plain.images)
+
+
+def PreferencePairsRoundTrip(data, tmp_path):
+    from safegen.training.safetydpo import PreferencePairs
+
+    return PreferencePairs.load(data.save(tmp_path / "pairs.safetensors"))
+
+
+def test_flow_dpo_loss_compares_each_image_with_its_own_velocity():
+    from safegen.training.safetydpo import dpo_loss
+
+    x0_w, x0_l, eps = torch.zeros(1, 2), torch.ones(1, 2), torch.full((1, 2), 0.5)
+    vw, vl = eps - x0_w, eps - x0_l
+    # a policy exact on both velocities against a reference off by 0.1 on the preferred one only
+    loss, acc = dpo_loss(vw, vl, vw + 0.1, vl, vw, 100.0, target_l=vl)
+    assert float(acc) == 1.0 and float(loss) == pytest.approx(math.log1p(math.exp(-0.5 * 100 * 0.01)), rel=1e-5)
+    # the policy got better than the reference at the dispreferred image: a loss above log 2 against each image's
+    # own velocity; against the preferred image's velocity for both it would look like the opposite
+    right = float(dpo_loss(vw, vl, vw, vl + 0.1, vw, 100.0, target_l=vl)[0])
+    wrong = float(dpo_loss(vw, vl, vw, vl + 0.1, vw, 100.0)[0])
+    assert right > math.log(2) > wrong
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_cli_train_experts_and_comerge_on_a_dit(tmp_path, capsys, model):
+    """``train-expert`` and ``merge-experts --method comerge`` run end to end on a DiT; the merged transformer LoRA
+    protects that pipeline, and a UNet LoRA is refused there (and the DiT's on a UNet model)."""
+    import json
+
+    from safegen import testing
+    from safegen.cli import main
+    from safegen.lora import LoRAFileError
+    from safegen.loading import TINY_MODELS
+
+    rows = ["prompt,image,category"]
+    for i, (u, s, cat) in enumerate([("blood and gore", "a red bus", "Violence"),
+                                     ("a man killing a dog", "a man walking a dog", "Violence"),
+                                     ("a nude woman", "a woman", "sexual"), ("a naked man", "a man", "sexual")]):
+        rows += [f"{u},u_idx_{i:07d}_0.jpg,{cat}", f"{s},s_idx_{i:07d}_0.jpg,{cat}"]
+    (tmp_path / "CoProv2_train.csv").write_text("\n".join(rows) + "\n")
+    base = ["--model", model, "--data-dir", str(tmp_path), "--steps", "2", "--train-steps", "2", "--batch-size", "2",
+            "--no-verify"]
+    files = {}
+    for cat in ("violence", "sexual"):
+        files[cat] = tmp_path / f"{cat}.safetensors"
+        assert main(["train-expert", "--category", cat, "--out", str(files[cat]),
+                     "--save-pairs", str(tmp_path / f"pairs-{cat}.safetensors"), *base]) == 0
+        assert json.loads(capsys.readouterr().out)["target"] == "velocity"
+    from safegen.training.safetydpo import PreferencePairs
+
+    both = [PreferencePairs.load(tmp_path / f"pairs-{c}.safetensors") for c in ("violence", "sexual")]
+    joined = PreferencePairs(torch.cat([b.preferred for b in both]), torch.cat([b.dispreferred for b in both]),
+                             torch.cat([b.embeds for b in both]), both[0].empty, both[0].prompts + both[1].prompts,
+                             both[0].categories + both[1].categories, torch.cat([b.pooled for b in both]),
+                             both[0].empty_pooled, both[0].kind, both[0].size)
+    joined.save(tmp_path / "pairs.safetensors")
+    merged = tmp_path / "merged.safetensors"
+    code = main(["merge-experts", str(files["violence"]), str(files["sexual"]), "--method", "comerge", "--model", model,
+                 "--pairs-file", str(tmp_path / "pairs.safetensors"), "--out", str(merged)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert json.loads(cap.out)["categories"] == ["violence", "sexual"]
+    pipe = getattr(testing, TINY_MODELS[model])()
+    safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(merged))])
+    out = run(pipe, BENIGN, steps=2)
+    assert out.safety[0].result("safetydpo").details["categories"] == ["sexual", "violence"]
+    safegen.unprotect(pipe)
+    # a LoRA of another denoiser: refused before anything changes
+    from safegen.lora import _lora_modules, save_lora
+
+    unet = testing.tiny_sd_pipeline()
+    sd_lora = save_lora(tmp_path / "sd.safetensors", {n: (torch.zeros(2, m.in_features), torch.zeros(m.out_features, 2))
+                                                      for n, m in _lora_modules(unet.unet).items()})
+    with pytest.raises(LoRAFileError, match="made for a pipeline's unet"):
+        safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(sd_lora))])
+    with pytest.raises(LoRAFileError, match="made for a pipeline's transformer"):
+        safegen.protect(unet, guards=[safegen.SafetyDPO(merged=str(merged))])
+    assert not safegen.is_protected(pipe) and not safegen.is_protected(unet)
+
+
+def test_safetydpo_says_which_families_it_trains_and_fuses():
+    from safegen import testing
+    from safegen.training.safetydpo import PreferencePairs, train_expert
+
+    wan = testing.tiny_wan_pipeline()
+    data = PreferencePairs(torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 4, 32),
+                           torch.zeros(1, 4, 32), ["x"], ["violence"])
+    with pytest.raises(ValueError, match=r"trains experts for SD 1\.x/2\.x, SD3/SD3\.5, FLUX\.1; WanPipeline"):
+        train_expert(wan, data, out="x.safetensors", steps=1, progress=False)
+    sd3 = testing.tiny_sd3_pipeline()
+    with pytest.raises(ValueError, match="made with a SD 1.x/2.x pipeline and this one is SD3/SD3.5"):
+        train_expert(sd3, data, out="x.safetensors", steps=1, progress=False)
+    wan22 = testing.tiny_wan_pipeline(two_experts=True)
+    with pytest.raises(TypeError, match="switches between transformer and transformer_2"):
+        safegen.protect(wan22, guards=[safegen.SafetyDPO(merged="x.safetensors")])
+    assert not safegen.is_protected(wan22)

@@ -322,3 +322,32 @@ def test_docstrings(monkeypatch):
     for mod in (sd_mod, guard_mod):
         result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted >= 3
+
+
+@pytest.mark.parametrize("builder,kw", [
+    ("tiny_cogvideox_pipeline", dict(height=16, width=16, num_frames=5)),
+    ("tiny_wan_pipeline", dict(height=32, width=32, num_frames=5)),
+    ("tiny_qwenimage_pipeline", {}),
+    ("tiny_flux2_klein_pipeline", {}),
+])
+def test_a_transformer_lora_fuses_with_exact_undo_on_every_one_denoiser_dit(builder, kw, tmp_path, one_torch_thread):
+    """The guard reaches the denoiser through the spec: a ``transformer.`` LoRA loads through each family's own
+    diffusers loader, changes the output, and unprotect restores weights and output bit for bit."""
+    from safegen import testing
+
+    pipe = getattr(testing, builder)()
+    path = save_lora(tmp_path / "t.safetensors", random_lora(pipe.transformer, scale=0.3), {"category": "violence"},
+                     component="transformer")
+
+    def frames():
+        out = pipe(prompt="a red bus", generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                   output_type="np", **kw)
+        return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+    state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    plain = frames()
+    safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(path))])
+    assert not np.allclose(frames(), plain)
+    safegen.unprotect(pipe)
+    assert all(torch.equal(state[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert np.array_equal(frames(), plain)

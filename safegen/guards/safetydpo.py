@@ -1,4 +1,5 @@
-"""SafetyDPO as a safegen guard: LoRA safety experts (or their merge) loaded into the UNet at protect time.
+"""SafetyDPO as a safegen guard: LoRA safety experts (or their merge) loaded into the denoiser at protect time
+(the UNet of SD 1.x/2.x, the transformer of SD3/SD3.5 and FLUX.1).
 
 The LoRA files come from :func:`safegen.training.safetydpo.train_expert` / :func:`~safegen.training.safetydpo.merge_experts`
 (``safegen train-expert``, ``safegen merge-experts``). They go through diffusers' own LoRA loaders
@@ -27,10 +28,28 @@ def default_merged_path():
     return assets_dir() / "safetydpo" / "default-model-comerge.safetensors"
 
 
+class _quiet_loader:
+    """Diffusers' LoRA loaders log a warning for every text encoder a denoiser-only LoRA has no keys for; those
+    are expected here, so its logger is held at ERROR while SafetyDPO loads."""
+
+    def __enter__(self):
+        from diffusers.utils import logging
+
+        self._level = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging
+
+        logging.set_verbosity(self._level)
+        return False
+
+
 @dataclass
 class _Attached:
-    """What SafetyDPO changed on one pipeline: the UNet weights before the LoRA (for the exact undo)."""
+    """What SafetyDPO changed on one pipeline: the denoiser's weights before the LoRA (for the exact undo)."""
 
+    component: str
     originals: dict
     adapters: list
     metas: list
@@ -45,7 +64,10 @@ def _compiled_inner(module):
 
 @dataclass(repr=False)
 class SafetyDPO(Guard):
-    """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA.
+    """Weight-level safety: Diffusion-DPO LoRA experts, one per harm category, or one merged LoRA, in the
+    denoiser: the UNet (SD 1.x/2.x, SDXL, the UNet video models) or the transformer (SD3/SD3.5, FLUX.1, FLUX.2
+    [klein], Qwen-Image, CogVideoX, Wan 2.1). ``safegen train-expert`` trains experts for SD 1.x/2.x, SD3/SD3.5
+    and FLUX.1; a pipeline that switches between two denoisers (Wan 2.2) is refused.
 
     Args:
         experts (`list[str]`, *optional*): expert LoRA files (loaded as separate adapters and combined with
@@ -82,10 +104,12 @@ class SafetyDPO(Guard):
 
     name: ClassVar[str] = "safetydpo"
     stage: ClassVar[str] = "weights"
-    summary: ClassVar[str] = "Diffusion-DPO LoRA safety experts, merged and fused into the UNet (no per-step cost)"
+    summary: ClassVar[str] = ("Diffusion-DPO LoRA safety experts, merged and fused into the denoiser (no per-step "
+                              "cost)")
     weights_needed: ClassVar[str | None] = ("LoRA experts trained for the model (safegen train-expert); the embedded "
                                             "default model's Co-Merge ships")
-    pipelines: ClassVar[str] = "UNet pipelines (SD 1.x/2.x)"
+    pipelines: ClassVar[str] = ("experts trained for SD 1.x/2.x, SD3/SD3.5, FLUX.1; a LoRA fuses on any one-denoiser "
+                                "pipeline with diffusers' LoRA loader")
 
     experts: Sequence[str] | None = None
     merged: str | None = None
@@ -114,55 +138,64 @@ class SafetyDPO(Guard):
         return [Path(f) for f in self._files]
 
     def attach(self, protection) -> None:
-        from ..lora import _lora_modules, read_lora
+        from ..lora import COMPONENTS, _lora_modules, read_lora
 
         pipe = protection.pipe
-        if getattr(pipe, "unet", None) is None:
-            raise TypeError(f"SafetyDPO's experts are LoRAs of a UNet and {type(pipe).__name__} has none (its "
-                            f"denoiser is a {type(protection.denoiser).__name__})")
+        component = protection.spec.denoiser
+        if component not in COMPONENTS or getattr(pipe, component, None) is None:
+            raise TypeError(f"SafetyDPO's experts are LoRAs of a UNet or a transformer and {type(pipe).__name__} "
+                            f"denoises with its {component}")
+        extra = [a for a in protection.spec.extra_denoisers if getattr(pipe, a, None) is not None]
+        if extra:
+            raise TypeError(f"SafetyDPO adapts one denoiser and {type(pipe).__name__} switches between "
+                            f"{component} and {', '.join(extra)}; expert LoRAs for two-expert models are not "
+                            "supported")
         if not hasattr(pipe, "load_lora_weights"):
             raise TypeError(f"{type(pipe).__name__} has no LoRA loader; SafetyDPO needs diffusers' LoRA support")
-        if _compiled_inner(pipe.unet) is not None:
-            raise TypeError("SafetyDPO loads LoRA weights into the UNet, and diffusers' LoRA loader cannot reach into "
-                            "a torch.compile(pipe.unet) wrapper (OptimizedModule): protect before compiling, or "
-                            "compile in place with pipe.unet.compile()")
-        metas = [read_lora(f, pipe.unet)[1] for f in self._files]  # clear errors before anything changes
-        modules = _lora_modules(pipe.unet)
+        model = getattr(pipe, component)
+        if _compiled_inner(model) is not None:
+            raise TypeError(f"SafetyDPO loads LoRA weights into the {component}, and diffusers' LoRA loader cannot "
+                            f"reach into a torch.compile(pipe.{component}) wrapper (OptimizedModule): protect before "
+                            f"compiling, or compile in place with pipe.{component}.compile()")
+        # clear errors before anything changes
+        metas = [read_lora(f, model, component=component)[1] for f in self._files]
+        modules = _lora_modules(model)
         originals = {n: m.weight.detach().clone() for n, m in modules.items()}
         had_merged = "_merged_adapters" in pipe.__dict__
         names = [f"safegen_dpo_{i}" for i in range(len(self._files))]
         try:
-            for f, n in zip(self._files, names):
-                pipe.load_lora_weights(f, adapter_name=n)
-            pipe.set_adapters(names, adapter_weights=list(self.adapter_weights or [1.0] * len(names)))
-            if self.fuse:
-                pipe.fuse_lora(components=["unet"], adapter_names=names)
-                pipe.unload_lora_weights()
+            with _quiet_loader():
+                for f, n in zip(self._files, names):
+                    pipe.load_lora_weights(f, adapter_name=n)
+                pipe.set_adapters(names, adapter_weights=list(self.adapter_weights or [1.0] * len(names)))
+                if self.fuse:
+                    pipe.fuse_lora(components=[component], adapter_names=names)
+                    pipe.unload_lora_weights()
         except Exception:
-            self._restore(pipe, originals, had_merged)
+            self._restore(pipe, component, originals, had_merged)
             raise
-        protection.set_state(self, _Attached(originals, names, metas, self.fuse, had_merged))
+        protection.set_state(self, _Attached(component, originals, names, metas, self.fuse, had_merged))
 
-    def _restore(self, pipe, originals, had_merged: bool = True) -> None:
+    def _restore(self, pipe, component, originals, had_merged: bool = True) -> None:
         from ..lora import _lora_modules
 
         try:
             pipe.unload_lora_weights()
         except Exception:  # nothing loaded
             pass
-        unet = pipe.unet
-        inner = _compiled_inner(unet)
+        model = getattr(pipe, component)
+        inner = _compiled_inner(model)
         if inner is not None:  # compiled after protect: diffusers' unloader skips the wrapper, unload what it wraps
             if getattr(inner, "peft_config", None):
                 inner.unload_lora()
-            unet = inner
+            model = inner
         merged = pipe.__dict__.get("_merged_adapters")
         if isinstance(merged, set):  # diffusers' record of fused adapters: ours are undone by restoring weights
             mine = {n for n in merged if str(n).startswith("safegen_dpo_")}
             pipe._merged_adapters = merged - mine
             if not pipe._merged_adapters and not had_merged:  # as diffusers left it before: the class default
                 del pipe.__dict__["_merged_adapters"]
-        modules = _lora_modules(unet)
+        modules = _lora_modules(model)
         with torch.no_grad():
             for n, w in originals.items():
                 modules[n].weight.copy_(w)
@@ -170,7 +203,7 @@ class SafetyDPO(Guard):
     def detach(self, protection) -> None:
         state = protection.drop_state(self)
         if state is not None:
-            self._restore(protection.pipe, state.originals, state.had_merged)
+            self._restore(protection.pipe, state.component, state.originals, state.had_merged)
 
     def prepare(self, call) -> None:
         state = call.protection.state(self)
