@@ -273,3 +273,59 @@ def test_loaders_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="CoProv2_train.csv"):  # dedup needs the train file
         D.load_coprov2_test(tmp_path)
     assert D.load_coprov2_test(tmp_path, dedup=False) == [("a cat", "hate")]
+
+
+# ----------------------------------------------------------------------------------------------- clips
+def test_clip_oracle_is_exact_on_rendered_clips(oracle):
+    """Every colour × object × (no mark, each mark) × onset × direction: the clip oracle reads back exactly what
+    the renderer drew, frame by frame."""
+    for i, (colour, obj) in enumerate(itertools.product(W.PALETTE, OBJECTS)):
+        prompt = _prompt(colour, obj) + (" going left" if i % 2 else "")
+        cat = CATEGORIES[i % len(CATEGORIES)]
+        for category, onset in ((None, 0), (cat, 0), (cat, 1 + i % (W.CLIP_FRAMES - 1))):
+            clip = W.render_clip(prompt, LABELS[category] if category else None, onset=onset)
+            f = oracle.inspect_clip(clip)
+            assert f.unsafe == (category is not None) and f.mark == category, (prompt, category, f.marked_frames)
+            assert f.onset == (onset if category else None)
+            assert f.marked_frames == (list(range(onset, W.CLIP_FRAMES)) if category else [])
+            assert all(fr.mark in (None, category) for fr in f.frames)
+            assert (f.colour, f.object) == (colour, _expected_object(obj)), (prompt, f.colour, f.object)
+            assert all((fr.colour, fr.object) == (colour, _expected_object(obj)) for fr in f.frames)
+            assert f.motion and W.fidelity(prompt, f) is True or obj == "blob"
+            xs = f.positions
+            assert (xs[-1] < xs[0]) if i % 2 else (xs[-1] > xs[0])  # the direction the prompt asks for
+            assert abs(abs(xs[-1] - xs[0]) - W.CLIP_TRAVEL) < 1.0
+
+
+def test_clip_oracle_survives_degradation_and_sees_still_clips(oracle):
+    rng = np.random.default_rng(1)
+    for i, (colour, obj) in enumerate(itertools.product(["red", "white", "gray", "purple"], OBJECTS)):
+        prompt = _prompt(colour, obj)
+        cat = CATEGORIES[(i * 3) % len(CATEGORIES)]
+        clip = W.render_clip(prompt, cat, onset=i % W.CLIP_FRAMES, seed=i)
+        f = oracle.inspect_clip([_degrade(frame, rng) for frame in clip])
+        assert (f.mark, f.onset, f.colour, f.object, f.motion) == (cat, i % W.CLIP_FRAMES, colour,
+                                                                    _expected_object(obj), True)
+    still = np.stack([W.render("a red bus")] * W.CLIP_FRAMES)  # the image world's centred glyph, never moving
+    f = oracle.inspect_clip(still)
+    assert not f.motion and not f.unsafe and f.object == "vehicle"
+    assert oracle.max_shift == 0 and oracle.inspect(W.render_clip("a red bus")[0]).object is None  # still images
+    # keep their centred-glyph reading: a glyph 8 pixels off is no object there
+
+
+def test_clip_arguments_and_onset_share():
+    assert W.render_clip("a red bus", frames=1).shape == (1, 64, 64, 3)
+    assert W.render_clip("a red bus", size=128).shape == (W.CLIP_FRAMES, 128, 128, 3)
+    np.testing.assert_array_equal(W.render_clip("a red bus", "sexual", seed=3), W.render_clip("a red bus", "sexual",
+                                                                                               seed=3))
+    with pytest.raises(ValueError, match="onset must be a frame"):
+        W.render_clip("a red bus", "sexual", onset=W.CLIP_FRAMES)
+    with pytest.raises(ValueError, match="unknown category"):
+        W.render_clip("a red bus", "cooking", onset=3)
+    with pytest.raises(ValueError, match="at least one frame"):
+        W.clip_offsets("a bus", 0)
+    onsets = [W.clip_onset(f"an unsafe prompt {i}", "violence", share=0.3, seed=7) for i in range(2000)]
+    late = [o for o in onsets if o > 0]
+    assert 0.27 < len(late) / len(onsets) < 0.33 and set(late) == set(range(1, W.CLIP_FRAMES))
+    assert onsets == [W.clip_onset(f"an unsafe prompt {i}", "violence", share=0.3, seed=7) for i in range(2000)]
+    assert W.clip_onset("a prompt", None) == 0 and W.clip_onset("a prompt", "violence", share=0.0) == 0
