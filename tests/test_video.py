@@ -426,8 +426,7 @@ def test_cli_generate_video_writes_gifs_frames_and_report(tmp_path, capsys):
     assert "BLOCK" in out and "RANDOM" in err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--video"], "needs a text-to-video pipeline"),  # the default model makes images
+@pytest.mark.parametrize("argv,needle", [  # (with --video, the default model is the default video model)
     (["--video", "--model", "tiny-sd"], "needs a text-to-video pipeline"),
     (["--model", "tiny-cogvideox"], "add --video"),
     (["--frames", "4", "--model", "tiny-cogvideox"], "add --video"),
@@ -459,12 +458,18 @@ def test_read_prompts_reads_the_t2v_json(tmp_path):
         read_prompts(tmp_path / "bad.json")
 
 
-def test_safetydpo_refuses_a_dit_clearly():
-    from safegen.testing import tiny_cogvideox_pipeline
+def test_safetydpo_refuses_a_unet_lora_on_a_video_dit_clearly(tmp_path):
+    """SafetyDPO fuses transformer LoRAs on CogVideoX (tests/test_safetydpo.py); a UNet's LoRA is refused before
+    anything changes, naming both denoisers."""
+    from safegen.lora import _lora_modules, save_lora
+    from safegen.testing import tiny_cogvideox_pipeline, tiny_sd_pipeline
 
+    unet = tiny_sd_pipeline().unet
+    path = save_lora(tmp_path / "sd.safetensors", {n: (torch.zeros(2, m.in_features), torch.zeros(m.out_features, 2))
+                                                   for n, m in _lora_modules(unet).items()})
     pipe = tiny_cogvideox_pipeline()
-    with pytest.raises(TypeError, match="LoRAs of a UNet.*CogVideoXTransformer3DModel"):
-        safegen.protect(pipe, guards=[safegen.SafetyDPO(merged="merged.safetensors")])
+    with pytest.raises(ValueError, match="made for a pipeline's unet, and this pipeline's denoiser is its transformer"):
+        safegen.protect(pipe, guards=[safegen.SafetyDPO(merged=str(path))])
     assert not safegen.is_protected(pipe)
 
 
