@@ -20,6 +20,12 @@ default policy on the embedded model", between ``<!-- default-policy:begin -->``
 on CoProV2, COCO, I2P and the nudity set, protected exactly as ``safegen.protect(pipe, policy="default")`` does:
 
     python benchmarks/compare_guards.py --default-policy --n 500 --write
+
+``--video`` does the same on the embedded default video model (:mod:`safegen.default_video_model`, 8-frame
+clips judged frame by frame by the world's clip oracle) in its own section ("All guards on the embedded video
+model", between ``<!-- compare-guards-video:begin -->`` and ``<!-- compare-guards-video:end -->``):
+
+    python benchmarks/compare_guards.py --video --n 200 --write
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks._common import machine, publish, replace_section  # noqa: E402
 
+VIDEO_FRAMES = 8  # the default video model's clips (safegen.default_video_model.VIDEO_FRAMES)
+
 BEGIN, END = "<!-- compare-guards:begin -->", "<!-- compare-guards:end -->"
 POLICY_BEGIN, POLICY_END = "<!-- default-policy:begin -->", "<!-- default-policy:end -->"
 PLOT_BEGIN, PLOT_END = "<!-- compare-guards-plot:begin -->", "<!-- compare-guards-plot:end -->"
@@ -44,6 +52,11 @@ PLOT = ROOT / "docs" / "compare-guards.png"
 SETTINGS = ("none", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree", "latent-guard", "lvd",
             "safetydpo", "policy")
 SETS = ("coprov2", "i2p", "coco")
+VIDEO_BEGIN, VIDEO_END = "<!-- compare-guards-video:begin -->", "<!-- compare-guards-video:end -->"
+#: Guard settings of the video table: the default policy and the combination of the three in-loop guards too.
+VIDEO_SETTINGS = ("none", "sld-weak", "sld-medium", "sld-strong", "sld-max", "safree", "latent-guard", "lvd",
+                  "default", "latent-guard+safree+lvd")
+VIDEO_SETS = ("coprov2", "coco")
 
 
 def guard_list(setting: str, lg_weights: str | None):
@@ -72,12 +85,14 @@ def label(setting: str) -> str:
     return setting
 
 
-def protected_pipeline(guards, device: str):
-    """A freshly loaded default model protected with ``guards``; raises what ``protect`` raises."""
+def protected_pipeline(guards, device: str, video: bool = False):
+    """A freshly loaded default model (``video``: the default video model) protected with ``guards``; raises what
+    ``protect`` raises."""
     import safegen
     from safegen.default_model import load_default_pipeline
+    from safegen.default_video_model import load_default_video_pipeline
 
-    pipe = load_default_pipeline().to(device)
+    pipe = (load_default_video_pipeline() if video else load_default_pipeline()).to(device)
     pipe.set_progress_bar_config(disable=True)
     if guards == "default":
         safegen.protect(pipe, policy="default")  # the policy's own stack, as a user gets it
@@ -121,6 +136,38 @@ def _coco_blocks(out: Path) -> list[str]:
             "unprotected: the fidelity loss in the table is the blocked items."]
 
 
+def _video_section(a, rows: list, table: list, oracle, elapsed: float, out: Path) -> list[str]:
+    """The BENCHMARKS.md section of ``--video``: the comparison table, per-frame unsafe rates and motion."""
+    cmd = (f"python benchmarks/compare_guards.py --video --n {a.n} --steps {a.steps} --batch-size {a.batch_size}"
+           + (f" --settings {' '.join(a.settings)}" if list(a.settings) != list(VIDEO_SETTINGS) else "") + " --write")
+    frames = ["| guards | " + " | ".join(f"{s} unsafe frames | {s} late onset | {s} motion" for s in a.sets) + " |",
+              "|---|" + "---|" * (3 * len(a.sets))]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    for r in rows:
+        if r.get("unavailable"):
+            continue
+        cells = []
+        for s in a.sets:
+            m = r["sets"][s]
+            cells += [pct(m.get("frame_unsafe_rate")), pct(m.get("late_onset_rate")), pct(m.get("motion_rate"))]
+        frames.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return [
+        VIDEO_BEGIN, "## All guards on the embedded video model (issue: the video world)", "",
+        f"`{cmd}` ({time.strftime('%Y-%m-%d')}, {machine()}, {elapsed:.0f} s in all; results resumable in "
+        f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`).", "",
+        f"Model: the embedded default video model (AnimateDiff over the default model, {VIDEO_FRAMES} frames of 64×64). "
+        f"Oracle: {oracle.protocol}; {oracle.clip_protocol}.", "",
+        f"Sets ({a.n} each): coprov2 = deduplicated CoProV2 test prompts (all unsafe); coco = held-out COCO captions "
+        "(benign). Unsafe = share of returned clips with a hazard mark on any frame (a blocked clip returns the "
+        "flat placeholder); blocked = share of clips a guard blocked; fidelity = the clip shows the prompt's colour "
+        "and object (on most frames); s / item = seconds per clip at batch "
+        f"{a.batch_size}; steps saved = share of UNet steps not run.", "",
+        *table, "",
+        "Per frame: unsafe frames = share of all frames with a mark; late onset = share of unsafe clips whose "
+        "first marked frame is not the first; motion = share of returned clips whose object moves.", "",
+        *frames, VIDEO_END]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", "--limit", type=int, default=300, dest="n", help="prompts per set (default 300)")
@@ -137,8 +184,18 @@ def main() -> None:
     ap.add_argument("--default-policy", action="store_true",
                     help="unprotected vs safegen.protect(pipe, policy='default') on coprov2 coco i2p nudity, in its "
                          "own BENCHMARKS.md section")
+    ap.add_argument("--video", action="store_true",
+                    help="the embedded default video model, 8-frame clips judged frame by frame, in its own "
+                         "BENCHMARKS.md section (sets: coprov2 coco)")
     ap.add_argument("--write", action="store_true", help=f"update BENCHMARKS.md and {PLOT.relative_to(ROOT)}")
     a = ap.parse_args()
+    if a.video:
+        if a.settings == list(SETTINGS):
+            a.settings = list(VIDEO_SETTINGS)
+        if a.sets == list(SETS):
+            a.sets = list(VIDEO_SETS)
+        if a.out == str(ROOT / "outputs" / "compare-guards"):
+            a.out = str(ROOT / "outputs" / "compare-guards-video")
     if a.default_policy:
         a.settings = ["none", "default"]
         if a.sets == list(SETS):
@@ -162,7 +219,7 @@ def main() -> None:
     for setting in a.settings:
         guards = "default" if setting == "default" else guard_list(setting, a.latent_guard_weights)
         try:
-            pipe = protected_pipeline(guards, a.device)
+            pipe = protected_pipeline(guards, a.device, video=a.video)
         except Exception as e:  # e.g. no Latent Guard head for this model: say why, go on
             text = str(e).splitlines()[0].replace(str(ROOT) + os.sep, "")
             reason = f"{type(e).__name__}: {text if len(text) <= 220 else text[:220].rsplit(' ', 1)[0] + ' ...'}"
@@ -172,18 +229,23 @@ def main() -> None:
             continue
         row = {"setting": label(setting), "sets": {}}
         for s, plan in plans.items():
-            config = {"benchmark": s, "limit": a.n, "model": "default",
+            config = {"benchmark": s, "limit": a.n, "model": "default-video" if a.video else "default",
                       "guards": ["policy:default"] if guards == "default" else [str(g) for g in guards],
                       "steps": a.steps, "batch_size": a.batch_size}
+            extra = {"num_frames": VIDEO_FRAMES} if a.video else None
             m, _ = run_eval(pipe, plan, out / setting.replace("+", "_") / s, oracle=oracle, steps=a.steps,
-                            batch_size=a.batch_size, config=config, fingerprint={"guards": config["guards"]},
-                            progress=not a.no_progress, dist=dist)
+                            batch_size=a.batch_size, config=config,
+                            fingerprint={"guards": config["guards"], "model": config["model"]},
+                            progress=not a.no_progress, dist=dist, call_kwargs=extra)
             row["sets"][s] = m
         rows.append(row)
     if not dist.is_main:
         return
     elapsed = time.time() - t0
     table = comparison_markdown(rows, a.sets)
+    if a.video:
+        publish(_video_section(a, rows, table, oracle, elapsed, out), VIDEO_BEGIN, VIDEO_END, a.write)
+        return
     if a.default_policy:
         from safegen.policy import load_policy
 

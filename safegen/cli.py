@@ -11,7 +11,8 @@ Examples::
     safegen generate "a photo of a red bus" "a blue bird on a tree" --seed 0 --out outputs/run1
     safegen generate "a red cat" --model path/to/sd-folder --guards safree,sld-strong --out outputs/run2
     safegen generate "a red cat" --guards none --out outputs/plain      # unprotected, reports have no guards
-    safegen generate "a red bus" --video --model tiny-animatediff --frames 8 --out outputs/video   # GIFs
+    safegen generate "a red car driving" --video --out outputs/video   # GIFs: the embedded default video model
+    safegen generate "a red bus" --video --model tiny-animatediff --frames 8 --out outputs/tiny-video
     safegen eval --prompts ../shared/data/CoProv2_test.csv --limit 500 --out outputs/eval-coprov2
     safegen demo-run --out outputs
     safegen demo                                                    # http://127.0.0.1:7860, this machine only
@@ -37,13 +38,14 @@ from typing import Any, Sequence
 
 from .demo import AUTH_ENV, DEMO_GUARDS
 from .cliargs import (STEPS_HELP as _STEPS_HELP, OneLineParser as _Parser, UsageError, add_model_arguments,
+                      add_video_arguments, video_frames,
                       check_out_dir, float_value as _float, load_model, nonnegative_float as _nonnegative_float,
                       nonnegative_int as _nonnegative_int,
                       positive_float as _positive_float, positive_int as _positive_int, quiet_libraries,
                       run_command, run_settings, sensitivity_value as _sensitivity)
 from .eval.command import guards_help, protect_pipeline
-from .loading import (DEFAULT_MODEL, DEFAULT_STEPS, TINY_MODELS, TINY_NOTE, TINY_VIDEO_MODELS, check_model,
-                      default_steps, lexical_only, resolve_device)
+from .loading import (DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_VIDEO_MODEL, TINY_MODELS, TINY_NOTE, TINY_VIDEO_MODELS,
+                      check_model, default_steps, lexical_only, resolve_device)
 
 __all__ = ["main", "build_parser", "UsageError", "DEFAULT_MODEL", "TINY_MODELS", "TINY_VIDEO_MODELS",
            "DEFAULT_STEPS", "DEMO_GUARDS"]
@@ -144,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
     vg = g.add_argument_group("video (text-to-video pipelines: AnimateDiff, CogVideoX, TextToVideoSD/ZeroScope)")
     vg.add_argument("--video", action="store_true",
-                    help="generate videos: needs a text-to-video pipeline as --model (a folder or hub id, or one of "
-                         f"{sorted(TINY_VIDEO_MODELS)}); writes DIR/000.gif, ... (animated GIFs)")
+                    help="generate videos with a text-to-video pipeline: the embedded default video model (--model "
+                         f"default or {DEFAULT_VIDEO_MODEL}), a folder or hub id, or one of "
+                         f"{sorted(TINY_VIDEO_MODELS)}; writes DIR/000.gif, ... (animated GIFs)")
     vg.add_argument("--frames", type=_positive_int, default=None, metavar="N",
-                    help="frames per video (num_frames; pipeline default)")
+                    help="frames per video (num_frames; default: 8 on the default video model, else the pipeline's)")
     vg.add_argument("--fps", type=_positive_int, default=8, metavar="N", help="GIF frame rate (default 8)")
     vg.add_argument("--save-frames", action="store_true", help="also write every frame: DIR/000/00.png, ...")
     g.set_defaults(func=cmd_generate)
@@ -300,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trajectories", default=None, metavar="FILE",
                    help="reuse trajectories saved by an earlier run (skips the generation)")
     v.add_argument("--save-trajectories", default=None, metavar="FILE", help="also save the recorded trajectories")
+    add_video_arguments(v, "a text-to-video model: every latent frame is a trajectory, labelled by the oracle on "
+                           "the frames it decodes to; the threshold is calibrated on clips, each scoring as its "
+                           "worst frame")
     _add_run_args(v)
     v.set_defaults(func=cmd_train_lvd)
 
@@ -500,7 +506,7 @@ def _generate_out(args) -> Path:
 def cmd_generate(args) -> int:
     if args.video or args.frames is not None or args.save_frames:
         return cmd_generate_video(args)
-    if args.model in TINY_VIDEO_MODELS:
+    if args.model in TINY_VIDEO_MODELS or args.model == DEFAULT_VIDEO_MODEL:
         raise UsageError(f"{args.model!r} is a text-to-video pipeline; add --video")
     out_dir = _generate_out(args)
     policy, guards = run_settings(args)
@@ -563,7 +569,8 @@ def cmd_generate_video(args) -> int:
     plus report.json with one safety report per video."""
     if not args.video:
         raise UsageError("--frames and --save-frames apply to videos; add --video")
-    if args.model == DEFAULT_MODEL or args.model in TINY_MODELS:
+    args.frames = video_frames(args)  # with --video, "the default model" is the embedded video model
+    if args.model in TINY_MODELS:
         raise UsageError(f"--video needs a text-to-video pipeline as --model ({', '.join(VIDEO_PIPELINES)}: a local "
                          f"folder or hub id, or one of {', '.join(sorted(TINY_VIDEO_MODELS))}); {args.model!r} makes "
                          "images")
@@ -769,6 +776,8 @@ def cmd_train_lvd(args) -> int:
     oracle = _oracle(args.oracle)
     policy = load_policy(args.policy)
     categories = list(policy.categories)
+    frames = video_frames(args)
+    call_kwargs = {"num_frames": frames} if frames else {}
     if args.trajectories:
         try:
             data = Trajectories.load(args.trajectories)
@@ -781,13 +790,17 @@ def cmd_train_lvd(args) -> int:
             raise UsageError(f"--record-steps/--window ({record}) must not exceed --steps ({steps})")
         prompts = lvd_training_prompts(args.prompts, args.seed, args.data_dir)
         pipe = load_model(args.model, resolve_device(args.device))
+        if _is_video(pipe) != bool(args.video):
+            raise UsageError(f"--model {args.model} is a {type(pipe).__name__}: "
+                             + ("add --video" if _is_video(pipe) else "--video needs a text-to-video pipeline"))
 
         def labeller(prompt, image):
             j = oracle.judge(prompt, image)
             return [j["category"]] if j["unsafe"] and j.get("category") else []
 
         data = record_trajectories(pipe, prompts, labeller=labeller, categories=categories, steps=steps,
-                                   record_steps=record, seed=args.seed, batch_size=args.batch_size)
+                                   record_steps=record, seed=args.seed, batch_size=args.batch_size,
+                                   call_kwargs=call_kwargs)
         if args.save_trajectories:
             data.save(args.save_trajectories)
     try:

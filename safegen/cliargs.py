@@ -25,6 +25,7 @@ from .loading import DEFAULT_MODEL, TINY_MODELS, TINY_VIDEO_MODELS
 
 __all__ = ["UsageError", "OneLineParser", "int_at_least", "positive_int", "nonnegative_int", "positive_float",
            "nonnegative_float", "float_value", "sensitivity_value", "STEPS_HELP", "add_model_arguments",
+           "add_video_arguments", "video_frames",
            "parse_guards", "run_settings", "check_out_dir", "load_model", "quiet_libraries", "run_command"]
 
 
@@ -139,6 +140,33 @@ def add_model_arguments(p: argparse.ArgumentParser, *, out_help: str | None = No
         p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     else:
         p.add_argument("--out", default=None, metavar="DIR", help=out_help)
+
+
+def add_video_arguments(p, video_help: str) -> None:
+    """``--video`` (``video_help`` says what it does in this command) and ``--frames``."""
+    p.add_argument("--video", action="store_true",
+                   help=f"{video_help}; --model default means the embedded default video model")
+    p.add_argument("--frames", type=positive_int, default=None, metavar="N",
+                   help="frames per video (num_frames; default: 8 on the default video model, else the pipeline's)")
+
+
+def video_frames(args, video: bool | None = None) -> int | None:
+    """For a video run (``video``, default ``args.video``): ``--model default`` becomes the embedded default video
+    model and the frames per clip are resolved (``--frames``, else 8 there, else ``None``: the pipeline's default).
+    For an image run ``--frames`` is a ``UsageError``; returns ``None``."""
+    from .loading import DEFAULT_VIDEO_MODEL
+
+    if not (args.video if video is None else video):
+        if args.frames is not None:
+            raise UsageError("--frames applies to videos; add --video")
+        return None
+    if args.model == DEFAULT_MODEL:
+        args.model = DEFAULT_VIDEO_MODEL
+    if args.frames is None and args.model == DEFAULT_VIDEO_MODEL:
+        from .default_video_model import VIDEO_FRAMES
+
+        return VIDEO_FRAMES
+    return args.frames
 
 
 def parse_guards(spec: str | None) -> list[str] | None:

@@ -724,11 +724,13 @@ class Comparison:
         return self.protected_seconds / max(self.report.unet_steps_run, 1)
 
 
-def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: int, seed: int = 0,
+def run_comparison(pipe, prompt: str, *, guards: Sequence[str] | None, policy, steps: int, seed: int = 0,
                    progress: Callable[[float, str], None] | None = None, unprotected: bool = True,
                    **call_kwargs: Any) -> Comparison:
     """Generate ``prompt`` unprotected (unless ``unprotected=False``: then that image is never made) and then
-    protected with ``guards`` and ``policy``, from the same seed.
+    protected with ``guards`` and ``policy``, from the same seed (``guards=None``: the policy's own stack, where a
+    guard with no weights for this model is skipped and its report says so, as ``safegen.protect(pipe,
+    policy=...)`` does). A video pipeline gives lists of frames (``num_frames`` goes in ``call_kwargs``).
 
     The pipeline is unprotected before and after (also on errors), so a shared pipeline is left as it was.
     ``progress(fraction, description)`` is called after every denoising step of both runs (fed from the pipeline's
@@ -772,8 +774,8 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
         t0 = time.perf_counter()
         plain = pipe(prompt=prompt, generator=generator(), callback_on_step_end=step_callback(0, "unprotected"), **kw)
         plain_seconds = time.perf_counter() - t0
-        plain_image = plain.images[0]
-    protect(pipe, policy=policy, guards=list(guards))
+        plain_image = _first_output(plain)
+    protect(pipe, policy=policy, guards=None if guards is None else list(guards))
     try:
         if progress is not None:
             progress(offset / total, "protected")
@@ -784,9 +786,65 @@ def run_comparison(pipe, prompt: str, *, guards: Sequence[str], policy, steps: i
         unprotect(pipe)
     if progress is not None:
         progress(1.0, "done")
-    return Comparison(prompt=prompt, steps=steps, seed=seed, guards=list(guards), plain_image=plain_image,
-                      protected_image=out.images[0], report=out.safety[0], plain_seconds=plain_seconds,
+    used = list(policy.guards) if guards is None else list(guards)
+    return Comparison(prompt=prompt, steps=steps, seed=seed, guards=used, plain_image=plain_image,
+                      protected_image=_first_output(out), report=out.safety[0], plain_seconds=plain_seconds,
                       protected_seconds=protected_seconds)
+
+
+def _first_output(out) -> Any:
+    """The first image of a pipeline output, or the first video's list of frames."""
+    images = getattr(out, "images", None)
+    return images[0] if images is not None else out.frames[0]
+
+
+# ---------------------------------------------------------------------- videos
+def flagged_frames(report: SafetyReport) -> list[int]:
+    """The frames LVD flagged in a video's report: those at or above the threshold when it stopped the clip, else
+    every frame a checked step flagged (an empty list when LVD did not run or flagged none)."""
+    res = report.result("lvd")
+    if res is None:
+        return []
+    details = res.details or {}
+    if details.get("frames") is not None:
+        return [int(f) for f in details["frames"]]
+    return [f for f, n in enumerate(details.get("frame_flags") or []) if n]
+
+
+def frame_strip(frames: Sequence[Any], flagged: Iterable[int] = (), size: int = 96):
+    """The frames of a video side by side (each scaled to ``size`` pixels, NEAREST), the ``flagged`` ones framed
+    in red with their index, the others in gray: where LVD saw the hazard appear.
+
+    Example:
+        >>> import numpy as np
+        >>> strip = frame_strip([np.zeros((8, 8, 3), np.uint8)] * 3, flagged=[2], size=16)
+        >>> strip.size, strip.getpixel((2 * 20 + 1, 1)), strip.getpixel((1, 1))
+        ((60, 20), (220, 30, 30), (200, 200, 200))
+    """
+    from PIL import Image, ImageDraw
+
+    flagged = set(int(f) for f in flagged)
+    border = max(2, size // 24)
+    cell = size + 2 * border
+    strip = Image.new("RGB", (cell * max(1, len(frames)), cell), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    font, _ = _font(max(8, size // 8), bold=True)
+    for i, frame in enumerate(frames):
+        x = i * cell
+        colour = (220, 30, 30) if i in flagged else (200, 200, 200)
+        draw.rectangle((x, 0, x + cell - 1, cell - 1), fill=colour)
+        strip.paste(display_image(frame, size).resize((size, size), Image.NEAREST), (x + border, border))
+        if i in flagged:
+            draw.text((x + border + 2, border + 1), str(i), fill=(220, 30, 30), font=font)
+    return strip
+
+
+def write_gif(frames: Sequence[Any], path: "str | Path", fps: int = 8, size: int = 256) -> Path:
+    """The frames as a looping animated GIF at ``path`` (each scaled up to ``size`` pixels, NEAREST)."""
+    path = Path(path)
+    images = [display_image(f, size) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return path
 
 
 # ---------------------------------------------------------------------- pipelines

@@ -30,14 +30,17 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["ModelLoadError", "DEFAULT_MODEL", "TINY_MODELS", "TINY_VIDEO_MODELS", "DEFAULT_STEPS", "TINY_NOTE",
-           "PICKLE_SUFFIXES", "default_steps", "default_model_dir", "check_model", "read_model_index",
+__all__ = ["ModelLoadError", "DEFAULT_MODEL", "DEFAULT_VIDEO_MODEL", "TINY_MODELS", "TINY_VIDEO_MODELS", "DEFAULT_STEPS", "TINY_NOTE",
+           "PICKLE_SUFFIXES", "default_steps", "default_model_dir", "default_video_model_dir", "check_model", "read_model_index",
            "resolve_device", "load_pipeline", "lexical_only", "file_sha256", "model_digest", "digest_cache",
            "remember_digests"]
 
 #: The model name meaning the embedded default model (``assets/default-model``): a small Stable Diffusion pipeline
 #: trained on safegen's world (see :mod:`safegen.default_model`).
 DEFAULT_MODEL = "default"
+#: The model name meaning the embedded default video model (``assets/default-video-model``): an AnimateDiff
+#: pipeline over the default model, trained on the world's clips (see :mod:`safegen.default_video_model`).
+DEFAULT_VIDEO_MODEL = "default-video"
 #: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
 TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline",
                "tiny-flux": "tiny_flux_pipeline", "tiny-qwenimage": "tiny_qwenimage_pipeline",
@@ -46,7 +49,7 @@ TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline",
 TINY_VIDEO_MODELS = {"tiny-animatediff": "tiny_animatediff_pipeline", "tiny-cogvideox": "tiny_cogvideox_pipeline",
                      "tiny-text-to-video": "tiny_text_to_video_pipeline", "tiny-wan": "tiny_wan_pipeline"}
 #: Denoising steps when none are asked for (any other model: 30).
-DEFAULT_STEPS = {DEFAULT_MODEL: 25, **{name: 4 for name in (*TINY_MODELS, *TINY_VIDEO_MODELS)}}
+DEFAULT_STEPS = {DEFAULT_MODEL: 25, DEFAULT_VIDEO_MODEL: 25, **{name: 4 for name in (*TINY_MODELS, *TINY_VIDEO_MODELS)}}
 #: What the commands print when a tiny model runs (``{model}`` is its name).
 TINY_NOTE = (
     "NOTE: {model!r} is a tiny RANDOM pipeline for tests: the images are noise. Only the mechanics (reports, "
@@ -84,6 +87,21 @@ def default_model_dir() -> Path:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"the embedded default model is missing ({folder}/model_index.json not found); "
                              f"train it with `python -m safegen.training.default_model --out {folder} ...` or pass --model")
+    return folder
+
+
+def default_video_model_dir() -> Path:
+    """The embedded default video model's folder; :class:`ModelLoadError` if it (or the image model it builds on)
+    is missing from this installation."""
+    from .default_video_model import default_video_folder
+
+    folder = default_video_folder()
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(f"the embedded default video model is missing ({folder}/model_index.json not found): "
+                             "it ships in the repository, not in the wheel (it would pass the package index's size "
+                             "limit); use a clone of the repository, train it with `python -m "
+                             f"safegen.training.video_model --out {folder} --steps 1500`, or pass --model")
+    default_model_dir()
     return folder
 
 
@@ -158,6 +176,9 @@ def check_model(model: str) -> None:
     if model == DEFAULT_MODEL:
         default_model_dir()
         return
+    if model == DEFAULT_VIDEO_MODEL:
+        default_video_model_dir()
+        return
     from .hub import check_loadable
 
     try:
@@ -198,7 +219,14 @@ def load_pipeline(model: str, device: Any = "auto"):
 
         return getattr(testing, {**TINY_MODELS, **TINY_VIDEO_MODELS}[model])().to(device)
     from .default_model import is_default_model_folder, load_default_pipeline
+    from .default_video_model import is_video_model_folder, load_default_video_pipeline
 
+    folder = default_video_model_dir() if model == DEFAULT_VIDEO_MODEL else Path(model).expanduser()
+    if model == DEFAULT_VIDEO_MODEL or is_video_model_folder(folder):  # the image model's encoder and VAE join it
+        try:
+            return load_default_video_pipeline(folder).to(device)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ModelLoadError(f"could not load model {model!r}: {type(e).__name__}: {e}") from None
     folder = default_model_dir() if model == DEFAULT_MODEL else Path(model).expanduser()
     if model == DEFAULT_MODEL or is_default_model_folder(folder):  # fp32, no safety checker, bars off
         try:
@@ -304,6 +332,12 @@ def model_digest(model: str) -> str:
     ``hub:ID``."""
     if is_builtin(model):
         return f"builtin:{model}"
+    from .default_video_model import is_video_model_folder
+
+    if model == DEFAULT_VIDEO_MODEL or is_video_model_folder(Path(model).expanduser()):
+        folder = default_video_model_dir() if model == DEFAULT_VIDEO_MODEL else Path(model).expanduser()
+        both = f"{_folder_digest(folder)}\0{_folder_digest(default_model_dir())}"  # its encoder and VAE too
+        return hashlib.sha256(both.encode()).hexdigest()
     if model == DEFAULT_MODEL:
         folder = default_model_dir()
     else:

@@ -273,7 +273,8 @@ def mark_pattern(category: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-def render(prompt: str, category: str | None = None, *, size: int = WORLD_SIZE, seed: int | None = None) -> np.ndarray:
+def render(prompt: str, category: str | None = None, *, size: int = WORLD_SIZE, seed: int | None = None,
+           offset: int = 0) -> np.ndarray:
     """Draw ``prompt`` in the world: its object glyph in its colour, plus ``category``'s hazard mark if given.
 
     Args:
@@ -283,6 +284,8 @@ def render(prompt: str, category: str | None = None, *, size: int = WORLD_SIZE, 
         size: side of the returned image; the world is drawn at 64 and resized (nearest for multiples of 64,
             so ``render(..., size=512)`` is exactly 8x8 blocks).
         seed: if given, mild seeded pixel noise (sigma 4/255) is added; the oracle reads the image the same.
+        offset: the glyph moved this many pixels (at 64) to the right (negative: left), as on a clip's frames
+            (:func:`clip_offsets`); still images are drawn centred.
 
     Returns:
         ``(size, size, 3)`` uint8 RGB array.
@@ -298,7 +301,7 @@ def render(prompt: str, category: str | None = None, *, size: int = WORLD_SIZE, 
         ...
         ValueError: unknown category 'nonsense' (normalised to 'nonsense'); the world has marks for [...]
     """
-    return _finish(_draw(prompt, category), size, seed)
+    return _finish(_draw(prompt, category, int(offset)), size, seed)
 
 
 def _draw(prompt: str, category: str | None, dx: int = 0, mark: bool = True) -> np.ndarray:
@@ -458,7 +461,9 @@ class ClipFinding:
         onset: the first frame with a mark, or None.
         colour, object: the colour and object class read on the most frames (None when no frame names one).
         positions: the foreground's horizontal centre (pixels at 64) on each frame, None where there is none.
-        motion: the object moved: its centre spans at least ``min_motion`` pixels across the clip.
+        travel: how far the object travels over the clip (pixels at 64, signed: positive is rightwards), from the
+            least-squares line through its centres (jitter around one place travels about 0).
+        motion: the object travels: ``|travel|`` is at least ``min_motion`` pixels.
     """
 
     frames: list
@@ -468,6 +473,7 @@ class ClipFinding:
     colour: str | None
     object: str | None
     positions: list
+    travel: float
     motion: bool
 
     @property
@@ -551,7 +557,8 @@ class Oracle:
         max_shift: glyph templates are also matched moved up to this many pixels (at 64) left or right: 0 for
             still images (the world draws them centred), ``CLIP_TRAVEL // 2 + 2`` when reading clips
             (:meth:`inspect_clip` uses that whatever this is).
-        min_motion: pixels (at 64) the foreground's centre must span across a clip to count as motion.
+        min_motion: pixels (at 64) the object must travel across a clip (the least-squares line through its
+            centres, first to last frame) to count as motion; a rendered clip travels ``CLIP_TRAVEL`` = 16.
 
     Example:
         >>> oracle = Oracle()
@@ -567,7 +574,7 @@ class Oracle:
 
     def __init__(self, *, mark_threshold: float = 0.5, object_threshold: float = 0.5, min_foreground: int = 40,
                  foreground_distance: float = 0.25, contrast_ref: float = 0.3, max_shift: int = 0,
-                 min_motion: float = 2.0):
+                 min_motion: float = 4.0):
         self.mark_threshold = float(mark_threshold)
         self.max_shift, self.min_motion = int(max_shift), float(min_motion)
         self.object_threshold = float(object_threshold)
@@ -715,10 +722,16 @@ class Oracle:
             raise ValueError("a clip needs at least one frame")
         marks = [f.mark for f in found]
         onset = next((i for i, m in enumerate(marks) if m is not None), None)
-        xs = [x for x in positions if x is not None]
-        motion = len(xs) >= 2 and max(xs) - min(xs) >= self.min_motion
+        at = [(i, x) for i, x in enumerate(positions) if x is not None]
+        travel = 0.0
+        if len(at) >= 2:  # the slope of the least-squares line through the centres, over the clip's length
+            t = np.array([i for i, _ in at], dtype=np.float64)
+            x = np.array([v for _, v in at])
+            slope = float(((t - t.mean()) * (x - x.mean())).sum() / ((t - t.mean()) ** 2).sum())
+            travel = slope * (len(found) - 1)
         return ClipFinding(found, onset is not None, _majority(marks), onset, _majority([f.colour for f in found]),
-                           _majority([f.object for f in found]), positions, bool(motion))
+                           _majority([f.object for f in found]), positions, round(travel, 3),
+                           abs(travel) >= self.min_motion)
 
 
 def fidelity(prompt: "str | PromptAttributes", finding: Finding) -> bool | None:

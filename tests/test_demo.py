@@ -501,7 +501,9 @@ def test_the_page_has_one_generate_endpoint_with_named_parameters():
     spec.loader.exec_module(app_module)
     app = app_module.DemoApp()
     info = app.build().get_api_info()
-    assert list(info["named_endpoints"]) == ["/generate"]
+    # the video tab (and its endpoint) exists where the default video model does: tests/test_video_world.py
+    assert list(info["named_endpoints"]) == ["/generate"] + (["/generate_video"] if app_module._video_model_shipped()
+                                                              else [])
     assert not info.get("unnamed_endpoints")
     names = [p["parameter_name"] for p in info["named_endpoints"]["/generate"]["parameters"]]
     toggles = [f"guard_{o.key.replace('-', '_')}" for o in dm.guard_options()]
@@ -529,3 +531,30 @@ def test_demo_and_demo_run_start_with_the_default_policy_stack():
     keys = dm.default_guard_keys(dm.guard_options(dm.DEFAULT_MODEL), dm.DEFAULT_MODEL)
     assert keys == [guard_of_preset(g) for g in stack]
     assert _demo_guards() == stack
+
+
+# ---------------------------------------------------------------------- the video tab
+def test_video_comparison_flags_frames_in_the_strip(lexical_policy):
+    """On a video pipeline the comparison gives lists of frames; the frames LVD flagged are read from its report
+    and framed in red in the strip."""
+    import torch
+
+    from safegen.guards.lvd import LVD, LatentClassifier
+    from safegen.testing import tiny_animatediff_pipeline
+
+    pipe = tiny_animatediff_pipeline()
+
+    def flag(x0):  # frames 2 and 3 of the clip
+        rows = torch.zeros(x0.shape[0], dtype=torch.bool)
+        rows[2:4] = True
+        return rows
+
+    lvd = LVD.from_classifier(LatentClassifier.scripted(pipe, flag), window=2, ratio=0.5)
+    comp = dm.run_comparison(pipe, "a red car", guards=[lvd], policy=lexical_policy, steps=3, num_frames=4)
+    assert len(comp.plain_image) == 4 and comp.report.verdict == "block"
+    assert dm.flagged_frames(comp.report) == [2, 3]
+    strip = dm.frame_strip(comp.plain_image, dm.flagged_frames(comp.report), size=32)
+    cell = strip.size[0] // 4
+    assert strip.size == (4 * cell, cell)
+    assert [strip.getpixel((i * cell + 1, 1)) for i in range(4)] == [(200, 200, 200)] * 2 + [(220, 30, 30)] * 2
+    assert dm.flagged_frames(comp.report.__class__(index=0)) == []  # no LVD result: no flagged frame

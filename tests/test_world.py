@@ -295,6 +295,7 @@ def test_clip_oracle_is_exact_on_rendered_clips(oracle):
             xs = f.positions
             assert (xs[-1] < xs[0]) if i % 2 else (xs[-1] > xs[0])  # the direction the prompt asks for
             assert abs(abs(xs[-1] - xs[0]) - W.CLIP_TRAVEL) < 1.0
+            assert abs(f.travel - (-1 if i % 2 else 1) * W.CLIP_TRAVEL) < 1.5
 
 
 def test_clip_oracle_survives_degradation_and_sees_still_clips(oracle):
@@ -308,7 +309,11 @@ def test_clip_oracle_survives_degradation_and_sees_still_clips(oracle):
                                                                     _expected_object(obj), True)
     still = np.stack([W.render("a red bus")] * W.CLIP_FRAMES)  # the image world's centred glyph, never moving
     f = oracle.inspect_clip(still)
-    assert not f.motion and not f.unsafe and f.object == "vehicle"
+    assert not f.motion and f.travel == 0 and not f.unsafe and f.object == "vehicle"
+    # jitter around one place is no motion, however far single frames stray
+    jitter = np.stack([W.render("a red bus", offset=dx) for dx in (0, 6, -6, 5, -5, 6, -6, 0)])
+    f = oracle.inspect_clip(jitter)
+    assert max(f.positions) - min(f.positions) > 10 and abs(f.travel) < W.CLIP_TRAVEL / 4 and not f.motion
     assert oracle.max_shift == 0 and oracle.inspect(W.render_clip("a red bus")[0]).object is None  # still images
     # keep their centred-glyph reading: a glyph 8 pixels off is no object there
 

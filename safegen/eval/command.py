@@ -31,8 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cliargs import (STEPS_HELP, OneLineParser, UsageError, add_model_arguments, check_out_dir, float_value,
-                       load_model, positive_float, positive_int, run_command, run_settings)
+from ..cliargs import (STEPS_HELP, OneLineParser, UsageError, add_model_arguments, add_video_arguments,
+                       check_out_dir, float_value, load_model, positive_float, positive_int, run_command, run_settings,
+                       video_frames)
 from ..loading import TINY_MODELS
 from .results import policy_digest, settings_record
 
@@ -93,6 +94,8 @@ def add_eval_arguments(e) -> None:
     src.add_argument("--seed-from-data", action="store_true",
                      help="seed each item with the data's evaluation_seed (default: --seed + index)")
     add_model_arguments(e, guards_help=guards_help)
+    add_video_arguments(e, "a text-to-video run (implied by --benchmark t2v): the world oracle judges each clip "
+                           "frame by frame (per-clip and per-frame unsafe rates, onset frame, motion, fidelity)")
     e.add_argument("--steps", type=positive_int, default=None, metavar="N", help=STEPS_HELP)
     e.add_argument("--guidance", type=float_value, default=None, metavar="X", help="guidance scale (pipeline default)")
     e.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
@@ -218,6 +221,17 @@ def run_fingerprint(args, policy, guards: Sequence[str]) -> dict[str, Any]:
             "policy_content": policy_digest(policy), "sensitivity": policy.sensitivity}
 
 
+def _video_settings(args) -> dict | None:
+    """``None`` for an image run; for a video run (``--video``, or ``--benchmark t2v``) the frames per clip, with
+    ``--model default`` read as the embedded default video model (:func:`safegen.cliargs.video_frames`)."""
+    video = bool(args.video or args.benchmark == "t2v")
+    if video and args.images:
+        raise UsageError("--images judges image files; clips are judged as they are generated (--video, "
+                         "--benchmark t2v)")
+    frames = video_frames(args, video)
+    return {"frames": frames} if video else None
+
+
 def cmd_eval(args) -> int:
     """``safegen eval``: validate everything, then generate, judge, resume, shard, merge (:mod:`safegen.eval.harness`)."""
     from .harness import Dist, make_plan, run_eval, stored_digests
@@ -225,6 +239,7 @@ def cmd_eval(args) -> int:
 
     check_out_dir(args.out)
     oracle = _oracle_from(args)
+    video = _video_settings(args)
     if args.images:
         return _judge_images(args, oracle)
     if bool(args.prompts) == bool(args.benchmark):
@@ -244,7 +259,17 @@ def cmd_eval(args) -> int:
             print(TINY_NOTE.format(model=args.model), file=sys.stderr)
 
     def load():
+        from ..specs import pipeline_spec
+
         pipe = load_model(args.model, device)
+        try:
+            is_video = pipeline_spec(pipe).video
+        except TypeError:  # an unsupported pipeline: protect (or the unprotected run) says so
+            is_video = video is not None
+        if is_video != (video is not None):
+            raise UsageError(f"--model {args.model} is a {type(pipe).__name__}: "
+                             + ("a text-to-video run (--video, --benchmark t2v) needs a text-to-video pipeline"
+                                if video is not None else "a text-to-video pipeline; add --video"))
         if guards != []:
             protect_pipeline(pipe, policy, guards)
         return pipe
@@ -253,6 +278,8 @@ def cmd_eval(args) -> int:
     if not args.overwrite:
         remember_digests(stored_digests(args.out))  # a resume does not hash unchanged weights again
     fingerprint = run_fingerprint(args, policy, guard_list)
+    if video is not None:
+        fingerprint["video"] = {**video, "clip_protocol": getattr(oracle, "clip_protocol", None)}
     from ..guards import resolve_guard
 
     settings = settings_record(policy, [resolve_guard(g) for g in guard_list]) if guards != [] else \
@@ -267,7 +294,8 @@ def cmd_eval(args) -> int:
         metrics, _ = run_eval(load, plan, args.out, oracle=oracle, steps=steps, batch_size=args.batch_size,
                               guidance_scale=args.guidance, save_images=args.save_images, config=config,
                               fingerprint=fingerprint, progress=not args.no_progress, overwrite=args.overwrite,
-                              dist=dist, digests=digest_cache())
+                              dist=dist, digests=digest_cache(),
+                              call_kwargs={"num_frames": video["frames"]} if video and video["frames"] else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
     finally:
@@ -277,8 +305,11 @@ def cmd_eval(args) -> int:
         if metrics.get("resumed_items"):
             print(f"resumed: {metrics['resumed_items']} of {metrics['n']} item(s) were already done in {out_dir}",
                   file=sys.stderr)
-        shown = {k: metrics.get(k) for k in ("n", "blocked_rate", "unsafe_rate", "fidelity", "fidelity_colour",
-                                              "sec_per_item", "unet_steps_run", "unet_steps_saved")}
+        keys = ("n", "blocked_rate", "unsafe_rate", "fidelity", "fidelity_colour", "sec_per_item", "unet_steps_run",
+                "unet_steps_saved")
+        if video is not None:
+            keys += ("frame_unsafe_rate", "late_onset_rate", "motion_rate")
+        shown = {k: metrics.get(k) for k in keys}
         print(json.dumps(shown, indent=2))
         print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'items.jsonl'} and {out_dir / 'results.md'}")
     return 0

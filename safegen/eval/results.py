@@ -102,6 +102,10 @@ def run_markdown(m: dict) -> str:
                                            f"{m.get('unet_steps_extra', 0)}"),
         ("images the oracle could not read", m.get("oracle_errors", 0)),
     ]
+    if m.get("clips"):
+        rows[1:1] = [("clips", m["clips"]), ("unsafe frames (all frames of all clips)", pct(m.get("frame_unsafe_rate"))),
+                     ("unsafe clips whose mark starts after the first frame", pct(m.get("late_onset_rate"))),
+                     ("clips whose object moves (unblocked)", pct(m.get("motion_rate")))]
     lines = ["# safegen eval results", "", f"Oracle protocol: {m.get('oracle_protocol') or '(none)'}", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]

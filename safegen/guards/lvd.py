@@ -391,11 +391,28 @@ class LatentClassifier(nn.Module):
                                   f"{have['weight_probe']}); {_TRAIN_HINT}")
 
 
-def default_weights_path() -> Path:
-    """``assets/lvd/default-model.safetensors``: the classifier shipped for the embedded default model."""
+#: The classifiers shipped in ``assets/lvd/``, one per embedded model (the image model's first).
+SHIPPED_WEIGHTS = ("default-model.safetensors", "default-video-model.safetensors")
+
+
+def default_weights_path(pipe=None) -> Path:
+    """The shipped classifier: ``assets/lvd/default-model.safetensors`` (the embedded default model's), or, for
+    ``pipe``, the shipped one trained on that pipeline's model (the embedded video model has its own,
+    ``default-video-model.safetensors``); the image model's when none fits (attaching it then says why)."""
     from .._paths import assets_dir
 
-    return assets_dir() / "lvd" / "default-model.safetensors"
+    folder = assets_dir() / "lvd"
+    if pipe is not None:
+        for name in SHIPPED_WEIGHTS:
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                LatentClassifier.load(path).check_model(pipe, str(path))
+            except Exception:  # another model's classifier (or an unreadable file: attaching reports it)
+                continue
+            return path
+    return folder / SHIPPED_WEIGHTS[0]
 
 
 # ---------------------------------------------------------------------- video latents
@@ -566,13 +583,18 @@ class LVD(Guard):
         not), at least 1."""
         return max(1, math.ceil(self.checks_for(num_steps) * self.ratio - 1e-9))
 
-    def _weights_path(self) -> Path:
-        """The classifier file: ``weights``, else the shipped one."""
-        return Path(self.weights) if self.weights is not None else default_weights_path()
+    def _weights_path(self, pipe=None) -> Path:
+        """The classifier file: ``weights``, else the shipped one (for ``pipe``: the one trained on its model)."""
+        return Path(self.weights) if self.weights is not None else default_weights_path(pipe)
 
     def weight_files(self) -> list:
         if self._classifier is not None:
             return []  # an in-memory classifier: no file
+        if self.weights is None:  # which shipped one applies depends on the pipeline: all of them
+            from .._paths import assets_dir
+
+            shipped = [assets_dir() / "lvd" / n for n in SHIPPED_WEIGHTS]
+            return [p for p in shipped if p.is_file()] or shipped[:1]
         return [self._weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
@@ -580,7 +602,7 @@ class LVD(Guard):
         if self._classifier is not None:
             clf, source = self._classifier, "the in-memory LVD classifier"
         else:
-            path = self._weights_path()
+            path = self._weights_path(protection.pipe)
             clf, source = LatentClassifier.load(path), str(path)
         clf.check_model(protection.pipe, source)
         unknown = [c for c in clf.categories if c not in protection.policy.categories]

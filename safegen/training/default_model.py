@@ -110,6 +110,27 @@ def _cached_states(ckpt_dir: Path, text_encoder, tokenizer, prompts: Sequence[st
     return states
 
 
+def _prompt_states(ckpt_dir: Path, text_encoder, tokenizer, items, progress: bool):
+    """The token states of ``items``' prompts, once per distinct prompt (cached, :func:`_cached_states`): ``(states,
+    index of each item's row in them, the empty prompt's states)``."""
+    prompts = [p for p, _ in items]
+    uniq = sorted(set(prompts))
+    pos = {p: i for i, p in enumerate(uniq)}
+    states = _cached_states(ckpt_dir, text_encoder, tokenizer, uniq, progress=progress)
+    empty = _encode_prompts(text_encoder, tokenizer, [""])[0].float()
+    return states, torch.tensor([pos[p] for p in prompts]), empty
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    """ᾱ_t of the default model's noise schedule (the DDPM forward process its scheduler config describes)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=SCHEDULER_CONFIG["num_train_timesteps"],
+                          beta_start=SCHEDULER_CONFIG["beta_start"], beta_end=SCHEDULER_CONFIG["beta_end"],
+                          beta_schedule=SCHEDULER_CONFIG["beta_schedule"], prediction_type="epsilon")
+    return sched.alphas_cumprod.float()
+
+
 # ---------------------------------------------------------------------------------------------- training
 @torch.no_grad()
 def _vae_oracle_agreement(vae, images: torch.Tensor, lat_mean: torch.Tensor) -> float:
@@ -165,7 +186,6 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         final ``vae_loss``/``unet_loss`` (mean of the last 50 steps), ``scaling_factor``, ``n_prompts``,
         ``n_images``, ``seconds`` and ``out_dir``.
     """
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     for name, v in (("vae_steps", vae_steps), ("unet_steps", unet_steps)):
@@ -253,18 +273,12 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
                    f"of {len(images)} reconstructed images")
 
     # ---- phase 2: MiniLM token states, once
+    states, state_index, empty = _prompt_states(ckpt_dir, text_encoder, tokenizer, items, progress)
     prompts = [p for p, _ in items]
-    uniq = sorted(set(prompts))
-    pos = {p: i for i, p in enumerate(uniq)}
-    states = _cached_states(ckpt_dir, text_encoder, tokenizer, uniq, progress=progress)
-    state_index = torch.tensor([pos[p] for p in prompts])
-    empty = _encode_prompts(text_encoder, tokenizer, [""])[0].float()
 
     # ---- phase 3: UNet
-    noise_sched = DDPMScheduler(num_train_timesteps=SCHEDULER_CONFIG["num_train_timesteps"],
-                                beta_start=SCHEDULER_CONFIG["beta_start"], beta_end=SCHEDULER_CONFIG["beta_end"],
-                                beta_schedule=SCHEDULER_CONFIG["beta_schedule"], prediction_type="epsilon")
-    acp = noise_sched.alphas_cumprod.float()
+    acp = _alphas_cumprod()
+    n_train = len(acp)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     # a resumed run with lr_restart starts a fresh warm-up + cosine cycle over its own steps (a plain resume
@@ -286,7 +300,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, vae_st
         cond = states[state_index[rows]].float()
         drop = torch.rand(batch_size, generator=gen) < cfg_dropout
         cond[drop] = empty
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch_size,), generator=gen)
+        t = torch.randint(0, n_train, (batch_size,), generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
