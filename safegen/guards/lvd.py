@@ -593,8 +593,8 @@ class LVD(Guard):
         if self.weights is None:  # which shipped one applies depends on the pipeline: all of them
             from .._paths import assets_dir
 
-            shipped = [assets_dir() / "lvd" / n for n in SHIPPED_WEIGHTS]
-            return [p for p in shipped if p.is_file()] or shipped[:1]
+            others = [assets_dir() / "lvd" / n for n in SHIPPED_WEIGHTS[1:]]
+            return [default_weights_path(), *(p for p in others if p.is_file())]
         return [self._weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
