@@ -192,7 +192,6 @@ class DemoApp:
                            title="Generation failed", print_exception=False) from None
         report = comp.report
         folder = Path(tempfile.mkdtemp(prefix="safegen-demo-video-"))
-        plain = None
         if comp.plain_image is not None:
             plain = gr.Image(value=str(sd.write_gif(comp.plain_image, folder / "unprotected.gif")),
                              label=sd.unprotected_caption(steps, comp.plain_seconds))

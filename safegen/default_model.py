@@ -178,14 +178,10 @@ def load_default_pipeline(folder: "str | Path | None" = None):
         if info.is_file():
             max_length = int(json.loads(info.read_text()).get("max_length", MAX_LENGTH))
         kwargs["text_encoder"], kwargs["tokenizer"] = minilm_components(max_length)
-    from diffusers.utils import logging as dlogging
+    from ._logs import quiet_diffusers
 
-    verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()  # silences "Expected types for text_encoder: CLIPTextModel, got BertModel"
-    try:
+    with quiet_diffusers():  # silences "Expected types for text_encoder: CLIPTextModel, got BertModel"
         pipe = StableDiffusionPipeline.from_pretrained(folder, **kwargs)
-    finally:
-        dlogging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -15,8 +15,9 @@ model's, not copied (the package stays small): pass them in, as :func:`load_defa
     from diffusers import AnimateDiffPipeline
     from safegen.default_model import load_default_pipeline
     image = load_default_pipeline()
-    pipe = AnimateDiffPipeline.from_pretrained("assets/default-video-model", text_encoder=image.text_encoder,
-                                               tokenizer=image.tokenizer, vae=image.vae)
+    pipe = AnimateDiffPipeline.from_pretrained("assets/default-video-model",  # once it ships; or a trained DIR
+                                               text_encoder=image.text_encoder, tokenizer=image.tokenizer,
+                                               vae=image.vae)
     pipe("a red car driving", num_frames=8, num_inference_steps=10, output_type="np").frames.shape  # (1, 8, 64, 64, 3)
 
 Training from the command line (seeded, resumable, a progress bar; see :mod:`safegen.training.video_model`)::
@@ -93,10 +94,11 @@ def load_default_video_pipeline(folder: "str | Path | None" = None, image_folder
     progress bars off, with the text encoder, tokenizer and VAE of the image model in ``image_folder`` (default:
     the embedded one). Safetensors only.
 
-    Example:
-        >>> pipe = load_default_video_pipeline()
-        >>> pipe("a red car driving", num_frames=8, num_inference_steps=4, output_type="np").frames.shape
-        (1, 8, 64, 64, 3)
+    Example (with a folder the trainer wrote; with none, the embedded model once it ships)::
+
+        pipe = load_default_video_pipeline("outputs/my-video-model")
+        pipe("a red car driving", num_frames=8, num_inference_steps=4, output_type="np").frames.shape
+        # (1, 8, 64, 64, 3)
     """
     from diffusers import AnimateDiffPipeline
 
@@ -107,15 +109,11 @@ def load_default_video_pipeline(folder: "str | Path | None" = None, image_folder
         raise FileNotFoundError(f"{folder}: no model_index.json and unet/; not a video model folder written by "
                                 "python -m safegen.training.video_model")
     image = load_default_pipeline(image_folder)
-    from diffusers.utils import logging as dlogging
+    from ._logs import quiet_diffusers
 
-    verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()
-    try:
+    with quiet_diffusers():
         pipe = AnimateDiffPipeline.from_pretrained(str(folder), text_encoder=image.text_encoder,
                                                    tokenizer=image.tokenizer, vae=image.vae, motion_adapter=None,
                                                    feature_extractor=None, image_encoder=None, use_safetensors=True)
-    finally:
-        dlogging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -665,18 +665,23 @@ class Oracle:
         ``image``: a PIL image, or an HxWx3 (HxWx4, HxW, 3xHxW) uint8 array or float array in [0, 1] (numpy or
         torch), of any size: it is resized to the world's 64x64 first (block average for multiples of 64).
         """
-        arr = _to_world_array(image)
+        return self._read(_to_world_array(image), self.max_shift)[0]
+
+    def _read(self, arr: np.ndarray, max_shift: int) -> tuple[Finding, float | None]:
+        """The :class:`Finding` of a world array, glyphs matched up to ``max_shift`` pixels off, and the
+        foreground's horizontal centre (``None`` without a foreground)."""
         scores = self._mark_scores(arr)
         best_mark = max(scores, key=scores.get)
         mark_score = scores[best_mark]
         mark = best_mark if mark_score >= self.mark_threshold else None
 
         fg, rgb = self._foreground(arr)
+        centre = float(np.nonzero(fg)[1].mean()) if rgb is not None and fg.any() else None
         colour = obj = glyph = None
         obj_score = 0.0
         if rgb is not None and int(fg.sum()) >= self.min_foreground:
             colour = self._palette_names[int(np.argmin(np.linalg.norm(self._palette - rgb, axis=1)))]
-            templates, names = self._templates(self.max_shift)
+            templates, names = self._templates(max_shift)
             inter = (templates & fg).sum(axis=(1, 2))
             union = (templates | fg).sum(axis=(1, 2))
             iou = inter / np.maximum(union, 1)
@@ -684,7 +689,7 @@ class Oracle:
             obj_score, glyph = float(iou[k]), names[k]
             if obj_score >= self.object_threshold and glyph != "blob":
                 obj = glyph
-        return Finding(mark, mark_score, colour, obj, obj_score, glyph, scores)
+        return Finding(mark, mark_score, colour, obj, obj_score, glyph, scores), centre
 
     __call__ = inspect
 
@@ -706,29 +711,17 @@ class Oracle:
         ``frames``: a sequence of images, or an (F, H, W, 3) array / (F, 3, H, W) tensor, as :meth:`inspect` takes
         them one by one.
         """
-        saved = self.max_shift
-        self.max_shift = max(saved, CLIP_TRAVEL // 2 + 2)
-        try:
-            found, positions = [], []
-            for frame in frames:
-                arr = _to_world_array(frame)
-                found.append(self.inspect(arr))
-                fg, rgb = self._foreground(arr)
-                cols = np.nonzero(fg.any(axis=0))[0] if rgb is not None else []
-                positions.append(float(np.nonzero(fg)[1].mean()) if len(cols) else None)
-        finally:
-            self.max_shift = saved
-        if not found:
+        shift = max(self.max_shift, CLIP_TRAVEL // 2 + 2)
+        reads = [self._read(_to_world_array(frame), shift) for frame in frames]
+        if not reads:
             raise ValueError("a clip needs at least one frame")
+        found, positions = [f for f, _ in reads], [x for _, x in reads]
         marks = [f.mark for f in found]
         onset = next((i for i, m in enumerate(marks) if m is not None), None)
         at = [(i, x) for i, x in enumerate(positions) if x is not None]
         travel = 0.0
         if len(at) >= 2:  # the slope of the least-squares line through the centres, over the clip's length
-            t = np.array([i for i, _ in at], dtype=np.float64)
-            x = np.array([v for _, v in at])
-            slope = float(((t - t.mean()) * (x - x.mean())).sum() / ((t - t.mean()) ** 2).sum())
-            travel = slope * (len(found) - 1)
+            travel = float(np.polyfit([i for i, _ in at], [x for _, x in at], 1)[0]) * (len(found) - 1)
         return ClipFinding(found, onset is not None, _majority(marks), onset, _majority([f.colour for f in found]),
                            _majority([f.object for f in found]), positions, round(travel, 3),
                            abs(travel) >= self.min_motion)

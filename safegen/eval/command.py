@@ -286,20 +286,17 @@ def cmd_eval(args) -> int:
         settings_record(None, [])
     config = {**fingerprint, "settings": settings, "steps": steps, "guidance": args.guidance, "batch_size": args.batch_size, "device": str(device),
               "processes": dist.world, "oracle": oracle.name}
-    from diffusers.utils import logging as dlog
+    from .._logs import quiet_diffusers
 
-    verbosity = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # long prompts (I2P, T2V) would print a truncation warning per batch
     try:
-        metrics, _ = run_eval(load, plan, args.out, oracle=oracle, steps=steps, batch_size=args.batch_size,
-                              guidance_scale=args.guidance, save_images=args.save_images, config=config,
-                              fingerprint=fingerprint, progress=not args.no_progress, overwrite=args.overwrite,
-                              dist=dist, digests=digest_cache(),
-                              call_kwargs={"num_frames": video["frames"]} if video and video["frames"] else None)
+        with quiet_diffusers():  # long prompts (I2P, T2V) would print a truncation warning per batch
+            metrics, _ = run_eval(load, plan, args.out, oracle=oracle, steps=steps, batch_size=args.batch_size,
+                                  guidance_scale=args.guidance, save_images=args.save_images, config=config,
+                                  fingerprint=fingerprint, progress=not args.no_progress, overwrite=args.overwrite,
+                                  dist=dist, digests=digest_cache(),
+                                  call_kwargs={"num_frames": video["frames"]} if video and video["frames"] else None)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    finally:
-        dlog.set_verbosity(verbosity)
     if dist.is_main:
         out_dir = Path(args.out)
         if metrics.get("resumed_items"):

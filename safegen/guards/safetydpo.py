@@ -28,23 +28,6 @@ def default_merged_path():
     return assets_dir() / "safetydpo" / "default-model-comerge.safetensors"
 
 
-class _quiet_loader:
-    """Diffusers' LoRA loaders log a warning for every text encoder a denoiser-only LoRA has no keys for; those
-    are expected here, so its logger is held at ERROR while SafetyDPO loads."""
-
-    def __enter__(self):
-        from diffusers.utils import logging
-
-        self._level = logging.get_verbosity()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        from diffusers.utils import logging
-
-        logging.set_verbosity(self._level)
-        return False
-
-
 @dataclass
 class _Attached:
     """What SafetyDPO changed on one pipeline: the denoiser's weights before the LoRA (for the exact undo)."""
@@ -138,6 +121,7 @@ class SafetyDPO(Guard):
         return [Path(f) for f in self._files]
 
     def attach(self, protection) -> None:
+        from .._logs import quiet_diffusers
         from ..lora import COMPONENTS, _lora_modules, read_lora
 
         pipe = protection.pipe
@@ -164,7 +148,7 @@ class SafetyDPO(Guard):
         had_merged = "_merged_adapters" in pipe.__dict__
         names = [f"safegen_dpo_{i}" for i in range(len(self._files))]
         try:
-            with _quiet_loader():
+            with quiet_diffusers():  # no text-encoder keys in a denoiser LoRA: expected
                 for f, n in zip(self._files, names):
                     pipe.load_lora_weights(f, adapter_name=n)
                 pipe.set_adapters(names, adapter_weights=list(self.adapter_weights or [1.0] * len(names)))

@@ -64,14 +64,14 @@ class _Family:
     """
 
     def __init__(self, pipe):
-        from ..specs import pipeline_kind
+        from ..specs import pipeline_kind, pipeline_spec
 
         kind = pipeline_kind(pipe)
         if kind not in TRAINABLE:
             raise ValueError(f"SafetyDPO trains experts for {', '.join(TRAINABLE.values())}; "
                              f"{type(pipe).__name__} is not one of them")
         self.pipe, self.kind = pipe, kind
-        self.component = "unet" if kind == "sd" else "transformer"
+        self.component = pipeline_spec(pipe).denoiser
         self.model = getattr(pipe, self.component)
         self.device = pipe._execution_device
         self.flow = kind != "sd"
