@@ -19,7 +19,7 @@ from safegen.guards.lvd import LVD, LatentClassifier
 @pytest.fixture(scope="module", autouse=True)
 def trained_video_model(tmp_path_factory):
     """A video model trained for two steps on 40 world clips by the training command, in place of the embedded
-    one (``default_video_folder`` points at it for this module); returns the command's summary."""
+    one (``default_video_folder`` points at it for this module); returns the command's summary and the data folder."""
     from safegen.training.video_model import train
 
     data = tmp_path_factory.mktemp("video-data")
@@ -36,7 +36,7 @@ def trained_video_model(tmp_path_factory):
     summary = train(folder, data_dir=data, steps=2, batch_size=2, seed=0, progress=False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dvm, "default_video_folder", lambda: folder)
-        yield summary
+        yield {**summary, "data_dir": data}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,27 @@ def test_the_training_command_writes_a_loadable_folder(trained_video_model):
     assert info["frames"] == VIDEO_FRAMES and info["shared_components"] == ["text_encoder", "tokenizer", "vae"]
     assert dvm.is_video_model_folder(dvm.default_video_folder())
     assert not dvm.is_video_model_folder(dvm.default_video_folder().parent)
+
+
+def test_init_continues_from_a_saved_model_and_keeps_its_runs(trained_video_model, tmp_path):
+    """Checkpoints do not outlive a machine; ``init_from`` trains further from the saved folder itself."""
+    from safetensors.torch import load_file
+
+    from safegen.training.video_model import train
+
+    src = dvm.default_video_folder()
+    data = trained_video_model["data_dir"]
+    out = tmp_path / "more"
+    train(out, data_dir=data, steps=0, batch_size=2, seed=1, init_from=src, progress=False)
+    before = load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    runs = json.loads((out / "training_info.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[0]["steps"] == 2 and runs[1]["init_from"] == str(src)
+    with pytest.raises(ValueError, match="resume"):
+        train(out, data_dir=data, steps=1, init_from=src, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="not a video model folder"):
+        train(tmp_path / "x", data_dir=data, steps=1, init_from=tmp_path, progress=False)
 
 
 def clip(pipe, prompt="a red car driving", steps=3, seed=0, **kw):

@@ -61,7 +61,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
           lr: float = 1e-4, frames: int | None = None, onset_share: float = 0.3, cfg_dropout: float = 0.1,
           seed: int = 0, limit: int | None = None, resume: bool = False, checkpoint_every: int = 250,
           checkpoint_dir: "str | Path | None" = None, image_folder: "str | Path | None" = None,
-          lr_restart: bool = False, high_noise_weight: float = 0.0, progress: bool = True) -> dict:
+          lr_restart: bool = False, high_noise_weight: float = 0.0, init_from: "str | Path | None" = None,
+          progress: bool = True) -> dict:
     """Train the default video model and save it to ``out_dir``.
 
     1. Clips: every training prompt of the image model (:func:`safegen.training.default_model.training_prompts`;
@@ -80,6 +81,10 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
        ``checkpoint_every`` steps in ``checkpoint_dir`` (default ``<out_dir>-checkpoints``); ``resume`` continues
        from the last one, and a resumed run draws what an uninterrupted one would. To train further, resume with
        more ``steps`` and ``lr_restart`` (a fresh warm-up and cosine cycle over the added steps).
+    4. ``init_from`` starts from the UNet of a saved video model folder (e.g. the shipped
+       ``assets/default-video-model``) instead of the image model plus fresh motion modules, with a fresh optimiser:
+       the way to train further once the checkpoints are gone. Its ``training_info.json`` runs are kept in the new
+       one's, so the folder says every run that made it.
 
     The saved folder holds the UNet, the scheduler and ``model_index.json``; the text encoder, tokenizer and VAE
     stay the image model's (:func:`safegen.default_video_model.load_default_video_pipeline` joins them).
@@ -97,6 +102,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
         raise ValueError(f"need steps >= 0, batch_size >= 1 and frames >= 2; got {steps}, {batch_size}, {frames}")
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be >= 1 (or None), got {limit}")
+    if init_from is not None and resume:
+        raise ValueError("init_from starts a new run from a saved model; it cannot be combined with resume")
     if high_noise_weight < 0:
         raise ValueError(f"high_noise_weight must be >= 0, got {high_noise_weight}")
     if not 0.0 <= onset_share <= 1.0 or not 0.0 <= cfg_dropout < 1.0:
@@ -115,6 +122,9 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
     images, clip_index, clips = clip_dataset(items, frames=frames, onset_share=onset_share, seed=seed)
 
     pipe = build_video_pipeline(image_folder, seed=seed)
+    earlier_runs: list = []
+    if init_from is not None:
+        earlier_runs = _load_init(pipe.unet, Path(init_from))
     vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -177,7 +187,7 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
         "start": loop.start, "steps": int(steps),
         "loss": float(np.mean(loop.losses[-50:])) if loop.losses else None, "seconds": round(time.time() - t0, 2)}
     run = {**{k: summary[k] for k in ("start", "steps", "loss", "seconds")}, "lr": lr,
-           "high_noise_weight": high_noise_weight,
+           "high_noise_weight": high_noise_weight, "init_from": str(init_from) if init_from is not None else None,
            "lr_schedule": ("fresh warm-up + cosine cycle over this run" if lr_restart
                            else "warm-up + cosine over steps 0..steps")}
     with (ckpt_dir / "runs.jsonl").open("a", encoding="utf-8") as f:
@@ -187,9 +197,35 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
             "cfg_dropout": cfg_dropout, "seed": seed, "limit": limit,
             "image_model": str(image_folder) if image_folder is not None else "assets/default-model",
             "shared_components": list(SHARED_COMPONENTS),
-            "runs": [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]}
+            "runs": earlier_runs + [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]}
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return summary
+
+
+def _load_init(unet, folder: Path) -> list:
+    """Load a saved video model's UNet weights into ``unet`` (same architecture, safetensors only) and return
+    the runs its ``training_info.json`` lists (empty when it has none)."""
+    from safetensors.torch import load_file
+
+    from ..default_video_model import is_video_model_folder
+
+    if not is_video_model_folder(folder):
+        raise FileNotFoundError(f"{folder}: not a video model folder written by safegen.training.video_model "
+                                "(needs model_index.json and unet/)")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing (only safetensors weights are read)")
+    state = load_file(str(weights))
+    own = unet.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ValueError(f"{folder}: its UNet does not match the default video model's architecture "
+                         "(safegen.default_video_model.MOTION_CONFIG); start a fresh run instead")
+    unet.load_state_dict(state)
+    try:
+        runs = json.loads((folder / "training_info.json").read_text()).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        runs = []
+    return [r for r in runs if isinstance(r, dict)]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -221,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "layout and motion are decided, count like an x0 loss (default 0: the plain noise loss)")
     p.add_argument("--lr-restart", action="store_true",
                    help="with --resume and more --steps: a fresh warm-up + cosine LR cycle over the added steps")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from this saved video model's UNet (e.g. assets/default-video-model) with a fresh "
+                        "optimiser: train further when the checkpoints are gone")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if a.steps < 0 or a.batch_size < 1 or a.checkpoint_every < 1:
@@ -230,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         frames=a.frames, onset_share=a.onset_share, seed=a.seed, limit=a.limit, resume=a.resume,
                         checkpoint_every=a.checkpoint_every, checkpoint_dir=a.checkpoint_dir,
                         image_folder=a.image_model, lr_restart=a.lr_restart,
-                        high_noise_weight=a.high_noise_weight, progress=not a.no_progress)
+                        high_noise_weight=a.high_noise_weight, init_from=a.init, progress=not a.no_progress)
     except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
