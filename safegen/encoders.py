@@ -103,6 +103,9 @@ class TextEncoderAdapter:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         self.first = 1 if len(probe) > len(plain) and probe[0] != plain[0] else 0
         self.tail = 1  # closing tokens after the content (EOS)
+        #: the pipeline pads its conditioning on the left (FLUX.2 [dev]'s Mistral); this adapter's token batches
+        #: are padded on the right all the same, and :class:`ConditioningStream` moves rows between the two
+        self.left_padded = False
         self.mask_token_id = self._default_mask_id() if mask_token_id is None else int(mask_token_id)
         self._cache: dict = {}
 
@@ -309,6 +312,12 @@ class ChatTemplateAdapter(TextEncoderAdapter):
     [klein]: layers 9, 18 and 27) from position ``drop`` on (Qwen-Image cuts the template's system tokens off),
     cut to ``max_length`` positions.
 
+    FLUX.2 [dev] keeps its Mistral system prompt in the conditioning (``drop`` 0) and pads it on the *left* to
+    ``max_sequence_length``: this adapter's batches are still padded on the right, so that content starts at
+    ``first`` in every row, and :attr:`left_padded` tells :class:`ConditioningStream` to move the pipeline's rows
+    into that layout and back. Rotary positions are relative and padding is masked, so a prompt's states do not
+    depend on which side its padding is.
+
     Token batches live in that conditioning's positions: ``first`` counts the template's tokens left before the
     content (0 for Qwen-Image: its ``drop`` is exactly the system part; 3 for FLUX.2's ``<|im_start|>user``
     line), ``tail`` the template's closing tokens (``<|im_end|>``, ``<|im_start|>assistant``, newlines, an empty
@@ -332,7 +341,7 @@ class ChatTemplateAdapter(TextEncoderAdapter):
 
     def __init__(self, tokenizer, encoder, *, template: "str | tuple[str, str]", drop: int, max_length: int,
                  token_limit: int, layers: Sequence[int] = (-1,), mask_token_id: int | None = None,
-                 name: str | None = None):
+                 name: str | None = None, left_padded: bool = False, remove: Sequence[str] = ()):
         if isinstance(template, str):
             if template.count("{}") != 1:
                 raise ValueError("the chat template must hold exactly one '{}' where the prompt goes")
@@ -352,6 +361,8 @@ class ChatTemplateAdapter(TextEncoderAdapter):
                              "the pipeline drops")
         self.first = len(self.prefix_ids) - self.drop
         self.tail = len(self.suffix_ids)
+        self.left_padded = bool(left_padded)
+        self.remove = tuple(remove)  # strings the pipeline deletes from a prompt before templating it
         self._cache_prefix, self._prefix_kv = True, {}
 
     @classmethod
@@ -360,7 +371,8 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         """The adapter of an LLM-conditioned pipeline at the call's ``max_sequence_length`` (default: the
         signature's): Qwen-Image (``prompt_template_encode``, ``prompt_template_encode_start_idx``, last layer) or
         FLUX.2 [klein] (the tokenizer's chat template with thinking off, ``text_encoder_out_layers``: ``layers``,
-        default the signature's)."""
+        default the signature's) or FLUX.2 [dev] (its processor's chat template with the pipeline's system message,
+        padded on the left, ``[IMG]`` removed from prompts; its processor's tokenizer tokenises)."""
         import inspect
 
         params = inspect.signature(type(pipe).__call__).parameters
@@ -370,11 +382,19 @@ class ChatTemplateAdapter(TextEncoderAdapter):
             drop = int(pipe.prompt_template_encode_start_idx)
             return cls(pipe.tokenizer, pipe.text_encoder, template=pipe.prompt_template_encode, drop=drop,
                        max_length=int(max_length), token_limit=int(pipe.tokenizer_max_length) + drop, **kw)
-        # FLUX.2 [klein]: one user message, generation prompt, thinking off; truncated at max_sequence_length
         mark = "\x00prompt\x00"
+        layers = params["text_encoder_out_layers"].default if layers is None else layers
+        if hasattr(pipe, "_get_mistral_3_small_prompt_embeds"):  # FLUX.2 [dev]
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            messages = format_input(prompts=[mark], system_message=pipe.system_message)[0]
+            text = pipe.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+            tok = getattr(pipe.tokenizer, "tokenizer", pipe.tokenizer)  # a processor tokenises with its tokenizer
+            return cls(tok, pipe.text_encoder, template=tuple(text.split(mark)), drop=0, max_length=int(max_length),
+                       token_limit=int(max_length), layers=layers, left_padded=True, remove=("[IMG]",), **kw)
+        # FLUX.2 [klein]: one user message, generation prompt, thinking off; truncated at max_sequence_length
         text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
                                                   add_generation_prompt=True, enable_thinking=False)
-        layers = params["text_encoder_out_layers"].default if layers is None else layers
         return cls(pipe.tokenizer, pipe.text_encoder, template=tuple(text.split(mark)), drop=0,
                    max_length=int(max_length), token_limit=int(max_length), layers=layers, **kw)
 
@@ -384,8 +404,13 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         less the dropped system tokens and cut to ``max_length`` positions (default: the adapter's)."""
         if isinstance(texts, str):
             texts = [texts]
+        texts = list(texts)
+        for r in self.remove:
+            texts = [t.replace(r, "") for t in texts]
+        # the template carries its own special tokens; padded on the right whatever side the pipeline pads on
         out = self.tokenizer([self.prefix + t + self.suffix for t in texts], max_length=self.token_limit,
-                             padding="longest", truncation=True, return_tensors="pt")
+                             padding="longest", truncation=True, return_tensors="pt", add_special_tokens=False,
+                             padding_side="right")
         keep = max_length or self.max_length
         ids = out["input_ids"][:, self.drop:self.drop + keep].long()
         mask = out["attention_mask"][:, self.drop:self.drop + keep].long()
@@ -397,13 +422,15 @@ class ChatTemplateAdapter(TextEncoderAdapter):
 
     @torch.no_grad()
     def encode(self, batch: TokenBatch | torch.Tensor, attention_mask: torch.Tensor | None = None) -> Encoded:
-        """States of a token batch. The dropped system tokens are the same in every row: their keys and values
-        are computed once (per device and dtype) and every batch runs on from them, so a masked copy costs its
-        own tokens only (Qwen-Image: 34 system tokens fewer per copy). Where a model does not take a cache this
-        way, the whole template runs, with the same states."""
+        """States of a token batch. The template's tokens before the prompt (dropped system tokens and kept ones
+        alike) are the same in every row: their keys and values, and the states of the kept ones, are computed
+        once (per device and dtype) and every batch runs on from them, so a masked copy costs its own tokens only
+        (Qwen-Image: 34 system tokens fewer per copy; FLUX.2 [dev]: its whole system prompt). Where a model does
+        not take a cache this way, or a row does not hold the whole prefix (cut short by ``max_length``), the whole
+        template runs, with the same states."""
         ids, mask = self._on_device(batch, attention_mask)
         states = None
-        if self.drop and self._cache_prefix:
+        if self.prefix_ids and self._cache_prefix:
             try:
                 states = self._run_after_prefix(ids, mask)
             except Exception as e:  # the exact, slower path: the system tokens run again with every row
@@ -421,35 +448,51 @@ class ChatTemplateAdapter(TextEncoderAdapter):
         tokens = states * mask.unsqueeze(-1).to(states.dtype)
         return Encoded(tokens, self.summarize(tokens, mask), None)
 
-    def _run_after_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The states of ``ids`` run on from the cached keys and values of the dropped system tokens, at the
-        positions they hold in the whole template (a vision-language model's rotary sections all get the text
-        position, as for any text token)."""
+    def _run_after_prefix(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The states of ``ids``: the kept template tokens' states as computed once, then the rest of each row run
+        on from the cached keys and values of the whole prefix (dropped and kept tokens), at the positions they
+        hold in the whole template (a vision-language model's rotary sections all get the text position, as for
+        any text token). ``None`` when a row does not start with the whole kept prefix."""
         import inspect
 
         from transformers import DynamicCache
 
+        first, whole = self.first, len(self.prefix_ids)
+        kept = torch.tensor(self.prefix_ids[self.drop:], dtype=ids.dtype, device=ids.device)
+        if ids.shape[1] <= first or not bool((ids[:, :first] == kept).all()) or not bool(mask[:, :first].all()):
+            return None
         key = (str(ids.device), str(self.dtype))
         prefix = self._prefix_kv.get(key)
         if prefix is None:
-            head = torch.tensor([self.prefix_ids[:self.drop]], dtype=ids.dtype, device=ids.device)
-            out = self.encoder(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True)
+            head = torch.tensor([self.prefix_ids], dtype=ids.dtype, device=ids.device)
+            out = self.encoder(input_ids=head, attention_mask=torch.ones_like(head), use_cache=True,
+                               output_hidden_states=True)
             past = out["cache"] if "cache" in out else out.past_key_values  # (the name transformers 5 moves to)
             # (the keyword the model takes a cache under: ``cache`` in newer transformers)
             name = "cache" if "cache" in inspect.signature(self.encoder.forward).parameters else "past_key_values"
-            prefix = self._prefix_kv[key] = (name, [(layer.keys, layer.values) for layer in past.layers])
-        name, prefix = prefix
-        b, n = ids.shape
+            prefix = self._prefix_kv[key] = (name, [(layer.keys, layer.values) for layer in past.layers],
+                                             self._read_layers(out)[:, self.drop:])
+        name, prefix, kept_states = prefix
+        rest, rest_mask = ids[:, first:], mask[:, first:]
+        b, n = rest.shape
         cache = DynamicCache()
         for i, (k, v) in enumerate(prefix):
             cache.update(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous(), i)
-        pos = (self.drop + torch.arange(n, device=ids.device)).view(1, n).expand(b, n)
-        if getattr(self.encoder.config, "vision_config", None) is not None:  # multimodal rotary sections
+        pos = (whole + torch.arange(n, device=ids.device)).view(1, n).expand(b, n)
+        if self._multimodal_rope():  # Qwen2.5-VL's rotary sections all get the text position
             pos = pos.unsqueeze(0).expand(3, b, n)
-        full_mask = torch.cat([torch.ones(b, self.drop, dtype=mask.dtype, device=mask.device), mask], 1)
-        out = self.encoder(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+        full_mask = torch.cat([torch.ones(b, whole, dtype=mask.dtype, device=mask.device), rest_mask], 1)
+        out = self.encoder(input_ids=rest, attention_mask=full_mask, position_ids=pos, use_cache=True,
                            output_hidden_states=True, **{name: cache})
-        return self._read_layers(out)
+        return torch.cat([kept_states.expand(b, -1, -1), self._read_layers(out)], 1)
+
+    def _multimodal_rope(self) -> bool:
+        """Whether the language model's rotary embedding takes one position per section (``mrope_section``:
+        Qwen2.5-VL), not one per token (Mistral 3, Qwen3)."""
+        cfg = self.encoder.config
+        text = getattr(cfg, "text_config", None) or cfg
+        rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+        return isinstance(rope, dict) and "mrope_section" in rope
 
     def _read_layers(self, out) -> torch.Tensor:
         """The hidden states of :attr:`layers`, side by side, from a forward pass's output."""
@@ -491,8 +534,9 @@ def pipeline_adapter(pipe, *, clip_skip: int | None = None, max_sequence_length:
         (0, 'mean', 226, ['<extra_id_0>'])
     """
     te, tok = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
-    if te is not None and tok is not None and (hasattr(pipe, "prompt_template_encode_start_idx")
-                                               or hasattr(pipe, "_get_qwen3_prompt_embeds")):  # an LLM encoder
+    if te is not None and tok is not None and any(hasattr(pipe, a) for a in (
+            "prompt_template_encode_start_idx", "_get_qwen3_prompt_embeds",
+            "_get_mistral_3_small_prompt_embeds")):  # an LLM encoder
         kw = {} if mask_token_id is None else {"mask_token_id": mask_token_id}
         return ChatTemplateAdapter.for_pipeline(pipe, max_length=max_sequence_length, layers=layers,
                                                 name="text_encoder", **kw)
@@ -527,9 +571,34 @@ class ConditioningStream:
     pooled: slice | None = None
     pooled_projected: bool = True
 
-    def block(self, embeds: torch.Tensor) -> torch.Tensor:
-        """This stream's part of ``prompt_embeds`` (B, L, D)."""
-        return embeds[:, self.tokens, self.dims]
+    def block(self, embeds: torch.Tensor, batch: TokenBatch | None = None) -> torch.Tensor:
+        """This stream's part of ``prompt_embeds`` (B, L, D), in the positions of the adapter's token ``batch`` of
+        the same texts: where the pipeline pads on the left (:attr:`TextEncoderAdapter.left_padded`), each row is
+        rolled so that its content starts at ``batch.first`` (its padding then follows it). Without a ``batch``
+        the rows are as the pipeline lays them out."""
+        part = embeds[:, self.tokens, self.dims]
+        index = self._index(part, batch)
+        return part if index is None else part.gather(1, index.unsqueeze(-1).expand_as(part))
+
+    def put(self, target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor,
+            batch: TokenBatch | None = None) -> None:
+        """Write ``new`` (rows ``rows`` of this stream's part, laid out as :meth:`block` gave them with the same
+        ``batch``) into ``target`` (the pipeline's ``prompt_embeds``) in place."""
+        index = self._index(new, batch)
+        if index is None:
+            target[rows, self.tokens, self.dims] = new
+            return
+        part = target[rows][:, self.tokens, self.dims].clone()
+        part.scatter_(1, index.unsqueeze(-1).expand_as(new), new)
+        target[rows, self.tokens, self.dims] = part
+
+    def _index(self, part: torch.Tensor, batch: TokenBatch | None) -> torch.Tensor | None:
+        """Per row, the pipeline position of each adapter position (``None``: the same positions)."""
+        if batch is None or not getattr(self.adapter, "left_padded", False):
+            return None
+        length = part.shape[1]
+        shift = (length - batch.attention_mask.sum(1)).clamp(min=0).to(part.device)  # the row's left padding
+        return (torch.arange(length, device=part.device).view(1, -1) + shift.view(-1, 1)) % length
 
 
 #: :attr:`~safegen.specs.PipelineSpec.encode` kinds whose length is the call's ``max_sequence_length``.

@@ -44,7 +44,7 @@ DEFAULT_VIDEO_MODEL = "default-video"
 #: Built-in model names, built offline by :mod:`safegen.testing` (random weights: images are noise).
 TINY_MODELS = {"tiny-sd": "tiny_sd_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline",
                "tiny-flux": "tiny_flux_pipeline", "tiny-qwenimage": "tiny_qwenimage_pipeline",
-               "tiny-flux2-klein": "tiny_flux2_klein_pipeline"}
+               "tiny-flux2-klein": "tiny_flux2_klein_pipeline", "tiny-flux2": "tiny_flux2_pipeline"}
 #: Built-in text-to-video pipelines, random weights too.
 TINY_VIDEO_MODELS = {"tiny-animatediff": "tiny_animatediff_pipeline", "tiny-cogvideox": "tiny_cogvideox_pipeline",
                      "tiny-text-to-video": "tiny_text_to_video_pipeline", "tiny-wan": "tiny_wan_pipeline"}

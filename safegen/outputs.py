@@ -159,6 +159,7 @@ _OUTPUT_CLASSES = {
     "flux": ("diffusers.pipelines.flux.pipeline_output", "FluxPipelineOutput"),
     "qwenimage": ("diffusers.pipelines.qwenimage.pipeline_output", "QwenImagePipelineOutput"),
     "flux2klein": ("diffusers.pipelines.flux2.pipeline_output", "Flux2PipelineOutput"),
+    "flux2": ("diffusers.pipelines.flux2.pipeline_output", "Flux2PipelineOutput"),
     "animatediff": ("diffusers.pipelines.animatediff.pipeline_output", "AnimateDiffPipelineOutput"),
     "cogvideox": ("diffusers.pipelines.cogvideo.pipeline_output", "CogVideoXPipelineOutput"),
     "wan": ("diffusers.pipelines.wan.pipeline_output", "WanPipelineOutput"),

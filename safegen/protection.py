@@ -551,6 +551,36 @@ def _as_list(x: Any, n: int | None = None) -> list | None:
     return list(x)
 
 
+def _removed(prompt, removes: Sequence[str]):
+    """``prompt`` (a string or a list of them) without any of ``removes``, deleted until none is left (so that the
+    pipeline's own deletion finds nothing more to change)."""
+    def clean(text):
+        while isinstance(text, str) and any(r in text for r in removes):
+            for r in removes:
+                text = text.replace(r, "")
+        return text
+
+    return clean(prompt) if isinstance(prompt, str) else [clean(t) for t in prompt]
+
+
+def _rewrite_prompts(pipe, a: dict[str, Any]) -> list[str] | None:
+    """FLUX.2 [dev]'s caption upsampling (``caption_upsample_temperature``) has its LLM rewrite the prompts inside
+    the call, after every guard has read them, and the model is conditioned on the rewrite. Run it here instead,
+    as the pipeline would (``upsample_prompt`` with the call's images and temperature), and call the pipeline with
+    the rewritten prompts and no upsampling, so that the guards judge the text the model reads. Returns the
+    caller's prompts (``None`` when nothing was rewritten)."""
+    temperature = a.get("caption_upsample_temperature")
+    if not temperature or a.get("prompt") is None or not hasattr(pipe, "upsample_prompt"):
+        return None
+    originals = _as_list(a["prompt"])
+    rewritten = pipe.upsample_prompt(originals, images=a.get("image"), temperature=temperature,
+                                     device=pipe._execution_device)
+    if len(rewritten) != len(originals) or not all(isinstance(t, str) for t in rewritten):
+        raise RuntimeError(f"caption upsampling returned {len(rewritten)} texts for {len(originals)} prompts")
+    a["prompt"], a["caption_upsample_temperature"] = list(rewritten), None
+    return originals
+
+
 def _bind(base_call, pipe, args, kwargs) -> dict[str, Any]:
     sig = inspect.signature(base_call)
     bound = sig.bind(pipe, *args, **kwargs)  # raises TypeError for bad arguments, as the original would
@@ -582,6 +612,8 @@ def _new_call(prot: Protection, a: dict[str, Any]) -> Call:
             a.get("negative_prompt_embeds") is not None and (
                 "negative_pooled_prompt_embeds" not in params or a.get("negative_pooled_prompt_embeds") is not None))
         do_cfg = a.get("true_cfg_scale", params["true_cfg_scale"].default) > 1 and has_negative
+    elif spec.cfg == "none":  # FLUX.2 [dev]: guidance is an input of the transformer, never a second branch
+        do_cfg = False
     else:  # "batch" and "separate": the pipeline's own rule
         gs = a.get("guidance_scale", params["guidance_scale"].default)
         do_cfg = (gs is not None and gs > 1 and getattr(prot.denoiser.config, "time_cond_proj_dim", None) is None
@@ -622,7 +654,13 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
     if prot is None:
         prot = pipe.__dict__["_safegen"]
     a = _bind(base_call, pipe, args, kwargs)
+    if prot.spec.removes and a.get("prompt") is not None:  # what the pipeline would delete, deleted before any guard
+        a["prompt"] = _removed(a["prompt"], prot.spec.removes)
+    originals = _rewrite_prompts(pipe, a)
     call = _new_call(prot, a)
+    if originals is not None:
+        for rep in call.reports:
+            rep.original_prompt = originals[rep.index // call.num_images_per_prompt]
     want_dict = a.pop("return_dict", True)
     output_type = call_default(call, "output_type") or "pil"
     out = None

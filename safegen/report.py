@@ -89,6 +89,9 @@ class SafetyReport:
     guards: list[GuardResult] = field(default_factory=list)
     unet_steps_run: int = 0
     unet_steps_saved: int = 0
+    #: the caller's prompt where the pipeline rewrites it before conditioning on it (FLUX.2 [dev]'s caption
+    #: upsampling); ``prompt`` is then the rewritten text, the one every guard judged
+    original_prompt: str | None = None
 
     @property
     def verdict(self) -> str:
@@ -133,6 +136,8 @@ class SafetyReport:
         head = f"[{self.index}] {self.verdict.upper()}"
         if self.prompt is not None:
             head += f" {self.prompt!r}"
+        if self.original_prompt is not None:
+            head += f" (rewritten from {self.original_prompt!r})"
         lines = [head]
         for g in self.guards:
             bits = [f"{g.guard}: {g.verdict}"]

@@ -17,6 +17,7 @@ SUPPORTED_PIPELINES = {
     "FluxPipeline": "flux",
     "QwenImagePipeline": "qwenimage",
     "Flux2KleinPipeline": "flux2klein",
+    "Flux2Pipeline": "flux2",
     "StableDiffusionPipeline": "sd",
     "AnimateDiffPipeline": "animatediff",
     "CogVideoXPipeline": "cogvideox",
@@ -41,18 +42,21 @@ class PipelineSpec:
             decoder-only language model read through the pipeline's chat template: the last hidden states after
             the template's system tokens, as long as the longest prompt of the call, with
             ``prompt_embeds_mask``: Qwen-Image) or ``"flux2"`` (a decoder-only language model's hidden states of
-            several layers side by side, padded to ``max_sequence_length``, no mask: FLUX.2 [klein]).
+            several layers side by side, padded to ``max_sequence_length``, no mask: FLUX.2 [klein] on the right,
+            FLUX.2 [dev]'s Mistral on the left, system prompt kept).
         per_prompt: the call argument giving outputs per prompt (``None``: always one).
         output: the output field (``"images"`` or ``"frames"``).
         layout: how latents are laid out at the step callback: ``"BCHW"`` (images), ``"BCFHW"`` (UNet video
             models), ``"BFCHW"`` (CogVideoX) or ``"packed"`` (FLUX, Qwen-Image, FLUX.2: 2×2 patches as tokens,
             (B, H/2·W/2, 4C); :func:`safegen.outputs.latent_unpacker` turns them back into images).
         packed_output: with ``output_type="latent"`` the pipeline returns its latents packed as it stepped them
-            (FLUX.1, Qwen-Image); ``False``: as latent images (FLUX.2 unpacks and unpatchifies them).
+            (FLUX.1, Qwen-Image, FLUX.2 [dev]); ``False``: as latent images (FLUX.2 [klein] unpacks and
+            unpatchifies them).
         cfg: how the call guides: ``"batch"`` (``guidance_scale`` > 1: ``[uncond; cond]`` in one denoiser call),
             ``"separate"`` (``guidance_scale`` > 1: the conditional call, then the unconditional one, each step:
             Wan) or ``"true"`` (a guidance-distilled model: ``true_cfg_scale`` > 1 with a negative prompt runs a
-            second, separate call per step; otherwise there is no unconditional branch: FLUX).
+            second, separate call per step; otherwise there is no unconditional branch: FLUX) or ``"none"``
+            (guidance-distilled with no negative branch at all: FLUX.2 [dev]).
         time: how a video pipeline's decoder turns latent frames into frames: ``"frame"`` (one each: UNet video
             models), ``"cogvideox"`` (CogVideoX's causal VAE, chunks of two latent frames) or ``"causal"`` (the
             first latent frame gives one frame, every later one ``vae_scale_factor_temporal``: Wan).
@@ -60,6 +64,8 @@ class PipelineSpec:
             CogVideoX, SD3 and FLUX run T5 without one).
         legacy_callback: the pipeline only has the old ``callback(step, t, latents)`` (no
             ``callback_on_step_end``, no interrupt); see :func:`_run_arguments`.
+        removes: strings the pipeline deletes from every prompt before encoding it (FLUX.2 [dev]: ``[IMG]``); the
+            protected call deletes them first, so that guards read the text the model reads.
         embeds_per_item: given ``prompt_embeds`` are used as they are, not repeated ``num_images_per_prompt`` times
             (SD3 and the other DiT pipelines): conditioning the protected call passes in is repeated per image
             and the call asks for one image per (repeated) row.
@@ -78,6 +84,7 @@ class PipelineSpec:
     time: str = "frame"
     text_mask: bool = False
     packed_output: bool = True
+    removes: tuple = ()
 
     @property
     def cfg_in_batch(self) -> bool:
@@ -110,6 +117,10 @@ PIPELINE_SPECS = {
     # packed 2×2-patchified latents that the pipeline unpacks itself before returning them
     "flux2klein": PipelineSpec("flux2klein", denoiser="transformer", encode="flux2", layout="packed",
                                embeds_per_item=True, cfg="separate", packed_output=False),
+    # FLUX.2 [dev]: a Mistral 3 LLM's layers 10/20/30 side by side (its system prompt included, padded on the left
+    # to max_sequence_length), guidance-distilled with no unconditional branch, packed latents (returned packed)
+    "flux2": PipelineSpec("flux2", denoiser="transformer", encode="flux2", layout="packed", embeds_per_item=True,
+                          cfg="none", removes=("[IMG]",)),
     # AnimateDiff and CogVideoX accept num_videos_per_prompt but always make one video per prompt
     "animatediff": PipelineSpec("animatediff", per_prompt=None, output="frames", layout="BCFHW"),
     "cogvideox": PipelineSpec("cogvideox", denoiser="transformer", encode="t5", per_prompt=None, output="frames",

@@ -546,6 +546,88 @@ def tiny_qwenimage_pipeline(seed: int = 0, num_layers: int = 1):
     return pipe
 
 
+#: Mistral's instruction-format chat template, as FLUX.2 [dev]'s processor renders it for one system and one user
+#: message (content as a string or as ``[{"type": "text", "text": ...}]``), in Jinja of our own.
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{ '<s>' }}{%- for m in messages -%}"
+    "{%- set t = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -%}"
+    "{%- if m['role'] == 'system' -%}{{ '[SYSTEM_PROMPT]' + t + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif m['role'] == 'user' -%}{{ '[INST]' + t + '[/INST]' }}{%- else -%}{{ t + '</s>' }}{%- endif -%}"
+    "{%- endfor -%}")
+
+
+def tiny_mistral_tokenizer():
+    """A tokenizer standing in for FLUX.2 [dev]'s Mistral 3 one: the tiny byte-level BPE vocabulary of
+    :func:`tiny_qwen_tokenizer` plus Mistral's ``<s>``, ``[SYSTEM_PROMPT]``, ``[/SYSTEM_PROMPT]``, ``[INST]`` and
+    ``[/INST]`` special tokens and its instruction-format chat template, padding on the *left* as Mistral's does.
+
+    Example:
+        >>> tok = tiny_mistral_tokenizer()
+        >>> tok.apply_chat_template([{"role": "user", "content": "a red cat"}], tokenize=False)
+        '<s>[INST]a red cat[/INST]'
+        >>> tok.padding_side
+        'left'
+    """
+    tok = tiny_qwen_tokenizer()
+    tok.add_tokens(["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"], special_tokens=True)
+    tok.chat_template = _MISTRAL_CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def _flux2_pipeline(cls, text_encoder, tokenizer, *, seed: int, num_layers: int, guidance_embeds: bool):
+    """A FLUX.2 pipeline of class ``cls`` around a tiny text encoder: a FLUX.2 transformer (``num_layers`` double
+    and single blocks, 48-wide text input: three 16-d layers side by side) and a FLUX.2 VAE (4 latent channels),
+    seeded; 32×32 images by default."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
+                                          num_single_layers=num_layers, attention_head_dim=16, num_attention_heads=2,
+                                          joint_attention_dim=48, timestep_guidance_channels=256,
+                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=guidance_embeds).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+               transformer=transformer)
+    pipe.default_sample_size = 16
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux2_pipeline(seed: int = 0, num_layers: int = 1):
+    """A tiny random ``Flux2Pipeline`` (FLUX.2 [dev] layout): a ``Mistral3ForConditionalGeneration`` (a 16-d,
+    30-layer language model, so that the pipeline's default ``text_encoder_out_layers=(10, 20, 30)`` exist, and a
+    one-layer Pixtral vision tower text-to-image never runs) reads the prompt in Mistral's chat template with the
+    pipeline's system message, padded on the left to ``max_sequence_length``; its three layers' hidden states, side
+    by side, condition a guidance-distilled FLUX.2 transformer (one double and one single block) over packed latents
+    of a FLUX.2 VAE. There is no unconditional branch: ``guidance_scale`` is an input of the transformer.
+    ``default_sample_size`` is set to 16 so that a call without ``height`` and ``width`` makes 32×32 images.
+
+    Example:
+        >>> pipe = tiny_flux2_pipeline()
+        >>> pipe(prompt="a red cat", num_inference_steps=2, max_sequence_length=128, output_type="np").images.shape
+        (1, 32, 32, 3)
+    """
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok = tiny_mistral_tokenizer()
+    cfg = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 16,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+                     "max_position_embeddings": 2048, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.convert_tokens_to_ids("<s>"), "sliding_window": None},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 16},
+        image_token_index=len(tok) + 1)
+    torch.manual_seed(seed)
+    te = Mistral3ForConditionalGeneration(cfg).eval()
+    return _flux2_pipeline(Flux2Pipeline, te, tok, seed=seed, num_layers=num_layers, guidance_embeds=True)
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0, num_layers: int = 1):
     """A tiny random ``Flux2KleinPipeline`` (FLUX.2 [klein] layout): a Qwen3 language model (16-d, 27 layers, so that
     the pipeline's default ``text_encoder_out_layers=(9, 18, 27)`` exist) whose three layers' hidden states,
@@ -559,8 +641,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0, num_layers: int = 1):
         >>> pipe(prompt="a red cat", num_inference_steps=2, output_type="np").images.shape
         (1, 32, 32, 3)
     """
-    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
-                           Flux2Transformer2DModel)
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = tiny_qwen_tokenizer()
@@ -570,17 +651,4 @@ def tiny_flux2_klein_pipeline(seed: int = 0, num_layers: int = 1):
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     torch.manual_seed(seed)
     te = Qwen3ForCausalLM(cfg).eval()
-    torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=num_layers,
-                                          num_single_layers=num_layers, attention_head_dim=16, num_attention_heads=2,
-                                          joint_attention_dim=48, timestep_guidance_channels=256,
-                                          axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32).eval()
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
-                              transformer=transformer)
-    pipe.default_sample_size = 16
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _flux2_pipeline(Flux2KleinPipeline, te, tok, seed=seed, num_layers=num_layers, guidance_embeds=False)

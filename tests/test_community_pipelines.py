@@ -21,12 +21,12 @@ def folders(tmp_path_factory):
     from safegen.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
     out = {}
-    from safegen.testing import (tiny_flux2_klein_pipeline, tiny_flux_pipeline, tiny_qwenimage_pipeline,
-                                 tiny_sd3_pipeline)
+    from safegen.testing import (tiny_flux2_klein_pipeline, tiny_flux2_pipeline, tiny_flux_pipeline,
+                                 tiny_qwenimage_pipeline, tiny_sd3_pipeline)
 
     for kind, build in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline),
                         ("flux", tiny_flux_pipeline), ("qwenimage", tiny_qwenimage_pipeline),
-                        ("flux2klein", tiny_flux2_klein_pipeline)):
+                        ("flux2klein", tiny_flux2_klein_pipeline), ("flux2", tiny_flux2_pipeline)):
         folder = tmp_path_factory.mktemp(f"tiny-{kind}")
         build().save_pretrained(folder)
         out[kind] = str(folder)
@@ -72,10 +72,11 @@ CASES = [
     ("flux", "safegen_flux.py", "SafegenFluxPipeline", "FluxPipeline"),
     ("qwenimage", "safegen_qwenimage.py", "SafegenQwenImagePipeline", "QwenImagePipeline"),
     ("flux2klein", "safegen_flux2_klein.py", "SafegenFlux2KleinPipeline", "Flux2KleinPipeline"),
+    ("flux2", "safegen_flux2.py", "SafegenFlux2Pipeline", "Flux2Pipeline"),
 ]
 #: what each case's calls add to KW (saved FLUX, Qwen-Image and FLUX.2 pipelines default to 1024×1024: ask for the
 #: tiny size)
-SIZE = {kind: {"height": 32, "width": 32} for kind in ("flux", "qwenimage", "flux2klein")}
+SIZE = {kind: {"height": 32, "width": 32} for kind in ("flux", "qwenimage", "flux2klein", "flux2")}
 
 
 @pytest.mark.parametrize("kind,file,cls_name,parent", CASES, ids=[c[0] for c in CASES])

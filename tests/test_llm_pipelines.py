@@ -7,7 +7,10 @@
   ``max_sequence_length`` without a mask; CFG against the empty prompt as a separate call; latents the pipeline
   unpacks and unpatchifies itself before returning them.
 
-Both step on 2×2-patch tokens (``layout="packed"``).
+* FLUX.2 [dev] (``Flux2Pipeline``): a Mistral 3 model's layers 10, 20 and 30 side by side, its system prompt
+  kept, padded on the *left* to ``max_sequence_length``; guidance-distilled, with no unconditional branch at all.
+
+All step on 2×2-patch tokens (``layout="packed"``).
 """
 
 from dataclasses import dataclass, field
@@ -32,6 +35,13 @@ class Family:
     layers: int  # hidden layers side by side in the conditioning
     first: int  # template tokens before the prompt in the conditioning
     tail: int  # template tokens after it
+    left: bool = False  # the pipeline pads its conditioning on the left
+    guided: bool = True  # the call can have an unconditional branch
+
+
+def needs_guidance(fam):
+    if not fam.guided:
+        pytest.skip("guidance-distilled: the pipeline has no unconditional branch")
 
 
 FAMILIES = {
@@ -40,7 +50,16 @@ FAMILIES = {
                         tail=5),
     "flux2klein": Family("tiny_flux2_klein_pipeline", {}, {"guidance_scale": 1.0}, masked=False, layers=3, first=3,
                          tail=11),
+    # (the tiny tokeniser splits the real system message into 91 tokens with <s>, [SYSTEM_PROMPT] and [INST])
+    "flux2": Family("tiny_flux2_pipeline", {}, {}, masked=False, layers=3, first=91, tail=1, left=True,
+                    guided=False),
 }
+
+
+def content_offset(fam, pe, n_tokens):
+    """Where a prompt of ``n_tokens`` tokens starts its template in the pipeline's conditioning row ``pe`` (L, D):
+    0, or after the left padding."""
+    return pe.shape[0] - (fam.first + n_tokens + fam.tail) if fam.left else 0
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,17 +125,28 @@ def test_the_adapter_reads_the_states_the_pipeline_conditions_on(llm):
     pe = encode(pipe, texts)
     assert batch.n_content.tolist() == [3, 9]
     states = ad.encode(batch).tokens
-    assert states.shape[-1] == pe.shape[-1] == fam.layers * pipe.text_encoder.config.hidden_size
+    cfg = pipe.text_encoder.config
+    assert states.shape[-1] == pe.shape[-1] == fam.layers * getattr(cfg, "text_config", cfg).hidden_size
     for r in range(2):  # every position the prompt and its template fill
         n = int(batch.attention_mask[r].sum())
-        assert torch.allclose(states[r, :n], pe[r, :n], atol=1e-5)
+        at = pe.shape[1] - n if fam.left else 0  # (FLUX.2 [dev]: after the row's left padding)
+        assert torch.allclose(states[r, :n], pe[r, at:at + n], atol=1e-5)
+    if fam.left:  # the stream moves the pipeline's rows into the adapter's positions and back, exactly
+        from safegen.encoders import ConditioningStream
+
+        st = ConditioningStream("text_encoder", ad, slice(None))
+        moved = st.block(pe, batch)
+        assert torch.allclose(moved[:, :batch.ids.shape[1]] * batch.attention_mask.unsqueeze(-1), states, atol=1e-5)
+        back = torch.zeros_like(pe)
+        st.put(back, torch.arange(2), moved, batch)
+        assert torch.equal(back, pe)
     assert ad.token_strings(batch.ids[1, fam.first:fam.first + 9].tolist()) == UNSAFE.split()
     if fam.masked:
         assert torch.equal(batch.attention_mask, pipe.encode_prompt(texts, device="cpu")[1])
-    if ad.drop:  # Qwen-Image: the dropped system tokens ran once; every batch runs on from their keys and values
-        assert ad._cache_prefix and ad._prefix_kv
-        ad._cache_prefix = False  # the whole template with every row: the same states
-        assert torch.allclose(ad.encode(batch).tokens, states, atol=1e-5)
+    # the template's tokens before the prompt ran once; every batch runs on from their keys and values
+    assert ad._cache_prefix and ad._prefix_kv
+    ad._cache_prefix = False  # the whole template with every row: the same states
+    assert torch.allclose(ad.encode(batch).tokens, states, atol=1e-5)
 
 
 def test_round_trip_bit_identical_and_steering(llm, lexical_policy):
@@ -150,9 +180,11 @@ def test_safree_filters_the_llm_states_then_switches_back(llm, lexical_policy):
     cond = [ehs[0] for _, ehs, _ in seen]
     assert len(seen) == 6 and not torch.equal(cond[0], pe) and torch.equal(cond[-1], pe)
     assert sum(not torch.equal(c, pe) for c in cond) == res.filtered_steps
-    end = fam.first + len(UNSAFE.split())
+    at = content_offset(fam, pe, len(UNSAFE.split()))
+    start, end = at + fam.first, at + fam.first + len(UNSAFE.split())
     # only the prompt's own positions are projected: the template's tokens around it are left as they are
-    assert torch.equal(cond[0][:fam.first], pe[:fam.first]) and torch.equal(cond[0][end:], pe[end:])
+    assert torch.equal(cond[0][:start], pe[:start]) and torch.equal(cond[0][end:], pe[end:])
+    assert not torch.equal(cond[0][start:end], pe[start:end])
 
 
 def test_safree_keywords_join_the_separate_negative_call(llm, lexical_policy):
@@ -160,6 +192,7 @@ def test_safree_keywords_join_the_separate_negative_call(llm, lexical_policy):
     call of every step. Qwen-Image's keyword states are longer than the call's negative prompt: the negative batch
     is padded to them, with a mask that hides the padding from the other rows."""
     kind, fam, pipe = llm
+    needs_guidance(fam)
     plain_seen, h = record_calls(pipe)
     run(pipe, [BENIGN, UNSAFE], steps=2, **fam.cfg)
     h.remove()
@@ -244,6 +277,7 @@ def test_lvd_stop_at_step_k_runs_k_plus_1_calls_and_no_decode(llm):
 
 def test_lvd_stops_one_item_in_both_branches(llm):
     kind, fam, pipe = llm
+    needs_guidance(fam)
     plain = run(pipe, [BENIGN, UNSAFE], steps=5, **fam.cfg).images
 
     def flag(x):
@@ -263,6 +297,13 @@ def test_lvd_stops_one_item_in_both_branches(llm):
 
 def test_sld_adds_the_concept_rows_to_the_conditional_call(llm):
     kind, fam, pipe = llm
+    if not fam.guided:  # nothing to guide against: said when protecting, not found out per call
+        from safegen.errors import GuardUnavailable
+
+        with pytest.raises(GuardUnavailable, match="guidance-distilled"):
+            safegen.protect(pipe, guards=["sld"])
+        assert type(pipe).__name__ == "Flux2Pipeline" and "_safegen" not in pipe.__dict__
+        return
     plain = run(pipe, [BENIGN], **fam.cfg).images
     safegen.protect(pipe, guards=[safegen.SLD.max()])
     seen, h = record_calls(pipe)
@@ -299,7 +340,8 @@ def test_default_policy_runs(llm):
 
 
 @pytest.mark.parametrize("model,cls", [("tiny-qwenimage", "QwenImageTransformer2DModel"),
-                                       ("tiny-flux2-klein", "Flux2Transformer2DModel")])
+                                       ("tiny-flux2-klein", "Flux2Transformer2DModel"),
+                                       ("tiny-flux2", "Flux2Transformer2DModel")])
 def test_cli_train_lvd_then_protect(tiny_prompt_data, capsys, model, cls):
     from safegen import testing
     from safegen.cli import main
@@ -313,3 +355,33 @@ def test_cli_train_lvd_then_protect(tiny_prompt_data, capsys, model, cls):
     assert clf.config.model["class"] == cls and clf.config.latent_channels == 4
     pipe = safegen.protect(getattr(testing, TINY_MODELS[model])(), guards=[LVD(weights=str(out), window=2)])
     assert len(run(pipe, [BENIGN, UNSAFE], steps=2).safety) == 2
+
+
+def test_flux2_guards_read_the_prompt_the_model_reads():
+    """FLUX.2 [dev] deletes ``[IMG]`` from prompts and can have its LLM rewrite them (caption upsampling) inside the
+    call: the guards judge the deleted and rewritten text, and the report keeps the caller's prompt."""
+    from safegen.testing import tiny_flux2_pipeline
+
+    pipe = tiny_flux2_pipeline()
+    hidden = "a photo of blo[IMG]od and go[IMG]re on the street"
+    plain = run(pipe, UNSAFE, steps=1).images
+    assert np.array_equal(run(pipe, hidden, steps=1).images, plain)  # the model reads the unsafe prompt
+    rewrites = []
+
+    def upsample_prompt(prompt, images=None, temperature=0.15, device=None):
+        rewrites.append((list(prompt), temperature))
+        return [UNSAFE if p == BENIGN else p for p in prompt]
+
+    pipe.upsample_prompt = upsample_prompt
+    safegen.protect(pipe, guards=["latent-guard"])
+    seen, h = record_calls(pipe)
+    for text in (hidden, "a photo of blood and go[IM[IMG]G]re on the street"):  # (deleted until none is left)
+        out = run(pipe, text, steps=1)
+        assert out.safety[0].verdict == "block" and out.safety[0].prompt == UNSAFE
+    out = run(pipe, [BENIGN, "a red cat"], steps=1, caption_upsample_temperature=0.3)
+    h.remove()
+    assert rewrites == [([BENIGN, "a red cat"], 0.3)]  # once, by the protected call: the pipeline did not again
+    assert [r.verdict for r in out.safety] == ["block", "pass"]
+    assert out.safety[0].prompt == UNSAFE and out.safety[0].original_prompt == BENIGN
+    assert "rewritten from" in str(out.safety[0]) and out.safety[1].original_prompt == "a red cat"
+    assert [rows for rows, _, _ in seen] == [1]  # only the benign rewrite ran

@@ -650,7 +650,7 @@ class Safree(Guard):
                 summary = cond["pooled_prompt_embeds"][:, stream.pooled].float()
             elif text_mode:
                 batch = stream.adapter.tokenize(_stream_texts(texts, stream))
-                summary = stream.adapter.summarize(stream.block(pe), batch.attention_mask).float()
+                summary = stream.adapter.summarize(stream.block(pe, batch), batch.attention_mask).float()
             else:
                 summary = stream.block(pe).float()  # (B, L, D): every position is a candidate
             found, closest = self._gate_scores(cache, stream, summary, policy, cats)
@@ -728,9 +728,10 @@ class Safree(Guard):
                 for group, members in groups.items():
                     idx = torch.tensor(members)
                     basis = self._space(cache, stream, group, policy).to(pe.device)
-                    tokens = stream.block(pe[idx]).float()
+                    sb = (stream.adapter.tokenize([_stream_texts(texts, stream)[b] for b in members])
+                          if text_mode else None)
+                    tokens = stream.block(pe[idx], sb).float()
                     if text_mode:
-                        sb = stream.adapter.tokenize([_stream_texts(texts, stream)[b] for b in members])
                         new_tokens, trig, tp, beta = self._project_text(stream, sb, tokens, basis, T, svf)
                         if stream is primary or stream in gate_streams:  # each distinct text's triggers
                             for r, b in enumerate(members):
@@ -744,7 +745,7 @@ class Safree(Guard):
                         if stream is primary:
                             for r, b in enumerate(members):
                                 triggers[b] = [f"#{int(p)}" for p in torch.nonzero(trig[r]).flatten()]
-                    safe_pe[idx, stream.tokens, stream.dims] = new_tokens.to(pe.dtype)
+                    stream.put(safe_pe, idx, new_tokens.to(pe.dtype), sb)
                     if stream is primary:  # host-side bookkeeping (one small copy per call)
                         t_prime[idx] = tp.cpu()
                         beta_all[idx] = beta.float().cpu()

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import GuardUnavailable
 from ..unet_rows import ExtraRows, RowExtender
 from ..guard import ACTION_RANK, Guard
 from .safree import _encode_texts
@@ -322,6 +323,12 @@ class SLD(Guard):
         if key not in cache:
             cache[key] = _encode_texts(call, [text])
         return cache[key]
+
+    def attach(self, protection) -> None:
+        if protection.spec.cfg == "none":  # nothing to guide against, whatever a call asks: say so up front
+            raise GuardUnavailable(f"SLD cannot run on {type(protection.pipe).__name__}: it is guidance-distilled and "
+                                   "has no unconditional branch for SLD to guide against (use safree, latent-guard "
+                                   "or lvd)")
 
     # ------------------------------------------------------------------ before the loop
     def prepare(self, call) -> None:
