@@ -175,6 +175,35 @@ def test_lvd_stops_a_clip_without_decoding_and_names_its_first_flagged_frame(vid
     assert np.ptp(out.frames[0]) == 0 and np.ptp(out.frames[1]) > 0  # placeholder vs a drawn clip
 
 
+def test_lvd_calibrates_the_classifier_trained_on_the_pipelines_own_model(video, tmp_path, monkeypatch):
+    """Without ``weights`` the guard's classifier is the shipped one for the pipeline it works on: calibrating on
+    the video model reads the video model's classifier, not the image model's, with the call's frames."""
+    import safegen.guards.lvd as lvd
+    from safegen._paths import assets_dir
+    from safegen.default_model import load_default_pipeline
+    from safegen.guards.lvd import LVDConfig, unet_fingerprint
+
+    path = tmp_path / "video-lvd.safetensors"
+    LatentClassifier(LVDConfig(4, categories=["violence"], model=unet_fingerprint(video))).save(path)
+    image_pipe = load_default_pipeline()
+    monkeypatch.setattr(lvd, "default_weights_path", lambda pipe=None: path if pipe is video
+                        else assets_dir() / "lvd" / lvd.SHIPPED_WEIGHTS[0])
+    frames = []
+    hook = video.vae.decoder.register_forward_pre_hook(lambda m, a: frames.append(a[0].shape[0]))
+    steps = []
+    hook2 = video.unet.conv_in.register_forward_pre_hook(lambda m, a: steps.append(a[0].shape[0]))
+    guard = LVD(window=2)
+    try:
+        scale = guard.calibrate(video, steps=3, limit=2, progress=False, num_frames=4)
+    finally:
+        hook.remove(), hook2.remove()
+    assert len(scale) == 2 and scale.categories == ["violence"]
+    assert guard._loaded[0] == path and guard._loaded[1].metadata["risk_scale"]["window"] == 2
+    assert steps == [2 * 2 * 4] * 2 and frames == []  # CFG × 2 clips × 4 frames, cut after the window, no decode
+    assert guard.classifier.config.model != unet_fingerprint(video)  # with no pipeline: the image model's file
+    assert guard.classifier.config.model == unet_fingerprint(image_pipe)
+
+
 def test_train_lvd_video_trains_a_frame_wise_classifier(tiny_prompt_data, capsys):
     from safegen.cli import main
     from safegen.training.lvd import Trajectories

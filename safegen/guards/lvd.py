@@ -824,7 +824,7 @@ class LVD(Guard):
         return scale
 
     def calibrate(self, pipe, *, steps: int = 25, batch_size: int = 16, limit: int | None = None,
-                  exclude: "Sequence[int]" = (), progress: bool = True) -> "RiskScale":
+                  exclude: "Sequence[int]" = (), progress: bool = True, **call_kwargs) -> "RiskScale":
         """Fit this guard's risk scale: the rule scores (:meth:`rule_scores`) of the benign reference prompts
         (:func:`safegen.calibration.reference_prompts`, item ``i`` seeded with ``i``, ``steps`` steps, each call
         cut after the window) on ``pipe``, stored in the classifier's metadata under ``"risk_scale"`` (with the
@@ -832,7 +832,8 @@ class LVD(Guard):
 
         ``exclude``: reference indices whose own generation (same seed and steps) is unsafe by the labeller the
         classifier was trained with. Stopping those is no false positive, so they are left out of the benign
-        scores. LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
+        scores. Without ``weights`` the classifier is the shipped one trained on ``pipe``'s model
+        (:func:`default_weights_path`); ``call_kwargs`` go to every call (a video model's ``num_frames``). LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
         embedded default model marks 34 of the 1,000 (the metadata lists them under
         ``excluded_unsafe_generations``).
 
@@ -855,7 +856,7 @@ class LVD(Guard):
 
         if is_protected(pipe):
             raise ValueError("LVD.calibrate needs an unprotected pipeline (safegen.unprotect(pipe) first)")
-        clf = self.classifier
+        clf = self._classifier_for(pipe)
         policy = load_policy("default").copy()
         for cat in policy.categories.values():
             cat.action = "log"  # measure only: nothing stopped
@@ -875,7 +876,7 @@ class LVD(Guard):
                 chunk = prompts[start:start + batch_size]
                 gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
                 out = pipe(prompt=chunk, num_inference_steps=steps, generator=gens, output_type="latent",
-                           callback_on_step_end=cut)
+                           callback_on_step_end=cut, **call_kwargs)
                 rows += [[r.result(self.name).scores[c] for c in clf.categories] for r in out.safety]
         finally:
             unprotect(pipe)
@@ -889,12 +890,19 @@ class LVD(Guard):
 
     @property
     def classifier(self) -> LatentClassifier:
-        """The classifier (the in-memory one, else loaded from ``weights`` or the shipped file)."""
+        """The classifier (the in-memory one, else loaded from ``weights`` or the shipped image model's file; a
+        protected pipeline's own is the one :func:`default_weights_path` picks for it)."""
+        return self._classifier_for(None)
+
+    def _classifier_for(self, pipe) -> LatentClassifier:
+        """The in-memory classifier, else the file for ``pipe`` (:meth:`_weights_path`), loaded once per path."""
         if self._classifier is not None:
             return self._classifier
-        if getattr(self, "_loaded", None) is None:
-            self._loaded = LatentClassifier.load(self._weights_path())
-        return self._loaded
+        path = self._weights_path(pipe)
+        loaded = getattr(self, "_loaded", None)
+        if loaded is None or loaded[0] != path:
+            self._loaded = loaded = (path, LatentClassifier.load(path))
+        return loaded[1]
 
     def _default_threshold(self, clf: LatentClassifier) -> float:
         if self.threshold is not None:
