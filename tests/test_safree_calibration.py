@@ -97,6 +97,30 @@ def test_calibration_is_cached_on_disk_by_encoder(sd, tmp_path, monkeypatch):
     assert Safree().calibration(sd)["thresholds"] == other["thresholds"]
 
 
+def test_an_encoder_is_hashed_once_until_its_weights_change(monkeypatch):
+    """The calibration key hashes every byte of the text encoder: once per encoder while its tensors stay as they
+    are; an in-place change (a fused LoRA, loaded weights) is seen, and the key follows the bytes."""
+    from safegen.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    te, tok = pipe.text_encoder, pipe.tokenizer
+    hashed = []
+    real = cal_mod._hash_tensors
+    monkeypatch.setattr(cal_mod, "_hash_tensors", lambda h, t: (hashed.append(len(t)), real(h, t)))
+    first = cal_mod.encoder_fingerprint(te, tok, layer=-1)
+    assert cal_mod.encoder_fingerprint(te, tok, layer=-1) == first and len(hashed) == 1
+    assert cal_mod.encoder_fingerprint(te, tok, layer=-2) != first and len(hashed) == 1  # settings: no rehash
+    weight = te.get_input_embeddings().weight
+    saved = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = saved + 1.0
+    changed = cal_mod.encoder_fingerprint(te, tok, layer=-1)
+    assert changed != first and len(hashed) == 2
+    with torch.no_grad():
+        weight[0, 0] = saved
+    assert cal_mod.encoder_fingerprint(te, tok, layer=-1) == first and len(hashed) == 3
+
+
 def test_the_embedded_model_ships_its_calibration(monkeypatch, tmp_path):
     """The default model + default policy calibration ships in assets/calibration (a fresh install does not
     compute it), and it is the one protect() uses: 1% budget, c fitted, thresholds in the report."""
