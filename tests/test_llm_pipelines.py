@@ -385,3 +385,30 @@ def test_flux2_guards_read_the_prompt_the_model_reads():
     assert out.safety[0].prompt == UNSAFE and out.safety[0].original_prompt == BENIGN
     assert "rewritten from" in str(out.safety[0]) and out.safety[1].original_prompt == "a red cat"
     assert [rows for rows, _, _ in seen] == [1]  # only the benign rewrite ran
+
+
+@pytest.mark.parametrize("builder", ["tiny_flux2_pipeline", "tiny_flux2_klein_pipeline"])
+def test_flux2_with_a_conditioning_image(builder):
+    """FLUX.2 edits: the conditioning image's latents join the transformer's tokens. LVD stops one item and Latent
+    Guard blocks one; the other comes out as the plain call's (within float noise: it runs in a smaller batch)."""
+    from PIL import Image
+
+    from safegen import testing
+
+    pipe = getattr(testing, builder)()
+    image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    kw = dict(image=image, height=32, width=32)
+    plain = run(pipe, [BENIGN, UNSAFE], **kw).images
+
+    def flag(x):
+        hit = torch.zeros(x.shape[0], dtype=torch.bool)
+        hit[1:] = x.shape[0] == 2  # the second item while both run
+        return hit
+
+    for guards in ([LVD.from_classifier(LatentClassifier.scripted(pipe, flag), window=2, ratio=0.5)],
+                   ["latent-guard"]):
+        safegen.protect(pipe, guards=guards)
+        out = run(pipe, [BENIGN, UNSAFE], **kw)
+        safegen.unprotect(pipe)
+        assert [r.verdict for r in out.safety] == ["pass", "block"]
+        assert np.allclose(out.images[0], plain[0], atol=1e-5) and np.ptp(out.images[1]) == 0
