@@ -570,7 +570,7 @@ def _rewrite_prompts(pipe, a: dict[str, Any]) -> list[str] | None:
     the rewritten prompts and no upsampling, so that the guards judge the text the model reads. Returns the
     caller's prompts (``None`` when nothing was rewritten)."""
     temperature = a.get("caption_upsample_temperature")
-    if not temperature or a.get("prompt") is None or not hasattr(pipe, "upsample_prompt"):
+    if not temperature or not isinstance(a.get("prompt"), (str, list, tuple)) or not hasattr(pipe, "upsample_prompt"):
         return None
     originals = _as_list(a["prompt"])
     rewritten = pipe.upsample_prompt(originals, images=a.get("image"), temperature=temperature,
@@ -654,7 +654,7 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
     if prot is None:
         prot = pipe.__dict__["_safegen"]
     a = _bind(base_call, pipe, args, kwargs)
-    if prot.spec.removes and a.get("prompt") is not None:  # what the pipeline would delete, deleted before any guard
+    if prot.spec.removes and isinstance(a.get("prompt"), (str, list, tuple)):  # deleted before any guard reads it
         a["prompt"] = _removed(a["prompt"], prot.spec.removes)
     originals = _rewrite_prompts(pipe, a)
     call = _new_call(prot, a)
