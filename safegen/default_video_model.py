@@ -15,7 +15,7 @@ model's, not copied (the package stays small): pass them in, as :func:`load_defa
     from diffusers import AnimateDiffPipeline
     from safegen.default_model import load_default_pipeline
     image = load_default_pipeline()
-    pipe = AnimateDiffPipeline.from_pretrained("assets/default-video-model",  # once it ships; or a trained DIR
+    pipe = AnimateDiffPipeline.from_pretrained("assets/default-video-model",  # or a folder you trained
                                                text_encoder=image.text_encoder, tokenizer=image.tokenizer,
                                                vae=image.vae)
     pipe("a red car driving", num_frames=8, num_inference_steps=10, output_type="np").frames.shape  # (1, 8, 64, 64, 3)
@@ -94,11 +94,10 @@ def load_default_video_pipeline(folder: "str | Path | None" = None, image_folder
     progress bars off, with the text encoder, tokenizer and VAE of the image model in ``image_folder`` (default:
     the embedded one). Safetensors only.
 
-    Example (with a folder the trainer wrote; with none, the embedded model once it ships)::
-
-        pipe = load_default_video_pipeline("outputs/my-video-model")
-        pipe("a red car driving", num_frames=8, num_inference_steps=4, output_type="np").frames.shape
-        # (1, 8, 64, 64, 3)
+    Example (the embedded model; in a clone of the repository, where it ships):
+        >>> pipe = load_default_video_pipeline()
+        >>> pipe("a red car driving", num_frames=8, num_inference_steps=2, output_type="np").frames.shape
+        (1, 8, 64, 64, 3)
     """
     from diffusers import AnimateDiffPipeline
 

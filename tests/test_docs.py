@@ -7,8 +7,8 @@ import pytest
 
 MODULES = ["safegen", "safegen.policy", "safegen.report", "safegen.protection", "safegen.encoders", "safegen.hub",
            "safegen.community", "safegen.testing", "safegen.guards.safree", "safegen.guards.sld",
-           "safegen.eval.harness", "safegen.default_model", "safegen.hooks", "safegen.guard_names",
-           "safegen.calibration"]
+           "safegen.eval.harness", "safegen.default_model", "safegen.default_video_model", "safegen.hooks",
+           "safegen.guard_names", "safegen.calibration"]
 
 
 @pytest.mark.parametrize("name", MODULES)
