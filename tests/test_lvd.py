@@ -351,3 +351,20 @@ def test_v_prediction_pipeline_reads_x0_and_stops(sd2v):
     assert out.safety[0].result("lvd").stopped_at_step == 1 and out.safety[0].unet_steps_run == 2
     assert all(math.isfinite(v) for v in seen) and len(seen) == 2
     safegen.unprotect(sd2v)
+
+
+def test_the_shipped_video_classifier_is_picked_for_the_shipped_video_model():
+    """Both embedded models have their own shipped LVD classifier; each pipeline gets the one trained on it."""
+    import safegen
+    from safegen.default_model import load_default_pipeline
+    from safegen.default_video_model import load_default_video_pipeline
+    from safegen.guards.lvd import LVD, LatentClassifier, default_weights_path
+
+    video, image = load_default_video_pipeline(), load_default_pipeline()
+    path = default_weights_path(video)
+    assert path.name == "default-video-model.safetensors"
+    assert default_weights_path(image).name == "default-model.safetensors"
+    clf = LatentClassifier.load(path)
+    assert clf.metadata["video"] is True and clf.metadata["trained_on"] == "default-video"
+    safegen.protect(video, guards=[LVD()])  # attaching checks the classifier against the model: no mismatch
+    safegen.unprotect(video)
