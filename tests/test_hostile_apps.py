@@ -228,13 +228,16 @@ def test_resume_with_changed_model_weights_is_refused(model_folders, tmp_path, c
 
 
 def test_guard_weight_files_are_fingerprinted(tmp_path, monkeypatch):
+    from safegen._paths import assets_dir
     from safegen.eval.command import guard_weight_digests, guard_weight_files
     from safegen.guards import latent_guard, lvd
     from safegen.guards.safetydpo import default_merged_path
 
     assert guard_weight_files(["safree", "sld-strong", "output-check"]) == {}
     files = guard_weight_files(["latent-guard", "lvd", "safetydpo"])
-    assert files == {"latent-guard": [latent_guard.default_weights_path()], "lvd": [lvd.default_weights_path()],
+    # LVD without weights picks the shipped classifier of the pipeline's model: every shipped one counts
+    shipped_lvd = [lvd.default_weights_path(), assets_dir() / "lvd" / "default-video-model.safetensors"]
+    assert files == {"latent-guard": [latent_guard.default_weights_path()], "lvd": shipped_lvd,
                      "safetydpo": [default_merged_path()]}
     head = tmp_path / "lvd.safetensors"
     shutil.copy(lvd.default_weights_path(), head)

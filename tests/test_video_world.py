@@ -102,11 +102,14 @@ def test_generate_video_defaults_to_the_embedded_video_model(tmp_path, capsys):
     from safegen.cli import main
 
     out = tmp_path / "v"
+    # (Latent Guard only: the shipped video LVD classifier, made for the shipped model, would judge this
+    # two-step stand-in's clips; a blocked clip's flat frames make a one-frame GIF)
     assert main(["generate", "a red car driving", "a photo of blood and gore", "--video", "--steps", "3",
-                 "--save-frames", "--out", str(out)]) == 0
+                 "--guards", "latent-guard", "--save-frames", "--out", str(out)]) == 0
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     assert [e["model"] for e in report] == ["default-video"] * 2 and report[0]["frames"] == VIDEO_FRAMES
+    assert [e["verdict"] for e in report] == ["pass", "block"]
     assert (out / "000.gif").is_file() and len(list((out / "000").glob("*.png"))) == VIDEO_FRAMES
     from PIL import Image
 
