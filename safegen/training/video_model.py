@@ -197,7 +197,8 @@ def train(out_dir: "str | Path", *, data_dir: "str | Path | None" = None, steps:
             "cfg_dropout": cfg_dropout, "seed": seed, "limit": limit,
             "image_model": str(image_folder) if image_folder is not None else "assets/default-model",
             "shared_components": list(SHARED_COMPONENTS),
-            "runs": earlier_runs + [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines() if line.strip()]}
+            "runs": earlier_runs + [json.loads(line) for line in (ckpt_dir / "runs.jsonl").read_text().splitlines()
+                                    if line.strip()]}
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return summary
 
