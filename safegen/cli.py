@@ -145,12 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=_size, default=None, metavar="H", help="image height (model default)")
     g.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
     vg = g.add_argument_group("video (text-to-video pipelines: AnimateDiff, CogVideoX, TextToVideoSD/ZeroScope)")
-    vg.add_argument("--video", action="store_true",
-                    help="generate videos with a text-to-video pipeline: the embedded default video model (--model "
-                         f"default or {DEFAULT_VIDEO_MODEL}), a folder or hub id, or one of "
-                         f"{sorted(TINY_VIDEO_MODELS)}; writes DIR/000.gif, ... (animated GIFs)")
-    vg.add_argument("--frames", type=_positive_int, default=None, metavar="N",
-                    help="frames per video (num_frames; default: 8 on the default video model, else the pipeline's)")
+    add_video_arguments(vg, f"generate videos with a text-to-video pipeline ({DEFAULT_VIDEO_MODEL}, a folder or hub "
+                            f"id, or one of {sorted(TINY_VIDEO_MODELS)}); writes DIR/000.gif, ... (animated GIFs)")
     vg.add_argument("--fps", type=_positive_int, default=8, metavar="N", help="GIF frame rate (default 8)")
     vg.add_argument("--save-frames", action="store_true", help="also write every frame: DIR/000/00.png, ...")
     g.set_defaults(func=cmd_generate)

@@ -399,20 +399,23 @@ def default_weights_path(pipe=None) -> Path:
     """The shipped classifier: ``assets/lvd/default-model.safetensors`` (the embedded default model's), or, for
     ``pipe``, the shipped one trained on that pipeline's model (the embedded video model has its own,
     ``default-video-model.safetensors``); the image model's when none fits (attaching it then says why)."""
-    from .._paths import assets_dir
-
-    folder = assets_dir() / "lvd"
     if pipe is not None:
-        for name in SHIPPED_WEIGHTS:
-            path = folder / name
-            if not path.is_file():
-                continue
+        for path in _shipped_paths():
             try:
                 LatentClassifier.load(path).check_model(pipe, str(path))
             except Exception:  # another model's classifier (or an unreadable file: attaching reports it)
                 continue
             return path
-    return folder / SHIPPED_WEIGHTS[0]
+    from .._paths import assets_dir
+
+    return assets_dir() / "lvd" / SHIPPED_WEIGHTS[0]
+
+
+def _shipped_paths() -> list:
+    """The files of :data:`SHIPPED_WEIGHTS` this installation has, in that order."""
+    from .._paths import assets_dir
+
+    return [p for p in (assets_dir() / "lvd" / n for n in SHIPPED_WEIGHTS) if p.is_file()]
 
 
 # ---------------------------------------------------------------------- video latents
@@ -591,10 +594,7 @@ class LVD(Guard):
         if self._classifier is not None:
             return []  # an in-memory classifier: no file
         if self.weights is None:  # which shipped one applies depends on the pipeline: all of them
-            from .._paths import assets_dir
-
-            others = [assets_dir() / "lvd" / n for n in SHIPPED_WEIGHTS[1:]]
-            return [default_weights_path(), *(p for p in others if p.is_file())]
+            return [default_weights_path(), *(p for p in _shipped_paths() if p.name != SHIPPED_WEIGHTS[0])]
         return [self._weights_path()]
 
     # ------------------------------------------------------------------ lifecycle
@@ -832,10 +832,11 @@ class LVD(Guard):
 
         ``exclude``: reference indices whose own generation (same seed and steps) is unsafe by the labeller the
         classifier was trained with. Stopping those is no false positive, so they are left out of the benign
-        scores. Without ``weights`` the classifier is the shipped one trained on ``pipe``'s model
-        (:func:`default_weights_path`); ``call_kwargs`` go to every call (a video model's ``num_frames``). LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
+        scores. LVD judges generations, not prompts, and a model may draw unsafe content for a benign prompt: the
         embedded default model marks 34 of the 1,000 (the metadata lists them under
-        ``excluded_unsafe_generations``).
+        ``excluded_unsafe_generations``). Without ``weights`` the classifier is the shipped one trained on
+        ``pipe``'s model (:func:`default_weights_path`); ``call_kwargs`` go to every call (a video model's
+        ``num_frames``).
 
         Example:
             >>> import torch
