@@ -15,6 +15,9 @@ import torch
 DEPTHS = {
     "sd35": "MMDiT 2/24 joint blocks (SD3.5 medium widths: 24 heads × 64, caption 1536), CLIP-L 12/12, "
             "CLIP-bigG 4/32, T5-XXL 2/24 layers",
+    "sd35-even": "MMDiT 4/24 joint blocks (SD3.5 medium widths, as sd35), CLIP-L 2/12, CLIP-bigG 5/32, T5-XXL 4/24 "
+                 "layers: every part at about 1/6 of its released depth, so the text side weighs against the "
+                 "denoiser as in the released model",
     "flux1": "FLUX.1 1/19 double + 2/38 single blocks (24 heads × 128), CLIP-L 12/12, T5-XXL 2/24 layers",
     "wan21": "Wan 2.1 1.3B 2/30 blocks (12 heads × 128, FFN 8960), UMT5-XXL 2/24 layers",
     "qwenimage": "Qwen-Image MMDiT 2/60 blocks (24 heads × 128, caption 3584), Qwen2.5-VL-7B language model 2/28 "
@@ -54,28 +57,37 @@ def _vae16(seed: int):
                          shift_factor=0.0609).eval()
 
 
-def build_sd35(seed: int = 0):
+def build_sd35(seed: int = 0, depths: tuple[int, int, int, int] = (2, 12, 4, 2)):
     """``StableDiffusion3Pipeline`` at SD3.5-medium widths (MMDiT-X: 24 heads of 64, joint attention over T5's
-    4096-wide states, pooled 768 + 1280), CLIP-L, CLIP-bigG and T5-XXL, a 16-channel VAE; depth in ``DEPTHS``."""
+    4096-wide states, pooled 768 + 1280), CLIP-L, CLIP-bigG and T5-XXL, a 16-channel VAE; ``depths``: the layers
+    of the MMDiT, CLIP-L, CLIP-bigG and T5 (``DEPTHS``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from safegen.testing import tiny_clip_tokenizer, tiny_t5_tokenizer
 
+    mmdit, clip_l, clip_g, t5 = depths
     tok, tok2, tok3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(pad_token="!"), tiny_t5_tokenizer(max_length=256)
-    te = _clip(tok, 768, 12, 12, 3072, 768, seed)
-    te2 = _clip(tok2, 1280, 4, 20, 5120, 1280, seed + 1)
-    te3 = _t5_xxl(tok3, 2, seed + 2)
+    te = _clip(tok, 768, clip_l, 12, 3072, 768, seed)
+    te2 = _clip(tok2, 1280, clip_g, 20, 5120, 1280, seed + 1)
+    te3 = _t5_xxl(tok3, t5, seed + 2)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
-                                        caption_projection_dim=1536, pooled_projection_dim=2048,
-                                        pos_embed_max_size=384, dual_attention_layers=(0, 1),
+    # SD3.5 medium's first 13 blocks have the second (dual) attention
+    transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=mmdit, attention_head_dim=64, num_attention_heads=24,
+                                        joint_attention_dim=4096, caption_projection_dim=1536,
+                                        pooled_projection_dim=2048, pos_embed_max_size=384,
+                                        dual_attention_layers=tuple(range(min(mmdit, 13))),
                                         qk_norm="rms_norm").eval()
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=_vae16(seed), text_encoder=te, tokenizer=tok, text_encoder_2=te2,
                                     tokenizer_2=tok2, text_encoder_3=te3, tokenizer_3=tok3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_sd35_even(seed: int = 0):
+    """:func:`build_sd35` with every part at about 1/6 of its released depth (``DEPTHS["sd35-even"]``)."""
+    return build_sd35(seed, depths=(4, 2, 5, 4))
 
 
 def build_flux1(seed: int = 0):

@@ -153,6 +153,10 @@ MODELS = {
     "sd35": Model("sd35", "SD3.5 medium widths, reduced depth, random fp32 weights, 256x256 px, 4 steps, CFG 5",
                   _dit("sd35"), dict(height=256, width=256, num_inference_steps=4, guidance_scale=5.0), 3, 3,
                   configs=("safree", "sld", "lvd"), safree_args=dict(calibrate=False)),
+    "sd35-even": Model("sd35-even", "SD3.5 medium widths, every part at about 1/6 of its depth, random fp32 weights, "
+                       "512x512 px, 4 steps, CFG 5", _dit("sd35_even"),
+                       dict(height=512, width=512, num_inference_steps=4, guidance_scale=5.0), 3, 3,
+                       configs=("safree",), safree_args=dict(calibrate=False)),
     "flux1": Model("flux1", "FLUX.1 widths, reduced depth, random fp32 weights, 256x256 px, 4 steps (guidance-"
                    "distilled; SLD with true CFG 2)", _dit("flux1"),
                    dict(height=256, width=256, num_inference_steps=4), 3, 3, configs=("safree", "sld", "lvd"),
