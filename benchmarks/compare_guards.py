@@ -101,64 +101,95 @@ def protected_pipeline(guards, device: str, video: bool = False):
     return pipe
 
 
-def _coco_blocks(out: Path) -> list[str]:
-    """Why the default policy blocked COCO captions: per guard, how many blocked items the unprotected model drew
-    unsafe (a caught hazard) or clean (a false positive), and fidelity on the items both runs returned."""
+def _items(out: Path, setting: str, s: str) -> list[dict]:
+    """The per-item results of one setting on one set (empty when it has not run)."""
     import json
+
+    path = out / setting.replace("+", "_") / s / "items.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _block_split(out: Path, setting: str):
+    """A setting's COCO blocks, split by the blocking guard and by whether the unprotected model drew that item
+    unsafe (a caught hazard) or clean (a false positive): ``(counts, n, caught, false, both)``, ``both`` the items
+    the two runs returned (``None`` when either run is missing)."""
     from collections import Counter
 
-    def items(setting: str) -> list[dict]:
-        path = out / setting / "coco" / "items.jsonl"
-        return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
-
-    prot, plain = items("default"), {x["prompt"]: x for x in items("none")}
+    prot, plain = _items(out, setting, "coco"), {x["prompt"]: x for x in _items(out, "none", "coco")}
     if not prot or not plain:
-        return []
+        return None
     counts: Counter = Counter()
     for x in prot:
         if x["blocked"]:
             guard = next((g for g, v in x["guards"].items() if v in ("block", "error")), "?")
             counts[(guard, bool(plain[x["prompt"]]["unsafe"]))] += 1
-    n = len(prot)
     caught = sum(v for (g, u), v in counts.items() if u)
     false = sum(v for (g, u), v in counts.items() if not u)
-    per = ", ".join(f"{g} {counts[(g, True)]} + {counts[(g, False)]}"
-                    for g in dict.fromkeys(g for g, _ in sorted(counts)))
-    both = [x for x in prot if not x["blocked"] and x["fidelity"] is not None
+    both = [(x, plain[x["prompt"]]) for x in prot if not x["blocked"] and x["fidelity"] is not None
             and plain[x["prompt"]]["fidelity"] is not None]
-    fid_p = sum(x["fidelity"] for x in both) / max(len(both), 1)
-    fid_u = sum(plain[x["prompt"]]["fidelity"] for x in both) / max(len(both), 1)
-    return [f"COCO blocks, by guard (drawn unsafe by the unprotected model + drawn clean): {per}. Of the "
-            f"{caught + false} blocked captions ({100 * (caught + false) / n:.1f}%), {caught} "
+    return counts, len(prot), caught, false, both
+
+
+def _per_guard(counts) -> str:
+    return ", ".join(f"{g} {counts[(g, True)]} + {counts[(g, False)]}"
+                     for g in dict.fromkeys(g for g, _ in sorted(counts)))
+
+
+def _coco_blocks(out: Path) -> list[str]:
+    """Why the default policy blocked COCO captions: per guard, how many blocked items the unprotected model drew
+    unsafe (a caught hazard) or clean (a false positive), and fidelity on the items both runs returned."""
+    split = _block_split(out, "default")
+    if split is None:
+        return []
+    counts, n, caught, false, both = split
+    fid_p = sum(x["fidelity"] for x, _ in both) / max(len(both), 1)
+    fid_u = sum(y["fidelity"] for _, y in both) / max(len(both), 1)
+    return [f"COCO blocks, by guard (drawn unsafe by the unprotected model + drawn clean): {_per_guard(counts)}. Of "
+            f"the {caught + false} blocked captions ({100 * (caught + false) / n:.1f}%), {caught} "
             f"({100 * caught / n:.1f}% of the set) are images the unprotected model drew with a hazard mark, caught; "
             f"{false} ({100 * false / n:.1f}%) are false positives. On the {len(both)} captions both runs returned "
             f"and that name a colour or object, fidelity is {100 * fid_p:.1f}% protected and {100 * fid_u:.1f}% "
             "unprotected: the fidelity loss in the table is the blocked items."]
 
 
+def _video_blocks(out: Path, settings) -> list[str]:
+    """Per setting that blocked COCO clips: how many of them the unprotected model drew unsafe (caught) and how
+    many clean (false positives), by blocking guard."""
+    lines = []
+    for setting in settings:
+        split = None if setting == "none" else _block_split(out, setting)
+        if split is None or not (split[2] + split[3]):
+            continue
+        counts, n, caught, false, _ = split
+        lines.append(f"- {label(setting)}: {caught + false} of {n} ({_per_guard(counts)}); {caught} caught, "
+                     f"{false} false ({100 * false / n:.1f}%)")
+    if not lines:
+        return []
+    return ["", "COCO clips blocked, by guard (drawn unsafe by the unprotected model + drawn clean): a blocked clip "
+                "the unprotected model drew with a hazard mark is a catch, one it drew clean a false positive.", "",
+            *lines]
+
+
 def _lvd_clips(out: Path) -> list[str]:
     """LVD on clips against the issue's targets: of the CoProV2 clips the unprotected model drew unsafe, the
-    share LVD blocked; the share of COCO clips it blocked; the share of UNet steps its blocked clips skipped."""
-    import json
-
-    def items(setting: str, s: str) -> list[dict]:
-        path = out / setting / s / "items.jsonl"
-        return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
-
-    plain = {x["prompt"]: x for x in items("none", "coprov2")}
-    unsafe_clips = [x for x in items("lvd", "coprov2") if plain.get(x["prompt"], {}).get("unsafe")]
-    coco = items("lvd", "coco")
-    if not unsafe_clips or not coco:
+    share LVD blocked; the share of COCO clips it blocked (and of those the unprotected model drew clean); the
+    share of UNet steps its blocked clips skipped."""
+    plain = {x["prompt"]: x for x in _items(out, "none", "coprov2")}
+    unsafe_clips = [x for x in _items(out, "lvd", "coprov2") if plain.get(x["prompt"], {}).get("unsafe")]
+    coco = _items(out, "lvd", "coco")
+    split = _block_split(out, "lvd")
+    if not unsafe_clips or not coco or split is None:
         return []
     caught = sum(x["blocked"] for x in unsafe_clips)
-    false = sum(x["blocked"] for x in coco)
+    blocked_coco, false = split[2] + split[3], split[3]
     blocked = [x for x in unsafe_clips + coco if x["blocked"]]
     total = sum(x["unet_steps_run"] + x["unet_steps_saved"] for x in blocked)
     skipped = sum(x["unet_steps_saved"] for x in blocked) / total if total else 0.0
     return ["", f"LVD against its targets: it blocked {caught} of the {len(unsafe_clips)} CoProV2 clips the "
-                f"unprotected model drew unsafe ({100 * caught / len(unsafe_clips):.1f}%), {false} of {len(coco)} "
-                f"COCO clips ({100 * false / len(coco):.1f}%), and its blocked clips skipped {100 * skipped:.1f}% of "
-                "their UNet steps."]
+                f"unprotected model drew unsafe ({100 * caught / len(unsafe_clips):.1f}%), {blocked_coco} of "
+                f"{len(coco)} COCO clips ({100 * blocked_coco / len(coco):.1f}%; {false} of them, "
+                f"{100 * false / len(coco):.1f}%, drawn clean unprotected), and its blocked clips skipped "
+                f"{100 * skipped:.1f}% of their UNet steps."]
 
 
 def _video_section(a, rows: list, table: list, oracle, elapsed: float, out: Path) -> list[str]:
@@ -193,7 +224,7 @@ def _video_section(a, rows: list, table: list, oracle, elapsed: float, out: Path
         *table, "",
         "Per frame: unsafe frames = share of all frames with a mark; late onset = share of unsafe clips whose "
         "first marked frame is not the first; motion = share of returned clips whose object moves.", "",
-        *frames, *_lvd_clips(out), VIDEO_END]
+        *frames, *_lvd_clips(out), *_video_blocks(out, a.settings), VIDEO_END]
 
 
 def main() -> None:
