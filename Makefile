@@ -36,8 +36,13 @@ chromium:
 run: venv
 	$(PY) -m safegen.cli demo-run --out outputs
 
+# Two pytest workers (pytest-xdist), one per core of the CI machine: the suite is mostly many small single-threaded
+# models, so two processes finish it far sooner than one with two torch threads. `make test TEST_WORKERS=0` runs it
+# in one process.
+TEST_WORKERS ?= 2
+
 test: venv chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 bench: venv
 	$(PY) benchmarks/overhead.py

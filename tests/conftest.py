@@ -12,7 +12,9 @@ os.environ.setdefault("SAFEGEN_CACHE", tempfile.mkdtemp(prefix="safegen-test-cac
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most two torch threads per process, and no more threads than cores among pytest-xdist's workers (spinning)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture
