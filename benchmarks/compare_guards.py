@@ -300,7 +300,9 @@ def main() -> None:
         rows.append(row)
     if not dist.is_main:
         return
-    elapsed = time.time() - t0
+    # a resumed run's wall time leaves out the items it read back: count every item's own seconds
+    elapsed = max(time.time() - t0, sum(m.get("sec_per_item", 0) * m.get("n", 0)
+                                        for r in rows for m in r.get("sets", {}).values()))
     table = comparison_markdown(rows, a.sets)
     if a.video:
         publish(_video_section(a, rows, table, oracle, elapsed, out), VIDEO_BEGIN, VIDEO_END, a.write)
