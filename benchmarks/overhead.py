@@ -489,8 +489,9 @@ def section(res: dict, when: str) -> str:
                 continue
             g = statistics.median(c.guard_seconds)
             if c.label == "SAFREE" and c.prompt_name == "unsafe":
-                lines.append(f"SAFREE's work on the steered prompt (gate, masked copies through the text encoders, "
-                             f"projection, keyword negative prompt): {g:.3f} s = {g / den:.2f} denoiser calls.")
+                lines.append(f"SAFREE's work on the steered prompt (gate, trigger tokens: masked copies through the "
+                             f"CLIP encoders, token states on longer ones; projection, keyword negative prompt): "
+                             f"{g:.3f} s = {g / den:.2f} denoiser calls.")
             if c.checks:
                 lines.append(f"LVD: {g / c.checks * 1000:.1f} ms per check ({c.checks} checks a call) = "
                              f"{100 * g / c.checks / den:.2f}% of a denoiser call.")
@@ -499,8 +500,8 @@ def section(res: dict, when: str) -> str:
     if m.key in DEPTHS:
         lines += ["", f"Kept of the released model: {DEPTHS[m.key]}. SAFREE runs with "
                   f"`{', '.join(f'{k}={v}' for k, v in m.safree_args.items())}` (its once-per-encoder calibration is "
-                  "not part of a call) and its default `copies_length=\"auto\"` (content-length masked copies on "
-                  "T5)."]
+                  "not part of a call) and its default `trigger_rule=\"auto\"` (the paper's masked copies on CLIP "
+                  "encoders, the pipeline's own token states on T5 and LLM encoders)."]
     return "\n".join(lines)
 
 

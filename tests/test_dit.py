@@ -401,7 +401,8 @@ def test_cli_train_lvd_on_a_dit_then_protect(tiny_prompt_data, capsys, model, cl
 def test_safree_encodes_t5_copies_at_their_content_length():
     """On an encoder that attends to its padding and pads to more than 77 tokens (T5 in SD3/FLUX/CogVideoX), the
     masked copies and concept phrases are encoded only as long as the text by default: a 512-token pass per copy
-    is what made a steered prompt cost many denoiser steps. ``copies_length="full"`` keeps the exact space."""
+    is what made a steered prompt cost many denoiser steps. ``copies_length="full"`` keeps the exact space. (The
+    paper's masked-copy rule, which ``trigger_rule="auto"`` leaves to CLIP-length encoders.)"""
     from safegen.testing import tiny_flux_pipeline
 
     pipe = tiny_flux_pipeline()
@@ -411,7 +412,8 @@ def test_safree_encodes_t5_copies_at_their_content_length():
     for cat in policy.categories.values():
         cat.thresholds["safree"] = 2.0
     for mode, expect_short in (("auto", True), ("full", False)):
-        safegen.protect(pipe, policy=policy, guards=[safegen.Safree(copies_length=mode, calibrate=False)])
+        safegen.protect(pipe, policy=policy, guards=[safegen.Safree(copies_length=mode, calibrate=False,
+                                                                    trigger_rule="masked")])
         run(pipe, UNSAFE, steps=1)  # builds the concept spaces, masks the copies
         lengths.clear()
         out = run(pipe, UNSAFE, steps=1)
@@ -426,6 +428,70 @@ def test_safree_encodes_t5_copies_at_their_content_length():
 
     ad = conditioning_streams(tiny_flux_pipeline(), "flux", max_len=512)[-1].adapter
     assert safegen.Safree()._short(ad) and not safegen.Safree(copies_length="full")._short(ad)
+
+
+def test_safree_finds_t5_triggers_from_its_token_states(lexical_policy):
+    """``trigger_rule="auto"``: SD3's two CLIP encoders keep the paper's masked copies, its T5 (256 positions) finds
+    trigger tokens from its own token states, so a steered call runs T5 no more often than an unprotected one; the
+    report names the rule per encoder, and ``"masked"`` brings T5's copies back."""
+    from safegen.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    calls = {n: [] for n in ("text_encoder", "text_encoder_2", "text_encoder_3")}
+    hooks = [getattr(pipe, n).register_forward_pre_hook(lambda m, a, n=n: calls[n].append(a[0].shape[0]))
+             for n in calls]
+
+    def rows_per_encoder():
+        run(pipe, UNSAFE, steps=1)  # builds the concept spaces (cached per protection)
+        for v in calls.values():
+            v.clear()
+        out = run(pipe, UNSAFE, steps=1)
+        res = out.safety[0].result("safree") if hasattr(out, "safety") else None
+        return res, {n: sum(v) for n, v in calls.items()}
+
+    _, plain = rows_per_encoder()
+    safegen.protect(pipe, policy=lexical_policy, guards=[safegen.Safree(calibrate=False)])
+    res, auto = rows_per_encoder()
+    safegen.unprotect(pipe)
+    assert res.verdict == "steer" and res.trigger_tokens
+    assert res.details["trigger_rule"] == {"text_encoder": "masked", "text_encoder_2": "masked",
+                                           "text_encoder_3": "states"}
+    assert auto["text_encoder_3"] == plain["text_encoder_3"]  # no masked copies of T5
+    assert auto["text_encoder"] > plain["text_encoder"] and auto["text_encoder_2"] > plain["text_encoder_2"]
+    safegen.protect(pipe, policy=lexical_policy, guards=[safegen.Safree(trigger_rule="masked", calibrate=False)])
+    res, masked = rows_per_encoder()
+    safegen.unprotect(pipe)
+    assert set(res.details["trigger_rule"].values()) == {"masked"}
+    assert masked["text_encoder_3"] > plain["text_encoder_3"]
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ValueError, match="trigger_rule"):
+        safegen.Safree(trigger_rule="cheap")
+    with pytest.raises(ValueError, match="trigger_rule"):
+        safegen.Safree(official=True, trigger_rule="states")
+
+
+def test_safree_token_state_rule_triggers_the_tokens_inside_the_concept_span():
+    """The token-state rule on hand-made states: the one content token that reaches into the concept span further
+    than the prompt's other tokens triggers and loses its concept component; tokens outside the content (padding)
+    never trigger, and a common part every state shares (here a concept component of 1 in all of them) does not
+    make every token a trigger."""
+    from types import SimpleNamespace
+
+    D, L = 6, 8
+    basis = torch.zeros(D, 1)
+    basis[0, 0] = 1.0  # the concept span: the first axis
+    tokens = torch.zeros(1, L, D)
+    tokens[0, :, 1] = 1.0  # every position points along a neutral axis ...
+    tokens[0, :, 0] = 1.0  # ... with a common part inside the concept span ...
+    tokens[0, 2, 0] = 3.0  # ... the third content token mostly along the concept
+    tokens[0, 6, 0] = 5.0  # padding inside the concept span: not content, never a trigger
+    sb = SimpleNamespace(first=0, n_content=torch.tensor([4]))
+    trig, projected = safegen.Safree()._analyse_states(sb, tokens, basis)
+    assert trig.tolist() == [[False, False, True, False]]
+    assert torch.allclose(projected[0, 2], torch.tensor([0.0, 1.0, 0, 0, 0, 0]), atol=1e-6)
+    assert torch.allclose(projected[0, 0], torch.tensor([0.0, 1.0, 0, 0, 0, 0]), atol=1e-6)
+    assert torch.allclose(projected[0, 7], tokens[0, 7] * torch.tensor([0.0, 1, 1, 1, 1, 1]), atol=1e-6)
 
 
 def test_safree_encodes_each_keyword_negative_prompt_once(dit, lexical_policy):

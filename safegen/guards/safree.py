@@ -210,6 +210,7 @@ class _CallState:
     loop: dict | None = None
     reported: bool = False
     calibration: dict | None = None  # where the thresholds and SVF's c came from (for the report)
+    rules: dict = field(default_factory=dict)  # per encoder stream: the trigger rule part (b) used
 
 
 @dataclass(repr=False)
@@ -257,6 +258,17 @@ class Safree(Guard):
             there the full-length leave-one-out pass costs many denoiser steps), else ``"full"``. Content-length
             vectors differ a little from the pipeline's (the padding it attends to is missing); the trigger rule
             compares the copies only with each other, and the gate is calibrated on the same path.
+        trigger_rule (`str`, defaults to `"auto"`): how part (b) finds trigger tokens. ``"masked"``: the paper's
+            leave-one-out over N masked copies of an N-token prompt (N extra encoder passes per prompt and
+            encoder); ``"states"``: the same leave-one-out rule on the pipeline's own token states, d_i = the length
+            of the concept-span part of token i's state minus the mean state of the prompt's tokens (how far token i
+            pulls the prompt towards the concept, against its other tokens; no extra encoder pass; the prompt's span
+            is that of its own token states, so a trigger's projection removes the concept span from it); ``"auto"``: ``"masked"`` on
+            encoders that read at most 77 tokens (CLIP, where the paper measures it and the copies are cheap),
+            ``"states"`` on longer sequence encoders (SD3's, FLUX's, CogVideoX's T5, Wan's UMT5, the LLM encoders of
+            Qwen-Image and FLUX.2): there the masked copies of one prompt cost more text-encoder time than several
+            denoiser steps (SD3.5 at 1/6 depth: 6.6 s of 9.1 s, BENCHMARKS.md). A deviation from the paper on those
+            encoders, named in every report (``details["trigger_rule"]``); ``official=True`` keeps ``"masked"``.
         official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
             steered over every ``steer`` category's span, their keywords as every prompt's negative prompt), their
             constants gamma=10, k=2.5, c=5.333 on a 50-step scale without rescaling, SDXL's pooled embedding kept.
@@ -300,6 +312,7 @@ class Safree(Guard):
     calibrate: bool = True
     fpr_budget: float | None = None
     copies_length: str = "auto"
+    trigger_rule: str = "auto"
     official: bool = False
     encode_batch: int = 256
 
@@ -315,6 +328,9 @@ class Safree(Guard):
         if self.copies_length not in ("auto", "full", "content"):
             raise ValueError(f"Safree(copies_length=...) must be 'auto', 'full' or 'content', "
                              f"got {self.copies_length!r}")
+        if self.trigger_rule not in ("auto", "masked", "states"):
+            raise ValueError(f"Safree(trigger_rule=...) must be 'auto', 'masked' or 'states', "
+                             f"got {self.trigger_rule!r}")
         if self.sdxl_pooled not in ("project", "keep"):
             raise ValueError(f"Safree(sdxl_pooled=...) must be 'project' or 'keep', got {self.sdxl_pooled!r}")
         if self.svf_gamma < 0:
@@ -337,7 +353,7 @@ class Safree(Guard):
         if self.official:
             fixed = {"svf_gamma": 10.0, "svf_k": 2.5, "svf_c": None, "svf_scale_steps": True, "projection": True,
                      "svf": True, "negative_prompt": True, "sdxl_pooled": "project", "project_positions": "triggers",
-                     "gate": True}
+                     "gate": True, "trigger_rule": "auto"}
             changed = [k for k, v in fixed.items() if getattr(self, k) != v]
             if changed:
                 raise ValueError(f"Safree(official=True) fixes {', '.join(changed)} to the authors' settings; "
@@ -421,6 +437,14 @@ class Safree(Guard):
         if self.copies_length != "auto":
             return self.copies_length == "content"
         return ad.padding_matters and ad.max_length > 77
+
+    def _rule(self, ad: TextEncoderAdapter) -> str:
+        """The trigger rule this encoder's tokens are found by: ``"masked"`` or ``"states"`` (``trigger_rule``)."""
+        if self.official:
+            return "masked"
+        if self.trigger_rule != "auto":
+            return self.trigger_rule
+        return "masked" if ad.max_length <= 77 else "states"
 
     @staticmethod
     def _pooled_switches(call) -> bool:
@@ -524,6 +548,8 @@ class Safree(Guard):
         parts = [self.CALIBRATION_VERSION, fingerprint, concepts, reference_digest(), self.BETA_REFERENCE]
         if self._short(ad):  # content-length phrases and copies: another space (exact ones keep their keys)
             parts.append("content-length")
+        if self._rule(ad) == "states":  # SVF's betas measured by the token-state rule: another c
+            parts.append("states-rule")
         key = hashlib.blake2b(json.dumps(parts).encode(),
                               digest_size=16).hexdigest()
         cached = load_cached("safree", key)
@@ -724,6 +750,9 @@ class Safree(Guard):
         if safe_pooled is not None:
             safe_pooled = safe_pooled.clone()
         if self.projection:
+            # prompt_embeds only: no text to mask, every encoder's triggers come from its token states
+            state.rules = {st.name: self._rule(st.adapter) if text_mode else "states" for st in streams
+                           if st.tokens is not None}
             for stream in (st for st in streams if st.tokens is not None):  # each encoder's token states
                 for group, members in groups.items():
                     idx = torch.tensor(members)
@@ -891,6 +920,8 @@ class Safree(Guard):
 
     def _analyse_text(self, ad: TextEncoderAdapter, sb, tokens: torch.Tensor, basis: torch.Tensor):
         """Parts (b)-(c) for prompts given as text: ``(trigger mask (b, N), every token projected (b, L, D))``."""
+        if self._rule(ad) == "states":
+            return self._analyse_states(sb, tokens, basis)
         copies, att, owner, position, valid = masked_copies(sb.ids, sb.attention_mask, sb.n_content, sb.first,
                                                             ad.mask_token_id,
                                                             cut=not ad.padding_matters or self._short(ad))
@@ -906,6 +937,23 @@ class Safree(Guard):
         prompt_basis = orthonormal_basis(masked.transpose(1, 2), valid)  # (b, D, N)
         projected = project_tokens(tokens, prompt_basis.to(tokens.device), basis.to(tokens.device))
         return trig, projected
+
+    def _analyse_states(self, sb, tokens: torch.Tensor, basis: torch.Tensor):
+        """:meth:`_analyse_text` by the token-state rule (``trigger_rule="states"``): d_i is the length of the
+        concept-span part of content token i's state minus the prompt's mean content state (states share a large
+        common part, which would make every token look alike), triggers by the same leave-one-out rule; the
+        prompt's span is that of its content tokens' states."""
+        b, first = tokens.shape[0], sb.first
+        n_max = int(sb.n_content.max()) if b else 0
+        content = tokens[:, first:first + n_max]
+        valid = (torch.arange(n_max).view(1, -1) < sb.n_content.view(-1, 1)).to(tokens.device)
+        basis = basis.to(tokens.device)
+        w = valid.unsqueeze(-1).to(content.dtype)
+        mean = (content * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+        dist = ((content - mean) @ basis).norm(dim=-1)  # (b, N)
+        trig = trigger_mask(dist, valid, self.alpha)
+        prompt_basis = orthonormal_basis(content.transpose(1, 2), valid)
+        return trig, project_tokens(tokens, prompt_basis, basis)
 
     def _project_text(self, stream: _Stream, sb, tokens: torch.Tensor, basis: torch.Tensor, T: int, svf: tuple):
         """Parts (b)-(d) for prompts given as text. tokens: (b, L, D) states as the pipeline computed them;
@@ -1035,7 +1083,7 @@ class Safree(Guard):
                                "beta": round(float(state.beta[b]), 4) if state.beta is not None else None,
                                "lexical_match": lex, "negative_prompt": state.negative_text.get(b),
                                "mode": "text" if call.prompts is not None else "embeddings",
-                               "reattention": lra}
+                               "trigger_rule": dict(state.rules), "reattention": lra}
                 if state.safe_pooled is not None and not self._pooled_switches(call):
                     res.details["pooled_note"] = (f"{type(call.pipe).__name__}'s step callback cannot hand back the "
                                                   "pooled vector: the projected one conditions every step (the "
