@@ -750,8 +750,9 @@ class Safree(Guard):
         if safe_pooled is not None:
             safe_pooled = safe_pooled.clone()
         if self.projection:
-            # prompt_embeds only: no text to mask, every encoder's triggers come from its token states
-            state.rules = {st.name: self._rule(st.adapter) if text_mode else "states" for st in streams
+            # prompt_embeds only: no text to mask, every encoder's triggers come from its positions' share of the
+            # concept span (_project_embeds), reported as "embeddings"
+            state.rules = {st.name: self._rule(st.adapter) if text_mode else "embeddings" for st in streams
                            if st.tokens is not None}
             for stream in (st for st in streams if st.tokens is not None):  # each encoder's token states
                 for group, members in groups.items():
