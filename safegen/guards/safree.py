@@ -265,8 +265,8 @@ class Safree(Guard):
             pulls the prompt towards the concept, against its other tokens; no extra encoder pass; the prompt's span
             is that of its own token states, so a trigger's projection removes the concept span from it);
             ``"auto"``: ``"masked"`` on encoders that read at most 77 tokens (CLIP, where the paper measures it and
-            the copies are cheap), ``"states"`` on longer sequence encoders (SD3's, FLUX's, CogVideoX's T5, Wan's UMT5, the LLM encoders of
-            Qwen-Image and FLUX.2): there the masked copies of one prompt cost more text-encoder time than several
+            the copies are cheap), ``"states"`` on longer sequence encoders (SD3's, FLUX's, CogVideoX's T5, Wan's
+            UMT5, the LLM encoders of Qwen-Image and FLUX.2): there the masked copies of one prompt cost more text-encoder time than several
             denoiser steps (SD3.5 at 1/6 depth: 6.6 s of 9.1 s, BENCHMARKS.md). A deviation from the paper on those
             encoders, named in every report (``details["trigger_rule"]``); ``official=True`` keeps ``"masked"``.
         official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
