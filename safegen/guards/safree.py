@@ -259,16 +259,16 @@ class Safree(Guard):
             vectors differ a little from the pipeline's (the padding it attends to is missing); the trigger rule
             compares the copies only with each other, and the gate is calibrated on the same path.
         trigger_rule (`str`, defaults to `"auto"`): how part (b) finds trigger tokens. ``"masked"``: the paper's
-            leave-one-out over N masked copies of an N-token prompt (N extra encoder passes per prompt and
-            encoder); ``"states"``: the same leave-one-out rule on the pipeline's own token states, d_i = the length
-            of the concept-span part of token i's state minus the mean state of the prompt's tokens (how far token i
-            pulls the prompt towards the concept, against its other tokens; no extra encoder pass; the prompt's span
-            is that of its own token states, so a trigger's projection removes the concept span from it);
-            ``"auto"``: ``"masked"`` on encoders that read at most 77 tokens (CLIP, where the paper measures it and
-            the copies are cheap), ``"states"`` on longer sequence encoders (SD3's, FLUX's, CogVideoX's T5, Wan's
-            UMT5, the LLM encoders of Qwen-Image and FLUX.2): there the masked copies of one prompt cost more text-encoder time than several
-            denoiser steps (SD3.5 at 1/6 depth: 6.6 s of 9.1 s, BENCHMARKS.md). A deviation from the paper on those
-            encoders, named in every report (``details["trigger_rule"]``); ``official=True`` keeps ``"masked"``.
+            leave-one-out over N masked copies of an N-token prompt (N extra encoder passes per prompt and encoder);
+            ``"states"``: the same leave-one-out rule on the pipeline's own token states, d_i = the length of the
+            concept-span part of token i's state minus the mean state of the prompt's tokens (how far token i pulls
+            the prompt towards the concept, against its other tokens; no extra encoder pass; the prompt's span is that
+            of its own token states, so a trigger's projection removes the concept span from it); ``"auto"``:
+            ``"masked"`` on encoders that read at most 77 tokens (CLIP, where the paper measures it and the copies are
+            cheap), ``"states"`` on longer sequence encoders (SD3's, FLUX's, CogVideoX's T5, Wan's UMT5, the LLM
+            encoders of Qwen-Image and FLUX.2): there the masked copies of one prompt cost more text-encoder time than
+            several denoiser steps (SD3.5 at 1/6 depth: 6.6 s of 9.1 s, BENCHMARKS.md). A deviation from the paper on
+            those encoders, named in every report (``details["trigger_rule"]``); ``official=True`` keeps ``"masked"``.
         official (`bool`, defaults to `False`): SAFREE exactly as the authors run it: no gate (every prompt is
             steered over every ``steer`` category's span, their keywords as every prompt's negative prompt), their
             constants gamma=10, k=2.5, c=5.333 on a 50-step scale without rescaling, SDXL's pooled embedding kept.
