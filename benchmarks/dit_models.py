@@ -23,6 +23,15 @@ DEPTHS = {
     "qwenimage": "Qwen-Image MMDiT 2/60 blocks (24 heads × 128, caption 3584), Qwen2.5-VL-7B language model 2/28 "
                  "layers (3584 wide, FFN 18944, 28 query / 4 key-value heads; vision tower not used by text-to-image: "
                  "1 small block), the 16-channel Qwen-Image VAE",
+    "flux2klein": "FLUX.2 [klein] 4B 1/5 double + 2/20 single blocks (24 heads × 128, 128 packed latent channels), "
+                  "Qwen3-4B language model 3/36 layers (2560 wide, FFN 9728, 32 query / 8 key-value heads of 128), "
+                  "read at its layers 1/2/3 in place of 9/18/27 (`text_encoder_out_layers`: the conditioning keeps "
+                  "its 3 × 2560 width), a 32-channel FLUX.2 VAE",
+    "flux2": "FLUX.2 [dev] 1/8 double + 2/48 single blocks (48 heads × 128, 128 packed latent channels), "
+             "Mistral-Small-3.1 language model 2/40 layers (5120 wide, FFN 32768, 32 query / 8 key-value heads of "
+             "128), read at its states 0/1/2 in place of 10/20/30 (`text_encoder_out_layers`: the conditioning "
+             "keeps its 3 × 5120 width; the vision tower, unused by text-to-image, is 1 small block), a 32-channel "
+             "FLUX.2 VAE",
 }
 
 
@@ -159,5 +168,71 @@ def build_qwenimage(seed: int = 0):
                                  latents_std=[1.0] * 16).eval()
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=te,
                              tokenizer=tok, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _flux2_parts(seed: int, heads: int, joint: int, guidance_embeds: bool):
+    """A FLUX.2 transformer at ``heads`` × 128 (1 double + 2 single blocks, SwiGLU ratio 3, 128 packed latent
+    channels: the 32-channel VAE's latents in 2×2 patches) and the FLUX.2 VAE at its released widths."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2,
+                                          attention_head_dim=128, num_attention_heads=heads, joint_attention_dim=joint,
+                                          guidance_embeds=guidance_embeds).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(latent_channels=32, block_out_channels=(128, 256, 512, 512)).eval()
+    return transformer, vae
+
+
+def build_flux2klein(seed: int = 0):
+    """``Flux2KleinPipeline`` (not step-distilled, so ``guidance_scale`` > 1 runs CFG as a second call) at FLUX.2
+    [klein] 4B widths: the Qwen3-4B layer shape, a 3072-wide FLUX.2 transformer over 3 × 2560-wide conditioning;
+    depth in ``DEPTHS``. safegen's tiny Qwen2 tokenizer (byte fallback: a prompt is, if anything, more tokens than
+    with the real vocabulary). Call it with ``text_encoder_out_layers=(1, 2, 3)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from safegen.testing import tiny_qwen_tokenizer
+
+    tok = tiny_qwen_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=2560, intermediate_size=9728, num_hidden_layers=3,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    te = Qwen3ForCausalLM(cfg).eval()
+    transformer, vae = _flux2_parts(seed, 24, 3 * 2560, guidance_embeds=False)
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
+                              transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_flux2(seed: int = 0):
+    """``Flux2Pipeline`` (guidance-distilled: no unconditional branch) at FLUX.2 [dev] widths: the
+    Mistral-Small-3.1 language model's layer shape in a ``Mistral3ForConditionalGeneration``, a 6144-wide FLUX.2
+    transformer over 3 × 5120-wide conditioning; depth in ``DEPTHS``. safegen's tiny Mistral tokenizer and chat
+    template (with the pipeline's system message). Call it with ``text_encoder_out_layers=(0, 1, 2)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    from safegen.testing import tiny_mistral_tokenizer
+
+    tok = tiny_mistral_tokenizer()
+    cfg = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok), "hidden_size": 5120, "intermediate_size": 32768,
+                     "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                     "max_position_embeddings": 131072, "rope_theta": 1e9, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.convert_tokens_to_ids("<s>"), "sliding_window": None},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 16},
+        image_token_index=len(tok) + 1)
+    torch.manual_seed(seed)
+    te = Mistral3ForConditionalGeneration(cfg).eval()
+    transformer, vae = _flux2_parts(seed, 48, 3 * 5120, guidance_embeds=True)
+    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
+                         transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

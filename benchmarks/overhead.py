@@ -6,9 +6,9 @@ Models:
   to a tiny UNet: this is the worst case for the ratio);
 * ``sd15``: the real SD 1.5 architecture (UNet 859.5M, CLIP ViT-L text encoder, SD1.5 AutoencoderKL) with
   random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio);
-* ``sd35``, ``flux1``, ``wan21``, ``qwenimage``: SD3.5 medium, FLUX.1, Wan 2.1 1.3B and Qwen-Image at their
-  real hidden widths with reduced depth and random fp32 weights (``benchmarks/dit_models.py`` says which layers
-  were kept); ``sd35-even``: SD3.5 with every part cut to about 1/6 of its depth, at 512x512 px, SAFREE only
+* ``sd35``, ``flux1``, ``wan21``, ``qwenimage``, ``flux2klein``, ``flux2``: SD3.5 medium, FLUX.1, Wan 2.1 1.3B,
+  Qwen-Image, FLUX.2 [klein] 4B and FLUX.2 [dev] at their real hidden widths with reduced depth and random fp32
+  weights (``benchmarks/dit_models.py`` says which layers were kept); ``sd35-even``: SD3.5 with every part cut to about 1/6 of its depth, at 512x512 px, SAFREE only
   (``sd35`` keeps CLIP-L whole against 2 of 24 MMDiT blocks, so its text side weighs too much).
 
 Configurations: plain (unprotected); SAFREE without / with latent re-attention (U-Nets only: a DiT has no skip
@@ -171,6 +171,16 @@ MODELS = {
                        dict(height=256, width=256, num_inference_steps=4, negative_prompt="blurry",
                             true_cfg_scale=4.0), 3, 3, configs=("safree", "sld", "lvd"),
                        safree_args=dict(calibrate=False)),
+    "flux2klein": Model("flux2klein", "FLUX.2 [klein] 4B widths, reduced depth, random fp32 weights, 256x256 px, 4 "
+                        "steps, guidance 1 (one transformer call per step, as the step-distilled release; SLD with "
+                        "CFG 4)", _dit("flux2klein"),
+                        dict(height=256, width=256, num_inference_steps=4, guidance_scale=1.0,
+                             text_encoder_out_layers=(1, 2, 3)), 3, 3, configs=("safree", "sld", "lvd"),
+                        sld_args=dict(guidance_scale=4.0), safree_args=dict(calibrate=False)),
+    "flux2": Model("flux2", "FLUX.2 [dev] widths, reduced depth, random fp32 weights, 256x256 px, 4 steps, "
+                   "guidance-distilled (no unconditional branch, so no SLD)", _dit("flux2"),
+                   dict(height=256, width=256, num_inference_steps=4, text_encoder_out_layers=(0, 1, 2)), 1, 3,
+                   configs=("safree", "lvd"), safree_args=dict(calibrate=False)),
 }
 
 
@@ -264,7 +274,8 @@ class Runner:
     def call(self, prompt: str, extra: dict | None = None):
         gen = torch.Generator("cpu").manual_seed(SEED)
         t0 = time.perf_counter()
-        out = self.pipe(prompt, generator=gen, output_type="np", **self.model.call_args, **(extra or {}))
+        # by keyword: FLUX.2 [klein]'s first positional argument is a conditioning image
+        out = self.pipe(prompt=prompt, generator=gen, output_type="np", **{**self.model.call_args, **(extra or {})})
         return time.perf_counter() - t0, out
 
     def plain(self, prompt: str, extra: dict | None = None, denoiser_calls: list | None = None) -> float:
@@ -311,12 +322,14 @@ class Runner:
         return dt
 
 
-def _encode_once(pipe, prompt: str) -> None:
+def _encode_once(pipe, prompt: str, call_args: dict) -> None:
     """The pipeline's own ``encode_prompt`` for one prompt, positive and (where the family encodes one there)
-    negative, as one call does."""
+    negative, as one call with ``call_args`` does."""
     dev = pipe._execution_device
     name = type(pipe).__name__
-    if name == "FluxPipeline":
+    if name in ("Flux2Pipeline", "Flux2KleinPipeline"):  # no negative prompt at guidance 1 / guidance-distilled
+        pipe.encode_prompt(prompt, device=dev, text_encoder_out_layers=call_args["text_encoder_out_layers"])
+    elif name == "FluxPipeline":
         pipe.encode_prompt(prompt, None, device=dev)
     elif name == "StableDiffusion3Pipeline":
         pipe.encode_prompt(prompt, None, None, device=dev, do_classifier_free_guidance=True)
@@ -329,15 +342,15 @@ def _encode_once(pipe, prompt: str) -> None:
         pipe.encode_prompt(prompt, dev, 1, True)
 
 
-def encode_seconds(pipe, prompt: str, reps: int) -> float:
+def encode_seconds(pipe, prompt: str, reps: int, call_args: dict) -> float:
     """Median seconds of the pipeline's own ``encode_prompt`` (positive + negative, as one CFG call does)."""
     unprotect(pipe)
     with torch.no_grad():
-        _encode_once(pipe, prompt)
+        _encode_once(pipe, prompt, call_args)
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            _encode_once(pipe, prompt)
+            _encode_once(pipe, prompt, call_args)
             ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -393,7 +406,7 @@ def bench_model(model: Model, repeats: int) -> dict:
                 cfg.pair_ratios.append(dt / p)
     bar.close()
     plain.times = plain_times
-    enc = encode_seconds(pipe, BENIGN, model.encode_reps)
+    enc = encode_seconds(pipe, BENIGN, model.encode_reps, model.call_args)
     unprotect(pipe)
     del runner, pipe
     gc.collect()
@@ -478,7 +491,8 @@ def section(res: dict, when: str) -> str:
         table(res),
         "",
         f"Prompts: benign `{BENIGN}`; unsafe `{UNSAFE}` (policy: default with the semantic gate off, so only "
-        f"literal concept phrases fire). Text encoding alone (`pipe.encode_prompt`, prompt + empty negative): "
+        f"literal concept phrases fire). Text encoding alone (`pipe.encode_prompt` as one plain call runs "
+        f"it: the prompt, plus its negative where the call has an unconditional branch): "
         f"{res['encode_s'] * 1000:.1f} ms.",
     ]
     den = res.get("denoiser_s")
