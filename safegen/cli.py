@@ -299,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--trajectories", default=None, metavar="FILE",
                    help="reuse trajectories saved by an earlier run (skips the generation)")
     v.add_argument("--save-trajectories", default=None, metavar="FILE", help="also save the recorded trajectories")
+    v.add_argument("--height", type=_size, default=None, metavar="H",
+                   help="image height of the recorded generations (model default; the classifier reads latents of "
+                        "any size, train it at the size you generate)")
+    v.add_argument("--width", type=_size, default=None, metavar="W", help="image width (model default)")
     add_video_arguments(v, "a text-to-video model: every latent frame is a trajectory, labelled by the oracle on "
                            "the frames it decodes to; the threshold is calibrated on clips, each scoring as its "
                            "worst frame")
@@ -774,6 +778,7 @@ def cmd_train_lvd(args) -> int:
     categories = list(policy.categories)
     frames = video_frames(args)
     call_kwargs = {"num_frames": frames} if frames else {}
+    call_kwargs.update({k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None})
     if args.trajectories:
         try:
             data = Trajectories.load(args.trajectories)

@@ -574,3 +574,32 @@ def test_output_guard_judges_every_frame(video):
     res = out.safety[0].result("output")
     assert out.safety[0].verdict == "block" and res.details["frames"] == list(range(1, n, 2))
     assert res.details["num_frames"] == n and np.allclose(out.frames[0], 0.5)
+
+
+def test_cli_train_lvd_on_wan_then_protect(tiny_prompt_data, capsys):
+    """``safegen train-lvd --video --model tiny-wan`` at a chosen size: every latent frame of the causal VAE is a
+    trajectory (the first latent frame stands for output frame 0, each later one for four), and the classifier
+    loads on a Wan pipeline, and only there."""
+    import json
+
+    from safegen.cli import main
+    from safegen.testing import tiny_sd_pipeline, tiny_wan_pipeline
+    from safegen.training.lvd import Trajectories
+
+    out, traj = tiny_prompt_data / "lvd-wan.safetensors", tiny_prompt_data / "traj.safetensors"
+    code = main(["train-lvd", "--video", "--model", "tiny-wan", "--frames", "5", "--height", "32", "--width", "32",
+                 "--data-dir", str(tiny_prompt_data), "--prompts", "4", "--steps", "3", "--window", "2",
+                 "--train-steps", "2", "--batch-size", "4", "--save-trajectories", str(traj), "--out", str(out)])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert json.loads(cap.out[cap.out.index("{"):])["video"] is True
+    data = Trajectories.load(traj)
+    assert data.x0.shape[:2] == (4 * 2, 2)  # 4 clips × 2 latent frames, 2 recorded steps
+    assert tuple(data.x0.shape[-2:]) == (4, 4)  # 32 px ÷ 8: the size asked for, not the pipeline's 480×832
+    assert data.frames.tolist() == [0, 1] * 4
+    clf = LatentClassifier.load(out)
+    assert clf.config.model["class"] == "WanTransformer3DModel" and clf.metadata["video"] is True
+    pipe = safegen.protect(tiny_wan_pipeline(), guards=[LVD(weights=str(out), window=2)])
+    assert len(run(pipe, VIDEO["wan"][1], [BENIGN, UNSAFE], steps=2).safety) == 2
+    with pytest.raises(Exception, match="another model's latents"):
+        safegen.protect(tiny_sd_pipeline(), guards=[LVD(weights=str(out))])
