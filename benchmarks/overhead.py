@@ -8,8 +8,9 @@ Models:
   random fp32 weights, 256x256 px, 4 DDIM steps, guidance 7.5 (a realistic UNet/text-encoder cost ratio);
 * ``sd35``, ``flux1``, ``wan21``, ``qwenimage``, ``flux2klein``, ``flux2``: SD3.5 medium, FLUX.1, Wan 2.1 1.3B,
   Qwen-Image, FLUX.2 [klein] 4B and FLUX.2 [dev] at their real hidden widths with reduced depth and random fp32
-  weights (``benchmarks/dit_models.py`` says which layers were kept); ``sd35-even``: SD3.5 with every part cut to about 1/6 of its depth, at 512x512 px, SAFREE only
-  (``sd35`` keeps CLIP-L whole against 2 of 24 MMDiT blocks, so its text side weighs too much).
+  weights (``benchmarks/dit_models.py`` says which layers were kept); ``sd35-even``: SD3.5 with every part cut
+  to about 1/6 of its depth, at 512x512 px, SAFREE only (``sd35`` keeps CLIP-L whole against 2 of 24 MMDiT
+  blocks, so its text side weighs too much).
 
 Configurations: plain (unprotected); SAFREE without / with latent re-attention (U-Nets only: a DiT has no skip
 features), each on a benign prompt (nothing fires: the guard only checks) and on an unsafe prompt containing
@@ -343,7 +344,7 @@ def _encode_once(pipe, prompt: str, call_args: dict) -> None:
 
 
 def encode_seconds(pipe, prompt: str, reps: int, call_args: dict) -> float:
-    """Median seconds of the pipeline's own ``encode_prompt`` (positive + negative, as one CFG call does)."""
+    """Median seconds of the pipeline's own ``encode_prompt`` as one plain call with ``call_args`` runs it."""
     unprotect(pipe)
     with torch.no_grad():
         _encode_once(pipe, prompt, call_args)
