@@ -172,10 +172,11 @@ def build_qwenimage(seed: int = 0):
     return pipe
 
 
-def _flux2_parts(seed: int, heads: int, joint: int, guidance_embeds: bool):
-    """A FLUX.2 transformer at ``heads`` × 128 (1 double + 2 single blocks, SwiGLU ratio 3, 128 packed latent
-    channels: the 32-channel VAE's latents in 2×2 patches) and the FLUX.2 VAE at its released widths."""
-    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+def _flux2_pipeline(cls, text_encoder, tokenizer, seed: int, heads: int, joint: int, guidance_embeds: bool):
+    """A FLUX.2 pipeline of class ``cls`` around ``text_encoder``: a FLUX.2 transformer at ``heads`` × 128 (1 double
+    + 2 single blocks, SwiGLU ratio 3, 128 packed latent channels: the 32-channel VAE's latents in 2×2 patches) and
+    the FLUX.2 VAE at its released widths."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=1, num_single_layers=2,
@@ -183,7 +184,10 @@ def _flux2_parts(seed: int, heads: int, joint: int, guidance_embeds: bool):
                                           guidance_embeds=guidance_embeds).eval()
     torch.manual_seed(seed)
     vae = AutoencoderKLFlux2(latent_channels=32, block_out_channels=(128, 256, 512, 512)).eval()
-    return transformer, vae
+    pipe = cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+               transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def build_flux2klein(seed: int = 0):
@@ -191,7 +195,7 @@ def build_flux2klein(seed: int = 0):
     [klein] 4B widths: the Qwen3-4B layer shape, a 3072-wide FLUX.2 transformer over 3 × 2560-wide conditioning;
     depth in ``DEPTHS``. safegen's tiny Qwen2 tokenizer (byte fallback: a prompt is, if anything, more tokens than
     with the real vocabulary). Call it with ``text_encoder_out_layers=(1, 2, 3)``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from safegen.testing import tiny_qwen_tokenizer
@@ -203,11 +207,7 @@ def build_flux2klein(seed: int = 0):
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), tie_word_embeddings=True)
     torch.manual_seed(seed)
     te = Qwen3ForCausalLM(cfg).eval()
-    transformer, vae = _flux2_parts(seed, 24, 3 * 2560, guidance_embeds=False)
-    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
-                              transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _flux2_pipeline(Flux2KleinPipeline, te, tok, seed, 24, 3 * 2560, guidance_embeds=False)
 
 
 def build_flux2(seed: int = 0):
@@ -215,7 +215,7 @@ def build_flux2(seed: int = 0):
     Mistral-Small-3.1 language model's layer shape in a ``Mistral3ForConditionalGeneration``, a 6144-wide FLUX.2
     transformer over 3 × 5120-wide conditioning; depth in ``DEPTHS``. safegen's tiny Mistral tokenizer and chat
     template (with the pipeline's system message). Call it with ``text_encoder_out_layers=(0, 1, 2)``."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from diffusers import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     from safegen.testing import tiny_mistral_tokenizer
@@ -231,8 +231,4 @@ def build_flux2(seed: int = 0):
         image_token_index=len(tok) + 1)
     torch.manual_seed(seed)
     te = Mistral3ForConditionalGeneration(cfg).eval()
-    transformer, vae = _flux2_parts(seed, 48, 3 * 5120, guidance_embeds=True)
-    pipe = Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te, tokenizer=tok,
-                         transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _flux2_pipeline(Flux2Pipeline, te, tok, seed, 48, 3 * 5120, guidance_embeds=True)
