@@ -29,7 +29,8 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         guards: guard instances or names (``"safree"``, ``"sld"``, ``"sld-max"``...); defaults to the
             policy's ``guards`` list, from which a guard that cannot run on this pipeline (no weights for the
             model, a package missing) is skipped with a note in every report when the policy's
-            ``skip_unavailable`` is true (the default policy's stack).
+            ``skip_unavailable`` is true (the default policy's stack). The policy's ``redraws`` also belong to
+            its own stack: guards named here act on the caller's draw alone, nothing more runs.
         sensitivity: overrides the policy's sensitivity: every guard's benign false-positive budget becomes
             ``min(fpr × sensitivity, 0.5)`` (:meth:`~safegen.Policy.budget`).
 
@@ -54,4 +55,4 @@ def protect(pipe: Any, policy: "str | Policy | dict" = "default", guards: "Seque
         pol.sensitivity = sensitivity
     guard_list = [resolve_guard(g) for g in (pol.guards if guards is None else guards)]
     return install(pipe, pol, guard_list, resolve=resolve_guard,
-                   skip_unavailable=guards is None and pol.skip_unavailable)
+                   skip_unavailable=guards is None and pol.skip_unavailable, redraws=guards is None)

@@ -530,8 +530,13 @@ def steps_summary(report: SafetyReport, steps: int, seconds_per_step: float | No
         'UNet steps: 3 of 25 run, 22 saved (88%), about 1.10 s saved at 0.050 s per step.'
         >>> steps_summary(SafetyReport(0, unet_steps_run=25), 25)
         'UNet steps: 25 of 25 run, none saved.'
+        >>> steps_summary(SafetyReport(0, unet_steps_run=31, redraws=[{"unet_steps_run": 6}]), 25)
+        'UNet steps: 31 run over 2 draws (the policy redraws a blocked benign prompt), none saved.'
     """
     run, saved = report.unet_steps_run, report.unet_steps_saved
+    if report.redraws:
+        return (f"UNet steps: {run} run over {len(report.redraws) + 1} draws (the policy redraws a blocked benign "
+                "prompt), none saved.")
     if not saved:
         return f"UNet steps: {run} of {steps} run, none saved."
     text = f"UNet steps: {run} of {steps} run, {saved} saved ({100 * saved / max(steps, 1):.0f}%)"

@@ -28,6 +28,8 @@ EMBEDDINGS_ONLY = ("block", "allow")
 MIN_SENSITIVITY, MAX_SENSITIVITY = 0.1, 10.0
 #: The default benign false-positive budget (:attr:`Policy.fpr`) and the largest budget sensitivity may reach.
 DEFAULT_FPR, MAX_BUDGET = 0.01, 0.5
+#: The most redraws a policy may ask for (:attr:`Policy.redraws`): each costs up to a whole generation.
+MAX_REDRAWS = 3
 #: The guard names a category's ``thresholds`` may be keyed by (the names guards report under).
 THRESHOLD_GUARDS = GUARD_NAMES
 
@@ -172,6 +174,16 @@ class Policy:
     #: run on the pipeline (no weights for that model, a package missing: :class:`safegen.errors.GuardUnavailable`)
     #: and say so in every report, instead of failing ``protect``. Guards named in ``guards=[...]`` always fail.
     skip_unavailable: bool = False
+    #: How many times an item is drawn again, from fresh noise, when a loop or output guard (LVD, the output check)
+    #: blocked it although every prompt and conditioning check passed its prompt: the prompt was judged benign and
+    #: this draw drifted. 0 = block at once. Each redraw runs the whole stack again and its steps are counted in
+    #: the report; the item is blocked only when every draw is (:data:`MAX_REDRAWS` at most). Like
+    #: ``skip_unavailable``, this belongs to the policy's own stack (``safegen.protect(pipe, policy)``): guards named
+    #: in ``guards=[...]`` act on the caller's draw alone.
+    redraws: int = 0
+    #: Guards (names, e.g. ``["sld-max"]``) added to the stack for redraws only: the redraw of a drifted item is
+    #: then also steered harder, at no cost to the first draw. Loop or conditioning guards; empty = the same stack.
+    redraw_guards: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ queries
     def budget(self, fpr: float | None = None) -> float:
@@ -273,6 +285,8 @@ class Policy:
             "guards": list(self.guards),
             "embeddings_only": self.embeddings_only,
             "skip_unavailable": self.skip_unavailable,
+            "redraws": self.redraws,
+            "redraw_guards": list(self.redraw_guards),
             "categories": {
                 k: {"action": c.action, "thresholds": dict(c.thresholds), "concepts": list(c.concepts)}
                 for k, c in self.categories.items()
@@ -290,6 +304,10 @@ class Policy:
             value = _check_sensitivity(value, f"policy {getattr(self, 'name', '?')!r}: sensitivity")
         elif name == "fpr":
             value = _check_fpr(value, f"policy {getattr(self, 'name', '?')!r}: fpr")
+        elif name == "redraws":
+            value = _check_redraws(value, f"policy {getattr(self, 'name', '?')!r}: redraws")
+        elif name == "redraw_guards":
+            value = list(_check_guard_names(value, f"policy {getattr(self, 'name', '?')!r}", "redraw_guards"))
         elif name == "embeddings_only" and value not in EMBEDDINGS_ONLY:
             raise PolicyError(f"policy {getattr(self, 'name', '?')!r}: embeddings_only must be one of "
                               f"{EMBEDDINGS_ONLY}, got {value!r}")
@@ -298,8 +316,33 @@ class Policy:
 
 # ---------------------------------------------------------------------- loading and validation
 _TOP_KEYS = {"name", "version", "sensitivity", "fpr", "placeholder", "guards", "categories", "description",
-             "embeddings_only", "skip_unavailable"}
+             "embeddings_only", "skip_unavailable", "redraws", "redraw_guards"}
 _CAT_KEYS = {"concepts", "action", "thresholds", "description"}
+
+
+def _check_guard_names(guards: Any, source: str, key: str) -> list:
+    """A policy field that lists guards by name: a list of known guard or preset names, each guard once."""
+    if not isinstance(guards, list):
+        raise PolicyError(f"{source}: field '{key}' must be a list of guard names, got a {type(guards).__name__}")
+    seen: dict[str, int] = {}
+    for i, g in enumerate(guards):
+        guard = guard_of_preset(g) if isinstance(g, str) else None
+        if guard is None:
+            shown = repr(g) if isinstance(g, str) and len(g) <= 40 else f"a {type(g).__name__}"
+            raise PolicyError(f"{source}: field '{key}[{i}]' is not a guard name ({shown}); known: "
+                              f"{', '.join(PRESET_GUARDS)}")
+        if guard in seen:
+            raise PolicyError(f"{source}: field '{key}[{i}]' repeats the {guard!r} guard of '{key}[{seen[guard]}]'; "
+                              "give each guard once")
+        seen[guard] = i
+    return guards
+
+
+def _check_redraws(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REDRAWS:
+        raise PolicyError(f"{where} must be a whole number from 0 to {MAX_REDRAWS} (draws of an item after the "
+                          f"first), got {value!r}")
+    return int(value)
 
 
 def _check_sensitivity(value: Any, where: str) -> float:
@@ -362,23 +405,12 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
     embeddings_only = data.get("embeddings_only", "block")
     if embeddings_only not in EMBEDDINGS_ONLY:
         raise PolicyError(f"{source}: field 'embeddings_only' must be one of {EMBEDDINGS_ONLY}")
+    redraws = _check_redraws(data.get("redraws", 0), f"{source}: field 'redraws'")
+    redraw_guards = _check_guard_names(data.get("redraw_guards", []), source, "redraw_guards")
     skip_unavailable = data.get("skip_unavailable", False)
     if not isinstance(skip_unavailable, bool):
         raise PolicyError(f"{source}: field 'skip_unavailable' must be true or false")
-    guards = data.get("guards", ["safree"])
-    if not isinstance(guards, list):
-        raise PolicyError(f"{source}: field 'guards' must be a list of guard names, got a {type(guards).__name__}")
-    seen: dict[str, int] = {}
-    for i, g in enumerate(guards):
-        guard = guard_of_preset(g) if isinstance(g, str) else None
-        if guard is None:
-            shown = repr(g) if isinstance(g, str) and len(g) <= 40 else f"a {type(g).__name__}"
-            raise PolicyError(f"{source}: field 'guards[{i}]' is not a guard name ({shown}); known: "
-                              f"{', '.join(PRESET_GUARDS)}")
-        if guard in seen:
-            raise PolicyError(f"{source}: field 'guards[{i}]' repeats the {guard!r} guard of 'guards[{seen[guard]}]'; "
-                              "give each guard once")
-        seen[guard] = i
+    guards = _check_guard_names(data.get("guards", ["safree"]), source, "guards")
     cats = data.get("categories")
     if not isinstance(cats, Mapping) or not cats:
         raise PolicyError(f"{source}: field 'categories' must be a non-empty mapping of category -> settings")
@@ -417,7 +449,7 @@ def policy_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Policy:
         categories[key] = Category(key, list(dict.fromkeys(concepts)), action, checked)
     return Policy(name=name, categories=categories, sensitivity=sensitivity, fpr=fpr, placeholder=placeholder,
                   guards=list(guards), source=source, embeddings_only=embeddings_only,
-                  skip_unavailable=skip_unavailable)
+                  skip_unavailable=skip_unavailable, redraws=redraws, redraw_guards=list(redraw_guards))
 
 
 def _parse_file(path: Path) -> Any:

@@ -66,12 +66,15 @@ class Protection:
     resolve: Any = None  # name -> Guard, for guards that build others (given by safegen.protect)
     #: guards of the policy's list that could not run on this pipeline (``skip_unavailable``): name -> why
     skipped: dict = field(default_factory=dict)
+    #: whether the policy's redraws apply (its own stack: :func:`install`)
+    redraws: bool = False
     _states: dict = field(default_factory=dict)  # per guard object: what it attached to this pipeline
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Call the pipeline under *this* protection (not necessarily the one installed on it): how the output
-        guard regenerates an item with stronger guards."""
-        return _run(self.pipe, self.base_class.__call__, args, kwargs, prot=self)
+        guard regenerates an item with stronger guards. Such a call never redraws (:attr:`Policy.redraws`): it is
+        itself a second generation of the caller's items."""
+        return _run(self.pipe, self.base_class.__call__, args, kwargs, prot=self, redraw=False)
 
     def set_state(self, guard: Guard, state: Any) -> None:
         """Keep ``state`` (a guard's own typed object) as what ``guard`` attached to this pipeline."""
@@ -432,13 +435,15 @@ def _protected_class(base: type) -> type:
 
 
 def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
-            resolve: "Callable[[str | Guard], Guard] | None" = None, *, skip_unavailable: bool = False) -> Any:
+            resolve: "Callable[[str | Guard], Guard] | None" = None, *, skip_unavailable: bool = False,
+            redraws: bool = False) -> Any:
     """Protect ``pipe`` with guard *instances* under ``policy`` (:func:`safegen.protect` resolves names and loads
     the policy, then calls this). ``resolve`` turns guard names into guards for guards that build others
     (the output guard's ``stronger`` guards). With ``skip_unavailable``, a guard that raises
     :class:`~safegen.errors.GuardUnavailable` when attached (no weights for this model, a package missing) is left
-    out, and every report of the pipeline says so. Everything that can be rejected is checked before the current
-    protection is touched."""
+    out, and every report of the pipeline says so. With ``redraws`` the policy's :attr:`~Policy.redraws` and
+    ``redraw_guards`` apply (``safegen.protect`` asks for them with the policy's own stack only). Everything that
+    can be rejected is checked before the current protection is touched."""
     kind = pipeline_kind(pipe)
     guard_list = list(guards)
     bad = [g for g in guard_list if not isinstance(g, Guard)]
@@ -452,8 +457,15 @@ def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
     if is_protected(pipe):
         unprotect(pipe)
     base = type(pipe)
-    prot = Protection(pipe=pipe, kind=kind, policy=policy, guards=guard_list, base_class=base, resolve=resolve)
+    prot = Protection(pipe=pipe, kind=kind, policy=policy, guards=guard_list, base_class=base, resolve=resolve,
+                      redraws=redraws)
     attach_all(prot, skip_unavailable=skip_unavailable)
+    if redraws and policy.redraws and policy.redraw_guards:
+        try:  # a redraw guard that cannot run here fails protect(), not a call
+            _redraw_protection(prot, policy)
+        except Exception:
+            _detach_all(prot)
+            raise
     for name, why in prot.skipped.items():
         logger.warning("safegen: the policy's %s guard is skipped on %s: %s", name, type(pipe).__name__, why)
     pipe.__class__ = _protected_class(base)
@@ -498,13 +510,22 @@ def unprotect(pipe: Any) -> Any:
     if prot is None:
         return pipe
     try:
-        for g in reversed(prot.guards):
-            g.detach(prot)
+        _detach_all(prot)
     finally:
         pipe.__class__ = prot.base_class
         del pipe.__dict__["_safegen"]
         _verify_clean(pipe)
     return pipe
+
+
+def _detach_all(prot: Protection) -> None:
+    """Detach the guards added for redraws (:func:`_redraw_protection`), then the protection's own, newest first."""
+    for key in [k for k in prot.cache if isinstance(k, tuple) and k and k[0] == "redraw"]:
+        built, extra = prot.cache.pop(key)
+        for g in reversed(extra):
+            g.detach(built)
+    for g in reversed(prot.guards):
+        g.detach(prot)
 
 
 def _verify_clean(pipe: Any) -> None:
@@ -650,12 +671,13 @@ def _timed(call: Call, guard: Guard, fn, *args):
 
 
 @torch.no_grad()
-def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
+def _run(pipe, base_call, args, kwargs, prot: Protection | None = None, redraw: bool = True):
     if prot is None:
         prot = pipe.__dict__["_safegen"]
     a = _bind(base_call, pipe, args, kwargs)
     if prot.spec.removes and isinstance(a.get("prompt"), (str, list, tuple)):  # deleted before any guard reads it
         a["prompt"] = _removed(a["prompt"], prot.spec.removes)
+    given = dict(a)  # the caller's arguments, before any guard or rewrite edits them: what a redraw starts from
     originals = _rewrite_prompts(pipe, a)
     call = _new_call(prot, a)
     if originals is not None:
@@ -702,11 +724,151 @@ def _run(pipe, base_call, args, kwargs, prot: Protection | None = None):
     for rep in call.reports:  # what the policy asked for and this pipeline cannot run, said on every item
         rep.guards += [GuardResult(name, "pass", reason=f"skipped: {why}", details={"skipped": True})
                        for name, why in prot.skipped.items()]
+    if redraw and prot.redraws and call.policy.redraws:
+        _redraw(call, out, given, output_type)
     prot.last_reports = call.reports
     out.safety = call.reports
     if want_dict:
         return out
     return tuple(getattr(out, f.name) for f in dataclasses.fields(out))  # as the pipeline does, Nones kept
+
+
+def _drifted(report: SafetyReport, stages: dict[str, str]) -> bool:
+    """Whether an item was blocked only by guards that judge the generation (stage ``"loop"`` or ``"output"``:
+    LVD, the output check) while every prompt and conditioning check passed its prompt: a benign prompt whose
+    draw went wrong, which :attr:`Policy.redraws` draws again. A guard error (verdict ``"error"``) never counts:
+    it fails closed."""
+    acted = [r for r in report.guards if r.verdict in ("block", "error")]
+    return bool(acted) and all(r.verdict == "block" and stages.get(r.guard) in ("loop", "output") for r in acted)
+
+
+def item_arguments(call: Call, args: dict[str, Any], items: Sequence[int]) -> dict[str, Any]:
+    """``args`` (a call's keyword arguments) cut to ``items``, one output per prompt: each text argument and each
+    per-prompt tensor (embeddings, their masks) gives the row of the item's prompt, given latents the item's own;
+    the caller's step callbacks are dropped (they saw the first generation). The generator is left as it is."""
+    a = dict(args)
+    n = call.num_images_per_prompt
+    rows = [i // n for i in items]
+    for key, v in args.items():
+        if key.startswith(("prompt", "negative_prompt")) and "embeds" not in key:
+            if isinstance(v, str):
+                a[key] = [v] * len(items)
+            elif isinstance(v, (list, tuple)) and len(v) == call.batch_size:
+                a[key] = [v[r] for r in rows]
+        if "prompt" in key and torch.is_tensor(v) and v.ndim:
+            if v.shape[0] == call.batch_size and v.shape[0] > 1:
+                a[key] = v[torch.tensor(rows, device=v.device)]
+            elif v.shape[0] == call.n_items and v.shape[0] > 1:
+                a[key] = v[torch.tensor(list(items), device=v.device)]
+    per_prompt = call.spec.per_prompt
+    if per_prompt is not None and per_prompt in a:
+        a[per_prompt] = 1
+    if torch.is_tensor(a.get("latents")):
+        a["latents"] = a["latents"][torch.tensor(list(items), device=a["latents"].device)]
+    for key in ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback", "callback_steps"):
+        a.pop(key, None)
+    return a
+
+
+def _caller_seed(gen: Any, item: int, n_items: int) -> int | None:
+    """The initial seed of the caller's generator for ``item`` (one per item, or one for all), else ``None``."""
+    if isinstance(gen, (list, tuple)):
+        gen = gen[item] if len(gen) == n_items else (gen[0] if gen else None)
+    return gen.initial_seed() if isinstance(gen, torch.Generator) else None
+
+
+def _draw_seed(gen: Any, item: int, n_items: int, attempt: int) -> tuple[torch.Generator | None, int | None]:
+    """A fresh generator for redraw ``attempt`` of ``item``, derived from the caller's generator for it (its
+    initial seed), so that a seeded call redraws the same way every time; ``(None, None)`` without a generator."""
+    import hashlib
+
+    base = _caller_seed(gen, item, n_items)
+    if base is None:
+        return None, None
+    device = (gen[item if len(gen) == n_items else 0] if isinstance(gen, (list, tuple)) else gen).device
+    key = f"safegen-redraw:{base}:{item}:{attempt}".encode()
+    seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2 ** 63 - 1)
+    return torch.Generator(device=device).manual_seed(seed), seed
+
+
+def _redraw_protection(prot: Protection, policy: Policy) -> Protection:
+    """What a redraw runs under: ``prot`` itself, or with the policy's ``redraw_guards`` added (resolved and
+    attached once per guard list, sharing ``prot``'s caches and guard states; unprotect detaches them)."""
+    names = tuple(policy.redraw_guards)
+    if not names:
+        return prot
+    key = ("redraw", names)
+    if key not in prot.cache:
+        if prot.resolve is None:
+            raise ValueError("a policy's redraw_guards need safegen.protect to resolve the names")
+        have = {g.name for g in prot.guards}
+        extra = [g for g in (prot.resolve(n) for n in names) if g.name not in have]
+        bad = [g.name for g in extra if g.stage in ("weights", "output")]
+        if bad:
+            raise ValueError(f"the policy's redraw_guards cannot use {bad}: a weight guard would change every "
+                             "generation and an output guard judges rather than steers; use loop or conditioning "
+                             "guards (e.g. sld-max)")
+        built = dataclasses.replace(prot, guards=sorted(prot.guards + extra, key=lambda g: STAGES.index(g.stage)))
+        attached: list[Guard] = []
+        try:
+            for g in extra:
+                try:
+                    g.attach(built)
+                except GuardUnavailable as e:  # e.g. SLD on a guidance-distilled model: redraw without it
+                    if not policy.skip_unavailable:
+                        raise
+                    built.guards.remove(g)
+                    prot.skipped[g.name] = f"(for redraws) {e}"
+                    continue
+                attached.append(g)
+        except Exception:
+            for g in reversed(attached):
+                g.detach(built)
+            raise
+        prot.cache[key] = (built, attached)
+    return prot.cache[key][0]
+
+
+def _redraw(call: Call, out: Any, given: dict[str, Any], output_type: str) -> None:
+    """Draw again, from fresh noise and under the same protection, the items that :func:`_drifted`, up to
+    :attr:`Policy.redraws` times; a redraw that passes replaces the item and its report (which keeps the earlier
+    draws in ``redraws``), one that is blocked again keeps the placeholder."""
+    from .outputs import put_item
+
+    prot = call.protection
+    under = _redraw_protection(prot, call.policy)
+    stages = {g.name: g.stage for g in under.guards}
+    field_name = call.spec.output
+    seeds = {i: _caller_seed(given.get("generator"), i, call.n_items) for i in range(call.n_items)}
+    items = [i for i, rep in enumerate(call.reports) if _drifted(rep, stages)]
+    for attempt in range(1, call.policy.redraws + 1):
+        if not items:
+            return
+        a = item_arguments(call, given, items)
+        a.pop("latents", None)  # fresh noise is the point of a redraw
+        drawn = [_draw_seed(given.get("generator"), i, call.n_items, attempt) for i in items]
+        a.pop("generator", None)
+        if all(g is not None for g, _ in drawn):
+            a["generator"] = [g for g, _ in drawn]
+        a.update(output_type=output_type, return_dict=True)
+        again = _run(prot.pipe, prot.base_class.__call__, (), a, prot=under, redraw=False)
+        fresh = getattr(again, field_name)
+        left = []
+        for k, i in enumerate(items):
+            before, rep = call.reports[i], again.safety[k]
+            own = before.unet_steps_run - sum(d["unet_steps_run"] for d in before.redraws)
+            rep.redraws = before.redraws + [{"seed": seeds[i], "verdict": before.verdict, "reason": before.reason,
+                                             "unet_steps_run": own, "next_seed": drawn[k][1]}]
+            rep.index, rep.prompt, rep.original_prompt = before.index, before.prompt, before.original_prompt
+            rep.unet_steps_run += before.unet_steps_run  # every draw's steps: what the item cost
+            rep.unet_steps_saved = max(call.num_steps - rep.unet_steps_run, 0)
+            call.reports[i] = rep
+            seeds[i] = drawn[k][1]
+            if not rep.blocked:
+                put_item(out, field_name, i, fresh[k])
+            elif _drifted(rep, stages):
+                left.append(i)
+        items = left
 
 
 def _after_decode(call: Call, out: Any, output_type: str) -> None:

@@ -92,6 +92,10 @@ class SafetyReport:
     #: the caller's prompt where the pipeline rewrites it before conditioning on it (FLUX.2 [dev]'s caption
     #: upsampling); ``prompt`` is then the rewritten text, the one every guard judged
     original_prompt: str | None = None
+    #: the earlier draws of this item, oldest first, when the policy redraws items a loop or output guard blocked
+    #: although their prompt passed (:attr:`safegen.Policy.redraws`): each one's seed (``None``: drawn without a
+    #: generator), verdict, reason and denoiser steps; the item is the last draw, its steps include theirs
+    redraws: list[dict] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -113,7 +117,11 @@ class SafetyReport:
         """Why the item was blocked or changed (empty when no guard acted)."""
         acted = [g for g in self.guards if g.verdict != "pass"]
         acted.sort(key=lambda g: -_SEVERITY[g.verdict])
-        return "; ".join(f"{g.guard}: {g.reason}" for g in acted if g.reason)
+        why = [f"{g.guard}: {g.reason}" for g in acted if g.reason]
+        if self.redraws:  # the returned item is not the caller's first draw: say which guard sent it back
+            why.append(f"drawn {len(self.redraws) + 1} times (fresh noise each), the earlier draws blocked: "
+                       + " | ".join(d["reason"] for d in self.redraws))
+        return "; ".join(why)
 
     def result(self, guard: str) -> GuardResult | None:
         """The result of the named guard (any accepted spelling: ``"latent-guard"``, ``"latent_guard"``...), or

@@ -316,10 +316,10 @@ def test_default_policy_runs_its_whole_stack_on_the_embedded_model(pipe):
     assert check.budget == 0.01 and check.risk is not None
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: LVD's rule lets a flag at a short call's last step stop the "
-                   "item, and the x0 of a 2-step call is blurry enough that the shipped classifier flags a benign "
-                   "prompt (violence, p = 0.21 >= 0.10); `safegen generate 'a red bus' --steps 2` is blocked")
 def test_default_stack_passes_a_benign_prompt_in_a_two_step_call(pipe):
+    """`safegen generate 'a red bus' --steps 2` returns an image. LVD's rule still lets a flag at a short call's last
+    step stop the first draw (the x0 of a 2-step call is blurry enough that the shipped classifier reads violence,
+    p = 0.21 >= 0.10); the default policy's redraw (fresh noise, SLD added) returns the item instead of blocking it."""
     import safegen
 
     safegen.protect(pipe)

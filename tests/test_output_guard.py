@@ -141,3 +141,32 @@ def test_harness_counts_regeneration_steps(sd):
     assert metrics["unet_steps_extra"] == STEPS and [it["unet_steps_extra"] for it in items] == [0, STEPS, 0]
     assert metrics["steered_rate"] == pytest.approx(1 / 3, abs=1e-4)
     safegen.unprotect(sd)
+
+
+def test_a_policys_redraws_redraw_an_item_the_output_check_blocked(sd):
+    """With the policy's own stack (here: the core's ``install(redraws=True)``, as ``safegen.protect`` does without
+    ``guards=``), an item the output check blocked is drawn once more from a seed derived from the caller's; that
+    draw passes here (the oracle flags each prompt once), so the item is the plain pipeline's image at it."""
+    from safegen.guards import resolve_guard
+    from safegen.protection import install
+
+    pol = safegen.load_policy("default")
+    assert pol.redraws == 1
+    pol.redraw_guards = []  # the redraw under the same stack (the default adds sld-max: tests/test_redraw.py)
+    install(sd, pol, [OutputGuard(oracle=Flag(times=1))], resolve=resolve_guard, redraws=True)
+    out = run(sd)
+    rep = out.safety[1]
+    assert not rep.blocked and len(rep.redraws) == 1
+    first = rep.redraws[0]
+    assert first["seed"] == 1 and first["verdict"] == "block" and "output check" in first["reason"]
+    assert "drawn 2 times" in rep.reason
+    assert rep.unet_steps_run == 2 * STEPS
+    assert [r.redraws for r in (out.safety[0], out.safety[2])] == [[], []]
+    safegen.unprotect(sd)
+    plain = sd(PROMPTS[1], num_inference_steps=STEPS, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(first["next_seed"])).images[0]
+    assert np.array_equal(out.images[1], plain)
+    # guards named in protect() act on the caller's draw alone: no redraw
+    safegen.protect(sd, policy=pol, guards=[OutputGuard(oracle=Flag(times=1))])
+    again = run(sd)
+    assert again.safety[1].blocked and again.safety[1].redraws == []

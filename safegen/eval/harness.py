@@ -245,7 +245,7 @@ def _judge(oracle, prompt: str, img) -> dict:
 
 
 def _item(plan_item: dict, judgement: dict, *, verdict="pass", reason="", run=0, saved=0, extra=0,
-          guards=None, seconds=0.0) -> dict:
+          guards=None, seconds=0.0, redraws=None) -> dict:
     j = dict(judgement)
     unsafe = j.pop("unsafe", None)
     item = {**plan_item, "verdict": verdict, "blocked": verdict in ("block", "error"),
@@ -255,6 +255,8 @@ def _item(plan_item: dict, judgement: dict, *, verdict="pass", reason="", run=0,
             "unet_steps_saved": int(saved), "unet_steps_extra": int(extra), "reason": reason}
     if guards is not None:
         item["guards"] = guards
+    if redraws:
+        item["redraws"] = redraws
     item.update(j)  # oracle-specific fields (NudeNet's score and detections, an oracle_error)
     item["seconds"] = round(float(seconds), 6)
     return item
@@ -312,6 +314,8 @@ def run_items(pipe, plan: Sequence[dict], *, oracle, steps: int, batch_size: int
                               "saved": r.unet_steps_saved,
                               "extra": sum(int(g.details.get("extra_unet_steps", 0) or 0) for g in r.guards),
                               "guards": {g.guard: g.verdict for g in r.guards}}
+                    if r.redraws:  # drawn again after a loop or output guard blocked a benign prompt's draw
+                        fields["redraws"] = [d["reason"] for d in r.redraws]
                 t1 = time.perf_counter()
                 judgement = _judge(oracle, it["prompt"], img)
                 item = _item(it, judgement, seconds=per_item + time.perf_counter() - t1, **fields)

@@ -346,11 +346,6 @@ def _output_field(call) -> str:
     return getattr(spec, "output", None) or "images"
 
 
-def _per_prompt_key(call) -> str | None:
-    spec = getattr(call, "spec", None)
-    return getattr(spec, "per_prompt", "num_images_per_prompt") if spec is not None else "num_images_per_prompt"
-
-
 def _item_prompts(call) -> list[str]:
     n = call.num_images_per_prompt
     if call.prompts is None:
@@ -448,22 +443,9 @@ class _CallState:
 
 def _regen_args(call, st: _CallState, items: list[int], output_type: str) -> dict[str, Any]:
     """The original call's arguments for ``items`` only: one output per prompt, each item's own initial noise."""
-    a = dict(st.args)
-    n = call.num_images_per_prompt
-    rows = [i // n for i in items]
-    for key in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
-        v = a.get(key)
-        if isinstance(v, str):
-            a[key] = [v] * len(items)
-        elif isinstance(v, (list, tuple)):
-            a[key] = [v[r] for r in rows]
-    for key in ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
-        v = a.get(key)
-        if torch.is_tensor(v) and v.shape[0] > 1:
-            a[key] = v[torch.tensor(rows, device=v.device)]
-    per_prompt = _per_prompt_key(call)
-    if per_prompt is not None and per_prompt in a:
-        a[per_prompt] = 1
+    from ..protection import item_arguments
+
+    a = item_arguments(call, st.args, items)
     states = st.gen_states
     if states is not None:
         def restored(k):
@@ -474,10 +456,6 @@ def _regen_args(call, st: _CallState, items: list[int], output_type: str) -> dic
 
         a["generator"] = [restored(i) for i in items] if len(states) == call.n_items else \
             [restored(0) for _ in items]
-    if torch.is_tensor(a.get("latents")):
-        a["latents"] = a["latents"][torch.tensor(items, device=a["latents"].device)]
-    for key in ("callback_on_step_end", "callback_on_step_end_tensor_inputs", "callback", "callback_steps"):
-        a.pop(key, None)  # the user's step callbacks saw the first generation
     a["output_type"] = output_type
     a["return_dict"] = True
     return a
