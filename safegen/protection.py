@@ -830,9 +830,10 @@ def _redraw_protection(prot: Protection, policy: Policy) -> Protection:
 
 
 def _redraw(call: Call, out: Any, given: dict[str, Any], output_type: str) -> None:
-    """Draw again, from fresh noise and under the same protection, the items that :func:`_drifted`, up to
-    :attr:`Policy.redraws` times; a redraw that passes replaces the item and its report (which keeps the earlier
-    draws in ``redraws``), one that is blocked again keeps the placeholder."""
+    """Draw again, from fresh noise, under the same protection plus the policy's ``redraw_guards``
+    (:func:`_redraw_protection`), the items that :func:`_drifted`, up to :attr:`Policy.redraws` times. A redraw that
+    passes replaces the item and its report (which keeps the earlier draws in ``redraws``); one that is blocked
+    again keeps the placeholder."""
     from .outputs import put_item
 
     prot = call.protection
