@@ -473,13 +473,15 @@ def install(pipe: Any, policy: Policy, guards: Sequence[Guard],
     return pipe
 
 
-def attach_all(prot: Protection, skip_unavailable: bool = False) -> None:
-    """Attach ``prot.guards`` in order; if one fails, detach those already attached (newest first) and re-raise.
-    With ``skip_unavailable`` a guard that raises :class:`GuardUnavailable` is dropped from ``prot.guards`` and
-    recorded in ``prot.skipped``."""
+def attach_all(prot: Protection, skip_unavailable: bool = False, guards: Sequence[Guard] | None = None,
+               note: str = "") -> list[Guard]:
+    """Attach ``guards`` (default: ``prot.guards``) to ``prot`` in order and return them; if one fails, detach
+    those already attached (newest first) and re-raise. With ``skip_unavailable`` a guard that raises
+    :class:`GuardUnavailable` is dropped from ``prot.guards`` and recorded in ``prot.skipped`` (its reason after
+    ``note``)."""
     attached: list[Guard] = []
     try:
-        for g in list(prot.guards):
+        for g in list(prot.guards if guards is None else guards):
             try:
                 g.attach(prot)
             except GuardUnavailable as e:
@@ -487,13 +489,14 @@ def attach_all(prot: Protection, skip_unavailable: bool = False) -> None:
                     raise
                 prot.drop_state(g)
                 prot.guards.remove(g)
-                prot.skipped[g.name] = str(e)
+                prot.skipped[g.name] = note + str(e)
                 continue
             attached.append(g)
     except Exception:
         for g in reversed(attached):
             g.detach(prot)
         raise
+    return attached
 
 
 def unprotect(pipe: Any) -> Any:
@@ -770,25 +773,23 @@ def item_arguments(call: Call, args: dict[str, Any], items: Sequence[int]) -> di
     return a
 
 
-def _caller_seed(gen: Any, item: int, n_items: int) -> int | None:
-    """The initial seed of the caller's generator for ``item`` (one per item, or one for all), else ``None``."""
+def _caller_generator(gen: Any, item: int, n_items: int) -> torch.Generator | None:
+    """The caller's generator for ``item`` (one per item, or one for all), else ``None``."""
     if isinstance(gen, (list, tuple)):
         gen = gen[item] if len(gen) == n_items else (gen[0] if gen else None)
-    return gen.initial_seed() if isinstance(gen, torch.Generator) else None
+    return gen if isinstance(gen, torch.Generator) else None
 
 
-def _draw_seed(gen: Any, item: int, n_items: int, attempt: int) -> tuple[torch.Generator | None, int | None]:
-    """A fresh generator for redraw ``attempt`` of ``item``, derived from the caller's generator for it (its
-    initial seed), so that a seeded call redraws the same way every time; ``(None, None)`` without a generator."""
+def _draw_seed(gen: torch.Generator | None, item: int, attempt: int) -> tuple[torch.Generator | None, int | None]:
+    """A fresh generator for redraw ``attempt`` of ``item``, derived from the caller's generator for it (``gen``,
+    by its initial seed), so that a seeded call redraws the same way every time; ``(None, None)`` without one."""
     import hashlib
 
-    base = _caller_seed(gen, item, n_items)
-    if base is None:
+    if gen is None:
         return None, None
-    device = (gen[item if len(gen) == n_items else 0] if isinstance(gen, (list, tuple)) else gen).device
-    key = f"safegen-redraw:{base}:{item}:{attempt}".encode()
+    key = f"safegen-redraw:{gen.initial_seed()}:{item}:{attempt}".encode()
     seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2 ** 63 - 1)
-    return torch.Generator(device=device).manual_seed(seed), seed
+    return torch.Generator(device=gen.device).manual_seed(seed), seed
 
 
 def _redraw_protection(prot: Protection, policy: Policy) -> Protection:
@@ -808,23 +809,10 @@ def _redraw_protection(prot: Protection, policy: Policy) -> Protection:
             raise ValueError(f"the policy's redraw_guards cannot use {bad}: a weight guard would change every "
                              "generation and an output guard judges rather than steers; use loop or conditioning "
                              "guards (e.g. sld-max)")
+        # (``built`` shares ``prot``'s caches, guard states and skipped list: only ``extra`` is attached to it; one
+        # that cannot run here, e.g. SLD on a guidance-distilled model, is skipped as the policy allows)
         built = dataclasses.replace(prot, guards=sorted(prot.guards + extra, key=lambda g: STAGES.index(g.stage)))
-        attached: list[Guard] = []
-        try:
-            for g in extra:
-                try:
-                    g.attach(built)
-                except GuardUnavailable as e:  # e.g. SLD on a guidance-distilled model: redraw without it
-                    if not policy.skip_unavailable:
-                        raise
-                    built.guards.remove(g)
-                    prot.skipped[g.name] = f"(for redraws) {e}"
-                    continue
-                attached.append(g)
-        except Exception:
-            for g in reversed(attached):
-                g.detach(built)
-            raise
+        attached = attach_all(built, skip_unavailable=policy.skip_unavailable, guards=extra, note="(for redraws) ")
         prot.cache[key] = (built, attached)
     return prot.cache[key][0]
 
@@ -840,14 +828,15 @@ def _redraw(call: Call, out: Any, given: dict[str, Any], output_type: str) -> No
     under = _redraw_protection(prot, call.policy)
     stages = {g.name: g.stage for g in under.guards}
     field_name = call.spec.output
-    seeds = {i: _caller_seed(given.get("generator"), i, call.n_items) for i in range(call.n_items)}
+    gens = [_caller_generator(given.get("generator"), i, call.n_items) for i in range(call.n_items)]
+    seeds = {i: g.initial_seed() if g is not None else None for i, g in enumerate(gens)}
     items = [i for i, rep in enumerate(call.reports) if _drifted(rep, stages)]
     for attempt in range(1, call.policy.redraws + 1):
         if not items:
             return
         a = item_arguments(call, given, items)
         a.pop("latents", None)  # fresh noise is the point of a redraw
-        drawn = [_draw_seed(given.get("generator"), i, call.n_items, attempt) for i in items]
+        drawn = [_draw_seed(gens[i], i, attempt) for i in items]
         a.pop("generator", None)
         if all(g is not None for g, _ in drawn):
             a["generator"] = [g for g, _ in drawn]
